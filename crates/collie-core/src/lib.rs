@@ -1,0 +1,18 @@
+//! Shared vocabulary of collie-rs.
+//!
+//! Everything a model, a loader or a binary needs to agree on lives here: which Burn backends are
+//! compiled in and how a `--device` string selects one ([`device`]), the layers every model is
+//! built from ([`nn`]: a [`nn::Linear`] with an adapter slot and a parallel mode, [`nn::Embedding`],
+//! [`nn::RmsNorm`]), rotary position embeddings ([`rope`]), attention ([`attention`]), losses
+//! ([`loss`]) and the asset resolver that turns `pypi:NAME==VERSION/path` into a local file
+//! ([`asset`]).
+
+pub mod asset;
+pub mod attention;
+pub mod device;
+pub mod error;
+pub mod loss;
+pub mod nn;
+pub mod rope;
+
+pub use error::{CoreError, Result};

@@ -1,0 +1,101 @@
+//! The one linear layer of collie-rs.
+
+use burn::config::Config;
+use burn::module::{Initializer, Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use super::adapter::Adapter;
+
+/// How a [`Linear`]'s weight is laid out across a tensor-parallel group.
+///
+/// The model code always builds `Full` layers; `collie_dist::parallelize` switches the layers its
+/// plan names to `Column` or `Row` and shards their weights. The math of one shard is the plain
+/// matmul below; the collectives around it are added by that transform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ParallelMode {
+    /// The whole weight on every rank.
+    #[default]
+    Full,
+    /// Output features split across ranks (q/k/v, gate/up projections).
+    Column,
+    /// Input features split across ranks (o, down projections); outputs are summed.
+    Row,
+}
+
+/// Configuration of a [`Linear`].
+#[derive(Config, Debug)]
+pub struct LinearConfig {
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Whether the layer has a bias.
+    #[config(default = false)]
+    pub bias: bool,
+    /// Standard deviation of the normal weight initialization (HF's `initializer_range`).
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+/// `y = x · W + b`, plus an optional adapter.
+///
+/// The weight is stored `[d_in, d_out]` so the forward pass is a plain matmul; HF checkpoints
+/// store `[d_out, d_in]` and are transposed once when loaded.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[d_in, d_out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[d_out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// LoRA / IA3 slot, empty unless a PEFT transform fills it.
+    pub adapter: Option<Adapter<B>>,
+    /// Tensor-parallel layout of `weight`.
+    pub parallel: ParallelMode,
+}
+
+impl LinearConfig {
+    /// Builds the layer; weights are initialized lazily (on first use), so a model that is loaded
+    /// from a checkpoint right after `init` never allocates its random weights.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Linear<B> {
+        let weight = Initializer::Normal {
+            mean: 0.0,
+            std: self.init_std,
+        }
+        .init([self.d_in, self.d_out], device);
+        let bias = self
+            .bias
+            .then(|| Initializer::Zeros.init([self.d_out], device));
+        Linear {
+            weight,
+            bias,
+            adapter: None,
+            parallel: ParallelMode::Full,
+        }
+    }
+}
+
+impl<B: Backend> Linear<B> {
+    /// # Shapes
+    /// - x: `[..., d_in]` → `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match &self.adapter {
+            Some(Adapter::Ia3(ia3)) if ia3.on_input => ia3.rescale(x),
+            _ => x,
+        };
+        let mut y = x.clone().matmul(self.weight.val().unsqueeze::<D>());
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze::<D>();
+        }
+        match &self.adapter {
+            Some(Adapter::Lora(lora)) => y + lora.delta(x),
+            Some(Adapter::Ia3(ia3)) if !ia3.on_input => ia3.rescale(y),
+            _ => y,
+        }
+    }
+
+    /// `[d_in, d_out]` of the (local shard of the) weight.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.lazy_shape().dims()
+    }
+}

@@ -1,0 +1,165 @@
+//! Rotary position embeddings in HF's `rotate_half` convention (Su et al. 2021).
+//!
+//! The inverse frequencies are computed on the host in `f32` with the same operations as
+//! transformers' rope init functions, so positions map to the same angles bit for bit; the
+//! `cos`/`sin` tables are then built on the device for the positions of each batch.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// Frequency scaling applied on top of the base RoPE frequencies (HF `rope_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type = "default"`: no scaling.
+    None,
+    /// `rope_type = "linear"`: every frequency divided by `factor` (position interpolation).
+    Linear {
+        /// The divisor.
+        factor: f32,
+    },
+    /// `rope_type = "llama3"`: low frequencies divided by `factor`, high ones kept, the band in
+    /// between interpolated (Llama 3.1).
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f32,
+        /// Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f32,
+        /// Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// Context length of pre-training.
+        original_max_position_embeddings: f32,
+    },
+}
+
+/// Rotary embedding tables for one head size.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `head_dim / 2` inverse frequencies.
+    pub inv_freq: Vec<f32>,
+    /// Multiplier of `cos` and `sin` (1 for the types above).
+    pub attention_scaling: f32,
+}
+
+impl Rope {
+    /// Frequencies for `head_dim` with base `theta` and the given scaling.
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        let base = theta as f32;
+        // HF: 1.0 / (base ** (arange(0, dim, 2).float() / dim)), all in f32.
+        let mut inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0f32 / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        match *scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_len,
+            } => {
+                let low_freq_wavelen = old_len / low_freq_factor;
+                let high_freq_wavelen = old_len / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_freq_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+                    *f = if medium {
+                        let smooth = (old_len / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                }
+            }
+        }
+        Rope {
+            inv_freq,
+            attention_scaling: 1.0,
+        }
+    }
+
+    /// `cos` and `sin` tables for the given positions.
+    ///
+    /// # Shapes
+    /// - positions: `[batch, seq]` → (`[batch, seq, head_dim]`, `[batch, seq, head_dim]`)
+    pub fn cos_sin<B: Backend>(
+        &self,
+        positions: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let device = positions.device();
+        let half = self.inv_freq.len();
+        let inv_freq =
+            Tensor::<B, 1>::from_data(TensorData::new(self.inv_freq.clone(), [half]), &device)
+                .reshape([1, 1, half]);
+        // [batch, seq, 1] * [1, 1, half] -> [batch, seq, half]
+        let freqs = positions.float().unsqueeze_dim::<3>(2) * inv_freq;
+        // [batch, seq, head_dim]: the same frequencies for both halves.
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2);
+        let (cos, sin) = (emb.clone().cos(), emb.sin());
+        if self.attention_scaling == 1.0 {
+            (cos, sin)
+        } else {
+            let s = self.attention_scaling as f64;
+            (cos.mul_scalar(s), sin.mul_scalar(s))
+        }
+    }
+}
+
+/// Rotates `x` by the angles in `cos`/`sin`: `x·cos + rotate_half(x)·sin`.
+///
+/// # Shapes
+/// - x: `[batch, heads, seq, head_dim]`
+/// - cos, sin: `[batch, seq, head_dim]`
+pub fn apply_rotary<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+) -> Tensor<B, 4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    // rotate_half: cat(-x[..., half:], x[..., :half])
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    // [batch, 1, seq, head_dim] broadcasts over heads.
+    let cos = cos.clone().unsqueeze_dim::<4>(1);
+    let sin = sin.clone().unsqueeze_dim::<4>(1);
+    x * cos + rotated * sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_frequencies_follow_the_base() {
+        let rope = Rope::new(8, 10000.0, &RopeScaling::None);
+        assert_eq!(rope.inv_freq.len(), 4);
+        assert_eq!(rope.inv_freq[0], 1.0);
+        assert!((rope.inv_freq[1] - 0.1).abs() < 1e-7);
+        assert!((rope.inv_freq[3] - 0.001).abs() < 1e-9);
+    }
+
+    #[test]
+    fn llama3_keeps_high_and_scales_low_frequencies() {
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        };
+        let plain = Rope::new(16, 10000.0, &RopeScaling::None);
+        let scaled = Rope::new(16, 10000.0, &scaling);
+        // wavelength 2π < 16: untouched.
+        assert_eq!(scaled.inv_freq[0], plain.inv_freq[0]);
+        // the lowest frequency has wavelength > 64: divided by the factor.
+        let last = plain.inv_freq.len() - 1;
+        assert_eq!(scaled.inv_freq[last], plain.inv_freq[last] / 8.0);
+    }
+}

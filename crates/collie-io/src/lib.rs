@@ -1,0 +1,21 @@
+//! Weights and tokenizers in and out of collie-rs.
+//!
+//! - [`safetensors`]: HF safetensors, single file or sharded (`model.safetensors.index.json`),
+//!   any float dtype converted to `f32` on load; atomic writes.
+//! - [`gguf`]: GGUF v3 files (llama.cpp), dequantized through the `rlx-gguf` crate.
+//! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`, or a tokenizer rebuilt from GGUF
+//!   metadata exactly as transformers rebuilds it.
+//! - [`module`]: moving named host tensors into and out of any Burn module, by parameter path.
+//!
+//! Which HF or GGUF name a parameter has is not decided here: each model has its own state-dict
+//! adapter next to it (`models/llama/src/hf.rs`).
+
+pub mod error;
+pub mod gguf;
+pub mod json;
+pub mod module;
+pub mod safetensors;
+pub mod tokenizer;
+
+pub use error::{IoError, Result};
+pub use module::HostTensor;

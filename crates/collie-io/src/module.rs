@@ -1,0 +1,276 @@
+//! Moving named host tensors into and out of a Burn module, by parameter path.
+//!
+//! Parameter paths are the module's field names joined with dots (`layers.3.attn.q_proj.weight`).
+//! A model's state-dict adapter turns a path into a checkpoint key plus a conversion
+//! ([`Binding`]); [`load_module`] does the rest: shape checks against the config-built module,
+//! errors that name key and parameter, and no allocation of the random initial weights (lazy
+//! parameters are replaced before they are ever materialized).
+
+use std::collections::BTreeSet;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::error::{IoError, Result};
+
+/// An `f32` tensor in host memory, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// A tensor from its parts. `data.len()` must equal the product of `shape`.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data }
+    }
+
+    /// Transposes a 2-D tensor (`[r, c]` → `[c, r]`).
+    pub fn transpose(self) -> Self {
+        assert_eq!(self.shape.len(), 2, "transpose needs a 2-D tensor");
+        let (r, c) = (self.shape[0], self.shape[1]);
+        let mut out = vec![0.0f32; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                out[j * r + i] = self.data[i * c + j];
+            }
+        }
+        HostTensor::new(vec![c, r], out)
+    }
+
+    /// Copies a device tensor to the host as `f32`.
+    pub fn from_tensor<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Self {
+        let shape = tensor.dims().to_vec();
+        let data = tensor
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("converted to f32");
+        HostTensor::new(shape, data)
+    }
+
+    /// Uploads to `device`.
+    pub fn to_tensor<B: Backend, const D: usize>(self, device: &B::Device) -> Tensor<B, D> {
+        Tensor::from_data(TensorData::new(self.data, self.shape), device)
+    }
+}
+
+/// A checkpoint that hands out tensors by key.
+pub trait TensorSource {
+    /// Human-readable name for error messages (usually the path).
+    fn describe(&self) -> String;
+    /// Every key in the checkpoint.
+    fn keys(&self) -> Vec<String>;
+    /// The shape of `key` without reading its data, or `None` if absent.
+    fn shape(&self, key: &str) -> Option<Vec<usize>>;
+    /// Reads and converts `key` to `f32`.
+    fn read(&self, key: &str) -> Result<HostTensor>;
+}
+
+/// Where a module parameter is, as the visitor sees it.
+#[derive(Debug, Clone)]
+pub struct ParamInfo {
+    /// Dotted path (`layers.0.attn.q_proj.weight`).
+    pub path: String,
+    /// Burn's name of the struct that owns the field (`Struct:Linear`).
+    pub container: String,
+}
+
+impl ParamInfo {
+    /// Whether this is the weight of a [`collie_core::nn::Linear`], stored `[in, out]` here and
+    /// `[out, in]` in PyTorch checkpoints.
+    pub fn is_linear_weight(&self) -> bool {
+        self.container == "Struct:Linear" && self.path.ends_with(".weight")
+    }
+}
+
+/// How a checkpoint tensor becomes a parameter.
+pub enum Convert {
+    /// Copied as is.
+    Identity,
+    /// A 2-D transpose (PyTorch `[out, in]` ↔ our `[in, out]`).
+    Transpose,
+    /// Any other shape-preserving rearrangement (e.g. undoing llama.cpp's q/k row permutation),
+    /// followed by an optional transpose.
+    Custom(Box<dyn Fn(HostTensor) -> HostTensor>, bool),
+}
+
+/// The checkpoint key of a parameter and how to convert it.
+pub struct Binding {
+    /// Key in the checkpoint.
+    pub key: String,
+    /// Conversion into our layout.
+    pub convert: Convert,
+}
+
+struct Loader<'a, F> {
+    path: Vec<(String, String)>,
+    source: &'a dyn TensorSource,
+    bind: F,
+    used: BTreeSet<String>,
+    error: Option<IoError>,
+}
+
+/// The [`ParamInfo`] of the parameter at the top of a visitor's `(field, container)` stack.
+fn param_info(stack: &[(String, String)]) -> ParamInfo {
+    ParamInfo {
+        path: stack
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join("."),
+        container: stack.last().map(|(_, c)| c.clone()).unwrap_or_default(),
+    }
+}
+
+impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Loader<'_, F> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let info = param_info(&self.path);
+        let Some(binding) = (self.bind)(&info) else {
+            return param;
+        };
+        let expected: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
+        let transposed = matches!(
+            binding.convert,
+            Convert::Transpose | Convert::Custom(_, true)
+        );
+        let expected_in_file: Vec<usize> = if transposed {
+            expected.iter().rev().copied().collect()
+        } else {
+            expected.clone()
+        };
+        let Some(found) = self.source.shape(&binding.key) else {
+            self.error = Some(IoError::MissingTensor {
+                key: binding.key,
+                param: info.path,
+                source_desc: self.source.describe(),
+            });
+            return param;
+        };
+        if found != expected_in_file {
+            self.error = Some(IoError::ShapeMismatch {
+                key: binding.key,
+                param: info.path,
+                expected: expected_in_file,
+                found,
+                source_desc: self.source.describe(),
+            });
+            return param;
+        }
+        let host = match self.source.read(&binding.key) {
+            Ok(h) => h,
+            Err(e) => {
+                self.error = Some(e);
+                return param;
+            }
+        };
+        let host = match binding.convert {
+            Convert::Identity => host,
+            Convert::Transpose => host.transpose(),
+            Convert::Custom(f, transpose) => {
+                let h = f(host);
+                if transpose {
+                    h.transpose()
+                } else {
+                    h
+                }
+            }
+        };
+        self.used.insert(binding.key);
+        let device = param.lazy_device();
+        let tensor = host.to_tensor::<B, D>(&device);
+        let id = param.id;
+        param.transform_for_load(tensor, id)
+    }
+}
+
+/// Replaces every parameter that `bind` maps to a checkpoint key with that tensor.
+///
+/// Parameters `bind` returns `None` for keep their current (possibly lazy) value. Keys of the
+/// checkpoint that no parameter used are logged, as transformers does with unexpected keys.
+pub fn load_module<B: Backend, M: Module<B>>(
+    module: M,
+    source: &dyn TensorSource,
+    bind: impl FnMut(&ParamInfo) -> Option<Binding>,
+) -> Result<M> {
+    let mut loader = Loader {
+        path: Vec::new(),
+        source,
+        bind,
+        used: BTreeSet::new(),
+        error: None,
+    };
+    let module = module.map(&mut loader);
+    if let Some(e) = loader.error {
+        return Err(e);
+    }
+    let unused: Vec<String> = source
+        .keys()
+        .into_iter()
+        .filter(|k| !loader.used.contains(k))
+        .collect();
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{} tensors of {} were not used: {}",
+            unused.len(),
+            source.describe(),
+            unused
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(module)
+}
+
+struct Collector<B: Backend> {
+    path: Vec<(String, String)>,
+    out: Vec<(ParamInfo, HostTensor)>,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collector<B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.out
+            .push((param_info(&self.path), HostTensor::from_tensor(param.val())));
+    }
+}
+
+/// Every float parameter of `module` with its path, copied to the host.
+pub fn collect_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamInfo, HostTensor)> {
+    let mut collector = Collector::<B> {
+        path: Vec::new(),
+        out: Vec::new(),
+        _b: std::marker::PhantomData,
+    };
+    module.visit(&mut collector);
+    collector.out
+}

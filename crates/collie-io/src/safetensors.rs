@@ -1,0 +1,243 @@
+//! HF safetensors checkpoints: one file, or shards listed by `model.safetensors.index.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorInfo, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{IoError, Result};
+use crate::json::read_json;
+use crate::module::{HostTensor, TensorSource};
+
+/// File name of a single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// File name of a sharded checkpoint's index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+}
+
+/// A memory-mapped safetensors checkpoint, read tensor by tensor.
+pub struct SafetensorsSource {
+    desc: PathBuf,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, (usize, TensorInfo)>,
+}
+
+#[derive(serde::Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl SafetensorsSource {
+    /// Opens `path`: a `.safetensors` file, an index `.json`, or a directory holding either.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let index = path.join(INDEX_FILE);
+            let single = path.join(SINGLE_FILE);
+            return if index.is_file() {
+                Self::open_index(&index)
+            } else if single.is_file() {
+                Self::open_files(&single, std::slice::from_ref(&single))
+            } else {
+                Err(IoError::invalid(
+                    path,
+                    format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory"),
+                ))
+            };
+        }
+        if path.extension().is_some_and(|e| e == "json") {
+            Self::open_index(path)
+        } else {
+            Self::open_files(path, &[path.to_path_buf()])
+        }
+    }
+
+    fn open_index(index: &Path) -> Result<Self> {
+        let parsed: Index = read_json(index)?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        let source = Self::open_files(index, &files)?;
+        for (key, file) in &parsed.weight_map {
+            match source.tensors.get(key) {
+                Some((i, _)) if source.shards[*i].path == dir.join(file) => {}
+                _ => {
+                    return Err(IoError::invalid(
+                        index,
+                        format!("the index puts `{key}` in {file}, which does not contain it"),
+                    ))
+                }
+            }
+        }
+        Ok(source)
+    }
+
+    fn open_files(desc: &Path, files: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut tensors = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| IoError::io(path, e))?;
+            // SAFETY: read-only map of a file we do not modify; a checkpoint changed underneath a
+            // running load is outside what any loader can defend against.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?;
+            let bad = |e: safetensors::SafeTensorError| IoError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            };
+            // `deserialize` checks that the header's offsets cover exactly the bytes present,
+            // which is what catches a truncated download.
+            SafeTensors::deserialize(&map).map_err(bad)?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(bad)?;
+            for (name, info) in metadata.tensors() {
+                tensors.insert(name, (i, info.clone()));
+            }
+            shards.push(Shard {
+                path: path.clone(),
+                map,
+                data_start: 8 + header_len,
+            });
+        }
+        Ok(SafetensorsSource {
+            desc: desc.to_path_buf(),
+            shards,
+            tensors,
+        })
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn describe(&self) -> String {
+        self.desc.display().to_string()
+    }
+
+    fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.tensors.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.tensors.get(key).map(|(_, info)| info.shape.clone())
+    }
+
+    fn read(&self, key: &str) -> Result<HostTensor> {
+        let (i, info) = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| IoError::invalid(&self.desc, format!("no tensor `{key}`")))?;
+        let shard = &self.shards[*i];
+        let (start, end) = info.data_offsets;
+        let bytes = &shard.map[shard.data_start + start..shard.data_start + end];
+        let data = decode(bytes, info.dtype).ok_or_else(|| IoError::UnsupportedDtype {
+            key: key.to_string(),
+            path: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        Ok(HostTensor::new(info.shape.clone(), data))
+    }
+}
+
+/// Little-endian bytes of `dtype` → `f32`; `None` for non-float dtypes.
+fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Storage dtype of a written checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaveDtype {
+    /// 32-bit floats (lossless for our `f32` parameters).
+    #[default]
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl SaveDtype {
+    /// The name HF uses in `config.json` (`torch_dtype` / `dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "float32",
+            SaveDtype::F16 => "float16",
+            SaveDtype::BF16 => "bfloat16",
+        }
+    }
+
+    fn encode(self, data: &[f32]) -> (Dtype, Vec<u8>) {
+        match self {
+            SaveDtype::F32 => (
+                Dtype::F32,
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            SaveDtype::F16 => (
+                Dtype::F16,
+                data.iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            SaveDtype::BF16 => (
+                Dtype::BF16,
+                data.iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Writes `tensors` to `path` as one safetensors file with `{"format": "pt"}` metadata.
+///
+/// The file is written next to its destination and renamed into place.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    dtype: SaveDtype,
+) -> Result<()> {
+    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (dt, bytes) = dtype.encode(&t.data);
+            (name.clone(), dt, t.shape.clone(), bytes)
+        })
+        .collect();
+    let views = encoded
+        .iter()
+        .map(|(name, dt, shape, bytes)| {
+            TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| IoError::invalid(path, format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| IoError::invalid(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| IoError::io(path, e))
+}

@@ -1,0 +1,390 @@
+//! Tokenizers: HF `tokenizer.json` (+ `tokenizer_config.json`), or rebuilt from GGUF metadata.
+//!
+//! Encoding goes through the tokenizer's own post-processor, so `encode(text, true)` adds exactly
+//! the special tokens HF's `tokenizer(text)` adds. A GGUF carries no `tokenizer.json`: its
+//! vocabulary, merges and token types are turned into the same `tokenizer.json` that
+//! transformers' GGUF loader builds (byte-level BPE, the pre-tokenizer split its `pre` name
+//! implies, control tokens as special tokens, BOS/EOS added per the `add_bos_token` flags).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_json::{json, Value};
+
+use crate::error::{IoError, Result};
+use crate::gguf::GgufSource;
+use crate::json::{read_json, write_json};
+
+/// A tokenizer with what HF keeps beside it in `tokenizer_config.json`.
+#[derive(Clone)]
+pub struct TokenizerBundle {
+    /// The HF tokenizers pipeline.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Jinja chat template, if the model has one.
+    pub chat_template: Option<String>,
+    /// BOS token text.
+    pub bos_token: Option<String>,
+    /// EOS token text.
+    pub eos_token: Option<String>,
+    /// Where it was loaded from (for messages).
+    pub source: PathBuf,
+}
+
+impl std::fmt::Debug for TokenizerBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizerBundle")
+            .field("source", &self.source)
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish()
+    }
+}
+
+/// Reads a token from `tokenizer_config.json`: a string or an `AddedToken` dict.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Picks the default template out of a `chat_template` value (a string, or a list of named ones).
+fn template_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => items
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| items.first())
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TokenizerBundle {
+    /// Loads `tokenizer.json` from an HF model directory, with `tokenizer_config.json` and
+    /// `chat_template.jinja` when present.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(IoError::Tokenizer {
+                path,
+                message: "file not found".into(),
+            });
+        }
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = if config_path.is_file() {
+            read_json(&config_path)?
+        } else {
+            Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| IoError::io(&jinja, e))?)
+        } else {
+            template_text(config.get("chat_template"))
+        };
+        Ok(TokenizerBundle {
+            tokenizer,
+            chat_template,
+            bos_token: token_text(config.get("bos_token")),
+            eos_token: token_text(config.get("eos_token")),
+            source: path,
+        })
+    }
+
+    /// Rebuilds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
+    pub fn from_gguf(gguf: &GgufSource) -> Result<Self> {
+        let path = gguf.path().to_path_buf();
+        let err = |message: String| IoError::Tokenizer {
+            path: path.clone(),
+            message,
+        };
+        let model = gguf.get_str("tokenizer.ggml.model").ok_or_else(|| {
+            err("no `tokenizer.ggml.model` metadata: the file carries no tokenizer".into())
+        })?;
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` is); \
+                 pass an HF directory with tokenizer.json instead"
+            )));
+        }
+        let tokens = gguf
+            .get_str_array("tokenizer.ggml.tokens")
+            .ok_or_else(|| err("`tokenizer.ggml.tokens` is missing".into()))?;
+        let merges = gguf
+            .get_str_array("tokenizer.ggml.merges")
+            .ok_or_else(|| err("`tokenizer.ggml.merges` is missing".into()))?;
+        let types = gguf
+            .get_i64_array("tokenizer.ggml.token_type")
+            .unwrap_or_default();
+        let special_id = |key: &str| {
+            gguf.get_u64(&format!("tokenizer.ggml.{key}"))
+                .map(|v| v as usize)
+        };
+        let token_at = |id: Option<usize>| id.and_then(|i| tokens.get(i)).map(|t| t.to_string());
+        let bos_token = token_at(special_id("bos_token_id"));
+        let eos_token = token_at(special_id("eos_token_id"));
+        let specials: Vec<usize> = [
+            "bos_token_id",
+            "eos_token_id",
+            "unknown_token_id",
+            "padding_token_id",
+        ]
+        .iter()
+        .filter_map(|k| special_id(k))
+        .collect();
+        let json = byte_level_json(
+            &tokens,
+            &merges,
+            &types,
+            &specials,
+            gguf.get_str("tokenizer.ggml.pre"),
+            bos_token.as_deref().filter(|_| {
+                gguf.get_bool("tokenizer.ggml.add_bos_token")
+                    .unwrap_or(false)
+            }),
+            eos_token.as_deref().filter(|_| {
+                gguf.get_bool("tokenizer.ggml.add_eos_token")
+                    .unwrap_or(false)
+            }),
+        );
+        let tokenizer = tokenizers::Tokenizer::from_str(&json.to_string())
+            .map_err(|e| err(format!("cannot build the tokenizer from metadata: {e}")))?;
+        Ok(TokenizerBundle {
+            tokenizer,
+            chat_template: gguf.get_str("tokenizer.chat_template").map(str::to_string),
+            bos_token,
+            eos_token,
+            source: path,
+        })
+    }
+
+    /// Token ids of `text`; with `add_special_tokens` the post-processor adds BOS/EOS as HF does.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(format!("cannot encode: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.error(format!("cannot decode: {e}")))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Id of a token's text.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Fails unless every token id fits in a model vocabulary of `model_vocab` rows.
+    pub fn check_fits(&self, model_vocab: usize) -> Result<()> {
+        let max_id = self
+            .tokenizer
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .map_or(0, |m| m as usize + 1);
+        if max_id > model_vocab {
+            return Err(self.error(format!(
+                "tokenizer has ids up to {} but the model's vocab_size is {model_vocab}: \
+                 tokenizer and model do not belong together",
+                max_id - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        self.tokenizer
+            .save(&path, true)
+            .map_err(|e| self.error(format!("cannot write {}: {e}", path.display())))?;
+        let mut config = serde_json::Map::new();
+        // The generic fast-tokenizer class loads tokenizer.json as is, without model-specific
+        // rewrites of its pipeline.
+        config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+        if let Some(bos) = &self.bos_token {
+            config.insert("bos_token".into(), json!(bos));
+        }
+        if let Some(eos) = &self.eos_token {
+            config.insert("eos_token".into(), json!(eos));
+        }
+        if let Some(t) = &self.chat_template {
+            config.insert("chat_template".into(), json!(t));
+        }
+        write_json(&dir.join("tokenizer_config.json"), &Value::Object(config))
+    }
+
+    fn error(&self, message: String) -> IoError {
+        IoError::Tokenizer {
+            path: self.source.clone(),
+            message,
+        }
+    }
+}
+
+/// GPT-2's reversible byte → printable-character table.
+fn bytes_to_unicode() -> HashMap<u8, char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = printable.clone();
+    let mut n = 0;
+    for b in 0..=255u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable
+        .into_iter()
+        .zip(chars)
+        .map(|(b, c)| (b as u8, char::from_u32(c).expect("valid char")))
+        .collect()
+}
+
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The split regex llama.cpp's `tokenizer.ggml.pre` name stands for; `None` means GPT-2's own
+/// byte-level regex.
+fn split_regex(pre: &str) -> Option<&'static str> {
+    Some(match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
+        "tekken" => TEKKEN_SPLIT,
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_SPLIT,
+        _ => return None,
+    })
+}
+
+/// `tokenizer.json` for a byte-level BPE vocabulary from GGUF metadata.
+fn byte_level_json(
+    tokens: &[&str],
+    merges: &[&str],
+    types: &[i64],
+    specials: &[usize],
+    pre: Option<&str>,
+    add_bos: Option<&str>,
+    add_eos: Option<&str>,
+) -> Value {
+    const CONTROL: i64 = 3;
+    const USER_DEFINED: i64 = 4;
+    let spelling = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    // A token written in raw text (not the byte alphabet) is respelled byte by byte.
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if in_alphabet(t) {
+                t.to_string()
+            } else {
+                t.bytes().map(|b| spelling[&b]).collect()
+            }
+        })
+        .collect();
+    let vocab: serde_json::Map<String, Value> = spelled
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|m| json!(m.split(' ').collect::<Vec<_>>()))
+        .collect();
+    let mut added = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        let kind = types.get(id).copied().unwrap_or(1);
+        // A control token outside the byte alphabet is a llama.cpp mislabel; transformers skips it.
+        let special = (kind == CONTROL && in_alphabet(token)) || specials.contains(&id);
+        if special || kind == USER_DEFINED {
+            added.push(json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": special,
+            }));
+        }
+    }
+    let pre_tokenizer = match pre.and_then(split_regex) {
+        Some(regex) => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            ],
+        }),
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
+    };
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": template_processing(add_bos, add_eos, &vocab),
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        },
+    })
+}
+
+/// HF's post-processor: `[bos] $A [eos]` and `[bos] $A [eos] [bos] $B:1 [eos]:1`.
+fn template_processing(
+    bos: Option<&str>,
+    eos: Option<&str>,
+    vocab: &serde_json::Map<String, Value>,
+) -> Value {
+    let special = |t: &str, type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
+    let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+    let mut single = Vec::new();
+    let mut pair = Vec::new();
+    for (name, type_id, out) in [("A", 0, 0), ("A", 0, 1), ("B", 1, 1)] {
+        let target = if out == 0 { &mut single } else { &mut pair };
+        if let Some(b) = bos {
+            target.push(special(b, type_id));
+        }
+        target.push(seq(name, type_id));
+        if let Some(e) = eos {
+            target.push(special(e, type_id));
+        }
+    }
+    let mut special_tokens = serde_json::Map::new();
+    for t in [bos, eos].into_iter().flatten() {
+        let id = vocab.get(t).cloned().unwrap_or(Value::Null);
+        special_tokens.insert(t.to_string(), json!({"id": t, "ids": [id], "tokens": [t]}));
+    }
+    json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens})
+}

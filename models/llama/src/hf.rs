@@ -1,0 +1,215 @@
+//! State-dict adapter: our parameter paths ↔ HF transformers' `LlamaForCausalLM` keys, and
+//! HF directory load/save.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use collie_io::json::{read_json, write_json};
+use collie_io::module::{collect_params, load_module, Binding, Convert, ParamInfo};
+use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
+use collie_io::tokenizer::TokenizerBundle;
+use collie_io::IoError;
+use serde_json::{json, Value};
+
+use crate::config::LlamaConfig;
+use crate::error::{LlamaError, Result};
+use crate::model::Llama;
+
+/// HF key of one of our parameter paths; `None` for parameters HF's base model does not have
+/// (adapters).
+pub fn hf_key(path: &str) -> Option<String> {
+    if path.contains(".adapter.") {
+        return None;
+    }
+    let key = match path {
+        "embed.weight" => "model.embed_tokens.weight".to_string(),
+        "head.norm.weight" => "model.norm.weight".to_string(),
+        "head.lm_head.weight" => "lm_head.weight".to_string(),
+        _ => {
+            let rest = path.strip_prefix("layers.")?;
+            let (index, rest) = rest.split_once('.')?;
+            let rest = match rest {
+                "attn_norm.weight" => "input_layernorm.weight".to_string(),
+                "mlp_norm.weight" => "post_attention_layernorm.weight".to_string(),
+                _ => match rest.strip_prefix("attn.") {
+                    Some(r) => format!("self_attn.{r}"),
+                    None => rest.to_string(),
+                },
+            };
+            format!("model.layers.{index}.{rest}")
+        }
+    };
+    Some(key)
+}
+
+fn binding(info: &ParamInfo) -> Option<Binding> {
+    let key = hf_key(&info.path)?;
+    let convert = if info.is_linear_weight() {
+        Convert::Transpose
+    } else {
+        Convert::Identity
+    };
+    Some(Binding { key, convert })
+}
+
+/// Reads `config.json` of an HF model directory.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(IoError::invalid(dir, "no config.json: not an HF model directory").into());
+    }
+    let config: LlamaConfig = read_json(&path)?;
+    config.validate().map_err(|e| match e {
+        LlamaError::Config(m) => LlamaError::Config(format!("{}: {m}", path.display())),
+        LlamaError::UnknownArchitecture(m) => {
+            LlamaError::UnknownArchitecture(format!("{}: {m}", path.display()))
+        }
+        other => other,
+    })?;
+    Ok(config)
+}
+
+/// Loads config and weights from an HF model directory (single or sharded safetensors).
+pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaConfig, Llama<B>)> {
+    let config = read_config(dir)?;
+    let model = config.init::<B>(device)?;
+    let source = SafetensorsSource::open(dir)?;
+    let model = load_module(model, &source, binding)?;
+    Ok((config, model))
+}
+
+/// Every parameter under its HF key, in PyTorch's layout.
+pub fn hf_state_dict<B: Backend>(model: &Llama<B>) -> Vec<(String, collie_io::HostTensor)> {
+    collect_params(model)
+        .into_iter()
+        .filter_map(|(info, t)| {
+            let key = hf_key(&info.path)?;
+            let t = if info.is_linear_weight() {
+                t.transpose()
+            } else {
+                t
+            };
+            Some((key, t))
+        })
+        .collect()
+}
+
+/// Writes an HF model directory that `AutoModelForCausalLM.from_pretrained` loads:
+/// `config.json`, `generation_config.json`, `model.safetensors` and, when given, the tokenizer.
+///
+/// Everything is written into a staging directory next to `dir` and renamed into place, so a
+/// failed save leaves no half-written model; an existing `dir` is replaced.
+pub fn save_hf_dir<B: Backend>(
+    model: &Llama<B>,
+    config: &LlamaConfig,
+    tokenizer: Option<&TokenizerBundle>,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| IoError::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| IoError::io(&staging, e))?;
+    let result = write_into(model, config, tokenizer, &staging, dtype)
+        .and_then(|()| replace_dir(&staging, dir));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+fn write_into<B: Backend>(
+    model: &Llama<B>,
+    config: &LlamaConfig,
+    tokenizer: Option<&TokenizerBundle>,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let mut config = config.clone();
+    if config.architectures.is_none() {
+        config.architectures = Some(vec!["LlamaForCausalLM".into()]);
+    }
+    config
+        .extra
+        .insert("torch_dtype".into(), json!(dtype.torch_name()));
+    config.extra.remove("dtype");
+    config.extra.remove("quantization_config");
+    write_json(&dir.join("config.json"), &config)?;
+    let mut generation = serde_json::Map::new();
+    for (key, value) in [
+        ("bos_token_id", &config.bos_token_id),
+        ("eos_token_id", &config.eos_token_id),
+        ("pad_token_id", &config.pad_token_id),
+    ] {
+        if let Some(v) = value {
+            generation.insert(key.into(), v.clone());
+        }
+    }
+    write_json(
+        &dir.join("generation_config.json"),
+        &Value::Object(generation),
+    )?;
+    save_safetensors(
+        &dir.join(collie_io::safetensors::SINGLE_FILE),
+        &hf_state_dict(model),
+        dtype,
+    )?;
+    if let Some(tok) = tokenizer {
+        tok.save(dir)?;
+    }
+    Ok(())
+}
+
+/// Moves `staging` to `dir`, replacing what was there.
+fn replace_dir(staging: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let old = staging.with_extension("old");
+        std::fs::rename(dir, &old).map_err(|e| IoError::io(dir, e))?;
+        std::fs::rename(staging, dir).map_err(|e| IoError::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(staging, dir).map_err(|e| IoError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_paths_to_hf_keys() {
+        assert_eq!(hf_key("embed.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_key("layers.3.attn.q_proj.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_key("layers.3.attn.k_proj.bias").unwrap(),
+            "model.layers.3.self_attn.k_proj.bias"
+        );
+        assert_eq!(
+            hf_key("layers.0.attn_norm.weight").unwrap(),
+            "model.layers.0.input_layernorm.weight"
+        );
+        assert_eq!(
+            hf_key("layers.0.mlp_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_key("layers.1.mlp.down_proj.weight").unwrap(),
+            "model.layers.1.mlp.down_proj.weight"
+        );
+        assert_eq!(hf_key("head.norm.weight").unwrap(), "model.norm.weight");
+        assert_eq!(hf_key("head.lm_head.weight").unwrap(), "lm_head.weight");
+        assert!(hf_key("layers.1.attn.q_proj.adapter.a").is_none());
+    }
+}

@@ -1,0 +1,357 @@
+//! The LLaMA-family decoder: `LlamaConfig` → `init` → [`Llama`] → `forward`.
+//!
+//! The model is a sequence of blocks (DESIGN.md's block contract): [`Llama::embed`], then
+//! [`Llama::layers`], then [`Llama::head`] (final norm + LM head). A [`BlockContext`] (RoPE tables
+//! and mask) is computed once per call and shared by every block, so block-wise backward,
+//! activation checkpointing and pipeline stages can drive the blocks one at a time.
+
+use burn::module::Module;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor};
+use collie_core::attention::{attention, causal_mask, positions_from_padding};
+use collie_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use collie_core::rope::{apply_rotary, Rope};
+
+use crate::config::LlamaConfig;
+use crate::error::Result;
+
+/// Self-attention with RoPE and grouped-query heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, heads · head_dim]`.
+    pub q_proj: Linear<B>,
+    /// `[hidden, kv_heads · head_dim]`.
+    pub k_proj: Linear<B>,
+    /// `[hidden, kv_heads · head_dim]`.
+    pub v_proj: Linear<B>,
+    /// `[heads · head_dim, hidden]`.
+    pub o_proj: Linear<B>,
+    /// Query heads (local to this rank under tensor parallelism).
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden, intermediate]`.
+    pub gate_proj: Linear<B>,
+    /// `[hidden, intermediate]`.
+    pub up_proj: Linear<B>,
+    /// `[intermediate, hidden]`.
+    pub down_proj: Linear<B>,
+}
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// Norm before attention (HF `input_layernorm`).
+    pub attn_norm: RmsNorm<B>,
+    /// Self-attention.
+    pub attn: Attention<B>,
+    /// Norm before the MLP (HF `post_attention_layernorm`).
+    pub mlp_norm: RmsNorm<B>,
+    /// Feed-forward.
+    pub mlp: Mlp<B>,
+}
+
+/// Final norm and LM head.
+#[derive(Module, Debug)]
+pub struct Head<B: Backend> {
+    /// Final RMSNorm (HF `model.norm`).
+    pub norm: RmsNorm<B>,
+    /// `[hidden, vocab]`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+}
+
+/// A LLaMA-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed: Embedding<B>,
+    /// Decoder blocks.
+    pub layers: Vec<Block<B>>,
+    /// Final norm + LM head.
+    pub head: Head<B>,
+    /// RoPE frequencies.
+    pub rope: Rope,
+    /// Attention window (Mistral), if any.
+    pub window: Option<usize>,
+}
+
+/// Per-call inputs every block shares.
+#[derive(Debug, Clone)]
+pub struct BlockContext<B: Backend> {
+    /// `[batch, s_q, head_dim]`.
+    pub cos: Tensor<B, 3>,
+    /// `[batch, s_q, head_dim]`.
+    pub sin: Tensor<B, 3>,
+    /// `[batch, 1, s_q, s_k]`, `true` = hidden; `None` when nothing is hidden.
+    pub mask: Option<Tensor<B, 4, Bool>>,
+}
+
+/// Keys and values of past positions, one entry per block.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// `(k, v)`, each `[batch, kv_heads, past, head_dim]`.
+    pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `n_layers` blocks.
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl LlamaConfig {
+    /// Builds the model with lazily initialized weights (HF's init: normal(0, initializer_range)
+    /// for matrices, zeros for biases, ones for norms).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
+        self.validate()?;
+        let (d, hd) = (self.hidden_size, self.head_dim());
+        let (h, kvh) = (self.num_attention_heads, self.kv_heads());
+        let std = self.initializer_range;
+        let linear = |i: usize, o: usize, bias: bool| {
+            LinearConfig::new(i, o)
+                .with_bias(bias)
+                .with_init_std(std)
+                .init(device)
+        };
+        let norm = || {
+            RmsNormConfig::new(d)
+                .with_eps(self.rms_norm_eps)
+                .init(device)
+        };
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| Block {
+                attn_norm: norm(),
+                attn: Attention {
+                    q_proj: linear(d, h * hd, self.qkv_bias()),
+                    k_proj: linear(d, kvh * hd, self.qkv_bias()),
+                    v_proj: linear(d, kvh * hd, self.qkv_bias()),
+                    o_proj: linear(h * hd, d, self.o_bias()),
+                    n_heads: h,
+                    n_kv_heads: kvh,
+                    head_dim: hd,
+                },
+                mlp_norm: norm(),
+                mlp: Mlp {
+                    gate_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                    up_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                    down_proj: linear(self.intermediate_size, d, self.mlp_bias),
+                },
+            })
+            .collect();
+        let (theta, scaling) = self.rope()?;
+        Ok(Llama {
+            embed: EmbeddingConfig::new(self.vocab_size, d)
+                .with_init_std(std)
+                .init(device),
+            layers,
+            head: Head {
+                norm: norm(),
+                lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
+            },
+            rope: Rope::new(hd, theta, &scaling),
+            window: self.window(),
+        })
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - x: `[batch, s_q, hidden]` → `[batch, s_q, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &BlockContext<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        // [batch, s_q, heads · head_dim] -> [batch, heads, s_q, head_dim]
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kvh, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kvh, hd])
+            .swap_dims(1, 2);
+        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
+        let k = apply_rotary(k, &ctx.cos, &ctx.sin);
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    // [batch, kv_heads, past + s_q, head_dim]
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let o = attention(q, k, v, ctx.mask.as_ref());
+        // [batch, heads, s_q, head_dim] -> [batch, s_q, heads · head_dim]
+        let o = o.swap_dims(1, 2).reshape([b, s, h * hd]);
+        self.o_proj.forward(o)
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+impl<B: Backend> Block<B> {
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, s_q, hidden]` → same
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &BlockContext<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), ctx, cache);
+        x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+    }
+}
+
+impl<B: Backend> Head<B> {
+    /// Final norm and projection to the vocabulary; a tied head multiplies by the embedding.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` → `[batch, seq, vocab]`
+    pub fn forward(&self, x: Tensor<B, 3>, embed: &Embedding<B>) -> Tensor<B, 3> {
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(lm_head) => lm_head.forward(x),
+            // [hidden, vocab] view of the [vocab, hidden] table.
+            None => x.matmul(embed.weight.val().transpose().unsqueeze::<3>()),
+        }
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// RoPE tables and mask for `s_q` new tokens after `past` cached ones.
+    ///
+    /// `padding` is the HF attention mask over all `past + s_q` positions (`1` = token); positions
+    /// are counted over real tokens only, so left padding does not shift them.
+    ///
+    /// # Shapes
+    /// - padding: `[batch, past + s_q]`
+    pub fn context(
+        &self,
+        batch: usize,
+        s_q: usize,
+        past: usize,
+        padding: Option<&Tensor<B, 2, Int>>,
+        device: &B::Device,
+    ) -> BlockContext<B> {
+        let s_k = past + s_q;
+        let positions = match padding {
+            // [batch, s_k] -> the last s_q columns
+            Some(p) => positions_from_padding(p).slice([0..batch, past..s_k]),
+            None => Tensor::<B, 1, Int>::arange(past as i64..s_k as i64, device)
+                .reshape([1, s_q])
+                .expand([batch, s_q]),
+        };
+        let (cos, sin) = self.rope.cos_sin(positions);
+        // A single unpadded query sees every key: no mask needed.
+        let needs_mask = padding.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
+        let mask = needs_mask.then(|| causal_mask(batch, s_q, s_k, padding, self.window, device));
+        BlockContext { cos, sin, mask }
+    }
+
+    /// Hidden states after the last block (before the final norm).
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`, padding: `[batch, seq]` → `[batch, seq, hidden]`
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<&Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let ctx = self.context(b, s, 0, padding, &ids.device());
+        let mut x = self.embed.forward(ids);
+        for layer in &self.layers {
+            x = layer.forward(x, &ctx, None);
+        }
+        x
+    }
+
+    /// Cache-free forward pass for training and scoring.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`, padding: `[batch, seq]` → logits `[batch, seq, vocab]`
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<&Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let x = self.forward_hidden(ids, padding);
+        self.head.forward(x, &self.embed)
+    }
+
+    /// Decode step: runs `ids` after the positions already in `cache`, appending their keys and
+    /// values to it.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, s_new]`
+    /// - padding: `[batch, past + s_new]` (the mask of everything seen so far)
+    /// - returns logits `[batch, s_new, vocab]`
+    pub fn forward_cached(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<&Tensor<B, 2, Int>>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let ctx = self.context(b, s, cache.len(), padding, &ids.device());
+        let mut x = self.embed.forward(ids);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, &ctx, Some(slot));
+        }
+        self.head.forward(x, &self.embed)
+    }
+
+    /// Rows of the embedding (the model's vocabulary size).
+    pub fn vocab_size(&self) -> usize {
+        self.embed.weight.lazy_shape().dims::<2>()[0]
+    }
+}
