@@ -1,1 +1,67 @@
-fn main() {}
+//! `collie`: generate text, measure perplexity, convert checkpoints and benchmark, on any backend.
+
+mod bench;
+mod convert;
+mod eval_ppl;
+mod generate;
+mod model;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use collie_core::device::DeviceSpec;
+
+/// collie-rs: LLaMA-family models on Burn.
+#[derive(Parser, Debug)]
+#[command(name = "collie", version, about)]
+struct Cli {
+    /// Device: cpu, wgpu[:N|:cpu] or cuda[:N].
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Continue a prompt (greedy unless --temperature is given).
+    Generate(generate::Args),
+    /// Perplexity of a model on a JSONL file of {"text": ...} lines.
+    EvalPpl(eval_ppl::Args),
+    /// Convert a GGUF file into an HF model directory.
+    Convert(convert::Args),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::Command),
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let device: DeviceSpec = cli.device.parse()?;
+    match cli.command {
+        Command::Generate(args) => generate::run(args, device),
+        Command::EvalPpl(args) => eval_ppl::run(args, device),
+        Command::Convert(args) => convert::run(args, device),
+        Command::Bench(cmd) => bench::run(cmd, device),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COLLIE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli).context("collie") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, outermost first, without the "collie" wrapper.
+            let chain: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

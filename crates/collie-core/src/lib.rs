@@ -11,6 +11,7 @@ pub mod asset;
 pub mod attention;
 pub mod device;
 pub mod error;
+pub mod lm;
 pub mod loss;
 pub mod nn;
 pub mod rope;

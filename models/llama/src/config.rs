@@ -104,8 +104,8 @@ fn default_init() -> f64 {
     0.02
 }
 
-/// Reads an id or list of ids.
-fn ids(v: &Option<Value>) -> Vec<u32> {
+/// Reads a token id or a list of them (HF writes either for `eos_token_id`).
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a
@@ -187,12 +187,12 @@ impl LlamaConfig {
 
     /// EOS ids (a config may list several).
     pub fn eos_ids(&self) -> Vec<u32> {
-        ids(&self.eos_token_id)
+        token_ids(self.eos_token_id.as_ref())
     }
 
     /// BOS id.
     pub fn bos_id(&self) -> Option<u32> {
-        ids(&self.bos_token_id).first().copied()
+        token_ids(self.bos_token_id.as_ref()).first().copied()
     }
 
     /// RoPE base and scaling, from `rope_parameters` (transformers 5) or `rope_theta` +

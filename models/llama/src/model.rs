@@ -355,3 +355,24 @@ impl<B: Backend> Llama<B> {
         self.embed.weight.lazy_shape().dims::<2>()[0]
     }
 }
+
+impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
+    type Cache = KvCache<B>;
+
+    fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.len())
+    }
+
+    fn logits(&self, ids: Tensor<B, 2, Int>, padding: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3> {
+        self.forward(ids, padding)
+    }
+
+    fn logits_cached(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<&Tensor<B, 2, Int>>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        self.forward_cached(ids, padding, cache)
+    }
+}

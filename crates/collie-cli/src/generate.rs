@@ -1,0 +1,142 @@
+//! `collie generate`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
+use collie_train::generate::{generate, GenerationConfig};
+
+/// Arguments of `collie generate`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// HF directory, GGUF file, or `pypi:NAME==VERSION/path` asset.
+    #[arg(long)]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System prompt for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Built-in template (chatml, llama2, alpaca) for models without one, or to override theirs.
+    #[arg(long)]
+    template: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature (greedy when absent).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Top-k sampling.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON line {"prompt_ids", "new_ids", "text"} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Task(Args);
+
+impl BackendTask for Task {
+    type Output = Result<()>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let args = self.0;
+        let loaded = crate::model::load::<B::InnerBackend>(&args.model, &device)?;
+        let tok = loaded.tokenizer()?;
+        let prompt_ids = if args.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage::new("system", system));
+            }
+            messages.push(ChatMessage::new("user", &args.prompt));
+            let template = match (&args.template, &tok.chat_template) {
+                (Some(name), _) => name.parse::<BuiltinTemplate>()?.source().to_string(),
+                (None, Some(own)) => own.clone(),
+                (None, None) => BuiltinTemplate::ChatMl.source().to_string(),
+            };
+            let tokens = TemplateTokens {
+                bos_token: tok.bos_token.clone(),
+                eos_token: tok.eos_token.clone(),
+            };
+            let text = render(&template, &messages, true, &tokens)?;
+            // The template writes any BOS itself, as apply_chat_template assumes.
+            tok.encode(&text, false)?
+        } else {
+            tok.encode(&args.prompt, true)?
+        };
+        if prompt_ids.is_empty() {
+            bail!("the prompt encodes to no tokens");
+        }
+        let eos_ids = crate::model::eos_ids(&loaded)?;
+        let pad_id = collie_llama::config::token_ids(loaded.config.pad_token_id.as_ref())
+            .first()
+            .or(eos_ids.first())
+            .copied()
+            .unwrap_or(0);
+        let cfg = GenerationConfig {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            eos_ids,
+            pad_id,
+        };
+        let mut stdout = std::io::stdout();
+        let mut streamed: Vec<u32> = Vec::new();
+        let mut printed = String::new();
+        let new_ids = generate(
+            &loaded.model,
+            std::slice::from_ref(&prompt_ids),
+            &cfg,
+            &device,
+            |_, id| {
+                if args.json {
+                    return;
+                }
+                streamed.push(id);
+                // Print what decodes cleanly so far; a partial UTF-8 sequence waits for its next byte.
+                if let Ok(text) = tok.decode(&streamed, true) {
+                    if !text.ends_with('\u{fffd}')
+                        && text.len() > printed.len()
+                        && text.starts_with(printed.as_str())
+                    {
+                        let _ = write!(stdout, "{}", &text[printed.len()..]);
+                        let _ = stdout.flush();
+                        printed = text;
+                    }
+                }
+            },
+        )?
+        .remove(0);
+        let text = tok.decode(&new_ids, true)?;
+        if args.json {
+            let line =
+                serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text});
+            println!("{line}");
+        } else {
+            if text.len() > printed.len() && text.starts_with(printed.as_str()) {
+                print!("{}", &text[printed.len()..]);
+            }
+            println!();
+        }
+        Ok(())
+    }
+}
+
+/// Runs `collie generate`.
+pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
+    dispatch(device, Task(args)).context("selecting the device")?
+}

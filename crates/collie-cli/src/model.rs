@@ -1,0 +1,25 @@
+//! Loading a model for the CLI commands.
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use collie_llama::LoadedModel;
+use serde_json::Value;
+
+/// Loads `spec` (HF directory, GGUF file or asset) onto `device`.
+pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
+    collie_llama::load::<B>(spec, device).with_context(|| format!("loading model `{spec}`"))
+}
+
+/// EOS ids generation stops at: `generation_config.json` when the directory has one (HF's
+/// `generate` prefers it), else the model config.
+pub fn eos_ids<B: Backend>(loaded: &LoadedModel<B>) -> Result<Vec<u32>> {
+    let path = loaded.path.join("generation_config.json");
+    if loaded.path.is_dir() && path.is_file() {
+        let v: Value = collie_io::json::read_json(&path)?;
+        let ids = collie_llama::config::token_ids(v.get("eos_token_id"));
+        if !ids.is_empty() {
+            return Ok(ids);
+        }
+    }
+    Ok(loaded.config.eos_ids())
+}

