@@ -57,11 +57,11 @@ pub struct LlamaConfig {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v/o projections (LLaMA's flag).
-    #[serde(default)]
-    pub attention_bias: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
     /// Bias on the MLP projections.
-    #[serde(default)]
-    pub mlp_bias: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
     /// InternLM's name for q/k/v/o biases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bias: Option<bool>,
@@ -143,8 +143,8 @@ impl LlamaConfig {
             rope_scaling: None,
             rope_parameters: None,
             tie_word_embeddings: false,
-            attention_bias: false,
-            mlp_bias: false,
+            attention_bias: None,
+            mlp_bias: None,
             bias: None,
             sliding_window: None,
             use_sliding_window: None,
@@ -169,12 +169,19 @@ impl LlamaConfig {
 
     /// Whether q/k/v carry a bias.
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias || self.bias.unwrap_or(false) || self.model_type == "qwen2"
+        self.attention_bias.unwrap_or(false)
+            || self.bias.unwrap_or(false)
+            || self.model_type == "qwen2"
     }
 
     /// Whether the output projection carries a bias (Qwen2 has q/k/v biases only).
     pub fn o_bias(&self) -> bool {
-        self.attention_bias || self.bias.unwrap_or(false)
+        self.attention_bias.unwrap_or(false) || self.bias.unwrap_or(false)
+    }
+
+    /// Whether the MLP projections carry a bias.
+    pub fn mlp_bias(&self) -> bool {
+        self.mlp_bias.unwrap_or(false)
     }
 
     /// The attention window, if the model limits how far back a token looks.

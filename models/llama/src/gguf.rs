@@ -93,7 +93,9 @@ pub fn config_from_gguf(src: &GgufSource) -> Result<LlamaConfig> {
         config.rope_scaling = Some(json!({"rope_type": "linear", "factor": factor}));
     }
     config.tie_word_embeddings = src.shape("output.weight").is_none();
-    config.attention_bias = arch == "llama" && src.shape("blk.0.attn_q.bias").is_some();
+    if arch == "llama" && src.shape("blk.0.attn_q.bias").is_some() {
+        config.attention_bias = Some(true);
+    }
     let id = |k: &str| {
         src.get_u64(&format!("tokenizer.ggml.{k}"))
             .map(|v| json!(v))

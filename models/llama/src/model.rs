@@ -156,9 +156,9 @@ impl LlamaConfig {
                 },
                 mlp_norm: norm(),
                 mlp: Mlp {
-                    gate_proj: linear(d, self.intermediate_size, self.mlp_bias),
-                    up_proj: linear(d, self.intermediate_size, self.mlp_bias),
-                    down_proj: linear(self.intermediate_size, d, self.mlp_bias),
+                    gate_proj: linear(d, self.intermediate_size, self.mlp_bias()),
+                    up_proj: linear(d, self.intermediate_size, self.mlp_bias()),
+                    down_proj: linear(self.intermediate_size, d, self.mlp_bias()),
                 },
             })
             .collect();

@@ -24,7 +24,7 @@ pub struct Golden {
     pub values: Vec<f64>,
 }
 
-/// Reads every tensor of a safetensors file (f32 or i64).
+/// Reads every tensor of a safetensors file (f32, f64 or i64).
 pub fn read_golden(path: &std::path::Path) -> HashMap<String, Golden> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
@@ -36,6 +36,10 @@ pub fn read_golden(path: &std::path::Path) -> HashMap<String, Golden> {
                 Dtype::F32 => data
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => data
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
                     .collect(),
                 Dtype::I64 => data
                     .chunks_exact(8)
