@@ -81,3 +81,28 @@ fn eval_ppl_matches_transformers() {
         assert!(rel < 1e-3, "{key}: {a} vs {b} (relative {rel:.2e})");
     }
 }
+
+#[test]
+fn converted_hf_directory_generates_the_same_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2-hf");
+    let status = Command::new(env!("CARGO_BIN_EXE_collie"))
+        .args(["convert", "--input", MODEL, "--output"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let expected = expected();
+    let cases = expected["generations"].as_array().unwrap();
+    // One raw prompt (tokenizer.json post-processor) and one chat prompt (tokenizer_config.json template).
+    for case in [&cases[0], &cases[3]] {
+        let prompt = case["prompt"].as_str().unwrap();
+        let mut args = vec!["generate", "--model", out.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", "32", "--json"];
+        if case["chat"].as_bool().unwrap() {
+            args.push("--chat");
+        }
+        let got = collie(&args);
+        assert_eq!(got["prompt_ids"], case["prompt_ids"], "prompt ids of {prompt:?}");
+        assert_eq!(got["new_ids"], case["new_ids"], "new ids of {prompt:?}");
+    }
+}

@@ -56,12 +56,12 @@ pub enum CoreError {
         root: PathBuf,
     },
     /// A file-system error, with the path at fault.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The path being read or written.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not chained as a source).
+        cause: std::io::Error,
     },
     /// A configuration value that cannot be used.
     #[error("invalid config: {0}")]
@@ -73,7 +73,7 @@ impl CoreError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         CoreError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

