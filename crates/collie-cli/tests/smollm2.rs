@@ -97,12 +97,24 @@ fn converted_hf_directory_generates_the_same_tokens() {
     // One raw prompt (tokenizer.json post-processor) and one chat prompt (tokenizer_config.json template).
     for case in [&cases[0], &cases[3]] {
         let prompt = case["prompt"].as_str().unwrap();
-        let mut args = vec!["generate", "--model", out.to_str().unwrap(), "--prompt", prompt, "--max-new-tokens", "32", "--json"];
+        let mut args = vec![
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "32",
+            "--json",
+        ];
         if case["chat"].as_bool().unwrap() {
             args.push("--chat");
         }
         let got = collie(&args);
-        assert_eq!(got["prompt_ids"], case["prompt_ids"], "prompt ids of {prompt:?}");
+        assert_eq!(
+            got["prompt_ids"], case["prompt_ids"],
+            "prompt ids of {prompt:?}"
+        );
         assert_eq!(got["new_ids"], case["new_ids"], "new ids of {prompt:?}");
     }
 }

@@ -131,6 +131,19 @@ impl GgufSource {
             .collect()
     }
 
+    /// An array of floats.
+    pub fn get_f64_array(&self, key: &str) -> Option<Vec<f64>> {
+        self.get(key)?
+            .as_array()?
+            .iter()
+            .map(|v| match v {
+                MetaValue::F32(x) => Some(*x as f64),
+                MetaValue::F64(x) => Some(*x),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A required unsigned integer, or an error naming the key.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
         self.get_u64(key).ok_or_else(|| self.missing(key))

@@ -113,21 +113,20 @@ impl TokenizerBundle {
         let model = gguf.get_str("tokenizer.ggml.model").ok_or_else(|| {
             err("no `tokenizer.ggml.model` metadata: the file carries no tokenizer".into())
         })?;
-        if model != "gpt2" {
+        let arch = gguf.get_str("general.architecture").unwrap_or("");
+        if model == "llama" && (arch.starts_with("gemma") || arch == "phi3") {
             return Err(err(format!(
-                "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` is); \
+                "the {arch} SentencePiece vocabulary needs model-specific rules that are not implemented; \
                  pass an HF directory with tokenizer.json instead"
             )));
         }
         let tokens = gguf
             .get_str_array("tokenizer.ggml.tokens")
             .ok_or_else(|| err("`tokenizer.ggml.tokens` is missing".into()))?;
-        let merges = gguf
-            .get_str_array("tokenizer.ggml.merges")
-            .ok_or_else(|| err("`tokenizer.ggml.merges` is missing".into()))?;
         let types = gguf
             .get_i64_array("tokenizer.ggml.token_type")
             .unwrap_or_default();
+        let merges = gguf.get_str_array("tokenizer.ggml.merges");
         let special_id = |key: &str| {
             gguf.get_u64(&format!("tokenizer.ggml.{key}"))
                 .map(|v| v as usize)
@@ -144,21 +143,41 @@ impl TokenizerBundle {
         .iter()
         .filter_map(|k| special_id(k))
         .collect();
-        let json = byte_level_json(
-            &tokens,
-            &merges,
-            &types,
-            &specials,
-            gguf.get_str("tokenizer.ggml.pre"),
-            bos_token.as_deref().filter(|_| {
-                gguf.get_bool("tokenizer.ggml.add_bos_token")
-                    .unwrap_or(false)
-            }),
-            eos_token.as_deref().filter(|_| {
-                gguf.get_bool("tokenizer.ggml.add_eos_token")
-                    .unwrap_or(false)
-            }),
-        );
+        // SentencePiece vocabularies get BOS unless the file says otherwise, as in llama.cpp.
+        let add_bos = gguf
+            .get_bool("tokenizer.ggml.add_bos_token")
+            .unwrap_or(model == "llama");
+        let add_eos = gguf
+            .get_bool("tokenizer.ggml.add_eos_token")
+            .unwrap_or(false);
+        let vocab = Vocab {
+            tokens: &tokens,
+            types: &types,
+            specials: &specials,
+            add_bos: bos_token.as_deref().filter(|_| add_bos),
+            add_eos: eos_token.as_deref().filter(|_| add_eos),
+        };
+        let json = match model {
+            "gpt2" => {
+                let merges = merges.ok_or_else(|| err("`tokenizer.ggml.merges` is missing".into()))?;
+                byte_level_json(&vocab, &merges, gguf.get_str("tokenizer.ggml.pre"))
+            }
+            "llama" => {
+                let scores = match &merges {
+                    Some(_) => Vec::new(),
+                    None => gguf.get_f64_array("tokenizer.ggml.scores").ok_or_else(|| {
+                        err("a SentencePiece vocabulary needs `tokenizer.ggml.merges` or `tokenizer.ggml.scores`".into())
+                    })?,
+                };
+                sentencepiece_json(&vocab, merges.as_deref(), &scores)
+            }
+            other => {
+                return Err(err(format!(
+                    "tokenizer model `{other}` is not supported (byte-level BPE `gpt2` and SentencePiece \
+                     `llama` are); pass an HF directory with tokenizer.json instead"
+                )))
+            }
+        };
         let tokenizer = tokenizers::Tokenizer::from_str(&json.to_string())
             .map_err(|e| err(format!("cannot build the tokenizer from metadata: {e}")))?;
         Ok(TokenizerBundle {
@@ -285,23 +304,50 @@ fn split_regex(pre: &str) -> Option<&'static str> {
     })
 }
 
-/// `tokenizer.json` for a byte-level BPE vocabulary from GGUF metadata.
-fn byte_level_json(
-    tokens: &[&str],
-    merges: &[&str],
-    types: &[i64],
-    specials: &[usize],
-    pre: Option<&str>,
-    add_bos: Option<&str>,
-    add_eos: Option<&str>,
-) -> Value {
-    const CONTROL: i64 = 3;
-    const USER_DEFINED: i64 = 4;
+/// A GGUF vocabulary and the special-token facts both tokenizer kinds need.
+struct Vocab<'a> {
+    tokens: &'a [&'a str],
+    types: &'a [i64],
+    /// Ids of the BOS/EOS/UNK/PAD tokens: special whatever their type says.
+    specials: &'a [usize],
+    add_bos: Option<&'a str>,
+    add_eos: Option<&'a str>,
+}
+
+const CONTROL: i64 = 3;
+const USER_DEFINED: i64 = 4;
+
+impl Vocab<'_> {
+    /// `added_tokens`: control and special tokens as special, user-defined ones as plain added
+    /// tokens. `keep(token)` can veto a control token (transformers skips mislabelled ones).
+    fn added_tokens(
+        &self,
+        in_vocab: impl Fn(&str) -> bool,
+        keep_control: impl Fn(&str) -> bool,
+    ) -> Vec<Value> {
+        let mut added = Vec::new();
+        for (id, token) in self.tokens.iter().enumerate() {
+            let kind = self.types.get(id).copied().unwrap_or(1);
+            let special = (kind == CONTROL && keep_control(token)) || self.specials.contains(&id);
+            if special || (kind == USER_DEFINED && in_vocab(token)) {
+                added.push(json!({
+                    "id": id, "content": token, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": special,
+                }));
+            }
+        }
+        added
+    }
+}
+
+/// `tokenizer.json` for a byte-level BPE vocabulary (transformers' `GPT2Tokenizer` from GGUF).
+fn byte_level_json(v: &Vocab, merges: &[&str], pre: Option<&str>) -> Value {
     let spelling = bytes_to_unicode();
     let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
     let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
     // A token written in raw text (not the byte alphabet) is respelled byte by byte.
-    let spelled: Vec<String> = tokens
+    let spelled: Vec<String> = v
+        .tokens
         .iter()
         .map(|t| {
             if in_alphabet(t) {
@@ -320,18 +366,8 @@ fn byte_level_json(
         .iter()
         .map(|m| json!(m.split(' ').collect::<Vec<_>>()))
         .collect();
-    let mut added = Vec::new();
-    for (id, token) in tokens.iter().enumerate() {
-        let kind = types.get(id).copied().unwrap_or(1);
-        // A control token outside the byte alphabet is a llama.cpp mislabel; transformers skips it.
-        let special = (kind == CONTROL && in_alphabet(token)) || specials.contains(&id);
-        if special || kind == USER_DEFINED {
-            added.push(json!({
-                "id": id, "content": token, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": special,
-            }));
-        }
-    }
+    // A control token outside the byte alphabet is a llama.cpp mislabel; transformers skips it.
+    let added = v.added_tokens(|t| vocab.contains_key(t), in_alphabet);
     let pre_tokenizer = match pre.and_then(split_regex) {
         Some(regex) => json!({
             "type": "Sequence",
@@ -351,11 +387,94 @@ fn byte_level_json(
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": template_processing(add_bos, add_eos, &vocab),
+        "post_processor": template_processing(v.add_bos, v.add_eos, &vocab),
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
             "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        },
+    })
+}
+
+/// transformers' `generate_merges`: every split of a token into two vocabulary pieces, ordered by
+/// the token's score (highest first), then by the pieces' lengths in characters; ties keep
+/// vocabulary order.
+fn merges_from_scores(
+    tokens: &[&str],
+    scores: &[f64],
+    index: &HashMap<&str, usize>,
+) -> Vec<(String, String)> {
+    // Python's dict(zip(tokens, scores)): first position, last score.
+    let mut order: Vec<&str> = Vec::new();
+    let mut score: HashMap<&str, f64> = HashMap::new();
+    for (t, s) in tokens.iter().zip(scores) {
+        if score.insert(t, *s).is_none() {
+            order.push(t);
+        }
+    }
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for token in order {
+        let mut local: Vec<(&str, &str, f64)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| (&token[..i], &token[i..]))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, score[token]))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    let chars = |s: &str| s.chars().count();
+    merges.sort_by(|a, b| {
+        b.2.total_cmp(&a.2)
+            .then(chars(b.0).cmp(&chars(a.0)))
+            .then(chars(b.1).cmp(&chars(a.1)))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
+/// `tokenizer.json` for a SentencePiece BPE vocabulary (transformers' `LlamaTokenizer` from GGUF):
+/// `▁` for spaces, prefixed to the text, bytes as `<0xNN>` fallback tokens.
+fn sentencepiece_json(v: &Vocab, merges: Option<&[&str]>, scores: &[f64]) -> Value {
+    let index: HashMap<&str, usize> = v.tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let merges: Vec<(String, String)> = match merges {
+        Some(m) => m
+            .iter()
+            .map(|m| {
+                let (l, r) = m.split_once(' ').unwrap_or((m, ""));
+                (l.to_string(), r.to_string())
+            })
+            .collect(),
+        None => merges_from_scores(v.tokens, scores, &index),
+    };
+    let vocab: serde_json::Map<String, Value> = v
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let added = v.added_tokens(|t| index.contains_key(t), |_| true);
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": template_processing(v.add_bos, v.add_eos, &vocab),
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
             "ignore_merges": false, "vocab": vocab, "merges": merges,
         },
     })
