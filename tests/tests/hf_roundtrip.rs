@@ -11,15 +11,6 @@ use collie_io::safetensors::{SafetensorsSource, SaveDtype};
 use common::*;
 use serde_json::Value;
 
-const CASES: &[&str] = &[
-    "mha_untied",
-    "gqa_tied_theta",
-    "mqa_llama3",
-    "llama_bias",
-    "qwen2_bias",
-    "mistral_window",
-];
-
 fn save(case: &str, out: &Path) -> collie_llama::LoadedModel<B> {
     let loaded = collie_llama::load::<B>(
         fixture(&format!("llama/{case}")).to_str().unwrap(),
@@ -34,7 +25,7 @@ fn save(case: &str, out: &Path) -> collie_llama::LoadedModel<B> {
 #[test]
 fn saved_tensors_equal_the_transformers_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    for case in CASES {
+    for case in LLAMA_CASES {
         let out = tmp.path().join(case);
         save(case, &out);
         let original =
@@ -84,7 +75,7 @@ fn saved_tensors_equal_the_transformers_checkpoint() {
 fn saved_directory_reloads_to_identical_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let device = Default::default();
-    for case in CASES {
+    for case in LLAMA_CASES {
         let out = tmp.path().join(case);
         let loaded = save(case, &out);
         let back = collie_llama::load::<B>(out.to_str().unwrap(), &device).unwrap();
@@ -128,7 +119,7 @@ fn transformers_loads_what_collie_saves() {
     let python = std::env::var("COLLIE_REF_PYTHON").expect("COLLIE_REF_PYTHON");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fixtures/check_hf_load.py");
     let tmp = tempfile::tempdir().unwrap();
-    for case in CASES {
+    for case in LLAMA_CASES {
         let out = tmp.path().join(case);
         save(case, &out);
         let golden = fixture(&format!("llama/{case}/golden.safetensors"));
@@ -170,4 +161,104 @@ fn transformers_loads_what_collie_saves() {
         status.success(),
         "converted GGUF: transformers' logits differ by more than 1e-5"
     );
+}
+
+/// Splits a checkpoint into two shards with an index, as `save_pretrained(max_shard_size=...)` does.
+fn shard(dir: &Path, out: &Path) {
+    use collie_io::safetensors::save_safetensors;
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(dir.join("config.json"), out.join("config.json")).unwrap();
+    let source = SafetensorsSource::open(dir).unwrap();
+    let keys = source.keys();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in keys.chunks(keys.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let tensors: Vec<_> = part
+            .iter()
+            .map(|k| (k.clone(), source.read(k).unwrap()))
+            .collect();
+        save_safetensors(&out.join(&file), &tensors, SaveDtype::F32).unwrap();
+        for k in part {
+            weight_map.insert(k.clone(), Value::from(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    for case in ["mha_untied", "qwen2_bias"] {
+        let out = tmp.path().join(case);
+        shard(&fixture(&format!("llama/{case}")), &out);
+        let single =
+            collie_llama::load::<B>(fixture(&format!("llama/{case}")).to_str().unwrap(), &device)
+                .unwrap();
+        let sharded = collie_llama::load::<B>(out.to_str().unwrap(), &device).unwrap();
+        let golden = read_golden(&fixture(&format!("llama/{case}/golden.safetensors")));
+        let ids = golden["ids_right"].int2::<B>(&device);
+        let a = values(single.model.forward(ids.clone(), None));
+        let b: Vec<f64> = values(sharded.model.forward(ids, None))
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        assert_eq!(max_abs_diff(&a, &b, |_| true), 0.0, "{case}");
+    }
+    // An index that names a shard without the tensor is an error naming the index.
+    let out = tmp.path().join("mha_untied");
+    let index = out.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)
+        .unwrap()
+        .replace("model-00001-of-00002", "model-00002-of-00002");
+    std::fs::write(&index, text).unwrap();
+    let err = collie_llama::load::<B>(out.to_str().unwrap(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors.index.json") && err.contains("does not contain"),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_precision_checkpoints_load_as_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let f32_model =
+        collie_llama::load::<B>(fixture("llama/llama_bias").to_str().unwrap(), &device).unwrap();
+    let original = SafetensorsSource::open(&fixture("llama/llama_bias")).unwrap();
+    for (dtype, round) in [
+        (
+            SaveDtype::F16,
+            (|v: f32| half::f16::from_f32(v).to_f32()) as fn(f32) -> f32,
+        ),
+        (SaveDtype::BF16, |v: f32| half::bf16::from_f32(v).to_f32()),
+    ] {
+        let out = tmp.path().join(format!("{dtype:?}"));
+        collie_llama::hf::save_hf_dir(&f32_model.model, &f32_model.config, None, &out, dtype)
+            .unwrap();
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["torch_dtype"], dtype.torch_name());
+        let reloaded = SafetensorsSource::open(&out).unwrap();
+        for key in original.keys() {
+            let expected: Vec<f32> = original
+                .read(&key)
+                .unwrap()
+                .data
+                .into_iter()
+                .map(round)
+                .collect();
+            assert_eq!(
+                reloaded.read(&key).unwrap().data,
+                expected,
+                "{dtype:?} {key}"
+            );
+        }
+        // And the model loads from it.
+        collie_llama::load::<B>(out.to_str().unwrap(), &device).unwrap();
+    }
 }

@@ -8,14 +8,6 @@ use burn::tensor::{Int, Tensor};
 use collie_llama::{KvCache, Llama};
 use common::*;
 
-const CASES: &[&str] = &[
-    "mha_untied",
-    "gqa_tied_theta",
-    "mqa_llama3",
-    "llama_bias",
-    "qwen2_bias",
-    "mistral_window",
-];
 const TOL: f64 = 1e-4;
 
 fn load(case: &str) -> Llama<B> {
@@ -28,7 +20,7 @@ fn load(case: &str) -> Llama<B> {
 #[test]
 fn logits_match_transformers_with_right_and_left_padding() {
     let device = Default::default();
-    for case in CASES {
+    for case in LLAMA_CASES {
         let model = load(case);
         let golden = read_golden(&fixture(&format!("llama/{case}/golden.safetensors")));
         for side in ["right", "left"] {
@@ -74,7 +66,7 @@ fn left_padding_does_not_change_a_sequence() {
 #[test]
 fn kv_cache_decode_equals_full_forward() {
     let device = Default::default();
-    for case in CASES {
+    for case in LLAMA_CASES {
         let model = load(case);
         let golden = read_golden(&fixture(&format!("llama/{case}/golden.safetensors")));
         // Left padding is what batched generation uses.

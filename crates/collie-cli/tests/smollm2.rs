@@ -33,31 +33,38 @@ fn expected() -> Value {
     serde_json::from_str(&text).expect("json")
 }
 
+/// Runs `generate --json` for one fixture case and checks prompt ids, new ids and text.
+fn assert_generates_like_transformers(model: &str, case: &Value) {
+    let prompt = case["prompt"].as_str().unwrap();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "32",
+        "--json",
+    ];
+    if case["chat"].as_bool().unwrap() {
+        args.push("--chat");
+    }
+    let got = collie(&args);
+    assert_eq!(
+        got["prompt_ids"], case["prompt_ids"],
+        "prompt ids of {prompt:?} ({model})"
+    );
+    assert_eq!(
+        got["new_ids"], case["new_ids"],
+        "new ids of {prompt:?} ({model})"
+    );
+    assert_eq!(got["text"], case["text"], "text of {prompt:?} ({model})");
+}
+
 #[test]
 fn greedy_generation_matches_transformers() {
-    let expected = expected();
-    for case in expected["generations"].as_array().unwrap() {
-        let prompt = case["prompt"].as_str().unwrap();
-        let mut args = vec![
-            "generate",
-            "--model",
-            MODEL,
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            "32",
-            "--json",
-        ];
-        if case["chat"].as_bool().unwrap() {
-            args.push("--chat");
-        }
-        let got = collie(&args);
-        assert_eq!(
-            got["prompt_ids"], case["prompt_ids"],
-            "prompt ids of {prompt:?}"
-        );
-        assert_eq!(got["new_ids"], case["new_ids"], "new ids of {prompt:?}");
-        assert_eq!(got["text"], case["text"], "text of {prompt:?}");
+    for case in expected()["generations"].as_array().unwrap() {
+        assert_generates_like_transformers(MODEL, case);
     }
 }
 
@@ -96,25 +103,6 @@ fn converted_hf_directory_generates_the_same_tokens() {
     let cases = expected["generations"].as_array().unwrap();
     // One raw prompt (tokenizer.json post-processor) and one chat prompt (tokenizer_config.json template).
     for case in [&cases[0], &cases[3]] {
-        let prompt = case["prompt"].as_str().unwrap();
-        let mut args = vec![
-            "generate",
-            "--model",
-            out.to_str().unwrap(),
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            "32",
-            "--json",
-        ];
-        if case["chat"].as_bool().unwrap() {
-            args.push("--chat");
-        }
-        let got = collie(&args);
-        assert_eq!(
-            got["prompt_ids"], case["prompt_ids"],
-            "prompt ids of {prompt:?}"
-        );
-        assert_eq!(got["new_ids"], case["new_ids"], "new ids of {prompt:?}");
+        assert_generates_like_transformers(out.to_str().unwrap(), case);
     }
 }

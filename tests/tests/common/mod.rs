@@ -8,6 +8,16 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
+/// The tiny HF checkpoints of `tests/fixtures/llama/` (generator: `scripts/fixtures/llama_hf.py`).
+pub const LLAMA_CASES: &[&str] = &[
+    "mha_untied",
+    "gqa_tied_theta",
+    "mqa_llama3",
+    "llama_bias",
+    "qwen2_bias",
+    "mistral_window",
+];
+
 /// The test backend: Flex on CPU.
 pub type B = collie_core::device::Cpu;
 
