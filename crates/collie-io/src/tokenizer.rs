@@ -2,9 +2,10 @@
 //!
 //! Encoding goes through the tokenizer's own post-processor, so `encode(text, true)` adds exactly
 //! the special tokens HF's `tokenizer(text)` adds. A GGUF carries no `tokenizer.json`: its
-//! vocabulary, merges and token types are turned into the same `tokenizer.json` that
-//! transformers' GGUF loader builds (byte-level BPE, the pre-tokenizer split its `pre` name
-//! implies, control tokens as special tokens, BOS/EOS added per the `add_bos_token` flags).
+//! vocabulary, merges (or scores) and token types are turned into the same `tokenizer.json` that
+//! transformers' GGUF loader builds: byte-level BPE with the pre-tokenizer split its `pre` name
+//! implies (`gpt2`), or SentencePiece BPE with byte fallback (`llama`); control tokens become
+//! special tokens and BOS/EOS are added per the `add_bos_token` / `add_eos_token` flags.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
