@@ -52,6 +52,14 @@ fn tiny_hf(tmp: &Path) -> PathBuf {
     dir
 }
 
+/// Replaces `from` with `to` in the model directory's config.json.
+fn edit_config(dir: &Path, from: &str, to: &str) {
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(from), "fixture config lacks {from}");
+    std::fs::write(&config, text.replace(from, to)).unwrap();
+}
+
 fn generate(model: &str) -> Vec<String> {
     ["generate", "--model", model, "--prompt", "hi"]
         .iter()
@@ -104,11 +112,11 @@ fn truncated_gguf() {
 fn wrong_tensor_shape() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_hf(tmp.path());
-    let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 72");
-    std::fs::write(&config, text).unwrap();
+    edit_config(
+        &dir,
+        "\"intermediate_size\": 64",
+        "\"intermediate_size\": 72",
+    );
     let line = run_generate(&dir);
     assert_mentions(
         &line,
@@ -124,11 +132,11 @@ fn wrong_tensor_shape() {
 fn unknown_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_hf(tmp.path());
-    let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
-    std::fs::write(&config, text).unwrap();
+    edit_config(
+        &dir,
+        "\"model_type\": \"llama\"",
+        "\"model_type\": \"gpt2\"",
+    );
     let line = run_generate(&dir);
     assert_mentions(&line, &["unknown architecture", "gpt2", "config.json"]);
 }

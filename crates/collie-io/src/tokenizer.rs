@@ -381,6 +381,28 @@ fn byte_level_json(v: &Vocab, merges: &[&str], pre: Option<&str>) -> Value {
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
         }
     };
+    let post_processor = template_processing(v.add_bos, v.add_eos, &vocab);
+    tokenizer_json(
+        added,
+        pre_tokenizer,
+        post_processor,
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        json!({
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        }),
+    )
+}
+
+/// A whole `tokenizer.json` from its parts (no normalizer, truncation or padding).
+fn tokenizer_json(
+    added: Vec<Value>,
+    pre_tokenizer: Value,
+    post_processor: Value,
+    decoder: Value,
+    model: Value,
+) -> Value {
     json!({
         "version": "1.0",
         "truncation": null,
@@ -388,13 +410,9 @@ fn byte_level_json(v: &Vocab, merges: &[&str], pre: Option<&str>) -> Value {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": template_processing(v.add_bos, v.add_eos, &vocab),
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": false, "vocab": vocab, "merges": merges,
-        },
+        "post_processor": post_processor,
+        "decoder": decoder,
+        "model": model,
     })
 }
 
@@ -459,26 +477,23 @@ fn sentencepiece_json(v: &Vocab, merges: Option<&[&str]>, scores: &[f64]) -> Val
         .map(|(i, t)| (t.to_string(), json!(i)))
         .collect();
     let added = v.added_tokens(|t| index.contains_key(t), |_| true);
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
-        "post_processor": template_processing(v.add_bos, v.add_eos, &vocab),
-        "decoder": {"type": "Sequence", "decoders": [
+    let post_processor = template_processing(v.add_bos, v.add_eos, &vocab);
+    tokenizer_json(
+        added,
+        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+        post_processor,
+        json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
             {"type": "ByteFallback"},
             {"type": "Fuse"},
             {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ]},
-        "model": {
+        ]}),
+        json!({
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
             "ignore_merges": false, "vocab": vocab, "merges": merges,
-        },
-    })
+        }),
+    )
 }
 
 /// HF's post-processor: `[bos] $A [eos]` and `[bos] $A [eos] [bos] $B:1 [eos]:1`.
