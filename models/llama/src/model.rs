@@ -10,7 +10,9 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 use collie_core::attention::{attention, causal_mask, positions_from_padding};
-use collie_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use collie_core::nn::{
+    matmul_2d, Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+};
 use collie_core::rope::{apply_rotary, Rope};
 
 use crate::config::LlamaConfig;
@@ -261,7 +263,7 @@ impl<B: Backend> Head<B> {
         match &self.lm_head {
             Some(lm_head) => lm_head.forward(x),
             // [hidden, vocab] view of the [vocab, hidden] table.
-            None => x.matmul(embed.weight.val().transpose().unsqueeze::<3>()),
+            None => matmul_2d(x, embed.weight.val().transpose()),
         }
     }
 }

@@ -42,9 +42,8 @@ impl<B: Backend> LoraAdapter<B> {
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let a = self.a.val().unsqueeze::<D>();
-        let b = self.b.val().unsqueeze::<D>();
-        x.matmul(a).matmul(b).mul_scalar(self.scaling)
+        let h = super::linear::matmul_2d(x, self.a.val());
+        super::linear::matmul_2d(h, self.b.val()).mul_scalar(self.scaling)
     }
 }
 

@@ -83,7 +83,7 @@ impl<B: Backend> Linear<B> {
             Some(Adapter::Ia3(ia3)) if ia3.on_input => ia3.rescale(x),
             _ => x,
         };
-        let mut y = x.clone().matmul(self.weight.val().unsqueeze::<D>());
+        let mut y = matmul_2d(x.clone(), self.weight.val());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<D>();
         }
@@ -98,4 +98,21 @@ impl<B: Backend> Linear<B> {
     pub fn dims(&self) -> [usize; 2] {
         self.weight.lazy_shape().dims()
     }
+}
+
+/// `x · w` for `x` of any rank, as one 2-D matmul over the flattened leading dimensions.
+///
+/// Going through 2-D keeps a transposed `w` (a tied LM head multiplies by the embedding's
+/// transpose) a strided view: broadcasting it to rank `D` would force a copy of the whole matrix.
+///
+/// # Shapes
+/// - x: `[..., k]`, w: `[k, n]` → `[..., n]`
+pub fn matmul_2d<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let k = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    // [..., k] -> [rows, k] -> [rows, n] -> [..., n]
+    let y = x.reshape([rows, k]).matmul(w);
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
 }

@@ -11,5 +11,5 @@ mod norm;
 
 pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
 pub use embedding::{Embedding, EmbeddingConfig};
-pub use linear::{Linear, LinearConfig, ParallelMode};
+pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
 pub use norm::{RmsNorm, RmsNormConfig};
