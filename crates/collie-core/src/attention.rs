@@ -1,10 +1,12 @@
 //! Scaled dot-product attention with grouped-query heads, and the masks that drive it.
 //!
 //! Keys are addressed by *slot* (their index in the key sequence, cache included); the `s_q`
-//! queries of a call occupy the last `s_q` slots. A key is hidden from a query when it lies in the
-//! query's future or is padding. A padding query keeps its own slot visible, so no row of the
-//! score matrix is fully masked (which would turn into NaN and leak through `0 · NaN` into real
-//! positions).
+//! queries of a call occupy the last `s_q` slots. Each slot belongs to a *segment*: `0` is
+//! padding, `1, 2, …` are documents (an HF attention mask is the special case of one document).
+//! A key is hidden from a query when it lies in the query's future, is padding, or belongs to
+//! another document (packed sequences). A padding query keeps its own slot visible, so no row of
+//! the score matrix is fully masked (which would turn into NaN and leak through `0 · NaN` into
+//! real positions).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as sdpa;
@@ -26,20 +28,21 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
         .reshape([b, kvh * n_rep, s, d])
 }
 
-/// Causal + padding mask, `true` where attention is forbidden.
+/// Causal + padding + document mask, `true` where attention is forbidden.
 ///
-/// `padding` is the HF-style attention mask over all key slots (`1` = token, `0` = padding);
-/// `None` means no padding. With a `window` (Mistral's sliding window), keys `window` or more
-/// slots behind the query are hidden too.
+/// `segments` gives every key slot's segment (an HF attention mask: `1` = token, `0` = padding;
+/// packed rows: `1, 2, …` per document); `None` means one document without padding. With a
+/// `window` (Mistral's sliding window), keys `window` or more slots behind the query are hidden
+/// too.
 ///
 /// # Shapes
-/// - padding: `[batch, s_k]`
+/// - segments: `[batch, s_k]`
 /// - returns `[batch, 1, s_q, s_k]`
 pub fn causal_mask<B: Backend>(
     batch: usize,
     s_q: usize,
     s_k: usize,
-    padding: Option<&Tensor<B, 2, Int>>,
+    segments: Option<&Tensor<B, 2, Int>>,
     window: Option<usize>,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
@@ -57,24 +60,31 @@ pub fn causal_mask<B: Backend>(
         let too_old = cols.clone().lower_equal(rows.clone().sub_scalar(w as i64));
         hidden = hidden.bool_or(too_old);
     }
-    let mask = match padding {
-        Some(padding) => {
-            let pad = padding
+    let mask = match segments {
+        Some(segments) => {
+            // [batch, s_k] -> [batch, s_q, s_k] along keys, and the queries' own segments along rows
+            let seg_k = segments
                 .clone()
-                .equal_elem(0)
                 .reshape([batch, 1, s_k])
                 .expand([batch, s_q, s_k]);
+            let seg_q = segments
+                .clone()
+                .slice([0..batch, s_k - s_q..s_k])
+                .reshape([batch, s_q, 1])
+                .expand([batch, s_q, s_k]);
+            let foreign = seg_k.clone().not_equal(seg_q).bool_or(seg_k.equal_elem(0));
             let own_slot = cols.equal(rows);
-            hidden.bool_or(pad.bool_and(own_slot.bool_not()))
+            hidden.bool_or(foreign.bool_and(own_slot.bool_not()))
         }
         None => hidden,
     };
     mask.unsqueeze_dim::<4>(1)
 }
 
-/// Position ids from an HF attention mask: the index of each token among the real tokens of its
-/// row (`cumsum(mask) - 1`), so left-padded rows start at position 0 like unpadded ones.
-/// Padding slots get position 1, as HF's `generate` does.
+/// Position ids from an HF attention mask (one document per row): the index of each token among
+/// the real tokens of its row (`cumsum(mask) - 1`), so left-padded rows start at position 0 like
+/// unpadded ones. Padding slots get position 1, as HF's `generate` does. Packed rows carry their
+/// positions explicitly.
 ///
 /// # Shapes
 /// - padding: `[batch, s_k]` → `[batch, s_k]`

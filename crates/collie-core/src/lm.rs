@@ -17,6 +17,18 @@ pub trait CausalLm<B: Backend> {
     /// - ids, padding: `[batch, seq]` → `[batch, seq, vocab]`
     fn logits(&self, ids: Tensor<B, 2, Int>, padding: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3>;
 
+    /// Logits for packed rows: `segments` numbers the documents of each row (`0` = padding) and
+    /// `positions` restart at every document; a token attends only within its document.
+    ///
+    /// # Shapes
+    /// - ids, segments, positions: `[batch, seq]` → `[batch, seq, vocab]`
+    fn logits_packed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        segments: &Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3>;
+
     /// Logits for `ids` placed after the positions in `cache`, which it extends.
     ///
     /// # Shapes

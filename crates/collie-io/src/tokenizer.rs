@@ -17,6 +17,9 @@ use crate::error::{IoError, Result};
 use crate::gguf::GgufSource;
 use crate::json::{read_json, write_json};
 
+/// Token ids and the byte range of each in the encoded text.
+pub type EncodedSpans = (Vec<u32>, Vec<(usize, usize)>);
+
 /// A tokenizer with what HF keeps beside it in `tokenizer_config.json`.
 #[derive(Clone)]
 pub struct TokenizerBundle {
@@ -197,6 +200,15 @@ impl TokenizerBundle {
             .encode(text, add_special_tokens)
             .map_err(|e| self.error(format!("cannot encode: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<EncodedSpans> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| self.error(format!("cannot encode: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Text of `ids`.

@@ -1,48 +1,247 @@
-//! Evaluation: token negative log-likelihood and perplexity of a [`CausalLm`].
+//! Evaluation: token NLL / perplexity, classification by lowest candidate loss, and generation
+//! scored by exact match, BLEU-4 and ROUGE-L.
+
+use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use collie_core::lm::CausalLm;
-use collie_core::loss::{cross_entropy_sum, IGNORE_INDEX};
+use collie_core::loss::cross_entropy_sum;
+use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
+use collie_data::dataset::{DataError, Example, IGNORE};
+use collie_data::loader::{collate, Batch};
+use collie_io::tokenizer::TokenizerBundle;
+use serde_json::Value;
+
+use crate::generate::{generate, GenerationConfig};
+use crate::textmetrics::{corpus_bleu, exact_match, rouge_l};
+
+fn int2<B: Backend>(v: &[i64], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
+}
+
+/// Summed NLL of a batch's target tokens (a `[1]` tensor, differentiable on an autodiff backend)
+/// and their number. Position `t` predicts `labels[t + 1]`.
+pub fn batch_nll<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, usize) {
+    let (r, c) = (batch.rows, batch.cols);
+    let ids = int2::<B>(&batch.input_ids, r, c, device);
+    let segments = int2::<B>(&batch.segments, r, c, device);
+    let positions = int2::<B>(&batch.positions, r, c, device);
+    let logits = model.logits_packed(ids, &segments, positions);
+    let vocab = logits.dims()[2];
+    // [r, c-1, vocab] -> [r·(c-1), vocab] against labels[:, 1:]
+    let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab]);
+    let targets: Vec<i64> = (0..r)
+        .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
+        .collect();
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [r * (c - 1)]), device);
+    let (sum, _) = cross_entropy_sum(logits, targets);
+    (sum, batch.target_tokens())
+}
 
 /// Summed NLL of every token after the first in each sequence, and how many tokens that is.
-///
-/// Sequences are right-padded into one batch; padding predicts nothing. A sequence shorter than
-/// two tokens contributes nothing.
+/// Sequences shorter than two tokens contribute nothing.
 pub fn sequence_nll<B: Backend, M: CausalLm<B>>(
     model: &M,
     sequences: &[Vec<u32>],
     device: &B::Device,
 ) -> (f64, usize) {
-    let seqs: Vec<&Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).collect();
-    if seqs.is_empty() {
+    let examples: Vec<Example> = sequences
+        .iter()
+        .filter(|s| s.len() >= 2)
+        .map(|s| Example {
+            input_ids: s.clone(),
+            labels: s.iter().map(|&t| t as i64).collect(),
+        })
+        .collect();
+    if examples.is_empty() {
         return (0.0, 0);
     }
-    let (b, s) = (seqs.len(), seqs.iter().map(|x| x.len()).max().unwrap_or(0));
-    let mut ids = vec![0i64; b * s];
-    let mut mask = vec![0i64; b * s];
-    // targets[r, t] is the token at t + 1, or IGNORE_INDEX past the end.
-    let mut targets = vec![IGNORE_INDEX; b * (s - 1)];
-    for (r, seq) in seqs.iter().enumerate() {
-        for (t, &tok) in seq.iter().enumerate() {
-            ids[r * s + t] = tok as i64;
-            mask[r * s + t] = 1;
-            if t > 0 {
-                targets[r * (s - 1) + t - 1] = tok as i64;
-            }
+    let (sum, count) = batch_nll(model, &collate(&examples), device);
+    (sum.into_scalar().elem::<f64>(), count)
+}
+
+/// Corpus NLL over examples in batches of `batch_size`: `(sum, tokens)`.
+pub fn corpus_nll<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    examples: &[Example],
+    batch_size: usize,
+    device: &B::Device,
+) -> (f64, usize) {
+    let (mut sum, mut count) = (0.0, 0);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let batch = collate(chunk);
+        if batch.cols < 2 {
+            continue;
         }
+        let (s, c) = batch_nll(model, &batch, device);
+        sum += s.into_scalar().elem::<f64>();
+        count += c;
     }
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), device);
-    let padded = seqs.iter().any(|x| x.len() < s);
-    let mask =
-        padded.then(|| Tensor::<B, 2, Int>::from_data(TensorData::new(mask, [b, s]), device));
-    let logits = model.logits(ids, mask.as_ref());
-    let vocab = logits.dims()[2];
-    // Positions 0..s-1 predict tokens 1..s: [b, s-1, vocab] -> [b·(s-1), vocab]
-    let logits = logits.slice([0..b, 0..s - 1]).reshape([b * (s - 1), vocab]);
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [b * (s - 1)]), device);
-    let (sum, count) = cross_entropy_sum(logits, targets);
-    let sum = sum.into_scalar().elem::<f64>();
-    let count = count.into_scalar().elem::<f64>() as usize;
     (sum, count)
+}
+
+/// Reads a JSONL evaluation file, with `file:line` errors.
+pub fn read_jsonl(path: &Path) -> Result<Vec<(u64, Value)>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|cause| DataError::Io {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line).map_err(|e| DataError::Line {
+            path: path.to_path_buf(),
+            line: i as u64 + 1,
+            message: format!("invalid JSON ({e})"),
+        })?;
+        out.push((i as u64 + 1, value));
+    }
+    Ok(out)
+}
+
+fn line_error(path: &Path, line: u64, message: &str) -> DataError {
+    DataError::Line {
+        path: path.to_path_buf(),
+        line,
+        message: message.to_string(),
+    }
+}
+
+/// Accuracy of picking, for each `{"input", "candidates", "label"}`, the candidate with the
+/// lowest summed NLL after the input (lm-evaluation-harness's `acc`).
+pub fn classification<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    tokenizer: &TokenizerBundle,
+    path: &Path,
+    device: &B::Device,
+) -> Result<f64, crate::error::TrainError> {
+    let rows = read_jsonl(path)?;
+    let mut correct = 0;
+    for (line, v) in &rows {
+        let input = v
+            .get("input")
+            .and_then(Value::as_str)
+            .ok_or_else(|| line_error(path, *line, "expected a string \"input\""))?;
+        let candidates: Vec<String> = serde_json::from_value(
+            v.get("candidates").cloned().unwrap_or(Value::Null),
+        )
+        .map_err(|_| line_error(path, *line, "expected \"candidates\": a list of strings"))?;
+        let label = v
+            .get("label")
+            .and_then(Value::as_u64)
+            .filter(|&l| (l as usize) < candidates.len())
+            .ok_or_else(|| {
+                line_error(
+                    path,
+                    *line,
+                    "expected \"label\": the index of the right candidate",
+                )
+            })?;
+        let prefix = tokenizer.encode(input, true)?;
+        let examples: Vec<Example> = candidates
+            .iter()
+            .map(|c| -> Result<Example, collie_io::IoError> {
+                let cont = tokenizer.encode(c, false)?;
+                Ok(Example {
+                    labels: std::iter::repeat_n(IGNORE, prefix.len())
+                        .chain(cont.iter().map(|&t| t as i64))
+                        .collect(),
+                    input_ids: [prefix.clone(), cont].concat(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        // One row per candidate; per-row sums via one batch each (candidates are few).
+        let losses: Vec<f64> = examples
+            .iter()
+            .map(|e| {
+                batch_nll(model, &collate(std::slice::from_ref(e)), device)
+                    .0
+                    .into_scalar()
+                    .elem::<f64>()
+            })
+            .collect();
+        let best = losses
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        correct += usize::from(best as u64 == label);
+    }
+    Ok(correct as f64 / rows.len().max(1) as f64)
+}
+
+/// Scores of generation evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerationScores {
+    /// Fraction of outputs equal to the reference (whitespace-trimmed).
+    pub exact_match: f64,
+    /// Corpus BLEU-4 on whitespace tokens, in [0, 1].
+    pub bleu: f64,
+    /// Mean ROUGE-L F1 on whitespace tokens.
+    pub rouge_l: f64,
+}
+
+/// Greedy generation for each `{"input", "output"}`, scored against `output`.
+pub fn generation<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    tokenizer: &TokenizerBundle,
+    path: &Path,
+    chat: bool,
+    cfg: &GenerationConfig,
+    device: &B::Device,
+) -> Result<GenerationScores, crate::error::TrainError> {
+    let rows = read_jsonl(path)?;
+    let template = tokenizer
+        .chat_template
+        .clone()
+        .unwrap_or_else(|| BuiltinTemplate::ChatMl.source().to_string());
+    let tokens = TemplateTokens {
+        bos_token: tokenizer.bos_token.clone(),
+        eos_token: tokenizer.eos_token.clone(),
+    };
+    let (mut preds, mut refs) = (Vec::new(), Vec::new());
+    for (line, v) in &rows {
+        let input = v
+            .get("input")
+            .and_then(Value::as_str)
+            .ok_or_else(|| line_error(path, *line, "expected a string \"input\""))?;
+        let output = v
+            .get("output")
+            .and_then(Value::as_str)
+            .ok_or_else(|| line_error(path, *line, "expected a string \"output\""))?;
+        let ids = if chat {
+            let text = render(&template, &[ChatMessage::new("user", input)], true, &tokens)
+                .map_err(|e| crate::error::TrainError::Invalid(e.to_string()))?;
+            tokenizer.encode(&text, false)?
+        } else {
+            tokenizer.encode(input, true)?
+        };
+        let new = generate(model, &[ids], cfg, device, |_, _| {})?.remove(0);
+        preds.push(tokenizer.decode(&new, true)?);
+        refs.push(output.to_string());
+    }
+    let n = preds.len().max(1) as f64;
+    Ok(GenerationScores {
+        exact_match: preds
+            .iter()
+            .zip(&refs)
+            .filter(|(p, r)| exact_match(p, r))
+            .count() as f64
+            / n,
+        bleu: corpus_bleu(&preds, &refs),
+        rouge_l: preds
+            .iter()
+            .zip(&refs)
+            .map(|(p, r)| rouge_l(p, r))
+            .sum::<f64>()
+            / n,
+    })
 }

@@ -1,8 +1,23 @@
 //! Training and generation loops of collie-rs.
 //!
-//! - [`eval`]: token NLL / perplexity.
-//! - [`generate`]: batched autoregressive decoding with a KV cache: greedy, or sampling with
-//!   temperature, top-k and top-p, as HF's `generate` does.
+//! - [`config`]: the TOML run configuration with `--set` overrides.
+//! - [`trainer`]: the step loop — gradient accumulation, clipping, schedules, evaluation,
+//!   checkpoints, exact resume, monitors.
+//! - [`checkpoint`]: atomic `step-N` checkpoints (HF weights + optimizer + trainer state).
+//! - [`eval`]: token NLL / perplexity, classification, generation metrics.
+//! - [`generate`]: batched autoregressive decoding with a KV cache.
+//! - [`metrics`], [`plot`], [`textmetrics`]: monitors, `loss.png`, BLEU / ROUGE-L.
 
+pub mod checkpoint;
+pub mod config;
+pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod metrics;
+pub mod plot;
+pub mod textmetrics;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use error::TrainError;
+pub use trainer::{RunOptions, Summary, Trainer};

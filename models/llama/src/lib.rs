@@ -60,6 +60,29 @@ fn is_gguf(path: &Path) -> bool {
         .is_ok_and(|()| &magic == b"GGUF")
 }
 
+/// Loads only the tokenizer of an HF directory, a GGUF file or an asset spec (for models built
+/// from scratch that reuse an existing vocabulary).
+pub fn load_tokenizer(path_or_spec: &str) -> Result<TokenizerBundle> {
+    let path = collie_core::asset::resolve(path_or_spec)?;
+    if path.is_dir() {
+        Ok(TokenizerBundle::from_hf_dir(&path)?)
+    } else if is_gguf(&path) {
+        Ok(TokenizerBundle::from_gguf(&GgufSource::open(&path)?)?)
+    } else if !path.exists() {
+        Err(IoError::io(
+            &path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        )
+        .into())
+    } else {
+        Err(IoError::invalid(
+            &path,
+            "expected an HF directory with tokenizer.json or a GGUF file",
+        )
+        .into())
+    }
+}
+
 /// Loads a model from an HF directory, a GGUF file or an asset spec.
 pub fn load<B: Backend>(path_or_spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
     let path = collie_core::asset::resolve(path_or_spec)?;

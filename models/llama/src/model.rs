@@ -271,31 +271,36 @@ impl<B: Backend> Head<B> {
 impl<B: Backend> Llama<B> {
     /// RoPE tables and mask for `s_q` new tokens after `past` cached ones.
     ///
-    /// `padding` is the HF attention mask over all `past + s_q` positions (`1` = token); positions
-    /// are counted over real tokens only, so left padding does not shift them.
+    /// `segments` covers all `past + s_q` slots: an HF attention mask (`1` = token, `0` =
+    /// padding), or document ids `1, 2, …` of packed rows. `positions` (of the `s_q` new tokens)
+    /// default to counting real tokens only, so left padding does not shift them; packed rows must
+    /// pass theirs.
     ///
     /// # Shapes
-    /// - padding: `[batch, past + s_q]`
+    /// - segments: `[batch, past + s_q]`
+    /// - positions: `[batch, s_q]`
     pub fn context(
         &self,
         batch: usize,
         s_q: usize,
         past: usize,
-        padding: Option<&Tensor<B, 2, Int>>,
+        segments: Option<&Tensor<B, 2, Int>>,
+        positions: Option<Tensor<B, 2, Int>>,
         device: &B::Device,
     ) -> BlockContext<B> {
         let s_k = past + s_q;
-        let positions = match padding {
+        let positions = match (positions, segments) {
+            (Some(p), _) => p,
             // [batch, s_k] -> the last s_q columns
-            Some(p) => positions_from_padding(p).slice([0..batch, past..s_k]),
-            None => Tensor::<B, 1, Int>::arange(past as i64..s_k as i64, device)
+            (None, Some(p)) => positions_from_padding(p).slice([0..batch, past..s_k]),
+            (None, None) => Tensor::<B, 1, Int>::arange(past as i64..s_k as i64, device)
                 .reshape([1, s_q])
                 .expand([batch, s_q]),
         };
         let (cos, sin) = self.rope.cos_sin(positions);
-        // A single unpadded query sees every key: no mask needed.
-        let needs_mask = padding.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
-        let mask = needs_mask.then(|| causal_mask(batch, s_q, s_k, padding, self.window, device));
+        // A single unsegmented query sees every key: no mask needed.
+        let needs_mask = segments.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
+        let mask = needs_mask.then(|| causal_mask(batch, s_q, s_k, segments, self.window, device));
         BlockContext { cos, sin, mask }
     }
 
@@ -309,12 +314,35 @@ impl<B: Backend> Llama<B> {
         padding: Option<&Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
-        let ctx = self.context(b, s, 0, padding, &ids.device());
+        let ctx = self.context(b, s, 0, padding, None, &ids.device());
+        self.blocks(ids, &ctx)
+    }
+
+    /// Embedding and every block under one context.
+    fn blocks(&self, ids: Tensor<B, 2, Int>, ctx: &BlockContext<B>) -> Tensor<B, 3> {
         let mut x = self.embed.forward(ids);
         for layer in &self.layers {
-            x = layer.forward(x, &ctx, None);
+            x = layer.forward(x, ctx, None);
         }
         x
+    }
+
+    /// Forward pass over packed rows: several documents per row, each attending only to itself,
+    /// with positions restarting at every document.
+    ///
+    /// # Shapes
+    /// - ids, segments (`0` = padding, `1, 2, …` = document), positions: `[batch, seq]`
+    /// - returns logits `[batch, seq, vocab]`
+    pub fn forward_packed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        segments: &Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let ctx = self.context(b, s, 0, Some(segments), Some(positions), &ids.device());
+        let x = self.blocks(ids, &ctx);
+        self.head.forward(x, &self.embed)
     }
 
     /// Cache-free forward pass for training and scoring.
@@ -344,7 +372,7 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
-        let ctx = self.context(b, s, cache.len(), padding, &ids.device());
+        let ctx = self.context(b, s, cache.len(), padding, None, &ids.device());
         let mut x = self.embed.forward(ids);
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(x, &ctx, Some(slot));
@@ -367,6 +395,15 @@ impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
 
     fn logits(&self, ids: Tensor<B, 2, Int>, padding: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3> {
         self.forward(ids, padding)
+    }
+
+    fn logits_packed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        segments: &Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        self.forward_packed(ids, segments, positions)
     }
 
     fn logits_cached(

@@ -1,0 +1,104 @@
+//! AdamW (Loshchilov & Hutter 2019) with `torch.optim.AdamW`'s exact update:
+//!
+//! ```text
+//! θ ← θ · (1 − lr·wd)                      (decoupled decay)
+//! m ← m + (g − m)·(1 − β1)                 v ← β2·v + (1 − β2)·g²
+//! θ ← θ − lr/(1 − β1ᵗ) · m / (sqrt(v)/sqrt(1 − β2ᵗ) + ε)
+//! ```
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::state::{OptimizerState, Slots, StateError};
+use crate::Optimizer;
+
+/// AdamW hyper-parameters (PyTorch defaults except `weight_decay`, which transformers sets to 0).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// `(β1, β2)`.
+    pub betas: (f64, f64),
+    /// Added to the denominator, outside the square root.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// AdamW with per-parameter first and second moments.
+pub struct AdamW<B: Backend> {
+    config: AdamWConfig,
+    slots: Slots<B>,
+}
+
+const SLOTS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
+
+impl<B: Backend> AdamW<B> {
+    /// A fresh optimizer.
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW {
+            config,
+            slots: Slots::default(),
+        }
+    }
+}
+
+impl<B: Backend> Optimizer<B> for AdamW<B> {
+    fn update<const D: usize>(
+        &mut self,
+        path: &str,
+        param: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        lr: f64,
+    ) -> Tensor<B, D> {
+        let AdamWConfig {
+            betas: (b1, b2),
+            eps,
+            weight_decay,
+        } = self.config;
+        let shape = param.shape();
+        let n = shape.num_elements();
+        let g = grad.reshape([n]);
+        let (m, v) = match self.slots.tensors.remove(path) {
+            Some(mut s) => {
+                let v = s.pop().expect("exp_avg_sq");
+                (s.pop().expect("exp_avg"), v)
+            }
+            None => (g.zeros_like(), g.zeros_like()),
+        };
+        let step = self.slots.counters.get(path).copied().unwrap_or(0) + 1;
+        // exp_avg.lerp_(grad, 1 - β1)
+        let m = m.clone() + (g.clone() - m).mul_scalar(1.0 - b1);
+        // exp_avg_sq.mul_(β2).addcmul_(grad, grad, value = 1 - β2)
+        let v = v.mul_scalar(b2) + (g.clone() * g).mul_scalar(1.0 - b2);
+        let bias1 = 1.0 - b1.powi(step as i32);
+        let bias2_sqrt = (1.0 - b2.powi(step as i32)).sqrt();
+        let denom = v.clone().sqrt().div_scalar(bias2_sqrt).add_scalar(eps);
+        let mut theta = param.reshape([n]);
+        if weight_decay != 0.0 {
+            theta = theta.mul_scalar(1.0 - lr * weight_decay);
+        }
+        let theta = theta - (m.clone() / denom).mul_scalar(lr / bias1);
+        self.slots.tensors.insert(path.to_string(), vec![m, v]);
+        self.slots.counters.insert(path.to_string(), step);
+        theta.reshape(shape)
+    }
+
+    fn state(&self) -> OptimizerState {
+        self.slots.export(&SLOTS)
+    }
+
+    fn load_state(&mut self, state: OptimizerState, device: &B::Device) -> Result<(), StateError> {
+        self.slots = Slots::import(state, &SLOTS, device)?;
+        Ok(())
+    }
+}

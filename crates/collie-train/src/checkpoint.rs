@@ -1,0 +1,159 @@
+//! Training checkpoints: `output.dir/checkpoints/step-N/`.
+//!
+//! A checkpoint is an HF model directory (`config.json`, `model.safetensors`, tokenizer — loadable
+//! by transformers and `collie generate`) plus `optimizer.safetensors`, `trainer_state.json`
+//! (step, data position, optimizer counters, eval history) and `config.resolved.toml`. It is
+//! written into `.step-N.partial` and renamed into place, so a run killed mid-write leaves the
+//! previous checkpoint untouched and no half-written `step-N`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use collie_io::json::{read_json, write_json};
+use collie_io::module::TensorSource;
+use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
+use collie_io::tokenizer::TokenizerBundle;
+use collie_llama::{Llama, LlamaConfig};
+use collie_optim::OptimizerState;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+/// Everything besides weights and optimizer tensors that a resumed run needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Training examples consumed (the data loader's position).
+    pub consumed: u64,
+    /// Non-padding tokens trained on so far.
+    pub tokens_seen: u64,
+    /// Steps skipped (no target tokens, or f16 overflow).
+    pub skipped_steps: u64,
+    /// f16 dynamic loss scale.
+    pub loss_scale: f64,
+    /// Steps since the loss scale last grew.
+    pub scale_good_steps: u64,
+    /// Optimizer per-parameter step counters.
+    pub optimizer_counters: BTreeMap<String, u64>,
+    /// `(step, metrics)` of every evaluation.
+    pub evals: Vec<(u64, BTreeMap<String, f64>)>,
+    /// Evaluations since the best metric last improved.
+    pub evals_without_improvement: usize,
+}
+
+/// `checkpoints/step-N` under `root`.
+pub fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join("checkpoints").join(format!("step-{step}"))
+}
+
+/// Steps that have a complete checkpoint under `root`, ascending.
+pub fn list(root: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(root.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// Writes checkpoint `state.step` atomically.
+#[allow(clippy::too_many_arguments)]
+pub fn save<B: Backend>(
+    root: &Path,
+    model: &Llama<B>,
+    model_config: &LlamaConfig,
+    tokenizer: Option<&TokenizerBundle>,
+    optimizer: &OptimizerState,
+    state: &TrainerState,
+    resolved_config: &str,
+) -> Result<PathBuf, TrainError> {
+    let dir = step_dir(root, state.step);
+    let parent = dir.parent().expect("checkpoints dir");
+    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
+    let partial = parent.join(format!(".step-{}.partial", state.step));
+    let _ = std::fs::remove_dir_all(&partial);
+    collie_llama::hf::save_hf_dir(model, model_config, tokenizer, &partial, SaveDtype::F32)?;
+    let tensors: Vec<(String, collie_io::HostTensor)> =
+        optimizer.tensors.clone().into_iter().collect();
+    save_safetensors(
+        &partial.join("optimizer.safetensors"),
+        &tensors,
+        SaveDtype::F32,
+    )?;
+    let mut state = state.clone();
+    state.optimizer_counters = optimizer.counters.clone();
+    write_json(&partial.join("trainer_state.json"), &state)?;
+    std::fs::write(partial.join("config.resolved.toml"), resolved_config)
+        .map_err(|e| TrainError::io(&partial, e))?;
+    // Fault injection for the crash-safety test: die before the rename.
+    if std::env::var("COLLIE_TEST_ABORT_CHECKPOINT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        == Some(state.step)
+    {
+        std::process::abort();
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    }
+    std::fs::rename(&partial, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Reads the optimizer tensors and trainer state of a checkpoint directory.
+pub fn load_state(dir: &Path) -> Result<(OptimizerState, TrainerState), TrainError> {
+    let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
+    let source = SafetensorsSource::open(&dir.join("optimizer.safetensors"))?;
+    let mut tensors = BTreeMap::new();
+    for key in source.keys() {
+        let t = source.read(&key)?;
+        tensors.insert(key, t);
+    }
+    let optimizer = OptimizerState {
+        tensors,
+        counters: state.optimizer_counters.clone(),
+    };
+    Ok((optimizer, state))
+}
+
+/// Resolves `--resume latest|DIR` against the run directory.
+pub fn resolve_resume(root: &Path, spec: &str) -> Result<PathBuf, TrainError> {
+    if spec == "latest" {
+        let step = list(root).pop().ok_or_else(|| {
+            TrainError::Resume(format!(
+                "no checkpoint under {}/checkpoints",
+                root.display()
+            ))
+        })?;
+        return Ok(step_dir(root, step));
+    }
+    let dir = PathBuf::from(spec);
+    if !dir.join("trainer_state.json").is_file() {
+        return Err(TrainError::Resume(format!(
+            "{} is not a checkpoint (no trainer_state.json)",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// Deletes checkpoints beyond `keep_last` most recent, sparing the `keep_best` best by metric.
+pub fn prune(root: &Path, keep_last: usize, keep_best: &[u64]) -> Result<(), TrainError> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    let steps = list(root);
+    let n = steps.len();
+    for step in steps.into_iter().take(n.saturating_sub(keep_last)) {
+        if keep_best.contains(&step) {
+            continue;
+        }
+        let dir = step_dir(root, step);
+        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    }
+    Ok(())
+}

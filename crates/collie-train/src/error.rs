@@ -1,0 +1,50 @@
+//! Errors of training runs.
+
+use std::path::PathBuf;
+
+/// What can stop a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Bad data.
+    #[error(transparent)]
+    Data(#[from] collie_data::dataset::DataError),
+    /// Model building or loading.
+    #[error(transparent)]
+    Model(#[from] collie_llama::LlamaError),
+    /// Checkpoint or tokenizer I/O.
+    #[error(transparent)]
+    Io(#[from] collie_io::IoError),
+    /// A file-system error.
+    #[error("{path}: {cause}")]
+    Fs {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        cause: std::io::Error,
+    },
+    /// A checkpoint that cannot be resumed.
+    #[error("resume: {0}")]
+    Resume(String),
+    /// Optimizer state that does not fit.
+    #[error(transparent)]
+    OptimizerState(#[from] collie_optim::StateError),
+    /// Generation during evaluation.
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenerateError),
+    /// Anything else that makes the run impossible.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl TrainError {
+    /// A file-system error at `path`.
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        TrainError::Fs {
+            path: path.into(),
+            cause,
+        }
+    }
+}

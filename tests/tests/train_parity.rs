@@ -1,0 +1,144 @@
+//! Training trajectories against PyTorch + transformers: per-step loss, lr and gradient norm, and
+//! the weights after 10 steps. Fixtures: `scripts/fixtures/train_hf.py`.
+
+mod common;
+
+use std::path::Path;
+
+use collie_io::module::TensorSource;
+use collie_io::safetensors::SafetensorsSource;
+use collie_train::{RunOptions, TrainConfig, Trainer};
+use common::*;
+use serde_json::Value;
+
+fn run(case: &str, body: &str, out: &Path) -> Vec<Value> {
+    let train = fixture("train");
+    let text = format!(
+        "[model]\npath = \"{}\"\n{body}\n[output]\ndir = \"{}\"\n",
+        train.join("model").display(),
+        out.display()
+    );
+    let config = TrainConfig::parse(&text, case, &[]).unwrap();
+    let options = RunOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let mut trainer =
+        Trainer::<burn::backend::Autodiff<B>>::new(config, &options, &Default::default()).unwrap();
+    trainer.run(&options).unwrap();
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .collect()
+}
+
+fn compare(case: &str, lines: &[Value], out: &Path) {
+    let expected: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("train/{case}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(lines.len(), expected.len(), "{case}: number of steps");
+    for (i, (got, want)) in lines.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            got["target_tokens"], want["target_tokens"],
+            "{case} step {i}: target tokens"
+        );
+        let rel = |k: &str| {
+            let (a, b) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
+            (a - b).abs() / b.abs().max(1e-12)
+        };
+        println!(
+            "{case} step {}: loss rel {:.1e}, grad_norm rel {:.1e}",
+            i + 1,
+            rel("loss"),
+            rel("grad_norm")
+        );
+        assert!(
+            rel("loss") < 1e-4,
+            "{case} step {i}: loss {} vs {}",
+            got["loss"],
+            want["loss"]
+        );
+        assert!(
+            rel("grad_norm") < 1e-4,
+            "{case} step {i}: grad_norm {} vs {}",
+            got["grad_norm"],
+            want["grad_norm"]
+        );
+        let (a, b) = (got["lr"].as_f64().unwrap(), want["lr"].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+            "{case} step {i}: lr {a} vs {b}"
+        );
+    }
+    let final_dir = out.join("checkpoints").join("step-10");
+    let ours = SafetensorsSource::open(&final_dir).unwrap();
+    let theirs =
+        SafetensorsSource::open(&fixture(&format!("train/{case}_final.safetensors"))).unwrap();
+    let mut worst = 0.0f64;
+    for key in theirs.keys() {
+        let (a, b) = (ours.read(&key).unwrap(), theirs.read(&key).unwrap());
+        let b: Vec<f64> = b.data.into_iter().map(f64::from).collect();
+        worst = worst.max(max_abs_diff(&a.data, &b, |_| true));
+    }
+    println!("{case}: final weights max |Δ| = {worst:.2e}");
+    assert!(worst < 1e-4, "{case}: final weights differ by {worst:.3e}");
+}
+
+#[test]
+fn adamw_clipping_accumulation_cosine_warmup_on_input_output_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"
+[data]
+train = "{}"
+format = "input_output"
+seq_len = 48
+shuffle = false
+[train]
+max_steps = 10
+micro_batch_size = 3
+grad_accum_steps = 2
+max_grad_norm = 1.0
+[optim]
+name = "adamw"
+lr = 1e-3
+weight_decay = 0.01
+[sched]
+kind = "cosine"
+warmup_steps = 3
+"#,
+        fixture("train/io.jsonl").display()
+    );
+    let lines = run("adamw", &body, tmp.path());
+    compare("adamw", &lines, tmp.path());
+}
+
+#[test]
+fn sgd_momentum_linear_schedule_on_text_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"
+[data]
+train = "{}"
+format = "text"
+seq_len = 48
+shuffle = false
+[train]
+max_steps = 10
+micro_batch_size = 4
+max_grad_norm = 0.0
+[optim]
+name = "sgd"
+lr = 0.05
+momentum = 0.9
+[sched]
+kind = "linear"
+"#,
+        fixture("train/text.jsonl").display()
+    );
+    let lines = run("sgd", &body, tmp.path());
+    compare("sgd", &lines, tmp.path());
+}
