@@ -348,3 +348,38 @@ impl JsonlDataset {
         (0..self.len()).try_for_each(|i| self.get(i).map(|_| ()))
     }
 }
+
+/// Writes one JSON value per line to `path` (through a temporary file renamed into place).
+pub fn write_jsonl(path: &Path, values: &[Value]) -> Result<(), DataError> {
+    let io = |cause| DataError::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut text = String::new();
+    for v in values {
+        text.push_str(&v.to_string());
+        text.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.partial");
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Splits `items` into `(train, held_out)` with a seeded shuffle; `fraction` of them (at least
+/// one, when there are two or more) are held out.
+pub fn holdout_split<T>(mut items: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    items.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let n = items.len();
+    let held = if n < 2 {
+        0
+    } else {
+        ((n as f64 * fraction).round() as usize).clamp(1, n - 1)
+    };
+    let train = items.split_off(held);
+    (train, items)
+}

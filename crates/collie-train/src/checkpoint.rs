@@ -89,7 +89,8 @@ pub fn save<B: Backend>(
     write_json(&partial.join("trainer_state.json"), &state)?;
     std::fs::write(partial.join("config.resolved.toml"), resolved_config)
         .map_err(|e| TrainError::io(&partial, e))?;
-    // Fault injection for the crash-safety test: die before the rename.
+    // Fault injection for the crash-safety test (COLLIE_TEST_* variables are test hooks): die
+    // with everything written but before the rename.
     if std::env::var("COLLIE_TEST_ABORT_CHECKPOINT")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -101,6 +102,17 @@ pub fn save<B: Backend>(
         std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     }
     std::fs::rename(&partial, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    // For the kill-and-resume test: stop here, checkpoint complete, until killed from outside.
+    if std::env::var("COLLIE_TEST_PAUSE_AFTER_CHECKPOINT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        == Some(state.step)
+    {
+        eprintln!("paused after checkpoint step-{}", state.step);
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
     Ok(dir)
 }
 

@@ -41,9 +41,16 @@ pub enum ConfigError {
 }
 
 fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
+    // toml's deserializer appends "\nin `section`": the key already says where.
+    let message: String = message.into();
     ConfigError::Key {
         key: key.to_string(),
-        message: message.into(),
+        message: message
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
     }
 }
 
@@ -234,6 +241,9 @@ pub struct TrainConfig {
     pub eval: EvalSection,
     /// `[output]`.
     pub output: OutputSection,
+    /// `[recipe]`: options of the recipe binary that runs this config (it checks them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<toml::Table>,
 }
 
 fn default_dtype() -> String {
@@ -336,6 +346,21 @@ impl TrainConfig {
             cause,
         })?;
         Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The `[recipe]` table as the recipe's own options type; unknown keys and wrong types are
+    /// errors naming `recipe.KEY`.
+    pub fn recipe_options<T: serde::de::DeserializeOwned + Default>(
+        &self,
+    ) -> Result<T, ConfigError> {
+        match &self.recipe {
+            None => Ok(T::default()),
+            Some(table) => serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
+                .map_err(|e| {
+                    let key = format!("recipe.{}", e.path());
+                    key_error(&key, e.into_inner().to_string())
+                }),
+        }
     }
 
     /// The resolved configuration as TOML.

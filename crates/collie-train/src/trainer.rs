@@ -15,6 +15,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use collie_core::loss::cross_entropy_sum;
+use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
 use collie_io::tokenizer::TokenizerBundle;
@@ -393,6 +394,48 @@ impl<B: AutodiffBackend> Trainer<B> {
             out.insert("eval_rouge_l".into(), s.rouge_l);
         }
         Ok(out)
+    }
+
+    /// Continues `prompt` (as a user turn of the chat template when `chat`) with the current
+    /// weights; returns the new text.
+    pub fn complete(
+        &self,
+        prompt: &str,
+        chat: bool,
+        cfg: &GenerationConfig,
+    ) -> Result<String, TrainError> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| TrainError::Invalid("sampling needs a tokenizer".into()))?;
+        let ids = if chat {
+            let template = tok
+                .chat_template
+                .clone()
+                .unwrap_or_else(|| BuiltinTemplate::ChatMl.source().to_string());
+            let tokens = TemplateTokens {
+                bos_token: tok.bos_token.clone(),
+                eos_token: tok.eos_token.clone(),
+            };
+            let text = render(
+                &template,
+                &[ChatMessage::new("user", prompt)],
+                true,
+                &tokens,
+            )
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            tok.encode(&text, false)?
+        } else {
+            tok.encode(prompt, true)?
+        };
+        let mut cfg = cfg.clone();
+        if cfg.eos_ids.is_empty() {
+            cfg.eos_ids = self.model_config.eos_ids();
+        }
+        let new =
+            crate::generate::generate(&self.model.valid(), &[ids], &cfg, &self.device, |_, _| {})?
+                .remove(0);
+        Ok(tok.decode(&new, true)?)
     }
 
     /// Whether evaluation has anything to run.

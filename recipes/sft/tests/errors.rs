@@ -1,0 +1,128 @@
+//! Bad training input: one `error:` line naming the cause, exit status non-zero, no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train")
+}
+
+/// A valid chat config over `data`, with `extra` appended (later keys win via --set).
+fn write_config(dir: &Path, data: &Path) -> PathBuf {
+    let text = format!(
+        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nformat = \"chat\"\nseq_len = 32\n[train]\nmax_steps = 2\nmicro_batch_size = 2\n[optim]\nlr = 1e-3\n[output]\ndir = \"{}\"\n",
+        fixtures().join("model").display(),
+        data.display(),
+        dir.join("out").display()
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn fails(config: &Path, set: &[&str]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recipe-sft"));
+    cmd.arg("--config").arg(config).arg("--quiet");
+    for s in set {
+        cmd.arg("--set").arg(s);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "should fail: {set:?}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+    let after: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("error:"))
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(
+        after.is_empty(),
+        "the error continues on more lines: {stderr}"
+    );
+    errors[0].to_string()
+}
+
+fn chat_data(dir: &Path, lines: &[&str]) -> PathBuf {
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+const GOOD: &str = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#;
+
+fn check(set: &[&str], lines: &[&str], expect: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = chat_data(tmp.path(), lines);
+    let line = fails(&write_config(tmp.path(), &data), set);
+    for e in expect {
+        assert!(line.contains(e), "`{line}` should mention `{e}`");
+    }
+}
+
+#[test]
+fn unknown_config_key() {
+    check(
+        &["optim.learning_rate=1e-3"],
+        &[GOOD],
+        &["optim", "learning_rate"],
+    );
+    check(&["trian.max_steps=3"], &[GOOD], &["trian"]);
+}
+
+#[test]
+fn wrong_type() {
+    check(&["optim.lr=\"fast\""], &[GOOD], &["optim.lr", "string"]);
+    check(
+        &["train.micro_batch_size=2.5"],
+        &[GOOD],
+        &["train.micro_batch_size"],
+    );
+}
+
+#[test]
+fn out_of_range_values() {
+    check(
+        &["data.seq_len=1"],
+        &[GOOD],
+        &["data.seq_len", "at least 2"],
+    );
+    check(&["train.max_steps=0"], &[GOOD], &["train.max_steps"]);
+}
+
+#[test]
+fn missing_data_file() {
+    check(
+        &["data.train=\"/nonexistent/train.jsonl\""],
+        &[GOOD],
+        &["/nonexistent/train.jsonl", "No such file"],
+    );
+}
+
+#[test]
+fn empty_dataset() {
+    check(&[], &["", "   "], &["data.jsonl", "empty"]);
+}
+
+#[test]
+fn malformed_jsonl_line() {
+    check(
+        &[],
+        &[GOOD, "{\"messages\": [", GOOD],
+        &["data.jsonl:2", "invalid JSON"],
+    );
+}
+
+#[test]
+fn unknown_chat_role() {
+    let bad = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "beep"}]}"#;
+    check(&[], &[GOOD, GOOD, bad], &["data.jsonl:3", "robot"]);
+}
+
+#[test]
+fn missing_config_file() {
+    let line = fails(Path::new("/nonexistent/config.toml"), &[]);
+    assert!(line.contains("/nonexistent/config.toml"), "{line}");
+}
