@@ -1,8 +1,9 @@
-"""PyTorch twins of `collie bench forward` and `collie bench matmul`: same shapes, same timing
+"""PyTorch twins of `collie bench forward|train` and `collie bench matmul` (`train` adds
+clip_grad_norm_(1.0) and an AdamW step): same shapes, same timing
 rule (median of the timed steps after one warm-up), one JSON line on stdout.
 
 Usage:
-  python torch_bench.py forward --preset tiny|small --seq-len 256 --batch-size 4 --steps 5
+  python torch_bench.py forward|train --preset tiny|20m|small --seq-len 256 --batch-size 4 --steps 5
   python torch_bench.py matmul --size 1024 --iters 20
 """
 
@@ -18,6 +19,8 @@ PRESETS = {
     # Mirrors `preset()` in crates/collie-cli/src/bench.rs.
     "tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, tie_word_embeddings=False),
+    "20m": dict(vocab_size=49152, hidden_size=320, intermediate_size=864, num_hidden_layers=6, num_attention_heads=5,
+                num_key_value_heads=5, tie_word_embeddings=True),
     "small": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }
@@ -31,12 +34,13 @@ def median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def forward(args):
+def forward(args, update=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(2048, args.seq_len + 1), rms_norm_eps=1e-5)
     model = LlamaForCausalLM(cfg).train()
     b, s, v = args.batch_size, args.seq_len, cfg.vocab_size
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0) if update else None
 
     def step():
         ids = torch.randint(0, v, (b, s + 1))
@@ -44,6 +48,9 @@ def forward(args):
         logits = model(input_ids=ids[:, :s]).logits
         loss = F.cross_entropy(logits.reshape(b * s, v), ids[:, 1:].reshape(b * s))
         loss.backward()
+        if opt is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
         elapsed = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
         return elapsed
@@ -51,7 +58,7 @@ def forward(args):
     step()
     times = [step() for _ in range(args.steps)]
     m = median(times)
-    print(json.dumps(dict(bench="forward_backward", impl="pytorch", torch=torch.__version__, threads=torch.get_num_threads(),
+    print(json.dumps(dict(bench="train_step" if update else "forward_backward", impl="pytorch", torch=torch.__version__, threads=torch.get_num_threads(),
                           attn=cfg._attn_implementation, preset=args.preset,
                           params=sum(p.numel() for p in model.parameters()), batch_size=b, seq_len=s,
                           step_s_median=m, tokens_per_s=b * s / m, peak_rss_mib=peak_rss_mib())))
@@ -75,16 +82,20 @@ def matmul(args):
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("forward")
-    f.add_argument("--preset", default="tiny")
-    f.add_argument("--seq-len", type=int, default=256)
-    f.add_argument("--batch-size", type=int, default=4)
-    f.add_argument("--steps", type=int, default=5)
+    for name in ["forward", "train"]:
+        f = sub.add_parser(name)
+        f.add_argument("--preset", default="tiny")
+        f.add_argument("--seq-len", type=int, default=256)
+        f.add_argument("--batch-size", type=int, default=4)
+        f.add_argument("--steps", type=int, default=5)
     m = sub.add_parser("matmul")
     m.add_argument("--size", type=int, default=1024)
     m.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
-    forward(args) if args.cmd == "forward" else matmul(args)
+    if args.cmd == "matmul":
+        matmul(args)
+    else:
+        forward(args, update=args.cmd == "train")
 
 
 if __name__ == "__main__":

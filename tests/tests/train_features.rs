@@ -110,3 +110,76 @@ fn packed_training_runs_and_learns() {
     assert_eq!(packed.len(), 4);
     assert!(packed.iter().all(|l| l.is_finite()));
 }
+
+fn run_dtype(dtype: &str, checkpointing: bool, out: &std::path::Path) -> Vec<f64> {
+    let text = format!(
+        r#"
+[model]
+path = "{}"
+dtype = "{dtype}"
+[data]
+train = "{}"
+format = "input_output"
+seq_len = 48
+shuffle = false
+[train]
+max_steps = 6
+micro_batch_size = 3
+grad_accum_steps = 2
+activation_checkpointing = {checkpointing}
+[optim]
+lr = 3e-3
+[output]
+dir = "{}"
+"#,
+        fixture("train/model").display(),
+        fixture("train/io.jsonl").display(),
+        out.display()
+    );
+    let config = TrainConfig::parse(&text, "test", &[]).unwrap();
+    let options = RunOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let mut trainer =
+        Trainer::<burn::backend::Autodiff<B>>::new(config, &options, &Default::default()).unwrap();
+    trainer.run(&options).unwrap();
+    // Master weights stay f32.
+    assert_eq!(
+        trainer.model.embed.weight.val().dtype(),
+        burn::tensor::DType::F32
+    );
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+        .collect()
+}
+
+#[test]
+fn reduced_precision_tracks_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_losses = run_dtype("f32", false, &tmp.path().join("f32"));
+    for dtype in ["bf16", "f16"] {
+        let losses = run_dtype(dtype, false, &tmp.path().join(dtype));
+        println!("{dtype}: {losses:?}\nf32: {f32_losses:?}");
+        assert_eq!(losses.len(), f32_losses.len());
+        for (a, b) in losses.iter().zip(&f32_losses) {
+            // bf16 rounds to 8 significant bits (2^-8 ≈ 0.4 %); f16 to 11.
+            assert!((a - b).abs() < 0.004 * b, "{dtype}: loss {a} vs f32 {b}");
+        }
+        assert!(
+            losses.last().unwrap() < losses.first().unwrap(),
+            "{dtype}: loss did not fall"
+        );
+    }
+    // Block recomputation in bf16 runs the same casts and kernels as the plain path.
+    let plain = run_dtype("bf16", false, &tmp.path().join("bf16-plain"));
+    let ckpt = run_dtype("bf16", true, &tmp.path().join("bf16-ckpt"));
+    for (a, b) in ckpt.iter().zip(&plain) {
+        assert!(
+            (a - b).abs() < 1e-6 * b,
+            "bf16 with checkpointing: loss {a} vs {b}"
+        );
+    }
+}

@@ -6,17 +6,22 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
 use collie_core::device::{dispatch, BackendTask, DeviceSpec};
 use collie_core::loss::cross_entropy_sum;
 use collie_llama::LlamaConfig;
+use collie_optim::clip::clip_global_norm;
+use collie_optim::{AdamW, AdamWConfig};
 
 /// Benchmarks.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Forward + backward of a causal-LM training step on random tokens.
     Forward(ForwardArgs),
+    /// A whole training step: forward + backward + global-norm clipping + AdamW update.
+    Train(ForwardArgs),
     /// Square f32 matmul.
     Matmul(MatmulArgs),
 }
@@ -24,7 +29,8 @@ pub enum Command {
 /// Arguments of `collie bench forward`.
 #[derive(clap::Args, Debug)]
 pub struct ForwardArgs {
-    /// `tiny` (4 layers, d 256, 5 M parameters) or `small` (SmolLM2-135M's shape).
+    /// `tiny` (4 layers, d 256, 4 M parameters), `20m` (6 layers, d 320, SmolLM2's vocabulary,
+    /// 23 M) or `small` (SmolLM2-135M's shape).
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Tokens per sequence.
@@ -53,12 +59,17 @@ pub struct MatmulArgs {
 pub fn preset(name: &str) -> Result<LlamaConfig> {
     Ok(match name {
         "tiny" => LlamaConfig::new(2048, 256, 688, 4, 8, 4),
+        "20m" => {
+            let mut c = LlamaConfig::new(49152, 320, 864, 6, 5, 5);
+            c.tie_word_embeddings = true;
+            c
+        }
         "small" => {
             let mut c = LlamaConfig::new(49152, 576, 1536, 30, 9, 3);
             c.tie_word_embeddings = true;
             c
         }
-        other => bail!("unknown preset `{other}` (tiny, small)"),
+        other => bail!("unknown preset `{other}` (tiny, 20m, small)"),
     })
 }
 
@@ -70,18 +81,23 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-struct Forward(ForwardArgs);
+struct Forward {
+    args: ForwardArgs,
+    /// Also clip and take an AdamW step.
+    update: bool,
+}
 
 impl BackendTask for Forward {
     type Output = Result<()>;
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
-        let args = self.0;
+        let Forward { args, update } = self;
         let config = preset(&args.preset)?;
-        let model = config.init::<B>(&device)?;
+        let mut model = config.init::<B>(&device)?;
         let params: usize = burn::module::Module::num_params(&model);
         let (b, s) = (args.batch_size, args.seq_len);
-        let step = || -> Result<f64> {
+        let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
+        let mut step = || -> Result<f64> {
             let ids = Tensor::<B, 2, Int>::random(
                 [b, s + 1],
                 Distribution::Uniform(0.0, config.vocab_size as f64),
@@ -96,8 +112,14 @@ impl BackendTask for Forward {
             let (sum, _) = cross_entropy_sum(logits, targets);
             let loss = sum.div_scalar((b * s) as f64);
             let grads = loss.backward();
+            if update {
+                let mut grads = GradientsParams::from_grads(grads, &model);
+                let (_, coef) = clip_global_norm(&model, &grads, 1.0);
+                model = collie_optim::apply(model.clone(), &mut grads, &mut optimizer, 1e-4, coef);
+            } else {
+                drop(grads);
+            }
             B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
-            drop(grads);
             Ok(start.elapsed().as_secs_f64())
         };
         step()?;
@@ -109,7 +131,7 @@ impl BackendTask for Forward {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let line = serde_json::json!({
-            "bench": "forward_backward",
+            "bench": if update { "train_step" } else { "forward_backward" },
             "preset": args.preset,
             "params": params,
             "batch_size": b,
@@ -160,7 +182,14 @@ impl BackendTask for Matmul {
 /// Runs `collie bench ...`.
 pub fn run(cmd: Command, device: DeviceSpec) -> Result<()> {
     match cmd {
-        Command::Forward(args) => dispatch(device, Forward(args)),
+        Command::Forward(args) => dispatch(
+            device,
+            Forward {
+                args,
+                update: false,
+            },
+        ),
+        Command::Train(args) => dispatch(device, Forward { args, update: true }),
         Command::Matmul(args) => dispatch(device, Matmul(args)),
     }
     .context("selecting the device")?

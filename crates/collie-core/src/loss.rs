@@ -2,7 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`, HF's `-100`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -23,7 +23,8 @@ pub fn cross_entropy_sum<B: Backend>(
     let valid = targets.clone().not_equal_elem(IGNORE_INDEX);
     // Ignored targets point at class 0; their term is multiplied by zero below.
     let safe = targets.mask_fill(valid.clone().bool_not(), 0);
-    let logp = log_softmax(logits, 1);
+    // Reduced-precision logits are upcast for the loss, as HF does.
+    let logp = log_softmax(crate::nn::to_dtype(logits, DType::F32), 1);
     // [n, 1] -> [n]
     let picked = logp.gather(1, safe.reshape([n, 1])).reshape([n]);
     let weight = valid.float();

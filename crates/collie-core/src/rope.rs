@@ -127,9 +127,10 @@ pub fn apply_rotary<B: Backend>(
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
     let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    // [batch, 1, seq, head_dim] broadcasts over heads.
-    let cos = cos.clone().unsqueeze_dim::<4>(1);
-    let sin = sin.clone().unsqueeze_dim::<4>(1);
+    // [batch, 1, seq, head_dim] broadcasts over heads; the tables follow x's dtype (bf16/f16 compute).
+    let dtype = x.dtype();
+    let cos = crate::nn::to_dtype(cos.clone(), dtype).unsqueeze_dim::<4>(1);
+    let sin = crate::nn::to_dtype(sin.clone(), dtype).unsqueeze_dim::<4>(1);
     x * cos + rotated * sin
 }
 

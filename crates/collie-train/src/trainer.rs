@@ -10,17 +10,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::loss::cross_entropy_sum;
+use collie_core::nn::to_dtype;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_llama::{Llama, LlamaConfig};
-use collie_optim::clip::clip_global_norm;
+use collie_optim::clip::global_norm;
 use collie_optim::schedule::Schedule;
 use collie_optim::{AdamW, AdamWConfig, AnyOptimizer, Optimizer, Sgd, SgdConfig};
 use serde_json::{json, Map, Value};
@@ -105,7 +106,23 @@ pub struct Trainer<B: AutodiffBackend> {
     loader: DataLoader,
     eval_examples: Vec<Example>,
     device: B::Device,
+    /// Compute dtype (`f32`, `bf16`, `f16`); parameters stay `f32`.
+    compute: DType,
 }
+
+/// Casts every float parameter (an autodiff op, so gradients flow back to the f32 masters).
+struct CastParams(DType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let dtype = self.0;
+        param.map(|t| to_dtype(t, dtype))
+    }
+}
+
+/// PyTorch GradScaler defaults for f16.
+const INITIAL_LOSS_SCALE: f64 = 65536.0;
+const SCALE_GROWTH_INTERVAL: u64 = 2000;
 
 fn tensor2<B: Backend>(
     v: &[i64],
@@ -137,13 +154,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
-        if config.model.dtype != "f32" {
-            return Err(TrainError::Invalid(format!(
-                "model.dtype = \"{}\": reduced-precision compute is not available on this build's \
-                 training path yet; use \"f32\"",
-                config.model.dtype
-            )));
-        }
         let seq_len = config.data.seq_len;
         let encoder = Encoder::new(config.data.format, tokenizer.clone(), seq_len);
         let train_path =
@@ -189,6 +199,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             warmup_steps: config.sched.warmup_steps,
             total_steps: config.train.max_steps,
         };
+        let compute = match config.model.dtype.as_str() {
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            _ => DType::F32,
+        };
         let mut trainer = Trainer {
             config,
             model_config,
@@ -200,7 +215,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             loader,
             eval_examples,
             device: device.clone(),
+            compute,
         };
+        if compute == DType::F16 {
+            trainer.state.loss_scale = INITIAL_LOSS_SCALE;
+        }
         if let Some(spec) = &options.resume {
             trainer.resume(spec)?;
         }
@@ -223,6 +242,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         &self.device
     }
 
+    /// `module` in the compute dtype: a cast copy whose gradients land on the f32 masters.
+    fn in_compute_dtype<M: Module<B>>(&self, module: M) -> M {
+        if self.compute == DType::F32 {
+            module
+        } else {
+            module.map(&mut CastParams(self.compute))
+        }
+    }
+
     /// Summed NLL and gradients of one micro-batch; the backward pass sees `nll · scale`.
     fn micro_step(
         &self,
@@ -233,9 +261,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         if self.config.train.activation_checkpointing {
             return self.micro_step_checkpointed(batch, scale, acc);
         }
-        let (sum, _) = batch_nll(&self.model, batch, &self.device);
+        let model = self.in_compute_dtype(self.model.clone());
+        let (sum, _) = batch_nll(&model, batch, &self.device);
         let nll = sum.clone().inner().into_scalar().elem::<f64>();
         let grads = sum.mul_scalar(scale).backward();
+        // Gradients are read off the f32 masters (the casts' backward brings them there).
         acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         nll
     }
@@ -249,20 +279,28 @@ impl<B: AutodiffBackend> Trainer<B> {
         scale: f64,
         acc: &mut GradientsAccumulator<Llama<B>>,
     ) -> f64 {
+        // Every use of a module below takes a fresh compute-dtype copy, so each backward pass has
+        // its own cast nodes to flow through to the f32 masters.
         let (r, c, d) = (batch.rows, batch.cols, &self.device);
         let model = &self.model;
         let ids = tensor2::<B>(&batch.input_ids, r, c, d);
         let segments = tensor2::<B>(&batch.segments, r, c, d);
         let positions = tensor2::<B>(&batch.positions, r, c, d);
         let ctx = model.context(r, c, 0, Some(&segments), Some(positions), d);
-        let embedded = model.embed.forward(ids);
+        let embedded = self.in_compute_dtype(model.embed.clone()).forward(ids);
         let mut inputs = vec![embedded.clone().detach()];
         for layer in &model.layers {
             let x = inputs.last().expect("input").clone();
-            inputs.push(layer.forward(x, &ctx, None).detach());
+            inputs.push(
+                self.in_compute_dtype(layer.clone())
+                    .forward(x, &ctx, None)
+                    .detach(),
+            );
         }
         let h = inputs.pop().expect("last hidden").require_grad();
-        let logits = model.head.forward(h.clone(), &model.embed);
+        let logits = self
+            .in_compute_dtype(model.head.clone())
+            .forward(h.clone(), &self.in_compute_dtype(model.embed.clone()));
         let vocab = logits.dims()[2];
         let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab]);
         let targets: Vec<i64> = (0..r)
@@ -281,12 +319,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         );
         for (layer, x) in model.layers.iter().zip(inputs).rev() {
             let x = x.require_grad();
-            let out = layer.forward(x.clone(), &ctx, None);
-            let mut grads = (out * Tensor::from_inner(g)).sum().backward();
+            let out = self
+                .in_compute_dtype(layer.clone())
+                .forward(x.clone(), &ctx, None);
+            let g_out = to_dtype(Tensor::from_inner(g), out.dtype());
+            let mut grads = to_dtype(out * g_out, DType::F32).sum().backward();
             g = x.grad(&grads).expect("gradient of the block input");
             acc.accumulate(model, GradientsParams::from_module(&mut grads, layer));
         }
-        let mut grads = (embedded * Tensor::from_inner(g)).sum().backward();
+        let g_out = to_dtype(Tensor::from_inner(g), embedded.dtype());
+        let mut grads = to_dtype(embedded * g_out, DType::F32).sum().backward();
         acc.accumulate(
             model,
             GradientsParams::from_module(&mut grads, &model.embed),
@@ -318,22 +360,57 @@ impl<B: AutodiffBackend> Trainer<B> {
                 skipped: true,
             });
         }
-        let scale = 1.0 / targets as f64;
+        // f16 multiplies the loss by the dynamic scale so small gradients survive the half range.
+        let loss_scale = if self.compute == DType::F16 {
+            self.state.loss_scale
+        } else {
+            1.0
+        };
+        let scale = loss_scale / targets as f64;
         let mut acc = GradientsAccumulator::new();
         let nll: f64 = batches
             .iter()
             .map(|b| self.micro_step(b, scale, &mut acc))
             .sum();
         let mut grads = acc.grads();
-        let (grad_norm, coef) =
-            clip_global_norm(&self.model, &grads, self.config.train.max_grad_norm);
+        let scaled_norm = global_norm(&self.model, &grads);
+        if !scaled_norm.is_finite() {
+            // Overflow: skip the update and back off, as torch.cuda.amp.GradScaler does.
+            self.state.skipped_steps += 1;
+            self.state.loss_scale *= 0.5;
+            self.state.scale_good_steps = 0;
+            return Ok(StepMetrics {
+                loss: nll / targets as f64,
+                lr,
+                grad_norm: scaled_norm,
+                tokens,
+                target_tokens: targets,
+                seconds: start.elapsed().as_secs_f64(),
+                skipped: true,
+            });
+        }
+        // The clipping coefficient of torch's clip_grad_norm_, on the unscaled norm.
+        let grad_norm = scaled_norm / loss_scale;
+        let max_norm = self.config.train.max_grad_norm;
+        let clip = (max_norm > 0.0).then(|| (max_norm / (grad_norm + 1e-6)).min(1.0));
+        let factor = match clip {
+            None if loss_scale == 1.0 => None,
+            c => Some(c.unwrap_or(1.0) / loss_scale),
+        };
         self.model = collie_optim::apply(
             self.model.clone(),
             &mut grads,
             &mut self.optimizer,
             lr,
-            coef,
+            factor,
         );
+        if self.compute == DType::F16 {
+            self.state.scale_good_steps += 1;
+            if self.state.scale_good_steps >= SCALE_GROWTH_INTERVAL {
+                self.state.loss_scale *= 2.0;
+                self.state.scale_good_steps = 0;
+            }
+        }
         Ok(StepMetrics {
             loss: nll / targets as f64,
             lr,

@@ -13,3 +13,15 @@ pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
 pub use norm::{RmsNorm, RmsNormConfig};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+
+/// `x` in `dtype`; no operation (and no autodiff node) when it already is.
+pub fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(dtype)
+    }
+}

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 /// Configuration of an [`RmsNorm`].
 #[derive(Config, Debug)]
@@ -16,6 +16,9 @@ pub struct RmsNormConfig {
 }
 
 /// `y = x / sqrt(mean(x²) + eps) · weight`, over the last dimension (Zhang & Sennrich 2019).
+///
+/// As in HF's LLaMA, the normalization runs in f32 whatever the input dtype, and the result is
+/// cast back before the weight multiplies it.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     /// `[d_model]`, initialized to ones.
@@ -38,12 +41,14 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - x: `[..., d_model]` → same
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = super::to_dtype(x, DType::F32);
         let rms = x
             .clone()
             .square()
             .mean_dim(D - 1)
             .add_scalar(self.eps)
             .sqrt();
-        (x / rms) * self.weight.val().unsqueeze::<D>()
+        super::to_dtype(x / rms, dtype) * self.weight.val().unsqueeze::<D>()
     }
 }
