@@ -22,6 +22,8 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Which parameters decay.
+    pub decay_filter: crate::DecayFilter,
 }
 
 impl Default for AdamWConfig {
@@ -30,6 +32,7 @@ impl Default for AdamWConfig {
             betas: (0.9, 0.999),
             eps: 1e-8,
             weight_decay: 0.0,
+            decay_filter: crate::DecayFilter::All,
         }
     }
 }
@@ -64,7 +67,9 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
             betas: (b1, b2),
             eps,
             weight_decay,
+            decay_filter,
         } = self.config;
+        let weight_decay = decay_filter.rate(D, weight_decay);
         let shape = param.shape();
         let n = shape.num_elements();
         let g = grad.reshape([n]);

@@ -5,13 +5,21 @@
 //! checkpoint whose weights are reloaded into a freshly built model. [`apply`] walks a model and
 //! feeds each parameter with its gradient; [`clip::clip_global_norm`] scales all gradients first.
 //!
-//! - [`adamw`]: `torch.optim.AdamW`. - [`sgd`]: `torch.optim.SGD`.
+//! - [`adamw`]: `torch.optim.AdamW`. - [`sgd`]: `torch.optim.SGD`. - [`lion`]: Lion.
+//! - [`adan`]: Adan. - [`sophia`]: SophiaG (+ Hessian refresh input).
+//! - [`lomo`], [`adalomo`]: the per-parameter arithmetic of the fused optimizers; the trainer runs
+//!   them inside its block-wise backward pass.
 //! - [`schedule`]: transformers' `get_{constant,linear,cosine}_schedule_with_warmup`.
 
+pub mod adalomo;
 pub mod adamw;
+pub mod adan;
 pub mod clip;
+pub mod lion;
+pub mod lomo;
 pub mod schedule;
 pub mod sgd;
+pub mod sophia;
 mod state;
 
 use burn::module::{AutodiffModule, ModuleMapper, Param};
@@ -19,9 +27,35 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
+pub use adalomo::{AdaLomo, AdaLomoConfig};
 pub use adamw::{AdamW, AdamWConfig};
+pub use adan::{Adan, AdanConfig};
+pub use lion::{Lion, LionConfig};
+pub use lomo::{FusedGrad, Lomo, LomoConfig};
 pub use sgd::{Sgd, SgdConfig};
+pub use sophia::{Sophia, SophiaConfig};
 pub use state::{OptimizerState, StateError};
+
+/// Which parameters weight decay applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecayFilter {
+    /// Every parameter (PyTorch's default for one parameter group).
+    #[default]
+    All,
+    /// Matrices only (rank ≥ 2): norms and biases do not decay.
+    Matrices,
+}
+
+impl DecayFilter {
+    /// The decay rate of a parameter of rank `rank`.
+    pub fn rate(self, rank: usize, weight_decay: f64) -> f64 {
+        match self {
+            DecayFilter::Matrices if rank < 2 => 0.0,
+            _ => weight_decay,
+        }
+    }
+}
 
 /// An optimizer over named parameters.
 pub trait Optimizer<B: Backend> {
@@ -48,6 +82,7 @@ struct Apply<'a, B: AutodiffBackend, O> {
     lr: f64,
     scale: Option<f64>,
     path: Vec<String>,
+    prefix: &'a str,
     _b: std::marker::PhantomData<B>,
 }
 
@@ -70,9 +105,14 @@ impl<B: AutodiffBackend, O: Optimizer<B::InnerBackend>> ModuleMapper<B> for Appl
             None => grad,
         };
         let require_grad = tensor.is_require_grad();
-        let updated = self
-            .optimizer
-            .update(&self.path.join("."), tensor.inner(), grad, self.lr);
+        let mut path = self.prefix.to_string();
+        for part in &self.path {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(part);
+        }
+        let updated = self.optimizer.update(&path, tensor.inner(), grad, self.lr);
         let mut tensor = Tensor::from_inner(updated);
         if require_grad {
             tensor = tensor.require_grad();
@@ -90,12 +130,26 @@ pub fn apply<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<B::InnerBack
     lr: f64,
     grad_scale: Option<f64>,
 ) -> M {
-    model.map(&mut Apply {
+    apply_at("", model, grads, optimizer, lr, grad_scale)
+}
+
+/// [`apply`] to a sub-module found at `prefix` in the whole model (e.g. `layers.3`), so that
+/// state keys are the parameters' full paths; the block-wise backward updates one block at a time.
+pub fn apply_at<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<B::InnerBackend>>(
+    prefix: &str,
+    module: M,
+    grads: &mut GradientsParams,
+    optimizer: &mut O,
+    lr: f64,
+    grad_scale: Option<f64>,
+) -> M {
+    module.map(&mut Apply {
         optimizer,
         grads,
         lr,
         scale: grad_scale,
         path: Vec::new(),
+        prefix,
         _b: std::marker::PhantomData,
     })
 }
@@ -106,6 +160,47 @@ pub enum AnyOptimizer<B: Backend> {
     AdamW(AdamW<B>),
     /// `sgd`.
     Sgd(Sgd<B>),
+    /// `lion`.
+    Lion(Lion<B>),
+    /// `adan`.
+    Adan(Adan<B>),
+    /// `sophiag`.
+    Sophia(Sophia<B>),
+    /// `lomo` (fused: runs inside the block-wise backward).
+    Lomo(Lomo),
+    /// `adalomo` (fused).
+    AdaLomo(AdaLomo<B>),
+}
+
+macro_rules! each {
+    ($self:expr, $o:ident => $e:expr) => {
+        match $self {
+            AnyOptimizer::AdamW($o) => $e,
+            AnyOptimizer::Sgd($o) => $e,
+            AnyOptimizer::Lion($o) => $e,
+            AnyOptimizer::Adan($o) => $e,
+            AnyOptimizer::Sophia($o) => $e,
+            AnyOptimizer::Lomo($o) => $e,
+            AnyOptimizer::AdaLomo($o) => $e,
+        }
+    };
+}
+
+impl<B: Backend> AnyOptimizer<B> {
+    /// The unscale/clip settings of a fused optimizer (LOMO, AdaLomo); `None` for the others,
+    /// which update after the whole backward pass.
+    pub fn fused(&mut self) -> Option<&mut FusedGrad> {
+        match self {
+            AnyOptimizer::Lomo(o) => Some(&mut o.fused),
+            AnyOptimizer::AdaLomo(o) => Some(&mut o.fused),
+            _ => None,
+        }
+    }
+
+    /// Whether this optimizer updates inside the backward pass.
+    pub fn is_fused(&self) -> bool {
+        matches!(self, AnyOptimizer::Lomo(_) | AnyOptimizer::AdaLomo(_))
+    }
 }
 
 impl<B: Backend> Optimizer<B> for AnyOptimizer<B> {
@@ -116,23 +211,14 @@ impl<B: Backend> Optimizer<B> for AnyOptimizer<B> {
         grad: Tensor<B, D>,
         lr: f64,
     ) -> Tensor<B, D> {
-        match self {
-            AnyOptimizer::AdamW(o) => o.update(path, param, grad, lr),
-            AnyOptimizer::Sgd(o) => o.update(path, param, grad, lr),
-        }
+        each!(self, o => o.update(path, param, grad, lr))
     }
 
     fn state(&self) -> OptimizerState {
-        match self {
-            AnyOptimizer::AdamW(o) => o.state(),
-            AnyOptimizer::Sgd(o) => o.state(),
-        }
+        each!(self, o => Optimizer::<B>::state(o))
     }
 
     fn load_state(&mut self, state: OptimizerState, device: &B::Device) -> Result<(), StateError> {
-        match self {
-            AnyOptimizer::AdamW(o) => o.load_state(state, device),
-            AnyOptimizer::Sgd(o) => o.load_state(state, device),
-        }
+        each!(self, o => Optimizer::<B>::load_state(o, state, device))
     }
 }

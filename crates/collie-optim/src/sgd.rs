@@ -19,6 +19,8 @@ pub struct SgdConfig {
     pub weight_decay: f64,
     /// Nesterov momentum.
     pub nesterov: bool,
+    /// Which parameters decay.
+    pub decay_filter: crate::DecayFilter,
 }
 
 /// SGD with an optional momentum buffer per parameter.
@@ -58,7 +60,9 @@ impl<B: Backend> Optimizer<B> for Sgd<B> {
             dampening,
             weight_decay,
             nesterov,
+            decay_filter,
         } = self.config;
+        let weight_decay = decay_filter.rate(D, weight_decay);
         let shape = param.shape();
         let n = shape.num_elements();
         let theta = param.reshape([n]);
