@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use collie_data::dataset::DataFormat;
 use collie_llama::LlamaConfig;
 use collie_optim::schedule::ScheduleKind;
+use collie_optim::DecayFilter;
 use serde::{Deserialize, Serialize};
 
 /// Configuration errors.
@@ -145,24 +146,29 @@ pub struct TrainSection {
     pub log_every: u64,
 }
 
-/// `[optim]`.
+/// `[optim]`. Unset hyper-parameters take the named optimizer's reference defaults
+/// (see `docs/optimizers.md`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OptimSection {
-    /// `adamw` or `sgd`.
+    /// `adamw`, `sgd`, `lion`, `adan`, `sophiag`, `lomo` or `adalomo`.
     #[serde(default = "default_optim")]
     pub name: String,
     /// Peak learning rate.
     pub lr: f64,
-    /// Weight decay (decoupled for AdamW, L2 for SGD).
+    /// Weight decay (decoupled for AdamW/Lion/SophiaG/LOMO/AdaLomo, proximal for Adan, L2 for
+    /// SGD); default 0.1 for SophiaG, 0 otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// Which parameters decay: `all` or `matrices` (rank ≥ 2, not norms or biases).
     #[serde(default)]
-    pub weight_decay: f64,
-    /// AdamW `(β1, β2)`.
-    #[serde(default = "default_betas")]
-    pub betas: [f64; 2],
-    /// AdamW ε.
-    #[serde(default = "default_eps")]
-    pub eps: f64,
+    pub decay_filter: DecayFilter,
+    /// Moment decays: 2 values, 3 for Adan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub betas: Option<Vec<f64>>,
+    /// ε of AdamW and Adan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
     /// SGD momentum.
     #[serde(default)]
     pub momentum: f64,
@@ -172,6 +178,52 @@ pub struct OptimSection {
     /// SGD Nesterov momentum.
     #[serde(default)]
     pub nesterov: bool,
+    /// Adan: multiplicative decay instead of the proximal division.
+    #[serde(default)]
+    pub no_prox: bool,
+    /// SophiaG clipping scale ρ.
+    #[serde(default = "default_rho")]
+    pub rho: f64,
+    /// SophiaG: refresh the Hessian estimate every N steps (0 = never, as under CoLLiE).
+    #[serde(default = "default_hessian_interval")]
+    pub hessian_interval: u64,
+    /// SophiaG `bs` (tokens behind a step's gradient); default: the step's target tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bs: Option<f64>,
+    /// LOMO/AdaLomo element-wise gradient bound (0 = off).
+    #[serde(default)]
+    pub clip_grad_value: f64,
+    /// AdaLomo static loss scale (default 2¹⁰).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+}
+
+/// The optimizers `[optim] name` accepts.
+pub const OPTIMIZERS: [&str; 7] = ["adamw", "sgd", "lion", "adan", "sophiag", "lomo", "adalomo"];
+
+impl OptimSection {
+    /// Whether the optimizer updates inside the backward pass (LOMO, AdaLomo).
+    pub fn is_fused(&self) -> bool {
+        matches!(self.name.as_str(), "lomo" | "adalomo")
+    }
+
+    /// The configured betas, or the optimizer's defaults.
+    pub fn betas_or_default(&self) -> Vec<f64> {
+        self.betas
+            .clone()
+            .unwrap_or_else(|| match self.name.as_str() {
+                "lion" => vec![0.9, 0.99],
+                "adan" => vec![0.98, 0.92, 0.99],
+                "sophiag" => vec![0.965, 0.99],
+                _ => vec![0.9, 0.999],
+            })
+    }
+
+    /// The configured weight decay, or the optimizer's default.
+    pub fn weight_decay_or_default(&self) -> f64 {
+        self.weight_decay
+            .unwrap_or(if self.name == "sophiag" { 0.1 } else { 0.0 })
+    }
 }
 
 /// `[sched]`.
@@ -279,11 +331,11 @@ fn default_log_every() -> u64 {
 fn default_optim() -> String {
     "adamw".into()
 }
-fn default_betas() -> [f64; 2] {
-    [0.9, 0.999]
+fn default_rho() -> f64 {
+    0.04
 }
-fn default_eps() -> f64 {
-    1e-8
+fn default_hessian_interval() -> u64 {
+    10
 }
 fn default_gen_tokens() -> usize {
     64
@@ -413,14 +465,62 @@ impl TrainConfig {
                 "0 (must be at least 1)",
             ));
         }
-        if !["adamw", "sgd"].contains(&self.optim.name.as_str()) {
+        let optim = &self.optim;
+        if !OPTIMIZERS.contains(&optim.name.as_str()) {
             return Err(key_error(
                 "optim.name",
-                format!("`{}` (expected adamw or sgd)", self.optim.name),
+                format!(
+                    "`{}` (expected one of {})",
+                    optim.name,
+                    OPTIMIZERS.join(", ")
+                ),
             ));
         }
-        if self.optim.lr.is_nan() || self.optim.lr < 0.0 {
-            return Err(key_error("optim.lr", "must be non-negative"));
+        if optim.lr.is_nan() || optim.lr < 0.0 {
+            return Err(key_error(
+                "optim.lr",
+                format!("{} (must be non-negative)", optim.lr),
+            ));
+        }
+        if let Some(betas) = &optim.betas {
+            let want = if optim.name == "adan" { 3 } else { 2 };
+            if !["adamw", "lion", "adan", "sophiag"].contains(&optim.name.as_str()) {
+                return Err(key_error(
+                    "optim.betas",
+                    format!("`{}` takes no betas", optim.name),
+                ));
+            }
+            if betas.len() != want {
+                return Err(key_error(
+                    "optim.betas",
+                    format!("{} values given, {} takes {want}", betas.len(), optim.name),
+                ));
+            }
+            if let Some((i, b)) = betas
+                .iter()
+                .enumerate()
+                .find(|(_, b)| !(0.0..1.0).contains(*b))
+            {
+                return Err(key_error(
+                    "optim.betas",
+                    format!("betas[{i}] = {b} (each must be in [0, 1))"),
+                ));
+            }
+        }
+        let non_negative = [
+            ("optim.weight_decay", optim.weight_decay.unwrap_or(0.0)),
+            ("optim.eps", optim.eps.unwrap_or(0.0)),
+            ("optim.rho", optim.rho),
+            ("optim.clip_grad_value", optim.clip_grad_value),
+            ("optim.bs", optim.bs.unwrap_or(1.0)),
+            ("optim.loss_scale", optim.loss_scale.unwrap_or(1.0)),
+            ("train.max_grad_norm", self.train.max_grad_norm),
+        ];
+        if let Some((key, v)) = non_negative.iter().find(|(_, v)| v.is_nan() || *v < 0.0) {
+            return Err(key_error(key, format!("{v} (must be non-negative)")));
+        }
+        if optim.loss_scale == Some(0.0) {
+            return Err(key_error("optim.loss_scale", "0 (must be positive)"));
         }
         if !self.train.best_metric.starts_with("eval_") {
             return Err(key_error("train.best_metric", "must be an eval_* metric"));

@@ -3,12 +3,14 @@
 //! - [`config`]: the TOML run configuration with `--set` overrides.
 //! - [`trainer`]: the step loop — gradient accumulation, clipping, schedules, evaluation,
 //!   checkpoints, exact resume, monitors.
+//! - [`blockwise`]: the reverse block walk behind activation checkpointing and LOMO/AdaLomo.
 //! - [`cli`]: the command line shared by the recipe binaries.
 //! - [`checkpoint`]: atomic `step-N` checkpoints (HF weights + optimizer + trainer state).
 //! - [`eval`]: token NLL / perplexity, classification, generation metrics.
 //! - [`generate`]: batched autoregressive decoding with a KV cache.
 //! - [`metrics`], [`plot`], [`textmetrics`]: monitors, `loss.png`, BLEU / ROUGE-L.
 
+pub mod blockwise;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -10,22 +10,27 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
+use collie_core::lm::CausalLm;
 use collie_core::loss::cross_entropy_sum;
-use collie_core::nn::to_dtype;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_llama::{Llama, LlamaConfig};
 use collie_optim::clip::global_norm;
+use collie_optim::lomo::clip_coefficient;
 use collie_optim::schedule::Schedule;
-use collie_optim::{AdamW, AdamWConfig, AnyOptimizer, Optimizer, Sgd, SgdConfig};
+use collie_optim::{
+    AdaLomo, AdaLomoConfig, AdamW, AdamWConfig, Adan, AdanConfig, AnyOptimizer, Lion, LionConfig,
+    Lomo, LomoConfig, Optimizer, Sgd, SgdConfig, Sophia, SophiaConfig,
+};
 use serde_json::{json, Map, Value};
 
+use crate::blockwise::{backward_blockwise, in_dtype, tensor2, BlockId, GradHook};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::error::TrainError;
@@ -108,38 +113,101 @@ pub struct Trainer<B: AutodiffBackend> {
     device: B::Device,
     /// Compute dtype (`f32`, `bf16`, `f16`); parameters stay `f32`.
     compute: DType,
+    grad_hook: Option<GradHook>,
 }
 
-/// Casts every float parameter (an autodiff op, so gradients flow back to the f32 masters).
-struct CastParams(DType);
-
-impl<B: Backend> ModuleMapper<B> for CastParams {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let dtype = self.0;
-        param.map(|t| to_dtype(t, dtype))
-    }
-}
-
-/// PyTorch GradScaler defaults for f16.
+/// Dynamic loss scaling for f16: initial scale and good steps before it doubles. PyTorch's
+/// GradScaler defaults, and lomo-optim's DynamicLossScaler defaults for LOMO.
 const INITIAL_LOSS_SCALE: f64 = 65536.0;
 const SCALE_GROWTH_INTERVAL: u64 = 2000;
+const LOMO_INITIAL_LOSS_SCALE: f64 = 4294967296.0;
+const LOMO_SCALE_WINDOW: u64 = 1000;
 
-fn tensor2<B: Backend>(
-    v: &[i64],
-    rows: usize,
-    cols: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
+/// The optimizer `config` names, with its reference defaults where the config is silent.
+fn build_optimizer<B: burn::tensor::backend::Backend>(config: &TrainConfig) -> AnyOptimizer<B> {
+    let o = &config.optim;
+    let betas = o.betas_or_default();
+    let weight_decay = o.weight_decay_or_default();
+    let decay_filter = o.decay_filter;
+    match o.name.as_str() {
+        "sgd" => AnyOptimizer::Sgd(Sgd::new(SgdConfig {
+            momentum: o.momentum,
+            dampening: o.dampening,
+            weight_decay,
+            nesterov: o.nesterov,
+            decay_filter,
+        })),
+        "lion" => AnyOptimizer::Lion(Lion::new(LionConfig {
+            betas: (betas[0], betas[1]),
+            weight_decay,
+            decay_filter,
+        })),
+        "adan" => AnyOptimizer::Adan(Adan::new(AdanConfig {
+            betas: (betas[0], betas[1], betas[2]),
+            eps: o.eps.unwrap_or(1e-8),
+            weight_decay,
+            no_prox: o.no_prox,
+            // Adan clips with its own coefficient (ε instead of 1e-6), as the reference does.
+            max_grad_norm: config.train.max_grad_norm,
+            decay_filter,
+        })),
+        "sophiag" => AnyOptimizer::Sophia(Sophia::new(SophiaConfig {
+            betas: (betas[0], betas[1]),
+            rho: o.rho,
+            weight_decay,
+            decay_filter,
+        })),
+        "lomo" => AnyOptimizer::Lomo(Lomo::new(LomoConfig {
+            clip_grad_value: o.clip_grad_value,
+            weight_decay,
+            decay_filter,
+        })),
+        "adalomo" => AnyOptimizer::AdaLomo(AdaLomo::new(AdaLomoConfig {
+            loss_scale: o.loss_scale.unwrap_or(1024.0),
+            clip_grad_value: o.clip_grad_value,
+            weight_decay,
+            decay_filter,
+            ..Default::default()
+        })),
+        _ => AnyOptimizer::AdamW(AdamW::new(AdamWConfig {
+            betas: (betas[0], betas[1]),
+            eps: o.eps.unwrap_or(1e-8),
+            weight_decay,
+            decay_filter,
+        })),
+    }
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Builds model, data and optimizer from `config`, resuming if asked.
     pub fn new(
-        config: TrainConfig,
+        mut config: TrainConfig,
         options: &RunOptions,
         device: &B::Device,
     ) -> Result<Self, TrainError> {
+        if config.optim.is_fused() && config.train.grad_accum_steps > 1 {
+            // As CoLLiE: the update happens inside the backward pass, so there is nothing to
+            // accumulate into.
+            if !options.quiet {
+                eprintln!(
+                    "warning: {} updates during the backward pass; train.grad_accum_steps = {} forced to 1",
+                    config.optim.name, config.train.grad_accum_steps
+                );
+            }
+            config.train.grad_accum_steps = 1;
+        }
+        if config.optim.name == "lomo"
+            && config.model.dtype == "f16"
+            && config.train.max_grad_norm == 0.0
+        {
+            // lomo-optim: loss scaling needs the measuring pass, which clips at 1.0 by default.
+            if !options.quiet {
+                eprintln!(
+                    "warning: lomo with f16 loss scaling: train.max_grad_norm = 0 set to 1.0"
+                );
+            }
+            config.train.max_grad_norm = 1.0;
+        }
         let (model_config, model, tokenizer) = match config.model.init.as_str() {
             "scratch" => {
                 let model_config = config.model.config.clone().expect("validated");
@@ -181,19 +249,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             None => Vec::new(),
         };
-        let optimizer = match config.optim.name.as_str() {
-            "sgd" => AnyOptimizer::Sgd(Sgd::new(SgdConfig {
-                momentum: config.optim.momentum,
-                dampening: config.optim.dampening,
-                weight_decay: config.optim.weight_decay,
-                nesterov: config.optim.nesterov,
-            })),
-            _ => AnyOptimizer::AdamW(AdamW::new(AdamWConfig {
-                betas: (config.optim.betas[0], config.optim.betas[1]),
-                eps: config.optim.eps,
-                weight_decay: config.optim.weight_decay,
-            })),
-        };
+        let optimizer = build_optimizer(&config);
         let schedule = Schedule {
             kind: config.sched.kind,
             warmup_steps: config.sched.warmup_steps,
@@ -216,9 +272,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_examples,
             device: device.clone(),
             compute,
+            grad_hook: None,
         };
         if compute == DType::F16 {
-            trainer.state.loss_scale = INITIAL_LOSS_SCALE;
+            trainer.state.loss_scale = if trainer.config.optim.name == "lomo" {
+                LOMO_INITIAL_LOSS_SCALE
+            } else {
+                INITIAL_LOSS_SCALE
+            };
         }
         if let Some(spec) = &options.resume {
             trainer.resume(spec)?;
@@ -244,11 +305,13 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// `module` in the compute dtype: a cast copy whose gradients land on the f32 masters.
     fn in_compute_dtype<M: Module<B>>(&self, module: M) -> M {
-        if self.compute == DType::F32 {
-            module
-        } else {
-            module.map(&mut CastParams(self.compute))
-        }
+        in_dtype(module, self.compute)
+    }
+
+    /// Installs the hook the block-wise backward calls with each block's gradients before they
+    /// are used (see [`GradHook`]).
+    pub fn set_grad_hook(&mut self, hook: GradHook) {
+        self.grad_hook = Some(hook);
     }
 
     /// Summed NLL and gradients of one micro-batch; the backward pass sees `nll · scale`.
@@ -270,70 +333,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         nll
     }
 
-    /// [`Trainer::micro_step`] keeping only block inputs: the forward pass detaches between
-    /// blocks, and the backward pass recomputes each block from its input, back-propagating
-    /// `sum(out · g_out)` to get its parameter gradients and `g_in` for the block before.
+    /// [`Trainer::micro_step`] keeping only block inputs: the block-wise backward with
+    /// recomputation, accumulating each block's gradients.
     fn micro_step_checkpointed(
         &self,
         batch: &Batch,
         scale: f64,
         acc: &mut GradientsAccumulator<Llama<B>>,
     ) -> f64 {
-        // Every use of a module below takes a fresh compute-dtype copy, so each backward pass has
-        // its own cast nodes to flow through to the f32 masters.
-        let (r, c, d) = (batch.rows, batch.cols, &self.device);
         let model = &self.model;
-        let ids = tensor2::<B>(&batch.input_ids, r, c, d);
-        let segments = tensor2::<B>(&batch.segments, r, c, d);
-        let positions = tensor2::<B>(&batch.positions, r, c, d);
-        let ctx = model.context(r, c, 0, Some(&segments), Some(positions), d);
-        let embedded = self.in_compute_dtype(model.embed.clone()).forward(ids);
-        let mut inputs = vec![embedded.clone().detach()];
-        for layer in &model.layers {
-            let x = inputs.last().expect("input").clone();
-            inputs.push(
-                self.in_compute_dtype(layer.clone())
-                    .forward(x, &ctx, None)
-                    .detach(),
-            );
-        }
-        let h = inputs.pop().expect("last hidden").require_grad();
-        let logits = self
-            .in_compute_dtype(model.head.clone())
-            .forward(h.clone(), &self.in_compute_dtype(model.embed.clone()));
-        let vocab = logits.dims()[2];
-        let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab]);
-        let targets: Vec<i64> = (0..r)
-            .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
-            .collect();
-        let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [r * (c - 1)]), d);
-        let (sum, _) = cross_entropy_sum(logits, targets);
-        let nll = sum.clone().inner().into_scalar().elem::<f64>();
-        let mut grads = sum.mul_scalar(scale).backward();
-        let mut g = h.grad(&grads).expect("gradient of the head input");
-        acc.accumulate(model, GradientsParams::from_module(&mut grads, &model.head));
-        // A tied head puts gradient on the embedding too.
-        acc.accumulate(
+        backward_blockwise(
             model,
-            GradientsParams::from_module(&mut grads, &model.embed),
-        );
-        for (layer, x) in model.layers.iter().zip(inputs).rev() {
-            let x = x.require_grad();
-            let out = self
-                .in_compute_dtype(layer.clone())
-                .forward(x.clone(), &ctx, None);
-            let g_out = to_dtype(Tensor::from_inner(g), out.dtype());
-            let mut grads = to_dtype(out * g_out, DType::F32).sum().backward();
-            g = x.grad(&grads).expect("gradient of the block input");
-            acc.accumulate(model, GradientsParams::from_module(&mut grads, layer));
-        }
-        let g_out = to_dtype(Tensor::from_inner(g), embedded.dtype());
-        let mut grads = to_dtype(embedded * g_out, DType::F32).sum().backward();
-        acc.accumulate(
-            model,
-            GradientsParams::from_module(&mut grads, &model.embed),
-        );
-        nll
+            self.compute,
+            batch,
+            scale,
+            true,
+            &self.device,
+            |_, grads| acc.accumulate(model, grads),
+        )
     }
 
     /// One optimizer step.
@@ -358,6 +375,18 @@ impl<B: AutodiffBackend> Trainer<B> {
                 target_tokens: 0,
                 seconds: start.elapsed().as_secs_f64(),
                 skipped: true,
+            });
+        }
+        if self.optimizer.is_fused() {
+            let (nll, grad_norm, skipped) = self.fused_step(&batches[0], targets, lr);
+            return Ok(StepMetrics {
+                loss: nll / targets as f64,
+                lr,
+                grad_norm,
+                tokens,
+                target_tokens: targets,
+                seconds: start.elapsed().as_secs_f64(),
+                skipped,
             });
         }
         // f16 multiplies the loss by the dynamic scale so small gradients survive the half range.
@@ -392,7 +421,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         // The clipping coefficient of torch's clip_grad_norm_, on the unscaled norm.
         let grad_norm = scaled_norm / loss_scale;
         let max_norm = self.config.train.max_grad_norm;
-        let clip = (max_norm > 0.0).then(|| (max_norm / (grad_norm + 1e-6)).min(1.0));
+        let mut clip = (max_norm > 0.0).then(|| (max_norm / (grad_norm + 1e-6)).min(1.0));
+        match &mut self.optimizer {
+            // Adan clips inside its update with its own coefficient.
+            AnyOptimizer::Adan(adan) => {
+                adan.set_clip(adan.clip_coefficient(grad_norm));
+                clip = None;
+            }
+            AnyOptimizer::Sophia(sophia) => {
+                sophia.set_batch_tokens(self.config.optim.bs.unwrap_or(targets as f64))
+            }
+            _ => {}
+        }
         let factor = match clip {
             None if loss_scale == 1.0 => None,
             c => Some(c.unwrap_or(1.0) / loss_scale),
@@ -411,6 +451,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.state.scale_good_steps = 0;
             }
         }
+        let interval = self.config.optim.hessian_interval;
+        if matches!(self.optimizer, AnyOptimizer::Sophia(_))
+            && interval > 0
+            && self.state.step.is_multiple_of(interval)
+        {
+            self.refresh_hessian(&batches);
+        }
         Ok(StepMetrics {
             loss: nll / targets as f64,
             lr,
@@ -420,6 +467,186 @@ impl<B: AutodiffBackend> Trainer<B> {
             seconds: start.elapsed().as_secs_f64(),
             skipped: false,
         })
+    }
+
+    /// One LOMO/AdaLomo step on `batch`: an optional measuring pass (global gradient norm for
+    /// clipping, overflow check under f16 loss scaling), then the updating pass, both block-wise,
+    /// so no more than one block's gradients (plus a tied embedding's head share) exist at a time.
+    /// Returns `(summed NLL, gradient norm or NaN when not measured, skipped)`.
+    fn fused_step(&mut self, batch: &Batch, targets: usize, lr: f64) -> (f64, f64, bool) {
+        let lomo_f16 = self.compute == DType::F16 && self.config.optim.name == "lomo";
+        let loss_scale = match &self.optimizer {
+            AnyOptimizer::AdaLomo(_) => self.config.optim.loss_scale.unwrap_or(1024.0),
+            _ if lomo_f16 => self.state.loss_scale,
+            _ => 1.0,
+        };
+        let fused = self.optimizer.fused().expect("fused optimizer");
+        fused.loss_scale = loss_scale;
+        fused.clip_coef = None;
+        let scale = loss_scale / targets as f64;
+        let (compute, device) = (self.compute, self.device.clone());
+        let recompute = self.config.train.activation_checkpointing;
+        let max_norm = self.config.train.max_grad_norm;
+        let embed_id = self.model.embed.weight.id;
+        let mut grad_norm = f64::NAN;
+        let model = self.model.clone();
+        if max_norm > 0.0 || lomo_f16 {
+            // Measuring pass: the norm of every parameter's gradient, nothing updated.
+            let (mut squares, mut tied) = (0.0f64, None);
+            let hook = &mut self.grad_hook;
+            backward_blockwise(
+                &model,
+                compute,
+                batch,
+                scale,
+                recompute,
+                &device,
+                |block, mut grads| {
+                    if let Some(h) = hook.as_mut() {
+                        h(block, &mut grads);
+                    }
+                    let norm = match block {
+                        BlockId::Head => {
+                            tied = grads.remove::<B::InnerBackend, 2>(embed_id);
+                            global_norm(&model.head, &grads)
+                        }
+                        BlockId::Layer(i) => global_norm(&model.layers[i], &grads),
+                        BlockId::Embed => {
+                            merge_tied(&mut grads, embed_id, tied.take());
+                            global_norm(&model.embed, &grads)
+                        }
+                    };
+                    squares += norm * norm;
+                },
+            );
+            let norm = squares.sqrt() / loss_scale;
+            if !norm.is_finite() {
+                // Overflow under f16: skip the step and halve the scale (lomo-optim's scaler).
+                self.state.skipped_steps += 1;
+                self.state.loss_scale = (self.state.loss_scale / 2.0).max(1.0);
+                self.state.scale_good_steps = 0;
+                return (f64::NAN, norm, true);
+            }
+            grad_norm = norm;
+            if max_norm > 0.0 {
+                self.optimizer.fused().expect("fused optimizer").clip_coef =
+                    Some(clip_coefficient(norm, max_norm));
+            }
+        }
+        // Updating pass: each block is updated as soon as its gradients exist. A tied embedding's
+        // share from the head waits for the embedding block, so it is updated once, with the sum.
+        let (optimizer, hook, target) = (&mut self.optimizer, &mut self.grad_hook, &mut self.model);
+        let mut tied = None;
+        let nll = backward_blockwise(
+            &model,
+            compute,
+            batch,
+            scale,
+            recompute,
+            &device,
+            |block, mut grads| {
+                if let Some(h) = hook.as_mut() {
+                    h(block, &mut grads);
+                }
+                let path = block.path();
+                match block {
+                    BlockId::Head => {
+                        tied = grads.remove::<B::InnerBackend, 2>(embed_id);
+                        target.head = collie_optim::apply_at(
+                            &path,
+                            target.head.clone(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                    }
+                    BlockId::Layer(i) => {
+                        target.layers[i] = collie_optim::apply_at(
+                            &path,
+                            target.layers[i].clone(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                    }
+                    BlockId::Embed => {
+                        merge_tied(&mut grads, embed_id, tied.take());
+                        target.embed = collie_optim::apply_at(
+                            &path,
+                            target.embed.clone(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                    }
+                }
+            },
+        );
+        if lomo_f16 {
+            self.state.scale_good_steps += 1;
+            if self.state.scale_good_steps >= LOMO_SCALE_WINDOW {
+                self.state.loss_scale *= 2.0;
+                self.state.scale_good_steps = 0;
+            }
+        }
+        (nll, grad_norm, false)
+    }
+
+    /// SophiaG's Hessian refresh (the official training loop's Gauss-Newton-Bartlett estimator):
+    /// labels sampled from the model's own softmax at every target position of `batches`
+    /// (Gumbel-max, seeded by `train.seed` and the step), the mean NLL of those labels
+    /// back-propagated, and its gradient fed to `update_hessian`.
+    fn refresh_hessian(&mut self, batches: &[Batch]) {
+        let device = self.device.clone();
+        B::seed(
+            &device,
+            self.config.train.seed.wrapping_add(self.state.step),
+        );
+        let count: usize = batches.iter().map(Batch::target_tokens).sum();
+        let mut acc = GradientsAccumulator::new();
+        for batch in batches {
+            let (r, c) = (batch.rows, batch.cols);
+            let model = self.in_compute_dtype(self.model.clone());
+            let ids = tensor2::<B>(&batch.input_ids, r, c, &device);
+            let segments = tensor2::<B>(&batch.segments, r, c, &device);
+            let positions = tensor2::<B>(&batch.positions, r, c, &device);
+            let logits = model.logits_packed(ids, &segments, positions);
+            let vocab = logits.dims()[2];
+            // [r, c, vocab] -> [r·(c-1), vocab]: the positions that predict labels[:, 1:]
+            let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab]);
+            let noise = Tensor::<B::InnerBackend, 2>::random(
+                [r * (c - 1), vocab],
+                Distribution::Uniform(1e-20, 1.0),
+                &device,
+            );
+            let gumbel = noise.log().neg().log().neg();
+            let sampled = (to_f32(logits.clone().inner()) + gumbel)
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .into_vec::<i64>()
+                .expect("sampled ids");
+            let labels: Vec<i64> = (0..r)
+                .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
+                .zip(sampled)
+                .map(|(l, y)| if l == -100 { -100 } else { y })
+                .collect();
+            let labels =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [r * (c - 1)]), &device);
+            let (sum, _) = cross_entropy_sum(logits, labels);
+            let grads = sum.div_scalar(count as f64).backward();
+            acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        }
+        let mut grads = acc.grads();
+        let AnyOptimizer::Sophia(sophia) = &mut self.optimizer else {
+            return;
+        };
+        sophia.set_hessian_refresh(true);
+        self.model = collie_optim::apply(self.model.clone(), &mut grads, sophia, 0.0, None);
+        sophia.set_hessian_refresh(false);
     }
 
     /// Evaluation metrics (`eval_loss`, `eval_ppl`, `eval_accuracy`, `eval_exact_match`,
@@ -719,6 +946,25 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         Ok(summary)
     }
+}
+
+/// Adds a tied embedding's gradient from the head pass into the embedding block's gradients.
+fn merge_tied<B: burn::tensor::backend::Backend>(
+    grads: &mut GradientsParams,
+    id: burn::module::ParamId,
+    tied: Option<Tensor<B, 2>>,
+) {
+    if let Some(t) = tied {
+        let sum = match grads.remove::<B, 2>(id) {
+            Some(g) => g + t,
+            None => t,
+        };
+        grads.register(id, sum);
+    }
+}
+
+fn to_f32<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    collie_core::nn::to_dtype(t, DType::F32)
 }
 
 fn fmt_metrics(m: &BTreeMap<String, f64>) -> String {

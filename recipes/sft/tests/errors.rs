@@ -126,3 +126,60 @@ fn missing_config_file() {
     let line = fails(Path::new("/nonexistent/config.toml"), &[]);
     assert!(line.contains("/nonexistent/config.toml"), "{line}");
 }
+
+#[test]
+fn bad_optimizer_settings() {
+    check(
+        &["optim.name=\"adamax\""],
+        &[GOOD],
+        &["optim.name", "adamax", "lion", "adalomo"],
+    );
+    check(&["optim.lr=-1e-3"], &[GOOD], &["optim.lr", "non-negative"]);
+    check(
+        &["optim.name=\"lion\"", "optim.betas=[0.9, 1.0]"],
+        &[GOOD],
+        &["optim.betas", "[0, 1)"],
+    );
+    check(
+        &["optim.name=\"adan\"", "optim.betas=[0.9, 0.99]"],
+        &[GOOD],
+        &["optim.betas", "adan takes 3"],
+    );
+    check(
+        &["optim.name=\"lomo\"", "optim.betas=[0.9, 0.99]"],
+        &[GOOD],
+        &["optim.betas", "lomo", "no betas"],
+    );
+    check(
+        &["optim.name=\"sophiag\"", "optim.rho=-1"],
+        &[GOOD],
+        &["optim.rho"],
+    );
+}
+
+#[test]
+fn lomo_with_gradient_accumulation_warns_and_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = chat_data(tmp.path(), &[GOOD, GOOD]);
+    let config = write_config(tmp.path(), &data);
+    let out = Command::new(env!("CARGO_BIN_EXE_recipe-sft"))
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--set",
+            "optim.name=\"lomo\"",
+            "--set",
+            "train.grad_accum_steps=4",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: lomo") && stderr.contains("grad_accum_steps = 4 forced to 1"),
+        "{stderr}"
+    );
+    let resolved =
+        std::fs::read_to_string(tmp.path().join("out").join("config.resolved.toml")).unwrap();
+    assert!(resolved.contains("grad_accum_steps = 1"), "{resolved}");
+}
