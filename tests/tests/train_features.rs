@@ -173,13 +173,16 @@ fn reduced_precision_tracks_f32() {
             "{dtype}: loss did not fall"
         );
     }
-    // Block recomputation in bf16 runs the same casts and kernels as the plain path.
+    // Block recomputation in bf16: the checkpointed forward runs on the inner backend (no
+    // autodiff graph is built), whose fused attention kernel rounds differently in bf16 from the
+    // autodiff decomposition the plain path uses (in f32 the two agree to 1e-6, see
+    // activation_checkpointing_matches_the_plain_backward); the runs agree to bf16 precision.
     let plain = run_dtype("bf16", false, &tmp.path().join("bf16-plain"));
     let ckpt = run_dtype("bf16", true, &tmp.path().join("bf16-ckpt"));
-    for (a, b) in ckpt.iter().zip(&plain) {
+    for ((a, b), f) in ckpt.iter().zip(&plain).zip(&f32_losses) {
         assert!(
-            (a - b).abs() < 1e-6 * b,
-            "bf16 with checkpointing: loss {a} vs {b}"
+            (a - b).abs() < 0.004 * b && (a - f).abs() < 0.004 * f,
+            "bf16 with checkpointing: loss {a} vs {b} (plain bf16), {f} (f32)"
         );
     }
 }

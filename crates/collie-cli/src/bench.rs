@@ -1,4 +1,4 @@
-//! `collie bench`: training-step throughput and matmul speed.
+//! `collie bench`: training-step throughput, matmul speed and per-optimizer peak memory.
 //!
 //! Timings are printed, never asserted; `scripts/bench/` runs the PyTorch twin of each benchmark
 //! in the same command and `docs/benchmarks.md` records both.
@@ -14,6 +14,9 @@ use collie_core::loss::cross_entropy_sum;
 use collie_llama::LlamaConfig;
 use collie_optim::clip::clip_global_norm;
 use collie_optim::{AdamW, AdamWConfig};
+use collie_train::metrics::peak_rss_bytes;
+use collie_train::plot::{draw_memory, Series};
+use collie_train::{RunOptions, TrainConfig, Trainer};
 
 /// Benchmarks.
 #[derive(clap::Subcommand, Debug)]
@@ -24,6 +27,45 @@ pub enum Command {
     Train(ForwardArgs),
     /// Square f32 matmul.
     Matmul(MatmulArgs),
+    /// Peak memory of training steps through the trainer, per optimizer (one process per run).
+    Memory(MemoryArgs),
+}
+
+/// Arguments of `collie bench memory`.
+#[derive(clap::Args, Debug)]
+pub struct MemoryArgs {
+    /// Model shape: `30m`, `small` (SmolLM2-135M) or `360m` (SmolLM2-360M), or another preset.
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// `[optim] name` to train with; a `+ckpt` suffix also turns on activation checkpointing.
+    #[arg(long, default_value = "adamw")]
+    optim: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Training steps (the optimizer state exists from the first).
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// `train.max_grad_norm` (0: no clipping, as CoLLiE's memory profile).
+    #[arg(long, default_value_t = 0.0)]
+    max_grad_norm: f64,
+    /// Run every preset × optimizer below, each in a fresh process, and write `memory.jsonl` and
+    /// `memory.png` into this directory.
+    #[arg(long)]
+    sweep: Option<std::path::PathBuf>,
+    /// Presets of the sweep.
+    #[arg(long, value_delimiter = ',', default_value = "30m,small,360m")]
+    presets: Vec<String>,
+    /// Optimizers of the sweep.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "adamw,sgd,lion,adan,sophiag,lomo,adalomo,adamw+ckpt,lomo+ckpt,adalomo+ckpt"
+    )]
+    optims: Vec<String>,
 }
 
 /// Arguments of `collie bench forward`.
@@ -64,12 +106,22 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
             c.tie_word_embeddings = true;
             c
         }
+        "30m" => {
+            let mut c = LlamaConfig::new(49152, 384, 1024, 6, 6, 2);
+            c.tie_word_embeddings = true;
+            c
+        }
         "small" => {
             let mut c = LlamaConfig::new(49152, 576, 1536, 30, 9, 3);
             c.tie_word_embeddings = true;
             c
         }
-        other => bail!("unknown preset `{other}` (tiny, 20m, small)"),
+        "360m" => {
+            let mut c = LlamaConfig::new(49152, 960, 2560, 32, 15, 5);
+            c.tie_word_embeddings = true;
+            c
+        }
+        other => bail!("unknown preset `{other}` (tiny, 20m, 30m, small, 360m)"),
     })
 }
 
@@ -191,6 +243,177 @@ pub fn run(cmd: Command, device: DeviceSpec) -> Result<()> {
         ),
         Command::Train(args) => dispatch(device, Forward { args, update: true }),
         Command::Matmul(args) => dispatch(device, Matmul(args)),
+        Command::Memory(args) => match args.sweep.clone() {
+            Some(dir) => return memory_sweep(&args, &dir, device),
+            None => dispatch(device, Memory(args)),
+        },
     }
     .context("selecting the device")?
+}
+
+struct Memory(MemoryArgs);
+
+impl BackendTask for Memory {
+    type Output = Result<()>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let args = self.0;
+        let model = preset(&args.preset)?;
+        let (name, checkpointing) = match args.optim.strip_suffix("+ckpt") {
+            Some(name) => (name.to_string(), true),
+            None => (args.optim.clone(), false),
+        };
+        let dir = std::env::temp_dir().join(format!("collie-bench-memory-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Random pre-tokenized sequences (a fixed LCG: the data does not matter, only its shape).
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut lines = String::new();
+        for _ in 0..args.steps * args.batch_size {
+            let ids: Vec<u64> = (0..args.seq_len)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (x >> 33) % model.vocab_size as u64
+                })
+                .collect();
+            lines.push_str(&serde_json::json!({ "input_ids": ids }).to_string());
+            lines.push('\n');
+        }
+        let data = dir.join("data.jsonl");
+        std::fs::write(&data, lines).with_context(|| format!("writing {}", data.display()))?;
+        let text = format!(
+            "[model]\npath = \"\"\ninit = \"scratch\"\n[data]\ntrain = {:?}\nformat = \"tokens\"\nseq_len = {}\nshuffle = false\n[train]\nmax_steps = {}\nmicro_batch_size = {}\nmax_grad_norm = {:?}\nactivation_checkpointing = {checkpointing}\n[optim]\nname = {:?}\nlr = 1e-5\n[output]\ndir = {:?}\n",
+            data.display().to_string(),
+            args.seq_len,
+            args.steps,
+            args.batch_size,
+            args.max_grad_norm,
+            name,
+            dir.join("out").display().to_string(),
+        );
+        let model_table = toml::to_string(&model).context("writing the model config")?;
+        let text = format!("{text}[model.config]\n{model_table}");
+        let config = TrainConfig::parse(&text, "bench memory", &[])?;
+        let options = RunOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::<B>::new(config, &options, &device)?;
+        let params = burn::module::Module::num_params(&trainer.model);
+        let mut seconds = Vec::new();
+        for _ in 0..args.steps {
+            seconds.push(trainer.train_step()?.seconds);
+        }
+        let peak = peak_rss_bytes().unwrap_or(0);
+        let last = *seconds.last().unwrap_or(&f64::NAN);
+        let line = serde_json::json!({
+            "bench": "memory",
+            "preset": args.preset,
+            "optim": args.optim,
+            "params": params,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "max_grad_norm": args.max_grad_norm,
+            "peak_rss_bytes": peak,
+            "bytes_per_param": peak as f64 / params as f64,
+            "step_s": last,
+            "tokens_per_s": (args.seq_len * args.batch_size) as f64 / last,
+        });
+        drop(trainer);
+        std::fs::remove_dir_all(&dir).ok();
+        println!("{line}");
+        Ok(())
+    }
+}
+
+/// CoLLiE's published memory lines (README figure: GB per billion parameters, bf16, batch 1,
+/// seq 2048, tensor parallel; see `docs/benchmarks.md`).
+const COLLIE_LINES: [(&str, f64); 3] = [
+    ("CoLLiE Adam/Lion 30.5", 30.5),
+    ("CoLLiE Adan/Sophia 34.5", 34.5),
+    ("CoLLiE LOMO/PEFT 2.1", 2.1),
+];
+
+/// Runs each preset × optimizer as its own `collie bench memory` process (peak RSS is per
+/// process), then writes `memory.jsonl`, `memory.png` and prints a markdown table.
+fn memory_sweep(args: &MemoryArgs, dir: &std::path::Path, device: DeviceSpec) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let exe = std::env::current_exe().context("locating the collie binary")?;
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for p in &args.presets {
+        preset(p)?;
+        for o in &args.optims {
+            eprintln!("bench memory: {p} {o}");
+            let out = std::process::Command::new(&exe)
+                .args(["--device", &device.to_string(), "bench", "memory"])
+                .args(["--preset", p, "--optim", o])
+                .args(["--seq-len", &args.seq_len.to_string()])
+                .args(["--batch-size", &args.batch_size.to_string()])
+                .args(["--steps", &args.steps.to_string()])
+                .args(["--max-grad-norm", &args.max_grad_norm.to_string()])
+                .output()
+                .context("running collie bench memory")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let Some(line) = stdout.lines().last().filter(|_| out.status.success()) else {
+                bail!(
+                    "collie bench memory --preset {p} --optim {o} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            };
+            rows.push(serde_json::from_str(line).context("reading the run's JSON line")?);
+        }
+    }
+    let jsonl: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let path = dir.join("memory.jsonl");
+    std::fs::write(&path, jsonl).with_context(|| format!("writing {}", path.display()))?;
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let mut series: Vec<Series> = args
+        .optims
+        .iter()
+        .map(|o| Series {
+            label: o.clone(),
+            points: rows
+                .iter()
+                .filter(|r| r["optim"] == o.as_str())
+                .map(|r| (f(r, "params") / 1e6, f(r, "bytes_per_param")))
+                .collect(),
+            reference: false,
+        })
+        .collect();
+    let x_max = rows
+        .iter()
+        .map(|r| f(r, "params") / 1e6)
+        .fold(0.0, f64::max);
+    for (label, y) in COLLIE_LINES {
+        series.push(Series {
+            label: label.into(),
+            points: vec![(0.0, y), (x_max, y)],
+            reference: true,
+        });
+    }
+    let png = dir.join("memory.png");
+    draw_memory(
+        &png,
+        &format!(
+            "peak RSS per parameter, one training step (seq {}, batch {}, f32)",
+            args.seq_len, args.batch_size
+        ),
+        &series,
+    )
+    .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
+    println!("| preset | params | optimizer | peak RSS (MiB) | bytes/param | tokens/s |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} M | {} | {:.0} | {:.2} | {:.1} |",
+            r["preset"].as_str().unwrap_or("?"),
+            f(r, "params") / 1e6,
+            r["optim"].as_str().unwrap_or("?"),
+            f(r, "peak_rss_bytes") / (1024.0 * 1024.0),
+            f(r, "bytes_per_param"),
+            f(r, "tokens_per_s"),
+        );
+    }
+    Ok(())
 }

@@ -8,13 +8,14 @@
 //! (activation checkpointing); otherwise every block keeps its autodiff graph from the forward
 //! pass, as a plain backward would.
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::loss::cross_entropy_sum;
 use collie_core::nn::to_dtype;
 use collie_data::loader::Batch;
+use collie_llama::Head;
 use collie_llama::Llama;
 
 /// One block of the reverse walk.
@@ -55,7 +56,7 @@ impl<B: Backend> ModuleMapper<B> for CastParams {
 }
 
 /// `module` in `dtype`: a cast copy whose gradients land on the f32 masters.
-pub(crate) fn in_dtype<B: AutodiffBackend, M: Module<B>>(module: M, dtype: DType) -> M {
+pub(crate) fn in_dtype<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
     if dtype == DType::F32 {
         module
     } else {
@@ -74,9 +75,14 @@ pub(crate) fn tensor2<B: Backend>(
 
 /// Forward + reverse block walk of one micro-batch. The backward pass sees `nll · scale`;
 /// `on_block` receives every block's parameter gradients (keyed by the ids of `model`, the f32
-/// masters), in the order head, layers from last to first, embed. Returns the summed NLL.
+/// masters), in the order head, layers from last to first, embed; a tied head's gradients include
+/// the embedding weight's share. Returns the summed NLL.
+///
+/// `model` is taken by value and each block is dropped once its gradients are handed out, so a
+/// caller that replaces blocks as it goes (LOMO) never holds old and new weights of the whole
+/// model at once.
 pub fn backward_blockwise<B: AutodiffBackend>(
-    model: &Llama<B>,
+    model: Llama<B>,
     compute: DType,
     batch: &Batch,
     scale: f64,
@@ -92,36 +98,45 @@ pub fn backward_blockwise<B: AutodiffBackend>(
     let positions = tensor2::<B>(&batch.positions, r, c, device);
     let ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
     let embedded = in_dtype(model.embed.clone(), compute).forward(ids);
-    // inputs[i]: detached input of layer i (require_grad unless recomputing); outputs[i]: its
-    // output with the graph kept (empty when recomputing).
+    // inputs[i]: detached input of layer i; outputs[i]: its output with the graph kept (empty when
+    // recomputing, where the forward pass runs on the inner backend and builds no graph at all).
     let mut inputs = Vec::with_capacity(model.layers.len() + 1);
     let mut outputs = Vec::with_capacity(model.layers.len());
     let mut x = embedded.clone().detach();
-    for layer in &model.layers {
-        let x_in = if recompute { x } else { x.require_grad() };
-        let out = in_dtype(layer.clone(), compute).forward(x_in.clone(), &ctx, None);
-        x = out.clone().detach();
-        inputs.push(x_in);
-        if !recompute {
+    if recompute {
+        let ctx = model.valid().context(
+            r,
+            c,
+            0,
+            Some(&segments.clone().inner()),
+            Some(tensor2::<B::InnerBackend>(&batch.positions, r, c, device)),
+            device,
+        );
+        let mut xi = x.inner();
+        for layer in &model.layers {
+            inputs.push(Tensor::from_inner(xi.clone()));
+            xi = in_dtype(layer.valid(), compute).forward(xi, &ctx, None);
+        }
+        x = Tensor::from_inner(xi);
+    } else {
+        for layer in &model.layers {
+            let x_in = x.require_grad();
+            let out = in_dtype(layer.clone(), compute).forward(x_in.clone(), &ctx, None);
+            x = out.clone().detach();
+            inputs.push(x_in);
             outputs.push(out);
         }
     }
-    let h = x.require_grad();
-    let logits = in_dtype(model.head.clone(), compute)
-        .forward(h.clone(), &in_dtype(model.embed.clone(), compute));
-    let vocab = logits.dims()[2];
-    // [r, c, vocab] -> [r·(c-1), vocab] against labels[:, 1:]
-    let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab]);
-    let targets: Vec<i64> = (0..r)
-        .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
-        .collect();
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [r * (c - 1)]), device);
-    let (sum, _) = cross_entropy_sum(logits, targets);
-    let nll = sum.clone().inner().into_scalar().elem::<f64>();
-    let grads = sum.mul_scalar(scale).backward();
-    let mut g = h.grad(&grads).expect("gradient of the head input");
-    on_block(BlockId::Head, GradientsParams::from_grads(grads, model));
-    for (i, layer) in model.layers.iter().enumerate().rev() {
+    let Llama {
+        embed,
+        layers,
+        head,
+        ..
+    } = model;
+    let (nll, mut g, head_grads) = head_backward(&head, &embed, x, batch, compute, scale, device);
+    drop(head);
+    on_block(BlockId::Head, head_grads);
+    for (i, layer) in layers.into_iter().enumerate().rev() {
         let x_in = inputs.pop().expect("block input");
         let (x_in, out) = if recompute {
             let x_in = x_in.require_grad();
@@ -131,12 +146,86 @@ pub fn backward_blockwise<B: AutodiffBackend>(
             (x_in, outputs.pop().expect("block output"))
         };
         let g_out = to_dtype(Tensor::from_inner(g), out.dtype());
-        let grads = to_dtype(out * g_out, DType::F32).sum().backward();
+        let mut grads = to_dtype(out * g_out, DType::F32).sum().backward();
         g = x_in.grad(&grads).expect("gradient of the block input");
-        on_block(BlockId::Layer(i), GradientsParams::from_grads(grads, model));
+        let block = GradientsParams::from_module(&mut grads, &layer);
+        drop((grads, layer));
+        on_block(BlockId::Layer(i), block);
     }
     let g_out = to_dtype(Tensor::from_inner(g), embedded.dtype());
-    let grads = to_dtype(embedded * g_out, DType::F32).sum().backward();
-    on_block(BlockId::Embed, GradientsParams::from_grads(grads, model));
+    let mut grads = to_dtype(embedded * g_out, DType::F32).sum().backward();
+    let block = GradientsParams::from_module(&mut grads, &embed);
+    drop((grads, embed));
+    on_block(BlockId::Embed, block);
     nll
+}
+
+/// Logit elements per chunk of the head's backward (16 MiB of f32 per copy).
+const HEAD_CHUNK_ELEMENTS: usize = 1 << 22;
+
+/// The head block: final norm, LM head and loss over the positions that predict `labels[:, 1:]`,
+/// run in chunks of positions so that the `[positions, vocab]` logits and their softmax
+/// gradients exist for one chunk at a time (they dominate activation memory for large
+/// vocabularies). The chunks' parameter gradients are summed. Returns the summed NLL, the
+/// gradient of the head input `h` (`[r, c, d]`, zero at the last position) and the head's
+/// parameter gradients, including a tied embedding weight's share.
+fn head_backward<B: AutodiffBackend>(
+    head: &Head<B>,
+    embed: &collie_core::nn::Embedding<B>,
+    h: Tensor<B, 3>,
+    batch: &Batch,
+    compute: DType,
+    scale: f64,
+    device: &B::Device,
+) -> (f64, Tensor<B::InnerBackend, 3>, GradientsParams) {
+    let [r, c, d] = h.dims();
+    let vocab = embed.weight.dims()[0];
+    let rows = r * (c - 1);
+    let chunk = (HEAD_CHUNK_ELEMENTS / vocab).max(1);
+    // [r, c, d] -> [r·(c-1), d]: row p = (sequence, position) predicting labels[:, 1:]
+    let h = h.inner().slice([0..r, 0..c - 1]).reshape([rows, d]);
+    let targets: Vec<i64> = (0..r)
+        .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
+        .collect();
+    let mut nll = 0.0;
+    let mut g_parts = Vec::new();
+    let mut acc = burn::optim::GradientsAccumulator::<Head<B>>::new();
+    let mut tied: Option<Tensor<B::InnerBackend, 2>> = None;
+    for start in (0..rows).step_by(chunk) {
+        let end = (start + chunk).min(rows);
+        let k = end - start;
+        // [k, d] -> [1, k, d]
+        let hk = Tensor::<B, 3>::from_inner(h.clone().slice([start..end]).reshape([1, k, d]))
+            .require_grad();
+        let logits = in_dtype(head.clone(), compute)
+            .forward(hk.clone(), &in_dtype(embed.clone(), compute))
+            .reshape([k, vocab]);
+        let t = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(targets[start..end].to_vec(), [k]),
+            device,
+        );
+        let (sum, _) = cross_entropy_sum(logits, t);
+        nll += sum.clone().inner().into_scalar().elem::<f64>();
+        let mut grads = sum.mul_scalar(scale).backward();
+        g_parts.push(
+            hk.grad(&grads)
+                .expect("gradient of the head input")
+                .reshape([k, d]),
+        );
+        acc.accumulate(head, GradientsParams::from_module(&mut grads, head));
+        if let Some(t) = embed.weight.grad_remove(&mut grads) {
+            tied = Some(match tied.take() {
+                Some(s) => s + t,
+                None => t,
+            });
+        }
+    }
+    // [r·(c-1), d] -> [r, c-1, d], then a zero gradient for the last position of each sequence.
+    let g = Tensor::cat(g_parts, 0).reshape([r, c - 1, d]);
+    let g = Tensor::cat(vec![g.clone(), g.zeros_like().slice([0..r, 0..1])], 1);
+    let mut grads = acc.grads();
+    if let Some(t) = tied {
+        grads.register(embed.weight.id, t);
+    }
+    (nll, g, grads)
 }

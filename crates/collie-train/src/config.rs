@@ -444,6 +444,14 @@ impl TrainConfig {
                 ))
             }
         }
+        if self.model.path.is_empty()
+            && (self.model.init != "scratch" || self.data.format != DataFormat::Tokens)
+        {
+            return Err(key_error(
+                "model.path",
+                "empty (only `init = \"scratch\"` with `data.format = \"tokens\"` runs without a tokenizer)",
+            ));
+        }
         if self.data.seq_len <= 1 {
             return Err(key_error(
                 "data.seq_len",

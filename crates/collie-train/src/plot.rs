@@ -116,3 +116,85 @@ pub fn draw(path: &Path, curves: &Curves) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
+
+/// One line of the memory plot: a label and `(parameters in millions, bytes per parameter)`.
+pub struct Series {
+    /// Legend text.
+    pub label: String,
+    /// Points, by model size.
+    pub points: Vec<(f64, f64)>,
+    /// Drawn dashed-style (a reference line, not a measurement) when true.
+    pub reference: bool,
+}
+
+/// Draws peak memory per parameter against model size (`collie bench memory --sweep`).
+pub fn draw_memory(path: &Path, title: &str, series: &[Series]) -> Result<(), String> {
+    let labels = fonts();
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let x_hi = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(1.0, f64::max)
+        * 1.05;
+    let y_hi = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root);
+    chart.margin(16);
+    if labels {
+        chart
+            .caption(title, ("sans-serif", 20))
+            .x_label_area_size(36)
+            .y_label_area_size(56);
+    }
+    let mut chart = chart
+        .build_cartesian_2d(0.0..x_hi, 0.0..y_hi)
+        .map_err(|e| e.to_string())?;
+    if labels {
+        chart
+            .configure_mesh()
+            .x_desc("parameters (millions)")
+            .y_desc("peak memory / parameter (bytes)")
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    for (i, s) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let style = if s.reference {
+            color.stroke_width(1)
+        } else {
+            color.stroke_width(2)
+        };
+        let line = chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), style))
+            .map_err(|e| e.to_string())?;
+        if labels {
+            line.label(s.label.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        }
+        if !s.reference {
+            chart
+                .draw_series(PointSeries::of_element(
+                    s.points.iter().copied(),
+                    4,
+                    color.filled(),
+                    &|c, sz, st| Circle::new(c, sz, st),
+                ))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if labels {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}

@@ -211,11 +211,17 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (model_config, model, tokenizer) = match config.model.init.as_str() {
             "scratch" => {
                 let model_config = config.model.config.clone().expect("validated");
-                let tokenizer = collie_llama::load_tokenizer(&config.model.path)?;
-                tokenizer.check_fits(model_config.vocab_size)?;
+                // Pre-tokenized data needs no tokenizer (validated: `model.path` may then be empty).
+                let tokenizer = if config.model.path.is_empty() {
+                    None
+                } else {
+                    let tokenizer = collie_llama::load_tokenizer(&config.model.path)?;
+                    tokenizer.check_fits(model_config.vocab_size)?;
+                    Some(tokenizer)
+                };
                 B::seed(device, config.train.seed);
                 let model = model_config.init::<B>(device)?;
-                (model_config, model, Some(tokenizer))
+                (model_config, model, tokenizer)
             }
             _ => {
                 let loaded = collie_llama::load::<B>(&config.model.path, device)?;
@@ -343,7 +349,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> f64 {
         let model = &self.model;
         backward_blockwise(
-            model,
+            model.clone(),
             self.compute,
             batch,
             scale,
@@ -489,13 +495,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         let max_norm = self.config.train.max_grad_norm;
         let embed_id = self.model.embed.weight.id;
         let mut grad_norm = f64::NAN;
-        let model = self.model.clone();
         if max_norm > 0.0 || lomo_f16 {
             // Measuring pass: the norm of every parameter's gradient, nothing updated.
             let (mut squares, mut tied) = (0.0f64, None);
-            let hook = &mut self.grad_hook;
+            let (hook, model) = (&mut self.grad_hook, &self.model);
             backward_blockwise(
-                &model,
+                model.clone(),
                 compute,
                 batch,
                 scale,
@@ -538,7 +543,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (optimizer, hook, target) = (&mut self.optimizer, &mut self.grad_hook, &mut self.model);
         let mut tied = None;
         let nll = backward_blockwise(
-            &model,
+            target.clone(),
             compute,
             batch,
             scale,
