@@ -195,7 +195,7 @@ fn head_backward<B: AutodiffBackend>(
         let end = (start + chunk).min(rows);
         let k = end - start;
         // [k, d] -> [1, k, d]
-        let hk = Tensor::<B, 3>::from_inner(h.clone().slice([start..end]).reshape([1, k, d]))
+        let hk = Tensor::<B, 3>::from_inner(h.clone().slice([start..end, 0..d]).reshape([1, k, d]))
             .require_grad();
         let logits = in_dtype(head.clone(), compute)
             .forward(hk.clone(), &in_dtype(embed.clone(), compute))
