@@ -46,7 +46,8 @@ pub struct MemoryArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
-    /// Training steps (the optimizer state exists from the first).
+    /// Training steps (the optimizer state exists from the first; tokens/s is the median of the
+    /// steps after it).
     #[arg(long, default_value_t = 2)]
     steps: usize,
     /// `train.max_grad_norm` (0: no clipping, as CoLLiE's memory profile).
@@ -306,7 +307,10 @@ impl BackendTask for Memory {
             seconds.push(trainer.train_step()?.seconds);
         }
         let peak = peak_rss_bytes().unwrap_or(0);
-        let last = *seconds.last().unwrap_or(&f64::NAN);
+        // Median step time after the first (which allocates the optimizer state).
+        let mut timed = seconds[1.min(seconds.len() - 1)..].to_vec();
+        timed.sort_by(f64::total_cmp);
+        let step_s = timed[timed.len() / 2];
         let line = serde_json::json!({
             "bench": "memory",
             "preset": args.preset,
@@ -317,8 +321,8 @@ impl BackendTask for Memory {
             "max_grad_norm": args.max_grad_norm,
             "peak_rss_bytes": peak,
             "bytes_per_param": peak as f64 / params as f64,
-            "step_s": last,
-            "tokens_per_s": (args.seq_len * args.batch_size) as f64 / last,
+            "step_s": step_s,
+            "tokens_per_s": (args.seq_len * args.batch_size) as f64 / step_s,
         });
         drop(trainer);
         std::fs::remove_dir_all(&dir).ok();
