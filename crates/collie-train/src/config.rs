@@ -207,6 +207,12 @@ impl OptimSection {
         matches!(self.name.as_str(), "lomo" | "adalomo")
     }
 
+    /// Whether `betas` means anything to the named optimizer (SGD, LOMO and AdaLomo have none; the
+    /// trainer warns when they are given).
+    pub fn takes_betas(&self) -> bool {
+        matches!(self.name.as_str(), "adamw" | "lion" | "adan" | "sophiag")
+    }
+
     /// The configured betas, or the optimizer's defaults.
     pub fn betas_or_default(&self) -> Vec<f64> {
         self.betas
@@ -490,14 +496,8 @@ impl TrainConfig {
                 format!("{} (must be non-negative)", optim.lr),
             ));
         }
-        if let Some(betas) = &optim.betas {
+        if let Some(betas) = optim.betas.as_ref().filter(|_| optim.takes_betas()) {
             let want = if optim.name == "adan" { 3 } else { 2 };
-            if !["adamw", "lion", "adan", "sophiag"].contains(&optim.name.as_str()) {
-                return Err(key_error(
-                    "optim.betas",
-                    format!("`{}` takes no betas", optim.name),
-                ));
-            }
             if betas.len() != want {
                 return Err(key_error(
                     "optim.betas",

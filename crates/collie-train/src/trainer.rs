@@ -196,6 +196,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             config.train.grad_accum_steps = 1;
         }
+        if config.optim.betas.is_some() && !config.optim.takes_betas() && !options.quiet {
+            eprintln!(
+                "warning: {} takes no betas; optim.betas is ignored",
+                config.optim.name
+            );
+        }
         if config.optim.name == "lomo"
             && config.model.dtype == "f16"
             && config.train.max_grad_norm == 0.0
