@@ -6,9 +6,8 @@ use burn::tensor::ElementConversion;
 use collie_data::dataset::{DataFormat, Encoder, JsonlDataset};
 use collie_data::loader::{collate, pack_rows};
 use collie_train::eval::batch_nll;
-use collie_train::{RunOptions, TrainConfig, Trainer};
+use collie_train::TrainConfig;
 use common::*;
-use serde_json::Value;
 
 #[test]
 fn packed_batch_loss_equals_unpacked() {
@@ -73,18 +72,7 @@ dir = "{}"
         out.display()
     );
     let config = TrainConfig::parse(&text, "test", &[]).unwrap();
-    let options = RunOptions {
-        quiet: true,
-        ..Default::default()
-    };
-    let mut trainer =
-        Trainer::<burn::backend::Autodiff<B>>::new(config, &options, &Default::default()).unwrap();
-    trainer.run(&options).unwrap();
-    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
-        .collect();
+    let (trainer, losses) = train_run(config, None);
     let weights = values(trainer.model.layers[0].mlp.down_proj.weight.val().inner());
     (losses, weights)
 }
@@ -137,23 +125,13 @@ dir = "{}"
         out.display()
     );
     let config = TrainConfig::parse(&text, "test", &[]).unwrap();
-    let options = RunOptions {
-        quiet: true,
-        ..Default::default()
-    };
-    let mut trainer =
-        Trainer::<burn::backend::Autodiff<B>>::new(config, &options, &Default::default()).unwrap();
-    trainer.run(&options).unwrap();
+    let (trainer, losses) = train_run(config, None);
     // Master weights stay f32.
     assert_eq!(
         trainer.model.embed.weight.val().dtype(),
         burn::tensor::DType::F32
     );
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
-        .collect()
+    losses
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use collie_io::module::TensorSource;
 use collie_io::safetensors::SafetensorsSource;
-use collie_train::{RunOptions, TrainConfig, Trainer};
+use collie_train::TrainConfig;
 use common::*;
 use serde_json::Value;
 
@@ -40,20 +40,7 @@ dir = "{}"
 }
 
 fn train(config: TrainConfig, resume: Option<String>) -> Vec<f64> {
-    let options = RunOptions {
-        quiet: true,
-        resume,
-        ..Default::default()
-    };
-    let out = config.output.dir.clone();
-    let mut trainer =
-        Trainer::<burn::backend::Autodiff<B>>::new(config, &options, &Default::default()).unwrap();
-    trainer.run(&options).unwrap();
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
-        .collect()
+    train_run(config, resume).1
 }
 
 #[test]

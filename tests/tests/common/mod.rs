@@ -94,3 +94,30 @@ pub fn max_abs_diff(a: &[f32], b: &[f64], keep: impl Fn(usize) -> bool) -> f64 {
         .map(|(_, (x, y))| (*x as f64 - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// Runs `config` quietly to the end (resuming from `resume` when given) and returns the trainer
+/// with the training losses of its `metrics.jsonl`.
+pub fn train_run(
+    config: collie_train::TrainConfig,
+    resume: Option<String>,
+) -> (collie_train::Trainer<burn::backend::Autodiff<B>>, Vec<f64>) {
+    let options = collie_train::RunOptions {
+        quiet: true,
+        resume,
+        ..Default::default()
+    };
+    let out = config.output.dir.clone();
+    let mut trainer = collie_train::Trainer::<burn::backend::Autodiff<B>>::new(
+        config,
+        &options,
+        &Default::default(),
+    )
+    .unwrap();
+    trainer.run(&options).unwrap();
+    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    (trainer, losses)
+}
