@@ -41,8 +41,8 @@ impl BlockId {
 }
 
 /// Called with each block's gradients between the backward pass that produced them and their use
-/// (the place where a data-parallel run all-reduces them). The gradients of a tied head include
-/// the embedding's share.
+/// (the place where a data-parallel run all-reduces them). A tied embedding weight's gradient
+/// arrives once, with the embedding block, summed over its two uses.
 pub type GradHook = Box<dyn FnMut(BlockId, &mut GradientsParams) + Send>;
 
 /// Casts every float parameter (an autodiff op, so gradients flow back to the f32 masters).
@@ -75,8 +75,10 @@ pub(crate) fn tensor2<B: Backend>(
 
 /// Forward + reverse block walk of one micro-batch. The backward pass sees `nll · scale`;
 /// `on_block` receives every block's parameter gradients (keyed by the ids of `model`, the f32
-/// masters), in the order head, layers from last to first, embed; a tied head's gradients include
-/// the embedding weight's share. Returns the summed NLL.
+/// masters), in the order head, layers from last to first, embed. A tied embedding weight gets
+/// gradient in the head and in the embedding; the head's share is held back and added to the
+/// embedding block's, so the weight appears once, with the sum (as lomo-optim's hook fires once
+/// on the accumulated gradient). Returns the summed NLL.
 ///
 /// `model` is taken by value and each block is dropped once its gradients are handed out, so a
 /// caller that replaces blocks as it goes (LOMO) never holds old and new weights of the whole
@@ -133,7 +135,12 @@ pub fn backward_blockwise<B: AutodiffBackend>(
         head,
         ..
     } = model;
-    let (nll, mut g, head_grads) = head_backward(&head, &embed, x, batch, compute, scale, device);
+    let HeadGrads {
+        nll,
+        mut g,
+        params: head_grads,
+        tied,
+    } = head_backward(&head, &embed, x, batch, compute, scale, device);
     drop(head);
     on_block(BlockId::Head, head_grads);
     for (i, layer) in layers.into_iter().enumerate().rev() {
@@ -154,7 +161,15 @@ pub fn backward_blockwise<B: AutodiffBackend>(
     }
     let g_out = to_dtype(Tensor::from_inner(g), embedded.dtype());
     let mut grads = to_dtype(embedded * g_out, DType::F32).sum().backward();
-    let block = GradientsParams::from_module(&mut grads, &embed);
+    let mut block = GradientsParams::from_module(&mut grads, &embed);
+    if let Some(t) = tied {
+        let id = embed.weight.id;
+        let sum = match block.remove::<B::InnerBackend, 2>(id) {
+            Some(own) => own + t,
+            None => t,
+        };
+        block.register(id, sum);
+    }
     drop((grads, embed));
     on_block(BlockId::Embed, block);
     nll
@@ -165,12 +180,24 @@ pub fn backward_blockwise<B: AutodiffBackend>(
 /// elements, 206 with 16 Mi and 253 unchunked, at 21.4 / 21.9 / 26.6 bytes per parameter.
 const HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
 
+/// What the head's backward produces.
+struct HeadGrads<B: AutodiffBackend> {
+    /// Summed NLL.
+    nll: f64,
+    /// Gradient of the head input, `[r, c, d]`.
+    g: Tensor<B::InnerBackend, 3>,
+    /// The head's parameter gradients.
+    params: GradientsParams,
+    /// A tied embedding weight's share.
+    tied: Option<Tensor<B::InnerBackend, 2>>,
+}
+
 /// The head block: final norm, LM head and loss over the positions that predict `labels[:, 1:]`,
 /// run in chunks of positions so that the `[positions, vocab]` logits and their softmax
 /// gradients exist for one chunk at a time (they dominate activation memory for large
 /// vocabularies). The chunks' parameter gradients are summed. Returns the summed NLL, the
-/// gradient of the head input `h` (`[r, c, d]`, zero at the last position) and the head's
-/// parameter gradients, including a tied embedding weight's share.
+/// gradient of the head input `h` (`[r, c, d]`, zero at the last position), the head's parameter
+/// gradients and a tied embedding weight's share.
 fn head_backward<B: AutodiffBackend>(
     head: &Head<B>,
     embed: &collie_core::nn::Embedding<B>,
@@ -179,7 +206,7 @@ fn head_backward<B: AutodiffBackend>(
     compute: DType,
     scale: f64,
     device: &B::Device,
-) -> (f64, Tensor<B::InnerBackend, 3>, GradientsParams) {
+) -> HeadGrads<B> {
     let [r, c, d] = h.dims();
     let vocab = embed.weight.dims()[0];
     let rows = r * (c - 1);
@@ -225,9 +252,10 @@ fn head_backward<B: AutodiffBackend>(
     // [r·(c-1), d] -> [r, c-1, d], then a zero gradient for the last position of each sequence.
     let g = Tensor::cat(g_parts, 0).reshape([r, c - 1, d]);
     let g = Tensor::cat(vec![g.clone(), g.zeros_like().slice([0..r, 0..1])], 1);
-    let mut grads = acc.grads();
-    if let Some(t) = tied {
-        grads.register(embed.weight.id, t);
+    HeadGrads {
+        nll,
+        g,
+        params: acc.grads(),
+        tied,
     }
-    (nll, g, grads)
 }

@@ -483,7 +483,8 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// One LOMO/AdaLomo step on `batch`: an optional measuring pass (global gradient norm for
     /// clipping, overflow check under f16 loss scaling), then the updating pass, both block-wise,
-    /// so no more than one block's gradients (plus a tied embedding's head share) exist at a time.
+    /// so no more than one block's gradients (plus a tied embedding's head share) exist at a time;
+    /// a tied embedding is updated once, with the sum of its two shares (see `blockwise`).
     /// Returns `(summed NLL, gradient norm or NaN when not measured, skipped)`.
     fn fused_step(&mut self, batch: &Batch, targets: usize, lr: f64) -> (f64, f64, bool) {
         let lomo_f16 = self.compute == DType::F16 && self.config.optim.name == "lomo";
@@ -499,11 +500,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (compute, device) = (self.compute, self.device.clone());
         let recompute = self.config.train.activation_checkpointing;
         let max_norm = self.config.train.max_grad_norm;
-        let embed_id = self.model.embed.weight.id;
         let mut grad_norm = f64::NAN;
         if max_norm > 0.0 || lomo_f16 {
             // Measuring pass: the norm of every parameter's gradient, nothing updated.
-            let (mut squares, mut tied) = (0.0f64, None);
+            let mut squares = 0.0f64;
             let (hook, model) = (&mut self.grad_hook, &self.model);
             backward_blockwise(
                 model.clone(),
@@ -517,15 +517,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                         h(block, &mut grads);
                     }
                     let norm = match block {
-                        BlockId::Head => {
-                            tied = grads.remove::<B::InnerBackend, 2>(embed_id);
-                            global_norm(&model.head, &grads)
-                        }
+                        BlockId::Head => global_norm(&model.head, &grads),
                         BlockId::Layer(i) => global_norm(&model.layers[i], &grads),
-                        BlockId::Embed => {
-                            merge_tied(&mut grads, embed_id, tied.take());
-                            global_norm(&model.embed, &grads)
-                        }
+                        BlockId::Embed => global_norm(&model.embed, &grads),
                     };
                     squares += norm * norm;
                 },
@@ -544,10 +538,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                     Some(clip_coefficient(norm, max_norm));
             }
         }
-        // Updating pass: each block is updated as soon as its gradients exist. A tied embedding's
-        // share from the head waits for the embedding block, so it is updated once, with the sum.
+        // Updating pass: each block is updated as soon as its gradients exist.
         let (optimizer, hook, target) = (&mut self.optimizer, &mut self.grad_hook, &mut self.model);
-        let mut tied = None;
         let nll = backward_blockwise(
             target.clone(),
             compute,
@@ -562,7 +554,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let path = block.path();
                 match block {
                     BlockId::Head => {
-                        tied = grads.remove::<B::InnerBackend, 2>(embed_id);
                         target.head = collie_optim::apply_at(
                             &path,
                             target.head.clone(),
@@ -583,7 +574,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                         );
                     }
                     BlockId::Embed => {
-                        merge_tied(&mut grads, embed_id, tied.take());
                         target.embed = collie_optim::apply_at(
                             &path,
                             target.embed.clone(),
@@ -956,21 +946,6 @@ impl<B: AutodiffBackend> Trainer<B> {
             eprintln!("{}", summary_text(&summary));
         }
         Ok(summary)
-    }
-}
-
-/// Adds a tied embedding's gradient from the head pass into the embedding block's gradients.
-fn merge_tied<B: burn::tensor::backend::Backend>(
-    grads: &mut GradientsParams,
-    id: burn::module::ParamId,
-    tied: Option<Tensor<B, 2>>,
-) {
-    if let Some(t) = tied {
-        let sum = match grads.remove::<B, 2>(id) {
-            Some(g) => g + t,
-            None => t,
-        };
-        grads.register(id, sum);
     }
 }
 
