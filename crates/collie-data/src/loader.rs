@@ -82,16 +82,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The labels a causal LM predicts, `labels[:, 1:]` row by row (`rows · (cols − 1)` values).
+    pub fn shifted_labels(&self) -> impl Iterator<Item = i64> + '_ {
+        (0..self.rows).flat_map(|r| {
+            self.labels[r * self.cols + 1..(r + 1) * self.cols]
+                .iter()
+                .copied()
+        })
+    }
+
     /// Tokens that carry loss (labels other than `-100` after the first column).
     pub fn target_tokens(&self) -> usize {
-        (0..self.rows)
-            .map(|r| {
-                self.labels[r * self.cols + 1..(r + 1) * self.cols]
-                    .iter()
-                    .filter(|&&l| l != IGNORE)
-                    .count()
-            })
-            .sum()
+        self.shifted_labels().filter(|&l| l != IGNORE).count()
     }
 
     /// Non-padding tokens.

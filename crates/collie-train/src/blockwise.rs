@@ -16,6 +16,8 @@ use collie_core::loss::cross_entropy_sum;
 use collie_core::nn::to_dtype;
 use collie_data::loader::Batch;
 use collie_llama::Head;
+
+use crate::eval::int2;
 use collie_llama::Llama;
 
 /// One block of the reverse walk.
@@ -64,19 +66,21 @@ pub(crate) fn in_dtype<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
     }
 }
 
-pub(crate) fn tensor2<B: Backend>(
-    v: &[i64],
-    rows: usize,
-    cols: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
+/// How a block-wise pass runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Walk {
+    /// Compute dtype of the blocks (parameters stay f32).
+    pub compute: DType,
+    /// The backward pass sees `nll · scale`.
+    pub scale: f64,
+    /// Keep only block inputs and recompute each block in the reverse walk.
+    pub recompute: bool,
 }
 
 /// Forward + reverse block walk of one micro-batch. The backward pass sees `nll · scale`;
 /// `on_block` receives every block's parameter gradients (keyed by the ids of `model`, the f32
-/// masters), in the order head, layers from last to first, embed. A tied embedding weight gets
-/// gradient in the head and in the embedding; the head's share is held back and added to the
+/// masters), in the order head, layers from last to first, embed, each after `hook`. A tied
+/// embedding weight gets gradient in the head and in the embedding; the head's share is held back and added to the
 /// embedding block's, so the weight appears once, with the sum (as lomo-optim's hook fires once
 /// on the accumulated gradient). Returns the summed NLL.
 ///
@@ -85,19 +89,30 @@ pub(crate) fn tensor2<B: Backend>(
 /// model at once.
 pub fn backward_blockwise<B: AutodiffBackend>(
     model: Llama<B>,
-    compute: DType,
     batch: &Batch,
-    scale: f64,
-    recompute: bool,
+    walk: Walk,
     device: &B::Device,
+    mut hook: Option<&mut GradHook>,
     mut on_block: impl FnMut(BlockId, GradientsParams),
 ) -> f64 {
+    let Walk {
+        compute,
+        scale,
+        recompute,
+    } = walk;
+    // Every block's gradients pass the hook (if any) before `on_block` sees them.
+    let mut on_block = |block: BlockId, mut grads: GradientsParams| {
+        if let Some(h) = hook.as_mut() {
+            h(block, &mut grads);
+        }
+        on_block(block, grads)
+    };
     // Every use of a module below takes a fresh compute-dtype copy, so each backward pass has its
     // own cast nodes to flow through to the f32 masters.
     let (r, c) = (batch.rows, batch.cols);
-    let ids = tensor2::<B>(&batch.input_ids, r, c, device);
-    let segments = tensor2::<B>(&batch.segments, r, c, device);
-    let positions = tensor2::<B>(&batch.positions, r, c, device);
+    let ids = int2::<B>(&batch.input_ids, r, c, device);
+    let segments = int2::<B>(&batch.segments, r, c, device);
+    let positions = int2::<B>(&batch.positions, r, c, device);
     let ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
     let embedded = in_dtype(model.embed.clone(), compute).forward(ids);
     // inputs[i]: detached input of layer i; outputs[i]: its output with the graph kept (empty when
@@ -111,7 +126,7 @@ pub fn backward_blockwise<B: AutodiffBackend>(
             c,
             0,
             Some(&segments.clone().inner()),
-            Some(tensor2::<B::InnerBackend>(&batch.positions, r, c, device)),
+            Some(int2::<B::InnerBackend>(&batch.positions, r, c, device)),
             device,
         );
         let mut xi = x.inner();
@@ -213,9 +228,7 @@ fn head_backward<B: AutodiffBackend>(
     let chunk = (HEAD_CHUNK_ELEMENTS / vocab).max(1);
     // [r, c, d] -> [r·(c-1), d]: row p = (sequence, position) predicting labels[:, 1:]
     let h = h.inner().slice([0..r, 0..c - 1]).reshape([rows, d]);
-    let targets: Vec<i64> = (0..r)
-        .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
-        .collect();
+    let targets: Vec<i64> = batch.shifted_labels().collect();
     let mut nll = 0.0;
     let mut g_parts = Vec::new();
     let mut acc = burn::optim::GradientsAccumulator::<Head<B>>::new();

@@ -16,7 +16,13 @@ use serde_json::Value;
 use crate::generate::{generate, GenerationConfig};
 use crate::textmetrics::{corpus_bleu, exact_match, rouge_l};
 
-fn int2<B: Backend>(v: &[i64], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+/// A `[rows, cols]` integer tensor from row-major values.
+pub(crate) fn int2<B: Backend>(
+    v: &[i64],
+    rows: usize,
+    cols: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(v.to_vec(), [rows, cols]), device)
 }
 
@@ -27,20 +33,31 @@ pub fn batch_nll<B: Backend, M: CausalLm<B>>(
     batch: &Batch,
     device: &B::Device,
 ) -> (Tensor<B, 1>, usize) {
+    let logits = shifted_logits(model, batch, device);
+    let n = logits.dims()[0];
+    let targets: Vec<i64> = batch.shifted_labels().collect();
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+    let (sum, _) = cross_entropy_sum(logits, targets);
+    (sum, batch.target_tokens())
+}
+
+/// The logits of every position that predicts a label of [`Batch::shifted_labels`].
+///
+/// # Shapes
+/// - returns `[rows · (cols − 1), vocab]`
+pub fn shifted_logits<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 2> {
     let (r, c) = (batch.rows, batch.cols);
     let ids = int2::<B>(&batch.input_ids, r, c, device);
     let segments = int2::<B>(&batch.segments, r, c, device);
     let positions = int2::<B>(&batch.positions, r, c, device);
     let logits = model.logits_packed(ids, &segments, positions);
     let vocab = logits.dims()[2];
-    // [r, c-1, vocab] -> [r·(c-1), vocab] against labels[:, 1:]
-    let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab]);
-    let targets: Vec<i64> = (0..r)
-        .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
-        .collect();
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [r * (c - 1)]), device);
-    let (sum, _) = cross_entropy_sum(logits, targets);
-    (sum, batch.target_tokens())
+    // [r, c, vocab] -> [r·(c-1), vocab]
+    logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab])
 }
 
 /// Summed NLL of every token after the first in each sequence, and how many tokens that is.

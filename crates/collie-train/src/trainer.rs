@@ -14,8 +14,8 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
-use collie_core::lm::CausalLm;
 use collie_core::loss::cross_entropy_sum;
+use collie_core::nn::to_dtype;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
@@ -30,11 +30,11 @@ use collie_optim::{
 };
 use serde_json::{json, Map, Value};
 
-use crate::blockwise::{backward_blockwise, in_dtype, tensor2, BlockId, GradHook};
+use crate::blockwise::{backward_blockwise, in_dtype, BlockId, GradHook, Walk};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::error::TrainError;
-use crate::eval::{batch_nll, classification, corpus_nll, generation};
+use crate::eval::{batch_nll, classification, corpus_nll, generation, shifted_logits};
 use crate::generate::GenerationConfig;
 use crate::metrics::{flops_per_token, peak_rss_bytes, MetricsLog, Progress};
 use crate::plot;
@@ -356,11 +356,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         let model = &self.model;
         backward_blockwise(
             model.clone(),
-            self.compute,
             batch,
-            scale,
-            true,
+            Walk {
+                compute: self.compute,
+                scale,
+                recompute: true,
+            },
             &self.device,
+            None,
             |_, grads| acc.accumulate(model, grads),
         )
     }
@@ -497,8 +500,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         fused.loss_scale = loss_scale;
         fused.clip_coef = None;
         let scale = loss_scale / targets as f64;
-        let (compute, device) = (self.compute, self.device.clone());
-        let recompute = self.config.train.activation_checkpointing;
+        let device = self.device.clone();
+        let walk = Walk {
+            compute: self.compute,
+            scale,
+            recompute: self.config.train.activation_checkpointing,
+        };
         let max_norm = self.config.train.max_grad_norm;
         let mut grad_norm = f64::NAN;
         if max_norm > 0.0 || lomo_f16 {
@@ -507,15 +514,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             let (hook, model) = (&mut self.grad_hook, &self.model);
             backward_blockwise(
                 model.clone(),
-                compute,
                 batch,
-                scale,
-                recompute,
+                walk,
                 &device,
-                |block, mut grads| {
-                    if let Some(h) = hook.as_mut() {
-                        h(block, &mut grads);
-                    }
+                hook.as_mut(),
+                |block, grads| {
                     let norm = match block {
                         BlockId::Head => global_norm(&model.head, &grads),
                         BlockId::Layer(i) => global_norm(&model.layers[i], &grads),
@@ -542,15 +545,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (optimizer, hook, target) = (&mut self.optimizer, &mut self.grad_hook, &mut self.model);
         let nll = backward_blockwise(
             target.clone(),
-            compute,
             batch,
-            scale,
-            recompute,
+            walk,
             &device,
+            hook.as_mut(),
             |block, mut grads| {
-                if let Some(h) = hook.as_mut() {
-                    h(block, &mut grads);
-                }
                 let path = block.path();
                 match block {
                     BlockId::Head => {
@@ -609,34 +608,27 @@ impl<B: AutodiffBackend> Trainer<B> {
         let count: usize = batches.iter().map(Batch::target_tokens).sum();
         let mut acc = GradientsAccumulator::new();
         for batch in batches {
-            let (r, c) = (batch.rows, batch.cols);
             let model = self.in_compute_dtype(self.model.clone());
-            let ids = tensor2::<B>(&batch.input_ids, r, c, &device);
-            let segments = tensor2::<B>(&batch.segments, r, c, &device);
-            let positions = tensor2::<B>(&batch.positions, r, c, &device);
-            let logits = model.logits_packed(ids, &segments, positions);
-            let vocab = logits.dims()[2];
-            // [r, c, vocab] -> [r·(c-1), vocab]: the positions that predict labels[:, 1:]
-            let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab]);
+            let logits = shifted_logits(&model, batch, &device);
+            let [n, vocab] = logits.dims();
             let noise = Tensor::<B::InnerBackend, 2>::random(
-                [r * (c - 1), vocab],
+                [n, vocab],
                 Distribution::Uniform(1e-20, 1.0),
                 &device,
             );
             let gumbel = noise.log().neg().log().neg();
-            let sampled = (to_f32(logits.clone().inner()) + gumbel)
+            let sampled = (to_dtype(logits.clone().inner(), DType::F32) + gumbel)
                 .argmax(1)
                 .into_data()
                 .convert::<i64>()
                 .into_vec::<i64>()
                 .expect("sampled ids");
-            let labels: Vec<i64> = (0..r)
-                .flat_map(|row| batch.labels[row * c + 1..(row + 1) * c].iter().copied())
+            let labels: Vec<i64> = batch
+                .shifted_labels()
                 .zip(sampled)
                 .map(|(l, y)| if l == -100 { -100 } else { y })
                 .collect();
-            let labels =
-                Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [r * (c - 1)]), &device);
+            let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [n]), &device);
             let (sum, _) = cross_entropy_sum(logits, labels);
             let grads = sum.div_scalar(count as f64).backward();
             acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
@@ -947,10 +939,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         Ok(summary)
     }
-}
-
-fn to_f32<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    collie_core::nn::to_dtype(t, DType::F32)
 }
 
 fn fmt_metrics(m: &BTreeMap<String, f64>) -> String {
