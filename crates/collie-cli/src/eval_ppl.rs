@@ -13,6 +13,9 @@ pub struct Args {
     /// HF directory, GGUF file, or `pypi:NAME==VERSION/path` asset.
     #[arg(long)]
     model: String,
+    /// A PEFT adapter directory (HF peft format) to apply to the model.
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// JSONL file, one {"text": ...} object per line.
     #[arg(long)]
     data: PathBuf,
@@ -62,7 +65,11 @@ impl BackendTask for Task {
             bail!("--seq-len must be at least 2 and --batch-size at least 1");
         }
         let texts = read_texts(&args.data)?;
-        let loaded = crate::model::load::<B::InnerBackend>(&args.model, &device)?;
+        let loaded = crate::model::load_adapted::<B::InnerBackend>(
+            &args.model,
+            args.adapter.as_deref(),
+            &device,
+        )?;
         let tok = loaded.tokenizer()?;
         let mut sequences = Vec::with_capacity(texts.len());
         for text in &texts {

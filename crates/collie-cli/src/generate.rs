@@ -14,6 +14,9 @@ pub struct Args {
     /// HF directory, GGUF file, or `pypi:NAME==VERSION/path` asset.
     #[arg(long)]
     model: String,
+    /// A PEFT adapter directory (HF peft format) to apply to the model.
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -53,7 +56,11 @@ impl BackendTask for Task {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let loaded = crate::model::load::<B::InnerBackend>(&args.model, &device)?;
+        let loaded = crate::model::load_adapted::<B::InnerBackend>(
+            &args.model,
+            args.adapter.as_deref(),
+            &device,
+        )?;
         let tok = loaded.tokenizer()?;
         let prompt_ids = if args.chat {
             let mut messages = Vec::new();

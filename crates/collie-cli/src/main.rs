@@ -1,9 +1,11 @@
-//! `collie`: generate text, measure perplexity, convert checkpoints and benchmark, on any backend.
+//! `collie`: generate text, measure perplexity, convert checkpoints, merge adapters and benchmark,
+//! on any backend.
 
 mod bench;
 mod convert;
 mod eval_ppl;
 mod generate;
+mod merge;
 mod model;
 
 use std::process::ExitCode;
@@ -31,6 +33,8 @@ enum Command {
     EvalPpl(eval_ppl::Args),
     /// Convert a GGUF file into an HF model directory.
     Convert(convert::Args),
+    /// Fold a LoRA / IA3 adapter into its base model and write an HF model directory.
+    Merge(merge::Args),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -42,6 +46,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args, device),
         Command::EvalPpl(args) => eval_ppl::run(args, device),
         Command::Convert(args) => convert::run(args, device),
+        Command::Merge(args) => merge::run(args, device),
         Command::Bench(cmd) => bench::run(cmd, device),
     }
 }

@@ -1,5 +1,7 @@
 //! Loading a model for the CLI commands.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use collie_llama::LoadedModel;
@@ -8,6 +10,26 @@ use serde_json::Value;
 /// Loads `spec` (HF directory, GGUF file or asset) onto `device`.
 pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
     collie_llama::load::<B>(spec, device).with_context(|| format!("loading model `{spec}`"))
+}
+
+/// Loads `spec` and applies the PEFT adapter in `adapter`, if any.
+pub fn load_adapted<B: Backend>(
+    spec: &str,
+    adapter: Option<&Path>,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
+    let mut loaded = load::<B>(spec, device)?;
+    if let Some(dir) = adapter {
+        let (model, config) = collie_peft::adapter_io::load(loaded.model, dir, device)
+            .with_context(|| format!("applying adapter {}", dir.display()))?;
+        tracing::info!(
+            "applied {} adapter {}",
+            config.kind.peft_type(),
+            dir.display()
+        );
+        loaded.model = model;
+    }
+    Ok(loaded)
 }
 
 /// EOS ids generation stops at: `generation_config.json` when the directory has one (HF's

@@ -33,7 +33,8 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
 /// `segments` gives every key slot's segment (an HF attention mask: `1` = token, `0` = padding;
 /// packed rows: `1, 2, …` per document); `None` means one document without padding. With a
 /// `window` (Mistral's sliding window), keys `window` or more slots behind the query are hidden
-/// too.
+/// too. The first `shared` key slots (virtual tokens of prompt learning) belong to every
+/// document: only causality hides them.
 ///
 /// # Shapes
 /// - segments: `[batch, s_k]`
@@ -44,6 +45,7 @@ pub fn causal_mask<B: Backend>(
     s_k: usize,
     segments: Option<&Tensor<B, 2, Int>>,
     window: Option<usize>,
+    shared: usize,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
     let past = (s_k - s_q) as i64;
@@ -72,7 +74,10 @@ pub fn causal_mask<B: Backend>(
                 .slice([0..batch, s_k - s_q..s_k])
                 .reshape([batch, s_q, 1])
                 .expand([batch, s_q, s_k]);
-            let foreign = seg_k.clone().not_equal(seg_q).bool_or(seg_k.equal_elem(0));
+            let mut foreign = seg_k.clone().not_equal(seg_q).bool_or(seg_k.equal_elem(0));
+            if shared > 0 {
+                foreign = foreign.bool_and(cols.clone().greater_equal_elem(shared as i64));
+            }
             let own_slot = cols.equal(rows);
             hidden.bool_or(foreign.bool_and(own_slot.bool_not()))
         }

@@ -13,7 +13,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::loss::cross_entropy_sum;
-use collie_core::nn::to_dtype;
+use collie_core::nn::{to_dtype, Embedding, VirtualTokens};
 use collie_data::loader::Batch;
 use collie_llama::Head;
 
@@ -113,43 +113,66 @@ pub fn backward_blockwise<B: AutodiffBackend>(
     let ids = int2::<B>(&batch.input_ids, r, c, device);
     let segments = int2::<B>(&batch.segments, r, c, device);
     let positions = int2::<B>(&batch.positions, r, c, device);
-    let ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
-    let embedded = in_dtype(model.embed.clone(), compute).forward(ids);
-    // inputs[i]: detached input of layer i; outputs[i]: its output with the graph kept (empty when
-    // recomputing, where the forward pass runs on the inner backend and builds no graph at all).
-    let mut inputs = Vec::with_capacity(model.layers.len() + 1);
+    let n_virtual = model.n_virtual();
+    // The embedding stage: token embeddings, prompt tuning's virtual embeddings in front, and
+    // prefix tuning's per-layer keys and values (inputs of every layer, like the hidden state).
+    let stage = EmbedStage {
+        embed: model.embed.clone(),
+        virtual_tokens: model.virtual_tokens.clone(),
+    };
+    let (embedded, prefix) = in_dtype(stage.clone(), compute).forward(ids);
+    let past = if prefix.is_empty() { 0 } else { n_virtual };
+    let ctx = model.context(r, c, past, Some(&segments), Some(positions), device);
+    // inputs[i]: detached input of layer i (hidden state and prefix); outputs[i]: its output
+    // with the graph kept (empty when recomputing, where the forward pass runs on the inner
+    // backend and builds no graph at all).
+    let mut inputs: Vec<LayerInput<B>> = Vec::with_capacity(model.layers.len() + 1);
     let mut outputs = Vec::with_capacity(model.layers.len());
     let mut x = embedded.clone().detach();
+    let mut prefix_in = prefix
+        .iter()
+        .map(|(k, v)| (k.clone().detach(), v.clone().detach()));
     if recompute {
         let ctx = model.valid().context(
             r,
             c,
-            0,
+            past,
             Some(&segments.clone().inner()),
             Some(int2::<B::InnerBackend>(&batch.positions, r, c, device)),
             device,
         );
         let mut xi = x.inner();
         for layer in &model.layers {
-            inputs.push(Tensor::from_inner(xi.clone()));
-            xi = in_dtype(layer.valid(), compute).forward(xi, &ctx, None);
+            let kv = prefix_in.next();
+            let mut slot = kv.clone().map(|(k, v)| (k.inner(), v.inner()));
+            let cache = slot.is_some().then_some(&mut slot);
+            inputs.push((Tensor::from_inner(xi.clone()), kv));
+            xi = in_dtype(layer.valid(), compute).forward(xi, &ctx, cache);
         }
         x = Tensor::from_inner(xi);
     } else {
         for layer in &model.layers {
             let x_in = x.require_grad();
-            let out = in_dtype(layer.clone(), compute).forward(x_in.clone(), &ctx, None);
+            let kv = prefix_in
+                .next()
+                .map(|(k, v)| (k.require_grad(), v.require_grad()));
+            let mut slot = kv.clone();
+            let cache = slot.is_some().then_some(&mut slot);
+            let out = in_dtype(layer.clone(), compute).forward(x_in.clone(), &ctx, cache);
             x = out.clone().detach();
-            inputs.push(x_in);
+            inputs.push((x_in, kv));
             outputs.push(out);
         }
     }
-    let Llama {
+    drop(prefix_in);
+    let Llama { layers, head, .. } = model;
+    let EmbedStage {
         embed,
-        layers,
-        head,
-        ..
-    } = model;
+        virtual_tokens,
+    } = stage;
+    // Prompt tuning's virtual positions predict nothing: the head sees the real tokens only.
+    let [_, total, d] = x.dims();
+    let x = x.slice([0..r, total - c..total, 0..d]);
     let HeadGrads {
         nll,
         mut g,
@@ -158,36 +181,96 @@ pub fn backward_blockwise<B: AutodiffBackend>(
     } = head_backward(&head, &embed, x, batch, compute, scale, device);
     drop(head);
     on_block(BlockId::Head, head_grads);
+    if total > c {
+        // [r, c, d] -> [r, n + c, d]: zero gradient at the virtual positions' outputs.
+        g = Tensor::cat(vec![g.zeros_like().slice([0..r, 0..total - c]), g], 1);
+    }
+    // Gradients of each layer's prefix keys and values, for the embedding stage's backward.
+    let mut g_prefix = Vec::new();
     for (i, layer) in layers.into_iter().enumerate().rev() {
-        let x_in = inputs.pop().expect("block input");
-        let (x_in, out) = if recompute {
+        let (x_in, kv_in) = inputs.pop().expect("block input");
+        let (x_in, kv_in, out) = if recompute {
             let x_in = x_in.require_grad();
-            let out = in_dtype(layer.clone(), compute).forward(x_in.clone(), &ctx, None);
-            (x_in, out)
+            let kv_in = kv_in.map(|(k, v)| (k.require_grad(), v.require_grad()));
+            let mut slot = kv_in.clone();
+            let cache = slot.is_some().then_some(&mut slot);
+            let out = in_dtype(layer.clone(), compute).forward(x_in.clone(), &ctx, cache);
+            (x_in, kv_in, out)
         } else {
-            (x_in, outputs.pop().expect("block output"))
+            (x_in, kv_in, outputs.pop().expect("block output"))
         };
         let g_out = to_dtype(Tensor::from_inner(g), out.dtype());
         let mut grads = to_dtype(out * g_out, DType::F32).sum().backward();
         g = x_in.grad(&grads).expect("gradient of the block input");
+        if let Some((k, v)) = kv_in {
+            let gk = k.grad(&grads).expect("gradient of the key prefix");
+            let gv = v.grad(&grads).expect("gradient of the value prefix");
+            g_prefix.push((gk, gv));
+        }
         let block = GradientsParams::from_module(&mut grads, &layer);
         drop((grads, layer));
         on_block(BlockId::Layer(i), block);
     }
+    g_prefix.reverse();
+    // The embedding stage: sum(out · g_out) over the embeddings and every layer's prefix.
     let g_out = to_dtype(Tensor::from_inner(g), embedded.dtype());
-    let mut grads = to_dtype(embedded * g_out, DType::F32).sum().backward();
-    let mut block = GradientsParams::from_module(&mut grads, &embed);
+    let mut total_product = to_dtype(embedded * g_out, DType::F32).sum();
+    for ((k, v), (gk, gv)) in prefix.into_iter().zip(g_prefix) {
+        let gk = to_dtype(Tensor::from_inner(gk), k.dtype());
+        let gv = to_dtype(Tensor::from_inner(gv), v.dtype());
+        total_product =
+            total_product + to_dtype(k * gk, DType::F32).sum() + to_dtype(v * gv, DType::F32).sum();
+    }
+    let stage = EmbedStage {
+        embed,
+        virtual_tokens,
+    };
+    // A frozen embedding without virtual tokens (PEFT) has nothing to differentiate.
+    let trainable = stage.embed.weight.is_require_grad() || stage.virtual_tokens.is_some();
+    let mut block = if trainable {
+        let mut grads = total_product.backward();
+        GradientsParams::from_module(&mut grads, &stage)
+    } else {
+        GradientsParams::new()
+    };
     if let Some(t) = tied {
-        let id = embed.weight.id;
+        let id = stage.embed.weight.id;
         let sum = match block.remove::<B::InnerBackend, 2>(id) {
             Some(own) => own + t,
             None => t,
         };
         block.register(id, sum);
     }
-    drop((grads, embed));
+    drop(stage);
     on_block(BlockId::Embed, block);
     nll
+}
+
+/// A layer's detached inputs: hidden state and, under prefix tuning, its key/value prefix.
+type LayerInput<B> = (Tensor<B, 3>, Option<(Tensor<B, 4>, Tensor<B, 4>)>);
+
+/// The first block of the walk: token embedding plus the virtual tokens of prompt learning.
+#[derive(Module, Debug)]
+struct EmbedStage<B: Backend> {
+    embed: Embedding<B>,
+    virtual_tokens: Option<VirtualTokens<B>>,
+}
+
+impl<B: Backend> EmbedStage<B> {
+    /// Input embeddings (virtual ones first under prompt tuning) and each layer's key/value
+    /// prefix under prefix tuning (empty otherwise).
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]` → `[batch, n + seq, hidden]` or `[batch, seq, hidden]`
+    #[allow(clippy::type_complexity)]
+    fn forward(&self, ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<(Tensor<B, 4>, Tensor<B, 4>)>) {
+        let b = ids.dims()[0];
+        let x = self.embed.forward(ids);
+        match &self.virtual_tokens {
+            Some(v) => (v.prepend(x), v.prefix_kv(b)),
+            None => (x, Vec::new()),
+        }
+    }
 }
 
 /// Logit elements per chunk of the head's backward (64 MiB of f32 per copy). Smaller chunks make
@@ -215,7 +298,7 @@ struct HeadGrads<B: AutodiffBackend> {
 /// gradients and a tied embedding weight's share.
 fn head_backward<B: AutodiffBackend>(
     head: &Head<B>,
-    embed: &collie_core::nn::Embedding<B>,
+    embed: &Embedding<B>,
     h: Tensor<B, 3>,
     batch: &Batch,
     compute: DType,

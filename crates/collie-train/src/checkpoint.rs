@@ -4,7 +4,9 @@
 //! by transformers and `collie generate`) plus `optimizer.safetensors`, `trainer_state.json`
 //! (step, data position, optimizer counters, eval history) and `config.resolved.toml`. It is
 //! written into `.step-N.partial` and renamed into place, so a run killed mid-write leaves the
-//! previous checkpoint untouched and no half-written `step-N`.
+//! previous checkpoint untouched and no half-written `step-N`. A PEFT run's checkpoint holds the
+//! adapter instead of the model (`adapter_config.json`, `adapter_model.safetensors`, as peft
+//! writes them), with the same trainer files.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,13 +62,32 @@ pub fn list(root: &Path) -> Vec<u64> {
     steps
 }
 
+/// What a checkpoint stores as weights.
+pub enum Weights<'a, B: Backend> {
+    /// The whole model as an HF directory.
+    Model {
+        /// The model.
+        model: &'a Llama<B>,
+        /// Its HF config.
+        config: &'a LlamaConfig,
+        /// Tokenizer to save beside it.
+        tokenizer: Option<&'a TokenizerBundle>,
+    },
+    /// Only a PEFT adapter of `base`.
+    Adapter {
+        /// The adapted model.
+        model: &'a Llama<B>,
+        /// The method.
+        peft: &'a collie_peft::PeftConfig,
+        /// The base model's path or asset spec (`base_model_name_or_path`).
+        base: &'a str,
+    },
+}
+
 /// Writes checkpoint `state.step` atomically.
-#[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend>(
     root: &Path,
-    model: &Llama<B>,
-    model_config: &LlamaConfig,
-    tokenizer: Option<&TokenizerBundle>,
+    weights: Weights<'_, B>,
     optimizer: &OptimizerState,
     state: &TrainerState,
     resolved_config: &str,
@@ -76,7 +97,16 @@ pub fn save<B: Backend>(
     std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
     let partial = parent.join(format!(".step-{}.partial", state.step));
     let _ = std::fs::remove_dir_all(&partial);
-    collie_llama::hf::save_hf_dir(model, model_config, tokenizer, &partial, SaveDtype::F32)?;
+    match weights {
+        Weights::Model {
+            model,
+            config,
+            tokenizer,
+        } => collie_llama::hf::save_hf_dir(model, config, tokenizer, &partial, SaveDtype::F32)?,
+        Weights::Adapter { model, peft, base } => {
+            collie_peft::adapter_io::save(&mut model.clone(), peft, base, &partial)?
+        }
+    }
     let tensors: Vec<(String, collie_io::HostTensor)> =
         optimizer.tensors.clone().into_iter().collect();
     save_safetensors(

@@ -299,9 +299,16 @@ pub struct TrainConfig {
     pub eval: EvalSection,
     /// `[output]`.
     pub output: OutputSection,
+    /// `[peft]`: parameter-efficient fine-tuning (`kind = "none"` trains every parameter).
+    #[serde(default, skip_serializing_if = "peft_disabled")]
+    pub peft: collie_peft::PeftConfig,
     /// `[recipe]`: options of the recipe binary that runs this config (it checks them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<toml::Table>,
+}
+
+fn peft_disabled(p: &collie_peft::PeftConfig) -> bool {
+    !p.enabled() && p.adapter.is_none()
 }
 
 fn default_dtype() -> String {
@@ -532,6 +539,17 @@ impl TrainConfig {
         }
         if !self.train.best_metric.starts_with("eval_") {
             return Err(key_error("train.best_metric", "must be an eval_* metric"));
+        }
+        if let Err(e) = self.peft.validate() {
+            let text = e.to_string();
+            let (key, message) = text.split_once(": ").unwrap_or(("peft", &text));
+            return Err(key_error(key, message.to_string()));
+        }
+        if !peft_disabled(&self.peft) && self.model.init == "scratch" {
+            return Err(key_error(
+                "peft.kind",
+                "PEFT adapts a pretrained model; `model.init = \"scratch\"` has no base to adapt",
+            ));
         }
         Ok(())
     }

@@ -31,6 +31,9 @@ pub enum TrainError {
     /// Optimizer state that does not fit.
     #[error(transparent)]
     OptimizerState(#[from] collie_optim::StateError),
+    /// A PEFT option or adapter file.
+    #[error(transparent)]
+    Peft(#[from] collie_peft::PeftError),
     /// Generation during evaluation.
     #[error(transparent)]
     Generate(#[from] crate::generate::GenerateError),

@@ -178,6 +178,53 @@ fn build_optimizer<B: burn::tensor::backend::Backend>(config: &TrainConfig) -> A
     }
 }
 
+/// Applies `[peft]` to the freshly loaded base: a new adapter (seeded by `train.seed`), or the
+/// one `peft.adapter` names, whose `adapter_config.json` then defines the method. Prints peft's
+/// trainable-parameter line.
+fn setup_peft<B: AutodiffBackend>(
+    config: &mut TrainConfig,
+    model: Llama<B>,
+    tokenizer: Option<&TokenizerBundle>,
+    quiet: bool,
+    device: &B::Device,
+) -> Result<Llama<B>, TrainError> {
+    let peft = &config.peft;
+    if !peft.enabled() && peft.adapter.is_none() {
+        return Ok(model);
+    }
+    let model = match &peft.adapter {
+        Some(spec) => {
+            let dir = collie_core::asset::resolve(spec).map_err(collie_io::IoError::from)?;
+            let (model, loaded) = collie_peft::adapter_io::load(model, &dir, device)?;
+            if peft.enabled() && peft.kind != loaded.kind {
+                return Err(TrainError::Invalid(format!(
+                    "peft.kind = \"{}\" but the adapter in {} is {}",
+                    peft.kind.name(),
+                    dir.display(),
+                    loaded.kind.peft_type()
+                )));
+            }
+            config.peft = collie_peft::PeftConfig {
+                adapter: peft.adapter.clone(),
+                ..loaded
+            };
+            model
+        }
+        None => {
+            B::seed(device, config.train.seed);
+            collie_peft::apply(model, peft, tokenizer, device)?
+        }
+    };
+    if !quiet {
+        eprintln!(
+            "peft {}: {}",
+            config.peft.kind.peft_type(),
+            collie_peft::TrainableReport::of(&model)
+        );
+    }
+    Ok(model)
+}
+
 impl<B: AutodiffBackend> Trainer<B> {
     /// Builds model, data and optimizer from `config`, resuming if asked.
     pub fn new(
@@ -234,6 +281,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
+        let model = setup_peft(
+            &mut config,
+            model,
+            tokenizer.as_ref(),
+            options.quiet,
+            device,
+        )?;
         let seq_len = config.data.seq_len;
         let encoder = Encoder::new(config.data.format, tokenizer.clone(), seq_len);
         let train_path =
@@ -301,13 +355,24 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     fn resume(&mut self, spec: &str) -> Result<(), TrainError> {
         let dir = checkpoint::resolve_resume(&self.config.output.dir, spec)?;
-        let (_, model) = collie_llama::hf::load_hf_dir::<B>(&dir, &self.device)?;
+        let model = if self.peft_active() {
+            // The checkpoint holds the adapter; the base comes from where it came from before.
+            let base = collie_llama::load::<B>(&self.config.model.path, &self.device)?.model;
+            collie_peft::adapter_io::load(base, &dir, &self.device)?.0
+        } else {
+            collie_llama::hf::load_hf_dir::<B>(&dir, &self.device)?.1
+        };
         let (opt_state, state) = checkpoint::load_state(&dir)?;
         self.model = model;
         self.optimizer.load_state(opt_state, &self.device)?;
         self.loader.consumed = state.consumed;
         self.state = state;
         Ok(())
+    }
+
+    /// Whether only a PEFT adapter is trained.
+    pub fn peft_active(&self) -> bool {
+        self.config.peft.enabled()
     }
 
     /// The device.
@@ -522,7 +587,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                     let norm = match block {
                         BlockId::Head => global_norm(&model.head, &grads),
                         BlockId::Layer(i) => global_norm(&model.layers[i], &grads),
-                        BlockId::Embed => global_norm(&model.embed, &grads),
+                        BlockId::Embed => global_norm(&model.embed, &grads)
+                            .hypot(global_norm(&model.virtual_tokens, &grads)),
                     };
                     squares += norm * norm;
                 },
@@ -576,6 +642,15 @@ impl<B: AutodiffBackend> Trainer<B> {
                         target.embed = collie_optim::apply_at(
                             &path,
                             target.embed.clone(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                        // Prompt learning's virtual tokens belong to the embedding stage.
+                        target.virtual_tokens = collie_optim::apply_at(
+                            "virtual_tokens",
+                            target.virtual_tokens.clone(),
                             &mut grads,
                             optimizer,
                             lr,
@@ -745,11 +820,22 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Writes checkpoint `step-{state.step}` and prunes old ones.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let root = &self.config.output.dir;
+        let weights = if self.peft_active() {
+            checkpoint::Weights::Adapter {
+                model: &self.model,
+                peft: &self.config.peft,
+                base: &self.config.model.path,
+            }
+        } else {
+            checkpoint::Weights::Model {
+                model: &self.model,
+                config: &self.model_config,
+                tokenizer: self.tokenizer.as_ref(),
+            }
+        };
         let dir = checkpoint::save(
             root,
-            &self.model,
-            &self.model_config,
-            self.tokenizer.as_ref(),
+            weights,
             &self.optimizer.state(),
             &self.state,
             &self.config.to_toml(),

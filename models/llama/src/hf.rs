@@ -15,6 +15,62 @@ use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 use crate::model::Llama;
 
+use collie_core::nn::{Adaptable, Embedding, Linear, ModelDims, VirtualTokens};
+
+/// The PEFT / tensor-parallel view of the model: linear layers by their HF module names.
+impl<B: Backend> Adaptable<B> for Llama<B> {
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.attn;
+            for (name, linear) in [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("o_proj", &mut a.o_proj),
+            ] {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), linear));
+            }
+            let m = &mut layer.mlp;
+            for (name, linear) in [
+                ("gate_proj", &mut m.gate_proj),
+                ("up_proj", &mut m.up_proj),
+                ("down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.mlp.{name}"), linear));
+            }
+        }
+        if let Some(lm_head) = &mut self.head.lm_head {
+            out.push(("lm_head".into(), lm_head));
+        }
+        out
+    }
+
+    fn virtual_tokens_mut(&mut self) -> &mut Option<VirtualTokens<B>> {
+        &mut self.virtual_tokens
+    }
+
+    fn virtual_tokens(&self) -> Option<&VirtualTokens<B>> {
+        self.virtual_tokens.as_ref()
+    }
+
+    fn dims(&self) -> ModelDims {
+        let attn = &self.layers[0].attn;
+        ModelDims {
+            layers: self.layers.len(),
+            hidden: self.embed.weight.lazy_shape().dims::<2>()[1],
+            heads: attn.n_heads,
+            kv_heads: attn.n_kv_heads,
+            head_dim: attn.head_dim,
+            vocab: self.vocab_size(),
+        }
+    }
+
+    fn input_embedding(&self) -> &Embedding<B> {
+        &self.embed
+    }
+}
+
 /// HF key of one of our parameter paths; `None` for parameters HF's base model does not have
 /// (adapters).
 pub fn hf_key(path: &str) -> Option<String> {

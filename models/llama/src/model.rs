@@ -12,6 +12,7 @@ use burn::tensor::{Bool, Int, Tensor};
 use collie_core::attention::{attention, causal_mask, positions_from_padding};
 use collie_core::nn::{
     matmul_2d, Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+    VirtualTarget, VirtualTokens,
 };
 use collie_core::rope::{apply_rotary, Rope};
 
@@ -83,6 +84,9 @@ pub struct Llama<B: Backend> {
     pub rope: Rope,
     /// Attention window (Mistral), if any.
     pub window: Option<usize>,
+    /// Learned virtual tokens in front of every sequence; empty unless a prompt-learning
+    /// transform (`collie-peft`) fills the slot.
+    pub virtual_tokens: Option<VirtualTokens<B>>,
 }
 
 /// Per-call inputs every block shares.
@@ -176,6 +180,7 @@ impl LlamaConfig {
             },
             rope: Rope::new(hd, theta, &scaling),
             window: self.window(),
+            virtual_tokens: None,
         })
     }
 }
@@ -269,15 +274,39 @@ impl<B: Backend> Head<B> {
 }
 
 impl<B: Backend> Llama<B> {
-    /// RoPE tables and mask for `s_q` new tokens after `past` cached ones.
+    /// Virtual tokens in front of every sequence (0 without prompt learning).
+    pub fn n_virtual(&self) -> usize {
+        self.virtual_tokens.as_ref().map_or(0, VirtualTokens::len)
+    }
+
+    /// Whether the virtual tokens are keys and values of every layer (prefix tuning).
+    fn has_prefix(&self) -> bool {
+        self.virtual_tokens
+            .as_ref()
+            .is_some_and(|v| matches!(v.target, VirtualTarget::Prefix { .. }))
+    }
+
+    /// Virtual tokens that a call starting a sequence (`past == 0`) adds as queries: prompt
+    /// tuning's prepended embeddings.
+    fn virtual_queries(&self, past: usize) -> usize {
+        match &self.virtual_tokens {
+            Some(v) if past == 0 && v.target == VirtualTarget::Input => v.len(),
+            _ => 0,
+        }
+    }
+
+    /// RoPE tables and mask for `s_q` new tokens after `past` slots already holding keys (the
+    /// cache, or prefix tuning's prefix).
     ///
-    /// `segments` covers all `past + s_q` slots: an HF attention mask (`1` = token, `0` =
-    /// padding), or document ids `1, 2, …` of packed rows. `positions` (of the `s_q` new tokens)
-    /// default to counting real tokens only, so left padding does not shift them; packed rows must
-    /// pass theirs.
+    /// `segments` covers the real tokens of all `past + s_q` slots (not the virtual ones): an HF
+    /// attention mask (`1` = token, `0` = padding), or document ids `1, 2, …` of packed rows.
+    /// `positions` (of the `s_q` new tokens) default to counting real tokens only, so left
+    /// padding does not shift them; packed rows must pass theirs. Virtual tokens take positions
+    /// `0..n` and shift the real ones by `n`, as HF peft's cache positions do; a call that
+    /// starts a sequence under prompt tuning has `n` more queries, which come first.
     ///
     /// # Shapes
-    /// - segments: `[batch, past + s_q]`
+    /// - segments: `[batch, past + s_q − n]`
     /// - positions: `[batch, s_q]`
     pub fn context(
         &self,
@@ -288,9 +317,31 @@ impl<B: Backend> Llama<B> {
         positions: Option<Tensor<B, 2, Int>>,
         device: &B::Device,
     ) -> BlockContext<B> {
+        let n = self.n_virtual();
+        let extra = self.virtual_queries(past);
+        let s_q = s_q + extra;
         let s_k = past + s_q;
-        let positions = match (positions, segments) {
-            (Some(p), _) => p,
+        // Virtual slots are real tokens of every document.
+        let segments = segments.map(|seg| {
+            if n == 0 {
+                return seg.clone();
+            }
+            let ones = Tensor::<B, 2, Int>::ones([batch, n], device);
+            Tensor::cat(vec![ones, seg.clone()], 1)
+        });
+        let positions = match (positions, &segments) {
+            (Some(p), _) if n == 0 => p,
+            (Some(p), _) => {
+                let p = p.add_scalar(n as i64);
+                if extra == 0 {
+                    p
+                } else {
+                    let v = Tensor::<B, 1, Int>::arange(0..n as i64, device)
+                        .reshape([1, n])
+                        .expand([batch, n]);
+                    Tensor::cat(vec![v, p], 1)
+                }
+            }
             // [batch, s_k] -> the last s_q columns
             (None, Some(p)) => positions_from_padding(p).slice([0..batch, past..s_k]),
             (None, None) => Tensor::<B, 1, Int>::arange(past as i64..s_k as i64, device)
@@ -300,8 +351,18 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = self.rope.cos_sin(positions);
         // A single unsegmented query sees every key: no mask needed.
         let needs_mask = segments.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
-        let mask = needs_mask.then(|| causal_mask(batch, s_q, s_k, segments, self.window, device));
+        let mask = needs_mask
+            .then(|| causal_mask(batch, s_q, s_k, segments.as_ref(), self.window, n, device));
         BlockContext { cos, sin, mask }
+    }
+
+    /// Slots in front of a fresh sequence that already hold keys: prefix tuning's prefix.
+    fn prefix_len(&self) -> usize {
+        if self.has_prefix() {
+            self.n_virtual()
+        } else {
+            0
+        }
     }
 
     /// Hidden states after the last block (before the final norm).
@@ -314,17 +375,30 @@ impl<B: Backend> Llama<B> {
         padding: Option<&Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
-        let ctx = self.context(b, s, 0, padding, None, &ids.device());
+        let ctx = self.context(b, s, self.prefix_len(), padding, None, &ids.device());
         self.blocks(ids, &ctx)
     }
 
-    /// Embedding and every block under one context.
+    /// Embedding and every block under one context, virtual tokens included: prompt tuning's
+    /// are prepended to the input and cut from the output, prefix tuning's go into each
+    /// attention as past keys and values.
     fn blocks(&self, ids: Tensor<B, 2, Int>, ctx: &BlockContext<B>) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
         let mut x = self.embed.forward(ids);
-        for layer in &self.layers {
-            x = layer.forward(x, ctx, None);
+        let mut prefix = Vec::new();
+        if let Some(v) = &self.virtual_tokens {
+            x = v.prepend(x);
+            prefix = v.prefix_kv(b);
         }
-        x
+        let mut prefix = prefix.into_iter();
+        for layer in &self.layers {
+            let mut slot = prefix.next();
+            let cache = slot.is_some().then_some(&mut slot);
+            x = layer.forward(x, ctx, cache);
+        }
+        let [_, total, d] = x.dims();
+        // [batch, n + seq, hidden] -> [batch, seq, hidden]
+        x.slice([0..b, total - s..total, 0..d])
     }
 
     /// Forward pass over packed rows: several documents per row, each attending only to itself,
@@ -340,7 +414,14 @@ impl<B: Backend> Llama<B> {
         positions: Tensor<B, 2, Int>,
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
-        let ctx = self.context(b, s, 0, Some(segments), Some(positions), &ids.device());
+        let ctx = self.context(
+            b,
+            s,
+            self.prefix_len(),
+            Some(segments),
+            Some(positions),
+            &ids.device(),
+        );
         let x = self.blocks(ids, &ctx);
         self.head.forward(x, &self.embed)
     }
@@ -372,11 +453,22 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
-        let ctx = self.context(b, s, cache.len(), padding, None, &ids.device());
+        let device = ids.device();
         let mut x = self.embed.forward(ids);
+        if let (Some(v), true) = (&self.virtual_tokens, cache.is_empty()) {
+            // A fresh sequence starts behind the virtual tokens, which then stay in the cache.
+            x = v.prepend(x);
+            for (slot, kv) in cache.layers.iter_mut().zip(v.prefix_kv(b)) {
+                *slot = Some(kv);
+            }
+        }
+        let ctx = self.context(b, s, cache.len(), padding, None, &device);
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(x, &ctx, Some(slot));
         }
+        let [_, total, d] = x.dims();
+        // [batch, n + s_new, hidden] -> [batch, s_new, hidden]
+        let x = x.slice([0..b, total - s..total, 0..d]);
         self.head.forward(x, &self.embed)
     }
 

@@ -184,3 +184,61 @@ fn lomo_with_gradient_accumulation_warns_and_runs() {
         std::fs::read_to_string(tmp.path().join("out").join("config.resolved.toml")).unwrap();
     assert!(resolved.contains("grad_accum_steps = 1"), "{resolved}");
 }
+
+#[test]
+fn bad_peft_settings() {
+    check(
+        &[
+            "peft.kind=\"lora\"",
+            "peft.target_modules=[\"query\", \"value\"]",
+        ],
+        &[GOOD],
+        &["peft.target_modules", "matches no linear layer", "q_proj"],
+    );
+    check(
+        &["peft.kind=\"lora\"", "peft.r=0"],
+        &[GOOD],
+        &["peft.r", "at least 1"],
+    );
+    check(&["peft.kind=\"loha\""], &[GOOD], &["peft", "loha"]);
+    let peft = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft");
+    // An adapter made for another base model (shapes differ).
+    let tmp = tempfile::tempdir().unwrap();
+    let data = chat_data(tmp.path(), &[GOOD]);
+    let config = write_config(tmp.path(), &data);
+    let other = fixtures().join("../llama/mha_untied");
+    let line = fails(
+        &config,
+        &[
+            &format!("model.path=\"{}\"", other.display()),
+            &format!("peft.adapter=\"{}\"", peft.join("lora").display()),
+        ],
+    );
+    assert!(line.contains("another base model"), "{line}");
+    // An adapter of a kind we do not read.
+    let adapter = tmp.path().join("loha");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"peft_type": "LOHA", "task_type": "CAUSAL_LM"}"#,
+    )
+    .unwrap();
+    let line = fails(
+        &config,
+        &[&format!("peft.adapter=\"{}\"", adapter.display())],
+    );
+    assert!(
+        line.contains("adapter_config.json")
+            && line.contains("LOHA")
+            && line.contains("not supported"),
+        "{line}"
+    );
+}
+
+#[test]
+fn the_lora_config_is_valid() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/lora.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config = collie_train::TrainConfig::parse(&text, "lora.toml", &[]).unwrap();
+    assert_eq!(config.peft.kind, collie_peft::PeftKind::Lora);
+}

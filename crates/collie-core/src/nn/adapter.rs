@@ -16,6 +16,10 @@ pub struct LoraAdapter<B: Backend> {
     pub b: Param<Tensor<B, 2>>,
     /// `alpha / rank` (or `alpha / sqrt(rank)` with rsLoRA).
     pub scaling: f64,
+    /// Dropout probability on the adapter's input during training (peft's `lora_dropout`).
+    pub dropout: f64,
+    /// Folded into the base weight (peft's `merge_adapter`): the forward pass skips it.
+    pub merged: bool,
 }
 
 /// A learned rescaling vector (IA3, Liu et al. 2022).
@@ -25,6 +29,8 @@ pub struct Ia3Adapter<B: Backend> {
     pub scale: Param<Tensor<B, 1>>,
     /// Scale the layer input (feed-forward down projections) instead of its output.
     pub on_input: bool,
+    /// Folded into the base weight: the forward pass skips it.
+    pub merged: bool,
 }
 
 /// What can sit in a [`Linear`](super::Linear)'s adapter slot.
@@ -36,12 +42,29 @@ pub enum Adapter<B: Backend> {
     Ia3(Ia3Adapter<B>),
 }
 
+impl<B: Backend> Adapter<B> {
+    /// Whether the adapter is folded into the base weight.
+    pub fn is_merged(&self) -> bool {
+        match self {
+            Adapter::Lora(a) => a.merged,
+            Adapter::Ia3(a) => a.merged,
+        }
+    }
+}
+
 impl<B: Backend> LoraAdapter<B> {
     /// The low-rank update for input `x`.
     ///
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // Burn's dropout acts only where gradients are recorded (training), as `nn.Dropout` in
+        // train mode.
+        let x = if self.dropout > 0.0 {
+            burn::nn::DropoutConfig::new(self.dropout).init().forward(x)
+        } else {
+            x
+        };
         let h = super::linear::matmul_2d(x, self.a.val());
         super::linear::matmul_2d(h, self.b.val()).mul_scalar(self.scaling)
     }

@@ -79,7 +79,8 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = match &self.adapter {
+        let adapter = self.adapter.as_ref().filter(|a| !a.is_merged());
+        let x = match adapter {
             Some(Adapter::Ia3(ia3)) if ia3.on_input => ia3.rescale(x),
             _ => x,
         };
@@ -87,7 +88,7 @@ impl<B: Backend> Linear<B> {
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<D>();
         }
-        match &self.adapter {
+        match adapter {
             Some(Adapter::Lora(lora)) => y + lora.delta(x),
             Some(Adapter::Ia3(ia3)) if !ia3.on_input => ia3.rescale(y),
             _ => y,

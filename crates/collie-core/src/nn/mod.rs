@@ -3,16 +3,20 @@
 //! Models use these instead of `burn::nn` equivalents because PEFT and tensor parallelism transform
 //! them from outside: a [`Linear`] carries an optional [`Adapter`] (LoRA pair or IA3 vector) and a
 //! [`ParallelMode`], so `collie_peft::apply` and `collie_dist::parallelize` never touch model code.
+//! A model exposes those slots through [`Adaptable`]; its optional [`VirtualTokens`] are the slot
+//! of the prompt-learning methods.
 
 mod adapter;
 mod embedding;
 mod linear;
 mod norm;
+mod prompt;
 
 pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
 pub use norm::{RmsNorm, RmsNormConfig};
+pub use prompt::{EncoderActivation, VirtualTarget, VirtualTokens};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -24,4 +28,46 @@ pub fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Te
     } else {
         x.cast(dtype)
     }
+}
+
+/// Sizes a transform needs to build parts that fit a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelDims {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Width of the residual stream (and of the input embeddings).
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+    /// Rows of the input embedding.
+    pub vocab: usize,
+}
+
+/// A model whose layers PEFT (and tensor parallelism) address from outside, by the module names
+/// of its HF checkpoint, so the transforms never touch model code.
+pub trait Adaptable<B: Backend> {
+    /// Every linear layer under its HF module name (`model.layers.0.self_attn.q_proj`,
+    /// `lm_head`), in model order. A tied LM head is not a layer and is not listed.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)>;
+
+    /// HF module name of the output layer (peft's `all-linear` leaves it out).
+    fn output_layer_name(&self) -> &'static str {
+        "lm_head"
+    }
+
+    /// The slot for virtual tokens (prompt learning).
+    fn virtual_tokens_mut(&mut self) -> &mut Option<VirtualTokens<B>>;
+
+    /// The virtual tokens, if any.
+    fn virtual_tokens(&self) -> Option<&VirtualTokens<B>>;
+
+    /// The model's sizes.
+    fn dims(&self) -> ModelDims;
+
+    /// The input embedding table (prompt initialization from text or vocabulary samples).
+    fn input_embedding(&self) -> &Embedding<B>;
 }

