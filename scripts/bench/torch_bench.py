@@ -1,5 +1,5 @@
 """PyTorch twins of `collie bench forward|train` and `collie bench matmul` (`train` adds
-clip_grad_norm_(1.0) and an AdamW step): same shapes, same timing
+clip_grad_norm_(1.0) and an AdamW step; `--lora R` trains peft LoRA adapters instead): same shapes, same timing
 rule (median of the timed steps after one warm-up), one JSON line on stdout.
 
 Usage:
@@ -39,8 +39,13 @@ def forward(args, update=False):
 
     cfg = LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(2048, args.seq_len + 1), rms_norm_eps=1e-5)
     model = LlamaForCausalLM(cfg).train()
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear"))
     b, s, v = args.batch_size, args.seq_len, cfg.vocab_size
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0) if update else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0) if update else None
 
     def step():
         ids = torch.randint(0, v, (b, s + 1))
@@ -49,7 +54,7 @@ def forward(args, update=False):
         loss = F.cross_entropy(logits.reshape(b * s, v), ids[:, 1:].reshape(b * s))
         loss.backward()
         if opt is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
         elapsed = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
@@ -60,7 +65,8 @@ def forward(args, update=False):
     m = median(times)
     print(json.dumps(dict(bench="train_step" if update else "forward_backward", impl="pytorch", torch=torch.__version__, threads=torch.get_num_threads(),
                           attn=cfg._attn_implementation, preset=args.preset,
-                          params=sum(p.numel() for p in model.parameters()), batch_size=b, seq_len=s,
+                          params=sum(p.numel() for p in model.parameters()),
+                          trainable_params=sum(p.numel() for p in trainable), lora=args.lora, batch_size=b, seq_len=s,
                           step_s_median=m, tokens_per_s=b * s / m, peak_rss_mib=peak_rss_mib())))
 
 
@@ -88,6 +94,7 @@ def main():
         f.add_argument("--seq-len", type=int, default=256)
         f.add_argument("--batch-size", type=int, default=4)
         f.add_argument("--steps", type=int, default=5)
+        f.add_argument("--lora", type=int, default=None, help="rank-R LoRA (alpha 2R) on every linear layer")
     m = sub.add_parser("matmul")
     m.add_argument("--size", type=int, default=1024)
     m.add_argument("--iters", type=int, default=20)

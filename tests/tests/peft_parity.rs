@@ -66,12 +66,10 @@ fn reparameterized_adapters_load_as_peft_saves_them() {
     }
 }
 
-#[test]
-fn five_adamw_steps_on_adapter_parameters_match_peft() {
-    for case in CASES {
-        let tmp = tempfile::tempdir().unwrap();
-        let text = format!(
-            r#"
+/// The trainer config of the fixture's five AdamW steps, starting from the peft adapter of `case`.
+fn steps_config(case: &str, out: &Path) -> TrainConfig {
+    let text = format!(
+        r#"
 [model]
 path = "{model}"
 [data]
@@ -94,12 +92,19 @@ adapter = "{adapter}"
 [output]
 dir = "{out}"
 "#,
-            model = fixture("train/model").display(),
-            data = fixture("train/io.jsonl").display(),
-            adapter = fixture(&format!("peft/{case}")).display(),
-            out = tmp.path().display(),
-        );
-        let config = TrainConfig::parse(&text, case, &[]).unwrap();
+        model = fixture("train/model").display(),
+        data = fixture("train/io.jsonl").display(),
+        adapter = fixture(&format!("peft/{case}")).display(),
+        out = out.display(),
+    );
+    TrainConfig::parse(&text, case, &[]).unwrap()
+}
+
+#[test]
+fn five_adamw_steps_on_adapter_parameters_match_peft() {
+    for case in CASES {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = steps_config(case, tmp.path());
         let (trainer, _) = train_run(config, None);
         assert!(trainer.peft_active());
         let lines: Vec<Value> = std::fs::read_to_string(tmp.path().join("metrics.jsonl"))
@@ -225,5 +230,63 @@ fn adapters_written_here_match_peft_files() {
                 "{case}: target_modules"
             );
         }
+    }
+}
+
+/// peft loads what collie-rs trains and saves, with collie-rs's logits. Needs Python with the
+/// pinned peft: `COLLIE_REF_PYTHON=/path/to/python cargo test -p collie-tests --test peft_parity
+/// -- --ignored`.
+#[test]
+#[ignore = "needs Python with peft (set COLLIE_REF_PYTHON)"]
+fn peft_loads_adapters_trained_here() {
+    let python = std::env::var("COLLIE_REF_PYTHON").expect("COLLIE_REF_PYTHON");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fixtures/check_peft_load.py");
+    let device = Default::default();
+    for case in CASES {
+        let tmp = tempfile::tempdir().unwrap();
+        train_run(steps_config(case, tmp.path()), None);
+        let adapter = tmp.path().join("checkpoints/step-5");
+        let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device)
+            .unwrap()
+            .model;
+        let (model, _) = adapter_io::load(base, &adapter, &device).unwrap();
+        let g = read_golden(&fixture(&format!("peft/{case}/golden.safetensors")));
+        let (ids, mask) = (
+            g["input_ids"].int2::<B>(&device),
+            g["attention_mask"].int2::<B>(&device),
+        );
+        let logits = model.logits(ids.clone(), Some(&mask));
+        let host = |t: Vec<f32>, shape: &[usize]| collie_io::HostTensor::new(shape.to_vec(), t);
+        let ours = tmp.path().join("ours.safetensors");
+        let dims = logits.dims().to_vec();
+        collie_io::safetensors::save_safetensors(
+            &ours,
+            &[
+                (
+                    "input_ids".into(),
+                    host(values(ids.float()), &g["input_ids"].shape),
+                ),
+                (
+                    "attention_mask".into(),
+                    host(values(mask.float()), &g["attention_mask"].shape),
+                ),
+                ("logits".into(), host(values(logits), &dims)),
+            ],
+            collie_io::safetensors::SaveDtype::F32,
+        )
+        .unwrap();
+        let status = std::process::Command::new(&python)
+            .arg(&script)
+            .arg(fixture("train/model"))
+            .arg(&adapter)
+            .arg(&ours)
+            .arg("1e-4")
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "{case}: peft's logits differ by more than 1e-4"
+        );
     }
 }

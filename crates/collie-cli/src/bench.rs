@@ -85,6 +85,9 @@ pub struct ForwardArgs {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Train rank-R LoRA adapters on every linear layer (alpha 2R) instead of all parameters.
+    #[arg(long)]
+    lora: Option<usize>,
 }
 
 /// Arguments of `collie bench matmul`.
@@ -147,7 +150,15 @@ impl BackendTask for Forward {
         let Forward { args, update } = self;
         let config = preset(&args.preset)?;
         let mut model = config.init::<B>(&device)?;
+        if let Some(r) = args.lora {
+            let mut peft = collie_peft::PeftConfig::new(collie_peft::PeftKind::Lora);
+            peft.r = r;
+            peft.alpha = 2.0 * r as f64;
+            peft.target_modules = Some(collie_peft::TargetModules::Pattern("all-linear".into()));
+            model = collie_peft::apply(model, &peft, None, &device)?;
+        }
         let params: usize = burn::module::Module::num_params(&model);
+        let trainable = collie_peft::TrainableReport::of(&model).trainable;
         let (b, s) = (args.batch_size, args.seq_len);
         let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
         let mut step = || -> Result<f64> {
@@ -187,6 +198,8 @@ impl BackendTask for Forward {
             "bench": if update { "train_step" } else { "forward_backward" },
             "preset": args.preset,
             "params": params,
+            "trainable_params": trainable,
+            "lora": args.lora,
             "batch_size": b,
             "seq_len": s,
             "step_s_median": median,
