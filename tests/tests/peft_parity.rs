@@ -290,3 +290,45 @@ fn peft_loads_adapters_trained_here() {
         );
     }
 }
+
+#[test]
+fn greedy_generation_matches_peft_and_survives_left_padding() {
+    let device = Default::default();
+    for case in CASES {
+        let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device)
+            .unwrap()
+            .model;
+        let (model, _) =
+            adapter_io::load(base, &fixture(&format!("peft/{case}")), &device).unwrap();
+        let want: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(&format!("peft/{case}/generate.json"))).unwrap(),
+        )
+        .unwrap();
+        let ids = |v: &Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let (prompt, new) = (ids(&want["prompt"]), ids(&want["new_ids"]));
+        let cfg = collie_train::generate::GenerationConfig {
+            max_new_tokens: new.len(),
+            eos_ids: Vec::new(),
+            ..Default::default()
+        };
+        let gen = |prompts: &[Vec<u32>]| {
+            collie_train::generate::generate(&model, prompts, &cfg, &device, |_, _| {}).unwrap()
+        };
+        assert_eq!(
+            gen(std::slice::from_ref(&prompt))[0],
+            new,
+            "{case}: greedy tokens vs peft"
+        );
+        // In a batch with a longer prompt, this one is left-padded: same tokens.
+        let longer: Vec<u32> = [prompt.clone(), vec![7, 8, 9]].concat();
+        let both = gen(&[longer.clone(), prompt.clone()]);
+        assert_eq!(both[1], new, "{case}: left-padded row");
+        assert_eq!(both[0], gen(&[longer])[0], "{case}: unpadded row");
+    }
+}
