@@ -71,49 +71,15 @@ fn merge_folds_lora_and_ia3_into_the_weights_and_unmerge_restores_them() {
     }
 }
 
-fn config(case: &str, extra: &str, out: &std::path::Path) -> TrainConfig {
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-[data]
-train = "{data}"
-format = "input_output"
-seq_len = 48
-shuffle = false
-[train]
-max_steps = 5
-micro_batch_size = 3
-max_grad_norm = 1.0
-{extra}
-[optim]
-name = "adamw"
-lr = 5e-3
-weight_decay = 0.01
-[sched]
-kind = "constant"
-[peft]
-adapter = "{adapter}"
-[output]
-dir = "{out}"
-"#,
-        model = fixture("train/model").display(),
-        data = fixture("train/io.jsonl").display(),
-        adapter = fixture(&format!("peft/{case}")).display(),
-        out = out.display(),
-    );
-    TrainConfig::parse(&text, case, &[]).unwrap()
-}
-
 #[test]
 fn activation_checkpointing_walks_adapters_and_virtual_tokens_like_the_plain_backward() {
     // The block-wise walk carries prompt tuning's virtual positions and prefix tuning's per-layer
     // keys/values as block inputs; the losses must not change.
     for case in ["lora", "prefix_projection", "ptuning", "ia3"] {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (_, plain) = train_run(config(case, "", a.path()), None);
+        let (_, plain) = train_run(peft_steps_config(case, "", a.path()), None);
         let (_, ckpt) = train_run(
-            config(case, "activation_checkpointing = true", b.path()),
+            peft_steps_config(case, "activation_checkpointing = true", b.path()),
             None,
         );
         for (x, y) in plain.iter().zip(&ckpt) {
@@ -127,7 +93,7 @@ fn activation_checkpointing_walks_adapters_and_virtual_tokens_like_the_plain_bac
 fn lomo_updates_only_the_adapter() {
     for case in ["lora", "prefix"] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut c = config(case, "", tmp.path());
+        let mut c = peft_steps_config(case, "", tmp.path());
         c.optim.name = "lomo".into();
         c.optim.lr = 0.05;
         c.optim.weight_decay = Some(0.0);
@@ -173,12 +139,12 @@ fn lomo_updates_only_the_adapter() {
 fn resume_from_an_adapter_checkpoint_is_exact() {
     for case in ["lora", "ptuning"] {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (_, full) = train_run(config(case, "", a.path()), None);
-        let mut first = config(case, "save_every = 2", b.path());
+        let (_, full) = train_run(peft_steps_config(case, "", a.path()), None);
+        let mut first = peft_steps_config(case, "save_every = 2", b.path());
         first.train.max_steps = 2;
         train_run(first, None);
         let (_, resumed) = train_run(
-            config(case, "save_every = 2", b.path()),
+            peft_steps_config(case, "save_every = 2", b.path()),
             Some("latest".into()),
         );
         assert_eq!(resumed.len(), 5);

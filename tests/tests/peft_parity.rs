@@ -10,7 +10,6 @@ use collie_core::lm::CausalLm;
 use collie_io::module::TensorSource;
 use collie_io::safetensors::SafetensorsSource;
 use collie_peft::adapter_io;
-use collie_train::TrainConfig;
 use common::*;
 use serde_json::Value;
 
@@ -66,45 +65,11 @@ fn reparameterized_adapters_load_as_peft_saves_them() {
     }
 }
 
-/// The trainer config of the fixture's five AdamW steps, starting from the peft adapter of `case`.
-fn steps_config(case: &str, out: &Path) -> TrainConfig {
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-[data]
-train = "{data}"
-format = "input_output"
-seq_len = 48
-shuffle = false
-[train]
-max_steps = 5
-micro_batch_size = 3
-max_grad_norm = 1.0
-[optim]
-name = "adamw"
-lr = 5e-3
-weight_decay = 0.01
-[sched]
-kind = "constant"
-[peft]
-adapter = "{adapter}"
-[output]
-dir = "{out}"
-"#,
-        model = fixture("train/model").display(),
-        data = fixture("train/io.jsonl").display(),
-        adapter = fixture(&format!("peft/{case}")).display(),
-        out = out.display(),
-    );
-    TrainConfig::parse(&text, case, &[]).unwrap()
-}
-
 #[test]
 fn five_adamw_steps_on_adapter_parameters_match_peft() {
     for case in CASES {
         let tmp = tempfile::tempdir().unwrap();
-        let config = steps_config(case, tmp.path());
+        let config = peft_steps_config(case, "", tmp.path());
         let (trainer, _) = train_run(config, None);
         assert!(trainer.peft_active());
         let lines: Vec<Value> = std::fs::read_to_string(tmp.path().join("metrics.jsonl"))
@@ -245,7 +210,7 @@ fn peft_loads_adapters_trained_here() {
     let device = Default::default();
     for case in CASES {
         let tmp = tempfile::tempdir().unwrap();
-        train_run(steps_config(case, tmp.path()), None);
+        train_run(peft_steps_config(case, "", tmp.path()), None);
         let adapter = tmp.path().join("checkpoints/step-5");
         let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device)
             .unwrap()

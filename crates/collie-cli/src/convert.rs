@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use collie_core::device::{dispatch, BackendTask, DeviceSpec};
-use collie_io::safetensors::SaveDtype;
 
 /// Arguments of `collie convert`.
 #[derive(clap::Args, Debug)]
@@ -28,12 +27,7 @@ impl BackendTask for Task {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let dtype = match args.dtype.as_str() {
-            "f32" => SaveDtype::F32,
-            "f16" => SaveDtype::F16,
-            "bf16" => SaveDtype::BF16,
-            other => bail!("--dtype `{other}`: expected f32, f16 or bf16"),
-        };
+        let dtype = crate::model::save_dtype(&args.dtype)?;
         let loaded = crate::model::load::<B::InnerBackend>(&args.input, &device)?;
         if loaded.path.is_dir() {
             bail!(

@@ -45,3 +45,14 @@ pub fn eos_ids<B: Backend>(loaded: &LoadedModel<B>) -> Result<Vec<u32>> {
     }
     Ok(loaded.config.eos_ids())
 }
+
+/// The storage dtype a `--dtype` flag names.
+pub fn save_dtype(name: &str) -> Result<collie_io::safetensors::SaveDtype> {
+    use collie_io::safetensors::SaveDtype;
+    Ok(match name {
+        "f32" => SaveDtype::F32,
+        "f16" => SaveDtype::F16,
+        "bf16" => SaveDtype::BF16,
+        other => anyhow::bail!("--dtype `{other}`: expected f32, f16 or bf16"),
+    })
+}

@@ -121,3 +121,44 @@ pub fn train_run(
         .collect();
     (trainer, losses)
 }
+
+/// A trainer config running five AdamW steps (lr 5e-3, wd 0.01, clipping at 1.0, constant lr,
+/// micro-batch 3) on `train/io.jsonl`, starting from the peft adapter `peft/{case}` (the run of
+/// `scripts/fixtures/peft_ref.py`); `train_extra` lines go into `[train]`.
+pub fn peft_steps_config(
+    case: &str,
+    train_extra: &str,
+    out: &std::path::Path,
+) -> collie_train::TrainConfig {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+[data]
+train = "{data}"
+format = "input_output"
+seq_len = 48
+shuffle = false
+[train]
+max_steps = 5
+micro_batch_size = 3
+max_grad_norm = 1.0
+{train_extra}
+[optim]
+name = "adamw"
+lr = 5e-3
+weight_decay = 0.01
+[sched]
+kind = "constant"
+[peft]
+adapter = "{adapter}"
+[output]
+dir = "{out}"
+"#,
+        model = fixture("train/model").display(),
+        data = fixture("train/io.jsonl").display(),
+        adapter = fixture(&format!("peft/{case}")).display(),
+        out = out.display(),
+    );
+    collie_train::TrainConfig::parse(&text, case, &[]).unwrap()
+}
