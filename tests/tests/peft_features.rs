@@ -321,3 +321,27 @@ fn every_optimizer_trains_only_the_adapter() {
     // LOMO without momentum is SGD: the fused block-wise update over the adapters equals the
     // plain one (the lines above print identical losses for sgd and lomo).
 }
+
+#[test]
+fn reduced_precision_trains_adapters_and_virtual_tokens() {
+    for case in ["lora", "prefix_projection", "prompt"] {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, f32_losses) = train_run(peft_steps_config(case, "", a.path()), None);
+        for dtype in ["bf16", "f16"] {
+            let mut c = peft_steps_config(case, "", b.path());
+            c.model.dtype = dtype.into();
+            c.output.dir = b.path().join(dtype);
+            let (trainer, losses) = train_run(c, None);
+            for (x, y) in f32_losses.iter().zip(&losses) {
+                assert!((x - y).abs() < 0.02 * x, "{case} {dtype}: {x} vs {y}");
+            }
+            // Master weights stay f32.
+            let v = trainer.model.virtual_tokens.as_ref();
+            let dt = match v {
+                Some(v) => v.embedding.val().dtype(),
+                None => trainer.model.layers[0].attn.q_proj.weight.val().dtype(),
+            };
+            assert_eq!(dt, burn::tensor::DType::F32, "{case} {dtype}");
+        }
+    }
+}
