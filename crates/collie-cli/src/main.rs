@@ -3,6 +3,7 @@
 
 mod bench;
 mod convert;
+mod embed;
 mod eval_ppl;
 mod generate;
 mod merge;
@@ -31,6 +32,8 @@ enum Command {
     Generate(generate::Args),
     /// Perplexity of a model on a JSONL file of {"text": ...} lines.
     EvalPpl(eval_ppl::Args),
+    /// Sentence vectors from a BERT-family encoder, one JSON line per input line.
+    Embed(embed::Args),
     /// Convert a GGUF file into an HF model directory.
     Convert(convert::Args),
     /// Fold a LoRA / IA3 adapter into its base model and write an HF model directory.
@@ -45,6 +48,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args, device),
         Command::EvalPpl(args) => eval_ppl::run(args, device),
+        Command::Embed(args) => embed::run(args, device),
         Command::Convert(args) => convert::run(args, device),
         Command::Merge(args) => merge::run(args, device),
         Command::Bench(cmd) => bench::run(cmd, device),

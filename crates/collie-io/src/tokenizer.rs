@@ -81,11 +81,20 @@ impl TokenizerBundle {
                 message: "file not found".into(),
             });
         }
-        let tokenizer =
+        let mut tokenizer =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
+        // transformers ignores the truncation and padding saved in tokenizer.json (they apply
+        // only when a call asks for them); so do we: callers truncate and pad themselves.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| IoError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?
+            .with_padding(None);
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.is_file() {
             read_json(&config_path)?

@@ -15,7 +15,7 @@ mod prompt;
 pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
-pub use norm::{RmsNorm, RmsNormConfig};
+pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
 pub use prompt::{EncoderActivation, VirtualTarget, VirtualTokens};
 
 use burn::tensor::backend::Backend;

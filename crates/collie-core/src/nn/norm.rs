@@ -52,3 +52,54 @@ impl<B: Backend> RmsNorm<B> {
         super::to_dtype(x / rms, dtype) * self.weight.val().unsqueeze::<D>()
     }
 }
+
+/// Configuration of a [`LayerNorm`].
+#[derive(Config, Debug)]
+pub struct LayerNormConfig {
+    /// Width of the normalized dimension.
+    pub d_model: usize,
+    /// Added to the variance before the square root (`layer_norm_eps`).
+    #[config(default = 1e-12)]
+    pub eps: f64,
+}
+
+/// `y = (x − mean(x)) / sqrt(var(x) + eps) · weight + bias` over the last dimension (Ba et al.
+/// 2016; the biased variance, as `torch.nn.LayerNorm`), computed in f32 whatever the input dtype.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// `[d_model]`, initialized to ones (HF `weight`, formerly `gamma`).
+    pub weight: Param<Tensor<B, 1>>,
+    /// `[d_model]`, initialized to zeros (HF `bias`, formerly `beta`).
+    pub bias: Param<Tensor<B, 1>>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl LayerNormConfig {
+    /// Builds the layer.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LayerNorm<B> {
+        LayerNorm {
+            weight: Initializer::Ones.init([self.d_model], device),
+            bias: Initializer::Zeros.init([self.d_model], device),
+            eps: self.eps,
+        }
+    }
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// # Shapes
+    /// - x: `[..., d_model]` → same
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = super::to_dtype(x, DType::F32);
+        let centered = x.clone() - x.mean_dim(D - 1);
+        let std = centered
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
+        let y = super::to_dtype(centered / std, dtype);
+        y * self.weight.val().unsqueeze::<D>() + self.bias.val().unsqueeze::<D>()
+    }
+}
