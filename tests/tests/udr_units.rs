@@ -1,0 +1,217 @@
+//! collie-retrieval's pieces against their references: BM25 against rank_bm25, UDR's loss and
+//! its gradient against a transcription of the released code (fixtures:
+//! `scripts/fixtures/udr_ref.py`), the dense index against brute force, and the samplers.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::tensor::{Distribution, Tensor, TensorData};
+use collie_retrieval::bm25::tokenize;
+use collie_retrieval::index::top_k;
+use collie_retrieval::{
+    batch_schedule, task_weights, udr_loss, Bm25, Bm25Params, CandidateSampling, DenseIndex,
+    LossWeights,
+};
+use common::*;
+use rand::SeedableRng;
+use serde_json::Value;
+
+#[test]
+fn bm25_scores_match_rank_bm25() {
+    let corpus: Vec<Vec<String>> = std::fs::read_to_string(fixture("minilm/sentences.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            tokenize(
+                serde_json::from_str::<Value>(l).unwrap()["text"]
+                    .as_str()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let want: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("udr/bm25.json")).unwrap()).unwrap();
+    let queries: Vec<String> = want["queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q.as_str().unwrap().to_string())
+        .collect();
+    for (q, t) in queries
+        .iter()
+        .zip(want["tokenized_queries"].as_array().unwrap())
+    {
+        let t: Vec<String> = t
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().into())
+            .collect();
+        assert_eq!(tokenize(q), t, "tokenization of {q:?}");
+    }
+    for run in want["runs"].as_array().unwrap() {
+        let k1 = run["k1"].as_f64().unwrap();
+        let bm = Bm25::new(
+            &corpus,
+            Bm25Params {
+                k1,
+                ..Default::default()
+            },
+        );
+        for (q, scores) in queries.iter().zip(run["scores"].as_array().unwrap()) {
+            let want: Vec<f64> = scores
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let got = bm.scores(&tokenize(q));
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                    "k1 {k1} {q:?} doc {i}: {a} vs {b}"
+                );
+            }
+            // The ranking (ties to the lower index) is rank_bm25's stable descending order.
+            let mut order: Vec<usize> = (0..want.len()).collect();
+            order.sort_by(|&x, &y| want[y].total_cmp(&want[x]).then(x.cmp(&y)));
+            let top: Vec<usize> = bm
+                .top_k(&tokenize(q), 10, None)
+                .iter()
+                .map(|p| p.0)
+                .collect();
+            assert_eq!(top, order[..10], "k1 {k1} {q:?}");
+            let without = bm.top_k(&tokenize(q), 10, Some(order[0]));
+            assert!(without.iter().all(|p| p.0 != order[0]));
+        }
+    }
+}
+
+#[test]
+fn udr_loss_and_gradients_match_the_released_formula() {
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    let g = read_golden(&fixture("udr/loss.safetensors"));
+    let t2 = |name: &str| {
+        let v: Vec<f32> = g[name].values.iter().map(|&x| x as f32).collect();
+        Tensor::<AD, 2>::from_data(TensorData::new(v, g[name].shape.clone()), &device)
+            .require_grad()
+    };
+    let (q, c) = (t2("q"), t2("c"));
+    let loss = udr_loss(q.clone(), c.clone(), 8, LossWeights::default());
+    let total = loss.total.clone().into_scalar() as f64;
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    println!(
+        "total {total} vs {}, rank {} vs {}, in-batch {} vs {}",
+        g["total"].values[0], loss.rank, g["rank"].values[0], loss.in_batch, g["ib"].values[0]
+    );
+    assert!(rel(total, g["total"].values[0]) < 1e-5);
+    assert!(rel(loss.rank, g["rank"].values[0]) < 1e-5);
+    assert!(rel(loss.in_batch, g["ib"].values[0]) < 1e-5);
+    let grads = loss.total.backward();
+    for (name, t) in [("grad_q", q), ("grad_c", c)] {
+        let got = values(t.grad(&grads).unwrap());
+        let scale = g[name].values.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let d = max_abs_diff(&got, &g[name].values, |_| true);
+        println!("{name}: max |Δ| = {d:.2e} (max |g| {scale:.2e})");
+        assert!(d < 1e-5 * scale.max(1.0), "{name}: {d}");
+    }
+    // Ablations weigh the parts.
+    let only_ib = udr_loss(
+        t2("q"),
+        t2("c"),
+        8,
+        LossWeights {
+            rank: 0.0,
+            in_batch: 1.0,
+        },
+    );
+    assert!(rel(only_ib.total.into_scalar() as f64, g["ib"].values[0]) < 1e-5);
+}
+
+#[test]
+fn dense_index_top_k_equals_brute_force_and_survives_saving() {
+    let device = Default::default();
+    let vectors = Tensor::<B, 2>::random([300, 24], Distribution::Normal(0.0, 1.0), &device);
+    let queries = Tensor::<B, 2>::random([17, 24], Distribution::Normal(0.0, 1.0), &device);
+    let index = DenseIndex {
+        vectors: vectors.clone(),
+    };
+    let exclude: Vec<usize> = (0..17).map(|i| i * 3).collect();
+    let got = index.search(queries.clone(), 10, Some(&exclude));
+    let v = values(vectors);
+    let q = values(queries);
+    for (i, hits) in got.iter().enumerate() {
+        let mut brute: Vec<(usize, f32)> = (0..300)
+            .filter(|&j| j != exclude[i])
+            .map(|j| {
+                (
+                    j,
+                    (0..24).map(|k| q[i * 24 + k] * v[j * 24 + k]).sum::<f32>(),
+                )
+            })
+            .collect();
+        brute.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let ids: Vec<usize> = hits.iter().map(|h| h.0).collect();
+        let want: Vec<usize> = brute[..10].iter().map(|h| h.0).collect();
+        assert_eq!(ids, want, "query {i}");
+        for (h, b) in hits.iter().zip(&brute) {
+            assert!((h.1 - b.1).abs() < 1e-4);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("index.safetensors");
+    index.save(&path).unwrap();
+    let back = DenseIndex::<B>::load(&path, &device).unwrap();
+    assert_eq!(values(back.vectors), v);
+    assert_eq!(
+        top_k(&[1.0, 3.0, 3.0, 2.0], 3, None),
+        [(1, 3.0), (2, 3.0), (3, 2.0)]
+    );
+    assert_eq!(top_k(&[1.0, 3.0], 5, Some(1)), [(0, 1.0)]);
+}
+
+#[test]
+fn candidate_sampling_follows_udr() {
+    let s = CandidateSampling::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut seen = vec![0usize; 40];
+    for _ in 0..2000 {
+        let p = s.sample(40, &mut rng);
+        assert_eq!(p.len(), 8);
+        assert!(p.windows(2).all(|w| w[0] < w[1]), "sorted, distinct: {p:?}");
+        assert_eq!(p.iter().filter(|&&x| x < 5).count(), 1, "{p:?}");
+        assert_eq!(p.iter().filter(|&&x| x >= 35).count(), 1, "{p:?}");
+        for x in p {
+            seen[x] += 1;
+        }
+    }
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "every position can be drawn: {seen:?}"
+    );
+    // Two from the top (semantic parsing), short lists, lists without room for the windows.
+    let two = CandidateSampling { from_top: 2, ..s };
+    assert_eq!(
+        two.sample(40, &mut rng).iter().filter(|&&x| x < 5).count(),
+        2
+    );
+    assert_eq!(s.sample(6, &mut rng), (0..6).collect::<Vec<_>>());
+    let p = s.sample(12, &mut rng);
+    assert_eq!(p.len(), 8);
+    assert!(p.windows(2).all(|w| w[0] < w[1]));
+    // Same seed, same draw.
+    let a = s.sample(40, &mut rand::rngs::StdRng::seed_from_u64(1));
+    let b = s.sample(40, &mut rand::rngs::StdRng::seed_from_u64(1));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn tasks_are_weighted_by_the_square_root_of_their_size() {
+    let w = task_weights(&[100, 400, 900]);
+    assert!((w[0] - 10.0 / 60.0).abs() < 1e-12 && (w[2] - 30.0 / 60.0).abs() < 1e-12);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let schedule = batch_schedule(&[100, 400, 900, 0], 60, &mut rng);
+    let count = |t| schedule.iter().filter(|&&x| x == t).count();
+    assert_eq!((count(0), count(1), count(2), count(3)), (10, 20, 30, 0));
+}
