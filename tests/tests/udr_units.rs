@@ -215,3 +215,64 @@ fn tasks_are_weighted_by_the_square_root_of_their_size() {
     let count = |t| schedule.iter().filter(|&&x| x == t).count();
     assert_eq!((count(0), count(1), count(2), count(3)), (10, 20, 30, 0));
 }
+
+#[test]
+fn tasks_load_real_data_and_split_by_seed() {
+    use collie_retrieval::tasks::{registry, split, task};
+    let mut sizes = Vec::new();
+    for t in registry() {
+        let examples = t.load().unwrap();
+        sizes.push((t.name, examples.len()));
+        assert!(
+            examples.len() > 500,
+            "{}: {} examples",
+            t.name,
+            examples.len()
+        );
+        if t.is_classification() {
+            for e in &examples {
+                let l = e.label.unwrap();
+                assert_eq!(e.output, t.verbalize(l));
+            }
+            // Every label occurs.
+            for l in 0..t.labels.len() {
+                assert!(
+                    examples.iter().any(|e| e.label == Some(l)),
+                    "{} label {l}",
+                    t.name
+                );
+            }
+        }
+        let s = split(t.name, examples.clone(), 42, 100, 50, 300).unwrap();
+        assert_eq!((s.test.len(), s.dev.len(), s.train.len()), (100, 50, 300));
+        let again = split(t.name, examples, 42, 100, 50, 300).unwrap();
+        assert_eq!(s, again, "{}: same seed, same split", t.name);
+        let ids: std::collections::HashSet<usize> = s
+            .train
+            .iter()
+            .chain(&s.dev)
+            .chain(&s.test)
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids.len(), 450, "{}: splits are disjoint", t.name);
+    }
+    println!("task sizes: {sizes:?}");
+    let movie = task("movie2").unwrap();
+    let e = &movie.load().unwrap()[0];
+    assert!(movie
+        .demonstration(e)
+        .starts_with("Sentiment of the sentence: "));
+    assert!(
+        movie.demonstration(e).ends_with("\tIt was great .")
+            || movie.demonstration(e).ends_with("\tIt was terrible .")
+    );
+    let err = task("sst2").unwrap_err().to_string();
+    assert!(
+        err.contains("unknown task `sst2`") && err.contains("movie2"),
+        "{err}"
+    );
+    let err = split("tiny", movie.load().unwrap()[..10].to_vec(), 1, 8, 2, 5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tiny") && err.contains("too few"), "{err}");
+}

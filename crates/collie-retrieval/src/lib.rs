@@ -4,13 +4,53 @@
 //! - [`loss`]: the list-wise ranking loss + in-batch loss, as the released code computes them.
 //! - [`sampling`]: candidates per query per step, √-size multi-task batching.
 //! - [`index`]: exact inner-product search on the backend.
+//! - [`tasks`]: the task registry (real data through the asset resolver) and seeded splits.
 
 pub mod bm25;
 pub mod index;
 pub mod loss;
 pub mod sampling;
+pub mod tasks;
+
+use std::path::{Path, PathBuf};
+
+/// What can go wrong preparing, scoring, training or evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrievalError {
+    /// A bad option (the message names it).
+    #[error("{0}")]
+    Config(String),
+    /// Data that cannot be used (the message names the file, line or task).
+    #[error("{0}")]
+    Data(String),
+    /// A file-system error.
+    #[error("{path}: {cause}")]
+    Fs {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        cause: std::io::Error,
+    },
+    /// Fetching an asset.
+    #[error(transparent)]
+    Asset(#[from] collie_core::CoreError),
+    /// Reading or writing tensors or tokenizers.
+    #[error(transparent)]
+    Io(#[from] collie_io::IoError),
+}
+
+impl RetrievalError {
+    /// A file-system error at `path`.
+    pub fn io(path: &Path, cause: std::io::Error) -> Self {
+        RetrievalError::Fs {
+            path: path.to_path_buf(),
+            cause,
+        }
+    }
+}
 
 pub use bm25::{Bm25, Bm25Params};
 pub use index::DenseIndex;
 pub use loss::{udr_loss, LossWeights, UdrLoss};
 pub use sampling::{batch_schedule, task_weights, CandidateSampling};
+pub use tasks::{Example, Metric, Splits, Task};

@@ -5,10 +5,10 @@
 //! `{"messages": [...]}` line (user / assistant turns alternating), 5 % are held out, and the
 //! run reports held-out loss and sample answers before and after training.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use collie_data::dataset::{holdout_split, write_jsonl};
 use collie_train::cli::Recipe;
@@ -16,7 +16,6 @@ use collie_train::generate::GenerationConfig;
 use collie_train::{TrainConfig, Trainer};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use yaml_rust2::{Yaml, YamlLoader};
 
 /// `[recipe]` options.
 #[derive(Debug, Deserialize)]
@@ -43,54 +42,21 @@ impl Default for Options {
     }
 }
 
-/// Text of a YAML scalar (chatterbot has a few numbers and booleans among its turns).
-fn scalar(y: &Yaml) -> Option<String> {
-    match y {
-        Yaml::String(s) => Some(s.clone()),
-        Yaml::Integer(i) => Some(i.to_string()),
-        Yaml::Real(r) => Some(r.clone()),
-        Yaml::Boolean(b) => Some(if *b { "yes" } else { "no" }.to_string()),
-        _ => None,
-    }
-}
-
-/// Every conversation of every `*.yml` in `dir` as chat messages, in file-name order.
+/// Every conversation of the chatterbot corpus in `dir` as chat messages (user / assistant turns
+/// alternating), in file-name order.
 fn conversations(dir: &Path) -> Result<Vec<Value>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading corpus directory {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yml" || e == "yaml"))
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for file in &files {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let docs = YamlLoader::load_from_str(&text)
-            .with_context(|| format!("{}: invalid YAML", file.display()))?;
-        let Some(convs) = docs.first().and_then(|d| d["conversations"].as_vec()) else {
-            continue;
-        };
-        for conv in convs {
-            let turns: Vec<String> = conv
-                .as_vec()
-                .map(|t| t.iter().filter_map(scalar).collect())
-                .unwrap_or_default();
-            if turns.len() < 2 {
-                continue;
-            }
+    let convs = collie_data::corpora::chatterbot_conversations(dir)?;
+    Ok(convs
+        .into_iter()
+        .map(|turns| {
             let messages: Vec<Value> = turns
                 .iter()
                 .enumerate()
-                .map(|(i, t)| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": t.trim()}))
+                .map(|(i, t)| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": t}))
                 .collect();
-            out.push(json!({ "messages": messages }));
-        }
-    }
-    if out.is_empty() {
-        bail!("{}: no conversations found in *.yml files", dir.display());
-    }
-    Ok(out)
+            json!({ "messages": messages })
+        })
+        .collect())
 }
 
 struct Sft;
