@@ -276,3 +276,83 @@ fn tasks_load_real_data_and_split_by_seed() {
         .to_string();
     assert!(err.contains("tiny") && err.contains("too few"), "{err}");
 }
+
+#[test]
+fn lm_scores_and_classification_match_transformers() {
+    use collie_retrieval::icl::{bootstrap_ci, classify, generate_line};
+    use collie_retrieval::scoring::{fingerprint, mean_nll, ScoreCache};
+    let device = Default::default();
+    let loaded =
+        collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device).unwrap();
+    let tok = loaded.tokenizer.clone().unwrap();
+    let want: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("udr/lm.json")).unwrap()).unwrap();
+    let pairs: Vec<(String, String)> = want["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().into(), p[1].as_str().unwrap().into()))
+        .collect();
+    // Batched with padding (3 + 1) and one by one: the same numbers as transformers.
+    for batch in [3, 1] {
+        let got = mean_nll(&loaded.model, &tok, &pairs, batch, 512, &device).unwrap();
+        for (g, w) in got.iter().zip(want["pair_nll"].as_array().unwrap()) {
+            let w = w.as_f64().unwrap();
+            assert!((g - w).abs() < 1e-4, "batch {batch}: {g} vs {w}");
+        }
+    }
+    let choices: Vec<String> = want["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().into())
+        .collect();
+    for (prompt, w) in want["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(want["choice_nll"].as_array().unwrap())
+    {
+        let (best, losses) = classify(
+            &loaded.model,
+            &tok,
+            prompt.as_str().unwrap(),
+            &choices,
+            &device,
+        )
+        .unwrap();
+        let w: Vec<f64> = w
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        for (g, w) in losses.iter().zip(&w) {
+            assert!((g - w).abs() < 1e-4, "{prompt}: {g} vs {w}");
+        }
+        let want_best = (0..w.len()).min_by(|&a, &b| w[a].total_cmp(&w[b])).unwrap();
+        assert_eq!(best, want_best);
+    }
+    // Greedy generation stops at max_new without a newline and returns text.
+    let text = generate_line(&loaded.model, &tok, "hello\t", 4, &[], &device).unwrap();
+    assert!(!text.contains('\n'));
+
+    // The score cache: resumes, and refuses another model's scores.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("scores.jsonl");
+    let fp = fingerprint(&["model-a", "512"]);
+    let mut cache = ScoreCache::open(&path, &fp).unwrap();
+    cache.extend(&[((0, 1), 2.5), ((0, 2), 3.5)]).unwrap();
+    let again = ScoreCache::open(&path, &fp).unwrap();
+    assert_eq!((again.len(), again.get(0, 2)), (2, Some(3.5)));
+    let err = ScoreCache::open(&path, &fingerprint(&["model-b", "512"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("another model") && err.contains("scores.jsonl"),
+        "{err}"
+    );
+
+    let (m, lo, hi) = bootstrap_ci(&[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], 2000, 0);
+    assert!((m - 0.75).abs() < 1e-12 && lo < m && m < hi && lo >= 0.0 && hi <= 1.0);
+}
