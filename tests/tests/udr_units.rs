@@ -382,7 +382,9 @@ fn retriever_training_lowers_the_udr_loss() {
         query: config.init::<AD>(&device).unwrap(),
         demo: config.init::<AD>(&device).unwrap(),
     };
-    let words = ["apple", "river", "guitar", "planet", "castle", "tiger", "violin", "desert"];
+    let words = [
+        "apple", "river", "guitar", "planet", "castle", "tiger", "violin", "desert",
+    ];
     let task = |offset: usize| -> Vec<RankedQuery> {
         (0..8)
             .map(|i| {
@@ -391,7 +393,7 @@ fn retriever_training_lowers_the_udr_loss() {
                 let mut candidates = vec![format!("about {w} and more {w}")];
                 candidates.extend((1..8).map(|k| format!("about {}", words[(i + offset + k) % 8])));
                 RankedQuery {
-                    query: format!("{w}"),
+                    query: w.to_string(),
                     candidates,
                 }
             })
@@ -406,9 +408,26 @@ fn retriever_training_lowers_the_udr_loss() {
         ..Default::default()
     };
     let tok = minilm.tokenizer.clone();
-    let (_, report) = train(model, &tok, 0, &[task(0), task(3)], &opts, &device, |_, _, _| {}).unwrap();
+    let (_, report) = train(
+        model,
+        &tok,
+        0,
+        &[task(0), task(3)],
+        &opts,
+        &device,
+        |_, _, _| {},
+    )
+    .unwrap();
     let first: f64 = report.losses[..4].iter().map(|l| l.1).sum::<f64>() / 4.0;
-    let last: f64 = report.losses[report.losses.len() - 4..].iter().map(|l| l.1).sum::<f64>() / 4.0;
-    println!("{} steps, loss {first:.3} -> {last:.3}, {:.1} queries/s", report.losses.len(), report.queries_per_sec);
+    let last: f64 = report.losses[report.losses.len() - 4..]
+        .iter()
+        .map(|l| l.1)
+        .sum::<f64>()
+        / 4.0;
+    println!(
+        "{} steps, loss {first:.3} -> {last:.3}, {:.1} queries/s",
+        report.losses.len(),
+        report.queries_per_sec
+    );
     assert!(last < 0.7 * first, "loss {first} -> {last}");
 }

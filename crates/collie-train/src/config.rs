@@ -385,21 +385,35 @@ pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), Co
     Ok(())
 }
 
+/// Parses TOML text (`origin` names it in errors) into `T` with `--set` overrides applied;
+/// errors name the dotted key at fault. Shared by every config of the recipes.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: origin.to_string(),
+        message: e.to_string().trim().replace('\n', " "),
+    })?;
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        key_error(&key, e.into_inner().to_string())
+    })
+}
+
+/// An error about the config key `key`.
+pub fn config_key_error(key: &str, message: impl Into<String>) -> ConfigError {
+    key_error(key, message)
+}
+
 impl TrainConfig {
     /// Parses TOML text (`origin` names it in errors) with overrides applied.
     pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: origin.to_string(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
-        for o in overrides {
-            apply_override(&mut table, o)?;
-        }
-        let config: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
-                let key = e.path().to_string();
-                key_error(&key, e.into_inner().to_string())
-            })?;
+        let config: TrainConfig = parse_toml(text, origin, overrides)?;
         config.validate()?;
         Ok(config)
     }

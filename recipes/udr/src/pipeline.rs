@@ -1,0 +1,667 @@
+//! The stages of a UDR run. Each writes its outputs under `output.dir` and is skipped when they
+//! exist, so an interrupted run resumes where it stopped (scoring resumes mid-stage through its
+//! score cache).
+//!
+//! ```text
+//! prepare   data/{task}.json                 seeded splits: pool (train), dev, test
+//! score     cand/{task}.iter0.json           BM25 top-K of each training query over the pool
+//!           scores/{task}.jsonl              LM feedback per (query, candidate), fingerprinted
+//!           ranked/{task}.iter0.json         candidates sorted by LM score, best first
+//! train     retriever/iter0/{query,demo}/    the two towers (HF BertModel directories)
+//! mine      cand/{task}.iter1.json           + the trained retriever's top-K, scored, re-ranked
+//! train     retriever/iter1/…
+//! evaluate  results/{method}.json            per-task scores of each method; udr_results.json
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use collie_bert::Pooling;
+use collie_core::lm::CausalLm;
+use collie_io::tokenizer::TokenizerBundle;
+use collie_llama::Llama;
+use collie_retrieval::bm25::{tokenize, Bm25, Bm25Params};
+use collie_retrieval::icl::{bootstrap_ci, build_prompt, classify, generate_line};
+use collie_retrieval::retriever::{self, BiEncoder, RankedQuery, TrainOptions};
+use collie_retrieval::scoring::{fingerprint, mean_nll, ScoreCache};
+use collie_retrieval::tasks::{self, Example, Metric, Splits, Task};
+use collie_retrieval::{CandidateSampling, DenseIndex, LossWeights};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+
+use crate::config::UdrConfig;
+
+/// One inference tower.
+type Tower<B> = collie_bert::Encoder<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>;
+
+/// Everything the stages share.
+pub struct Run<'a, B: AutodiffBackend> {
+    /// The configuration.
+    pub config: &'a UdrConfig,
+    /// The device.
+    pub device: B::Device,
+    /// Progress lines on stderr.
+    pub quiet: bool,
+}
+
+fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+/// Writes `value` as JSON atomically (temporary file + rename).
+fn write<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, serde_json::to_string(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+impl<B: AutodiffBackend> Run<'_, B> {
+    fn dir(&self) -> &Path {
+        &self.config.output.dir
+    }
+
+    fn say(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("recipe-udr: {line}");
+        }
+    }
+
+    fn tasks(&self) -> Result<Vec<Task>> {
+        self.config
+            .data
+            .tasks
+            .iter()
+            .map(|t| Ok(tasks::task(t)?))
+            .collect()
+    }
+
+    /// `data/{task}.json`: the seeded splits.
+    pub fn prepare(&self) -> Result<()> {
+        let d = &self.config.data;
+        for task in self.tasks()? {
+            let path = self.dir().join("data").join(format!("{}.json", task.name));
+            if path.is_file() {
+                continue;
+            }
+            let examples = task.load()?;
+            let splits = tasks::split(task.name, examples, d.seed, d.test, d.dev, d.pool)?;
+            self.say(&format!(
+                "{}: pool {}, dev {}, test {}",
+                task.name,
+                splits.train.len(),
+                splits.dev.len(),
+                splits.test.len()
+            ));
+            write(&path, &splits)?;
+        }
+        Ok(())
+    }
+
+    fn splits(&self, task: &Task) -> Result<Splits> {
+        let path = self.dir().join("data").join(format!("{}.json", task.name));
+        if !path.is_file() {
+            bail!("{} is missing: run the prepare stage first", path.display());
+        }
+        read(&path)
+    }
+
+    /// Training queries of a task: the first `train_queries` of its pool.
+    fn queries(&self, splits: &Splits) -> usize {
+        self.config.data.train_queries.min(splits.train.len())
+    }
+
+    /// `cand/{task}.iter0.json`: BM25 candidates of each training query over the pool.
+    pub fn bm25_candidates(&self) -> Result<()> {
+        for task in self.tasks()? {
+            let path = self.cand_path(&task, 0);
+            if path.is_file() {
+                continue;
+            }
+            let s = self.splits(&task)?;
+            let docs: Vec<Vec<String>> = s.train.iter().map(|e| tokenize(&e.input)).collect();
+            let bm = Bm25::new(&docs, Bm25Params::default());
+            let k = self.config.retriever.candidates;
+            let cands: Vec<Vec<usize>> = (0..self.queries(&s))
+                .map(|q| {
+                    bm.top_k(&docs[q], k, Some(q))
+                        .into_iter()
+                        .map(|(i, _)| i)
+                        .collect()
+                })
+                .collect();
+            write(&path, &cands)?;
+        }
+        Ok(())
+    }
+
+    fn cand_path(&self, task: &Task, iter: usize) -> PathBuf {
+        self.dir()
+            .join("cand")
+            .join(format!("{}.iter{iter}.json", task.name))
+    }
+
+    fn ranked_path(&self, task: &Task, iter: usize) -> PathBuf {
+        self.dir()
+            .join("ranked")
+            .join(format!("{}.iter{iter}.json", task.name))
+    }
+
+    /// Loads the LM and its fingerprint (config, vocabulary, a slice of the embedding).
+    fn lm(&self) -> Result<(Llama<B::InnerBackend>, TokenizerBundle, String)> {
+        let loaded = collie_llama::load::<B::InnerBackend>(&self.config.lm.model, &self.device)
+            .with_context(|| format!("loading lm.model `{}`", self.config.lm.model))?;
+        let tok = loaded.tokenizer()?.clone();
+        let head: Vec<f32> = loaded
+            .model
+            .embed
+            .weight
+            .val()
+            .slice([0..1, 0..16])
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32");
+        let fp = fingerprint(&[
+            &serde_json::to_string(&loaded.config)?,
+            &tok.vocab_size().to_string(),
+            &format!("{head:?}"),
+        ]);
+        Ok((loaded.model, tok, fp))
+    }
+
+    /// Scores every (query, candidate) of `cand/{task}.iter{iter}.json` not yet in the cache and
+    /// writes the LM-ranked lists.
+    pub fn score(&self, iter: usize) -> Result<()> {
+        let todo: Vec<Task> = self
+            .tasks()?
+            .into_iter()
+            .filter(|t| !self.ranked_path(t, iter).is_file())
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let (lm, tok, fp) = self.lm()?;
+        let lmc = &self.config.lm;
+        for task in todo {
+            let s = self.splits(&task)?;
+            let cands: Vec<Vec<usize>> = read(&self.cand_path(&task, iter))?;
+            let cache_path = self
+                .dir()
+                .join("scores")
+                .join(format!("{}.jsonl", task.name));
+            let mut cache = ScoreCache::open(&cache_path, &fp)?;
+            let missing: Vec<(usize, usize)> = cands
+                .iter()
+                .enumerate()
+                .flat_map(|(q, cs)| cs.iter().map(move |&c| (q, c)))
+                .filter(|&(q, c)| cache.get(q, c).is_none())
+                .collect();
+            let start = std::time::Instant::now();
+            for chunk in missing.chunks(lmc.score_batch.max(1) * 4) {
+                let pairs: Vec<(String, String)> = chunk
+                    .iter()
+                    .map(|&(q, c)| {
+                        let (x, z) = (&s.train[q], &s.train[c]);
+                        (
+                            format!("{}\n{}\t", task.prompt_block(z), x.input),
+                            x.output.clone(),
+                        )
+                    })
+                    .collect();
+                let nll = mean_nll(
+                    &lm,
+                    &tok,
+                    &pairs,
+                    lmc.score_batch,
+                    lmc.max_len,
+                    &self.device,
+                )?;
+                let new: Vec<_> = chunk.iter().copied().zip(nll).collect();
+                cache.extend(&new)?;
+            }
+            if !missing.is_empty() {
+                let secs = start.elapsed().as_secs_f64();
+                self.say(&format!(
+                    "{} iter {iter}: scored {} candidates in {secs:.0} s ({:.1}/s)",
+                    task.name,
+                    missing.len(),
+                    missing.len() as f64 / secs.max(1e-9)
+                ));
+                self.log_throughput("score", &task, missing.len(), secs)?;
+            }
+            let ranked: Vec<Vec<usize>> = cands
+                .iter()
+                .enumerate()
+                .map(|(q, cs)| {
+                    let mut cs = cs.clone();
+                    cs.sort_by(|&a, &b| {
+                        let (x, y) = (cache.get(q, a).unwrap(), cache.get(q, b).unwrap());
+                        x.total_cmp(&y).then(a.cmp(&b))
+                    });
+                    cs
+                })
+                .collect();
+            write(&self.ranked_path(&task, iter), &ranked)?;
+        }
+        Ok(())
+    }
+
+    fn log_throughput(&self, what: &str, task: &Task, items: usize, secs: f64) -> Result<()> {
+        let path = self.dir().join("throughput.jsonl");
+        let line = json!({"stage": what, "task": task.name, "items": items, "seconds": secs,
+                          "per_second": items as f64 / secs.max(1e-9)});
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!("{line}\n"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn tower_dir(&self, iter: usize) -> PathBuf {
+        self.dir().join("retriever").join(format!("iter{iter}"))
+    }
+
+    /// Trains a fresh retriever (both towers from `retriever.model`) on the ranked lists of
+    /// iteration `iter` and saves it.
+    pub fn train(&self, iter: usize) -> Result<()> {
+        let out = self.tower_dir(iter);
+        if out.join("demo").join("model.safetensors").is_file() {
+            return Ok(());
+        }
+        let r = &self.config.retriever;
+        let encoder = collie_bert::load::<B>(&r.model, &self.device)
+            .with_context(|| format!("loading retriever.model `{}`", r.model))?;
+        let pad = encoder.config.pad_token_id;
+        let mut data = Vec::new();
+        for task in self.tasks()? {
+            let s = self.splits(&task)?;
+            let ranked: Vec<Vec<usize>> = read(&self.ranked_path(&task, iter))?;
+            data.push(
+                ranked
+                    .iter()
+                    .enumerate()
+                    .map(|(q, cs)| RankedQuery {
+                        query: s.train[q].input.clone(),
+                        candidates: cs
+                            .iter()
+                            .map(|&c| task.demonstration(&s.train[c]))
+                            .collect(),
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let opts = TrainOptions {
+            lr: r.lr,
+            warmup_steps: r.warmup_steps,
+            epochs: r.epochs,
+            batch_queries: r.batch_queries,
+            max_len: r.max_len,
+            sampling: CandidateSampling {
+                per_query: r.per_query,
+                ..Default::default()
+            },
+            loss: LossWeights {
+                rank: r.rank_weight,
+                in_batch: r.in_batch_weight,
+            },
+            max_grad_norm: 2.0,
+            seed: r.seed + iter as u64,
+        };
+        let model = BiEncoder {
+            query: encoder.model.clone(),
+            demo: encoder.model,
+        };
+        let quiet = self.quiet;
+        let (model, report) = retriever::train(
+            model,
+            &encoder.tokenizer,
+            pad,
+            &data,
+            &opts,
+            &self.device,
+            |step, total, loss| {
+                if !quiet && (step % 10 == 0 || step == total) {
+                    eprintln!("recipe-udr: train iter {iter}: step {step}/{total} loss {loss:.4}");
+                }
+            },
+        )?;
+        self.say(&format!(
+            "train iter {iter}: {} steps, {:.1} queries/s",
+            report.losses.len(),
+            report.queries_per_sec
+        ));
+        let model = model.valid();
+        let staging = out.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&staging);
+        for (name, tower) in [("query", &model.query), ("demo", &model.demo)] {
+            collie_bert::hf::save_hf_dir(
+                tower,
+                &encoder.config,
+                Some(&encoder.tokenizer),
+                &staging.join(name),
+            )?;
+        }
+        write(
+            &staging.join("report.json"),
+            &json!({"losses": report.losses, "queries_per_sec": report.queries_per_sec,
+                    "seconds": report.seconds}),
+        )?;
+        if out.exists() {
+            std::fs::remove_dir_all(&out)?;
+        }
+        std::fs::rename(&staging, &out).with_context(|| format!("writing {}", out.display()))?;
+        Ok(())
+    }
+
+    /// Loads the towers of iteration `iter` (inference): `(query, demonstration)`.
+    fn towers(&self, iter: usize) -> Result<(Tower<B>, Tower<B>)> {
+        let dir = self.tower_dir(iter);
+        let load = |name: &str| {
+            let p = dir.join(name);
+            collie_bert::load::<B::InnerBackend>(p.to_str().unwrap_or_default(), &self.device)
+                .with_context(|| format!("loading the retriever {}", p.display()))
+        };
+        Ok((load("query")?, load("demo")?))
+    }
+
+    /// Mining round `iter` (≥ 1): the retriever of `iter − 1` adds its top-K per training query.
+    pub fn mine(&self, iter: usize) -> Result<()> {
+        let todo: Vec<Task> = self
+            .tasks()?
+            .into_iter()
+            .filter(|t| !self.cand_path(t, iter).is_file())
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let (q_enc, d_enc) = self.towers(iter - 1)?;
+        let r = &self.config.retriever;
+        for task in todo {
+            let s = self.splits(&task)?;
+            let index = self.demo_index(&d_enc, &task, &s)?;
+            let nq = self.queries(&s);
+            let inputs: Vec<String> = s.train[..nq].iter().map(|e| e.input.clone()).collect();
+            let qv = retriever::encode_texts(
+                &q_enc.model,
+                &q_enc.tokenizer,
+                &inputs,
+                r.max_len,
+                q_enc.config.pad_token_id,
+                &self.device,
+            )?;
+            let exclude: Vec<usize> = (0..nq).collect();
+            let hits = index.search(qv, r.mine_k, Some(&exclude));
+            let old: Vec<Vec<usize>> = read(&self.cand_path(&task, iter - 1))?;
+            let merged: Vec<Vec<usize>> = old
+                .into_iter()
+                .zip(hits)
+                .map(|(mut cs, h)| {
+                    for (i, _) in h {
+                        if !cs.contains(&i) {
+                            cs.push(i);
+                        }
+                    }
+                    cs
+                })
+                .collect();
+            write(&self.cand_path(&task, iter), &merged)?;
+        }
+        Ok(())
+    }
+
+    fn demo_index(
+        &self,
+        d_enc: &collie_bert::Encoder<B::InnerBackend>,
+        task: &Task,
+        s: &Splits,
+    ) -> Result<DenseIndex<B::InnerBackend>> {
+        let demos: Vec<String> = s.train.iter().map(|e| task.demonstration(e)).collect();
+        Ok(retriever::build_index(
+            &d_enc.model,
+            &d_enc.tokenizer,
+            &demos,
+            self.config.retriever.max_len,
+            d_enc.config.pad_token_id,
+            &self.device,
+        )?)
+    }
+
+    /// Demonstrations (pool indices, most similar first) of every test example by `method`.
+    fn retrieve(&self, method: &str, task: &Task, s: &Splits) -> Result<Vec<Vec<usize>>> {
+        let k = self.config.eval.k;
+        let n = s.train.len();
+        Ok(match method {
+            "random" => {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(self.config.data.seed);
+                s.test
+                    .iter()
+                    .map(|_| {
+                        let mut all: Vec<usize> = (0..n).collect();
+                        all.shuffle(&mut rng);
+                        all.truncate(k);
+                        all
+                    })
+                    .collect()
+            }
+            "bm25" => {
+                let docs: Vec<Vec<String>> = s.train.iter().map(|e| tokenize(&e.input)).collect();
+                let bm = Bm25::new(&docs, Bm25Params::default());
+                s.test
+                    .iter()
+                    .map(|e| {
+                        bm.top_k(&tokenize(&e.input), k, None)
+                            .into_iter()
+                            .map(|h| h.0)
+                            .collect()
+                    })
+                    .collect()
+            }
+            "sbert" => {
+                // Off-the-shelf sentence embeddings of inputs, as sentence-transformers.
+                let enc = collie_bert::load::<B::InnerBackend>(
+                    &self.config.retriever.model,
+                    &self.device,
+                )?;
+                let pool: Vec<String> = s.train.iter().map(|e| e.input.clone()).collect();
+                let tests: Vec<String> = s.test.iter().map(|e| e.input.clone()).collect();
+                let ml = self.config.retriever.max_len;
+                let pv = enc.embed_texts(&pool, Pooling::Mean, true, ml, 32, &self.device)?;
+                let tv = enc.embed_texts(&tests, Pooling::Mean, true, ml, 32, &self.device)?;
+                let index = DenseIndex::<B::InnerBackend>::from_rows(&pv, &self.device);
+                let q = DenseIndex::<B::InnerBackend>::from_rows(&tv, &self.device).vectors;
+                index
+                    .search(q, k, None)
+                    .into_iter()
+                    .map(|h| h.into_iter().map(|x| x.0).collect())
+                    .collect()
+            }
+            "udr_iter0" | "udr" => {
+                let iter = if method == "udr" {
+                    self.config.retriever.mining_rounds
+                } else {
+                    0
+                };
+                let (q_enc, d_enc) = self.towers(iter)?;
+                let index = self.demo_index(&d_enc, task, s)?;
+                let tests: Vec<String> = s.test.iter().map(|e| e.input.clone()).collect();
+                let ml = self.config.retriever.max_len;
+                let qv = retriever::encode_texts(
+                    &q_enc.model,
+                    &q_enc.tokenizer,
+                    &tests,
+                    ml,
+                    q_enc.config.pad_token_id,
+                    &self.device,
+                )?;
+                index
+                    .search(qv, k, None)
+                    .into_iter()
+                    .map(|h| h.into_iter().map(|x| x.0).collect())
+                    .collect()
+            }
+            other => bail!("unknown method `{other}`"),
+        })
+    }
+
+    /// `results/{method}.json` for every method, then `udr_results.json` and `results.md`.
+    pub fn evaluate(&self) -> Result<()> {
+        let ev = &self.config.eval;
+        let mut lm: Option<(Llama<B::InnerBackend>, TokenizerBundle, Vec<u32>)> = None;
+        let mut all: BTreeMap<String, Value> = BTreeMap::new();
+        for method in &ev.methods {
+            let path = self.dir().join("results").join(format!("{method}.json"));
+            if !path.is_file() {
+                if lm.is_none() {
+                    let loaded =
+                        collie_llama::load::<B::InnerBackend>(&self.config.lm.model, &self.device)?;
+                    let tok = loaded.tokenizer()?.clone();
+                    lm = Some((loaded.model, tok, loaded.config.eos_ids()));
+                }
+                let (model, tok, eos) = lm.as_ref().expect("loaded");
+                let mut per_task = serde_json::Map::new();
+                for task in self.tasks()? {
+                    let s = self.splits(&task)?;
+                    let demos = self.retrieve(method, &task, &s)?;
+                    let start = std::time::Instant::now();
+                    let scores = self.icl(model, tok, eos, &task, &s, &demos)?;
+                    let (mean, lo, hi) = bootstrap_ci(&scores, ev.bootstrap, self.config.data.seed);
+                    self.say(&format!(
+                        "{method} on {}: {:.1} [{:.1}, {:.1}] ({} test examples, {:.0} s)",
+                        task.name,
+                        100.0 * mean,
+                        100.0 * lo,
+                        100.0 * hi,
+                        scores.len(),
+                        start.elapsed().as_secs_f64()
+                    ));
+                    per_task.insert(
+                        task.name.to_string(),
+                        json!({"score": 100.0 * mean, "ci95": [100.0 * lo, 100.0 * hi], "n": scores.len(),
+                               "metric": task.metric}),
+                    );
+                }
+                write(&path, &Value::Object(per_task))?;
+            }
+            all.insert(method.clone(), read(&path)?);
+        }
+        self.report(&all)
+    }
+
+    /// Per-example scores (1/0 accuracy or ROUGE-L) of one method on one task's test split.
+    fn icl<M: CausalLm<B::InnerBackend>>(
+        &self,
+        model: &M,
+        tok: &TokenizerBundle,
+        eos: &[u32],
+        task: &Task,
+        s: &Splits,
+        demos: &[Vec<usize>],
+    ) -> Result<Vec<f64>>
+    where
+        M::Cache: Clone,
+    {
+        let ev = &self.config.eval;
+        let labels: Vec<String> = (0..task.labels.len()).map(|l| task.verbalize(l)).collect();
+        let mut out = Vec::with_capacity(s.test.len());
+        for (e, d) in s.test.iter().zip(demos) {
+            let d: Vec<&Example> = d.iter().map(|&i| &s.train[i]).collect();
+            let prompt = build_prompt(task, &d, e, tok, ev.max_prompt_tokens)?;
+            let score = match task.metric {
+                Metric::Accuracy => {
+                    let (best, _) = classify(model, tok, &prompt, &labels, &self.device)?;
+                    f64::from(Some(best) == e.label)
+                }
+                Metric::RougeL => {
+                    let text =
+                        generate_line(model, tok, &prompt, ev.max_new_tokens, eos, &self.device)?;
+                    collie_train::textmetrics::rouge_l(&text, &e.output)
+                }
+            };
+            out.push(score);
+        }
+        Ok(out)
+    }
+
+    /// `udr_results.json` and `results.md` from the per-method results.
+    fn report(&self, all: &BTreeMap<String, Value>) -> Result<()> {
+        let tasks: Vec<String> = self.config.data.tasks.clone();
+        let mut methods = serde_json::Map::new();
+        let mut md = String::from("| method |");
+        for t in &tasks {
+            md.push_str(&format!(" {t} |"));
+        }
+        md.push_str(" avg |\n|---|");
+        md.push_str(&"---|".repeat(tasks.len() + 1));
+        md.push('\n');
+        for m in &self.config.eval.methods {
+            let r = &all[m];
+            let mut per = serde_json::Map::new();
+            let mut sum = 0.0;
+            md.push_str(&format!("| {m} |"));
+            for t in &tasks {
+                let v = r[t]["score"].as_f64().unwrap_or(f64::NAN);
+                let ci = &r[t]["ci95"];
+                md.push_str(&format!(
+                    " {v:.1} [{:.1}, {:.1}] |",
+                    ci[0].as_f64().unwrap_or(f64::NAN),
+                    ci[1].as_f64().unwrap_or(f64::NAN)
+                ));
+                per.insert(t.clone(), json!(v));
+                sum += v;
+            }
+            let avg = sum / tasks.len() as f64;
+            md.push_str(&format!(" {avg:.1} |\n"));
+            methods.insert(m.clone(), json!({"avg": avg, "per_task": per}));
+        }
+        let summary = json!({"k": self.config.eval.k, "lm": self.config.lm.model,
+                             "retriever": self.config.retriever.model, "methods": methods});
+        write(&self.dir().join("udr_results.json"), &summary)?;
+        std::fs::write(self.dir().join("results.md"), &md)?;
+        if !self.quiet {
+            eprintln!("{md}");
+        }
+        Ok(())
+    }
+}
+
+/// Runs the stages named by `stage` (`all` or one of prepare, score, train, mine, evaluate).
+pub fn run_stages<B: AutodiffBackend>(run: &Run<'_, B>, stage: &str) -> Result<()> {
+    let rounds = run.config.retriever.mining_rounds;
+    let all = stage == "all";
+    if all || stage == "prepare" {
+        run.prepare()?;
+    }
+    if all || stage == "score" {
+        run.bm25_candidates()?;
+        run.score(0)?;
+    }
+    if all || stage == "train" {
+        run.train(0)?;
+    }
+    for iter in 1..=rounds {
+        if all || stage == "mine" {
+            run.mine(iter)?;
+            run.score(iter)?;
+        }
+        // A lone `--stage train` trains the rounds whose candidates are mined and scored.
+        let mined = run
+            .tasks()?
+            .iter()
+            .all(|t| run.ranked_path(t, iter).is_file());
+        if (all || stage == "train") && mined {
+            run.train(iter)?;
+        }
+    }
+    if all || stage == "evaluate" {
+        run.evaluate()?;
+    }
+    Ok(())
+}
