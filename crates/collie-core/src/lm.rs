@@ -17,6 +17,22 @@ pub trait CausalLm<B: Backend> {
     /// - ids, padding: `[batch, seq]` → `[batch, seq, vocab]`
     fn logits(&self, ids: Tensor<B, 2, Int>, padding: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3>;
 
+    /// Logits of the last `tail` positions only: scoring code that needs a few positions at the
+    /// end of left-padded rows skips the LM head (and the softmax) everywhere else.
+    ///
+    /// # Shapes
+    /// - ids, padding: `[batch, seq]` → `[batch, tail, vocab]`
+    fn logits_tail(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<&Tensor<B, 2, Int>>,
+        tail: usize,
+    ) -> Tensor<B, 3> {
+        let logits = self.logits(ids, padding);
+        let [b, s, v] = logits.dims();
+        logits.slice([0..b, s - tail.min(s)..s, 0..v])
+    }
+
     /// Logits for packed rows: `segments` numbers the documents of each row (`0` = padding) and
     /// `positions` restart at every document; a token attends only within its document.
     ///

@@ -34,7 +34,9 @@ pub fn tokenize_pair(
     Ok((p, t))
 }
 
-/// The mean NLL of each target given its prompt, `batch` pairs per forward pass.
+/// The mean NLL of each target given its prompt, `batch` pairs per forward pass. Pairs are
+/// batched by length (less padding) and left-padded, so every target ends its row and the LM head
+/// runs only on the last positions; results come back in the order of `pairs`.
 pub fn mean_nll<B: Backend, M: CausalLm<B>>(
     model: &M,
     tok: &TokenizerBundle,
@@ -43,21 +45,26 @@ pub fn mean_nll<B: Backend, M: CausalLm<B>>(
     max_len: usize,
     device: &B::Device,
 ) -> Result<Vec<f64>, RetrievalError> {
-    let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(batch.max(1)) {
-        let rows = chunk
-            .iter()
-            .map(|(p, t)| tokenize_pair(tok, p, t, max_len))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.extend(nll_rows(model, &rows, device));
+    let rows = pairs
+        .iter()
+        .map(|(p, t)| tokenize_pair(tok, p, t, max_len))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i].0.len() + rows[i].1.len());
+    let mut out = vec![0.0; rows.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let group: Vec<&(Vec<u32>, Vec<u32>)> = chunk.iter().map(|&i| &rows[i]).collect();
+        for (&i, v) in chunk.iter().zip(nll_rows(model, &group, device)) {
+            out[i] = v;
+        }
     }
     Ok(out)
 }
 
-/// Mean NLL of each row's target tokens (right padding, one forward pass).
+/// Mean NLL of each row's target tokens (left padding, one forward pass).
 fn nll_rows<B: Backend, M: CausalLm<B>>(
     model: &M,
-    rows: &[(Vec<u32>, Vec<u32>)],
+    rows: &[&(Vec<u32>, Vec<u32>)],
     device: &B::Device,
 ) -> Vec<f64> {
     let b = rows.len();
@@ -66,35 +73,40 @@ fn nll_rows<B: Backend, M: CausalLm<B>>(
         .map(|(p, t)| p.len() + t.len())
         .max()
         .unwrap_or(1);
-    let (mut ids, mut mask, mut next, mut weight) = (
-        vec![0i64; b * s],
-        vec![0i64; b * s],
-        vec![0i64; b * s],
-        vec![0f32; b * s],
-    );
+    // Positions that predict a target token: the last `t` of each row, plus the one before.
+    let tail = rows.iter().map(|(_, t)| t.len()).max().unwrap_or(1) + 1;
+    let tail = tail.min(s);
+    let (mut ids, mut mask) = (vec![0i64; b * s], vec![0i64; b * s]);
+    let (mut next, mut weight) = (vec![0i64; b * tail], vec![0f32; b * tail]);
     let mut counts = Vec::with_capacity(b);
     for (r, (p, t)) in rows.iter().enumerate() {
-        let seq: Vec<u32> = p.iter().chain(t).copied().collect();
+        let seq: Vec<u32> = p.iter().chain(t.iter()).copied().collect();
+        let pad = s - seq.len();
         for (c, &id) in seq.iter().enumerate() {
-            ids[r * s + c] = id as i64;
-            mask[r * s + c] = 1;
+            ids[r * s + pad + c] = id as i64;
+            mask[r * s + pad + c] = 1;
         }
-        // Position c predicts seq[c + 1]; the target tokens are predicted from p.len() − 1 on
-        // (an empty prompt leaves the first target token unpredicted).
-        let start = p.len().max(1) - 1;
-        for c in start..seq.len().saturating_sub(1) {
-            next[r * s + c] = seq[c + 1] as i64;
-            weight[r * s + c] = 1.0;
+        // Row position c (of the tail window starting at s − tail) predicts token c + 1; the
+        // target tokens are seq[p.len()..] (an empty prompt leaves the first one unpredicted).
+        let first = pad + p.len().max(1);
+        let mut n = 0;
+        for c in first..s {
+            let w = c - 1 - (s - tail);
+            next[r * tail + w] = seq[c - pad] as i64;
+            weight[r * tail + w] = 1.0;
+            n += 1;
         }
-        counts.push(seq.len().saturating_sub(1).saturating_sub(start));
+        counts.push(n);
     }
-    let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), device);
-    let logits = model.logits(int(ids), Some(&int(mask)));
-    // [b, s, vocab] -> log-probability of each next token: [b, s]
+    let int = |v: Vec<i64>, cols: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, cols]), device)
+    };
+    let logits = model.logits_tail(int(ids, s), Some(&int(mask, s)), tail);
+    // [b, tail, vocab] -> log-probability of each next token: [b, tail]
     let logp = log_softmax(logits, 2)
-        .gather(2, int(next).reshape([b, s, 1]))
-        .reshape([b, s]);
-    let w = Tensor::<B, 2>::from_data(TensorData::new(weight, [b, s]), device);
+        .gather(2, int(next, tail).reshape([b, tail, 1]))
+        .reshape([b, tail]);
+    let w = Tensor::<B, 2>::from_data(TensorData::new(weight, [b, tail]), device);
     let sums: Vec<f32> = (logp * w)
         .sum_dim(1)
         .into_data()

@@ -498,6 +498,19 @@ impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
         self.forward_packed(ids, segments, positions)
     }
 
+    fn logits_tail(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<&Tensor<B, 2, Int>>,
+        tail: usize,
+    ) -> Tensor<B, 3> {
+        let h = self.forward_hidden(ids, padding);
+        let [b, s, d] = h.dims();
+        // [batch, seq, hidden] -> [batch, tail, hidden]: the head runs only where it is read.
+        let h = h.slice([0..b, s - tail.min(s)..s, 0..d]);
+        self.head.forward(h, &self.embed)
+    }
+
     fn logits_cached(
         &self,
         ids: Tensor<B, 2, Int>,
