@@ -96,6 +96,10 @@ pub struct EvalSection {
     pub methods: Vec<String>,
     /// Bootstrap resamples for the 95 % intervals.
     pub bootstrap: usize,
+    /// Task of the loss ablations (single-task retrievers without `L_rank` / without `L_ib`);
+    /// none: no ablations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ablation_task: Option<String>,
 }
 
 /// Where everything goes.
@@ -155,6 +159,17 @@ impl UdrConfig {
             return Err(bad(
                 "eval.methods",
                 format!("unknown method `{m}` (known: {})", METHODS.join(", ")),
+            ));
+        }
+        if let Some(t) = c
+            .eval
+            .ablation_task
+            .as_ref()
+            .filter(|t| !c.data.tasks.contains(t))
+        {
+            return Err(bad(
+                "eval.ablation_task",
+                format!("`{t}` is not one of data.tasks"),
             ));
         }
         Ok(c)

@@ -3,7 +3,7 @@
 //! candidate mining, and in-context evaluation against random, BM25 and off-the-shelf
 //! sentence-embedding demonstrations (`docs/udr.md`).
 //!
-//! `recipe-udr [--config F.toml] [--set a.b=value]... [--stage all|prepare|score|train|mine|evaluate]
+//! `recipe-udr [--config F.toml] [--set a.b=value]... [--stage all|prepare|score|train|mine|evaluate|ablate]
 //! [--device cpu|wgpu|cuda[:N]] [--quiet]`; without `--config` the built-in
 //! `configs/default.toml` runs. Every stage resumes from its outputs in `output.dir`.
 
@@ -80,7 +80,9 @@ fn run(args: Args) -> Result<()> {
         ),
     };
     let config = UdrConfig::parse(&text, &origin, &args.sets)?;
-    const STAGES: &[&str] = &["all", "prepare", "score", "train", "mine", "evaluate"];
+    const STAGES: &[&str] = &[
+        "all", "prepare", "score", "train", "mine", "evaluate", "ablate",
+    ];
     if !STAGES.contains(&args.stage.as_str()) {
         anyhow::bail!(
             "--stage `{}`: expected one of {}",

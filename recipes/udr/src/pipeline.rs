@@ -11,6 +11,7 @@
 //! mine      cand/{task}.iter1.json           + the trained retriever's top-K, scored, re-ranked
 //! train     retriever/iter1/…
 //! evaluate  results/{method}.json            per-task scores of each method; udr_results.json
+//! ablate    results/ablation.json            one task: full loss, without L_rank, without L_ib
 //! ```
 
 use std::collections::BTreeMap;
@@ -272,7 +273,16 @@ impl<B: AutodiffBackend> Run<'_, B> {
     /// Trains a fresh retriever (both towers from `retriever.model`) on the ranked lists of
     /// iteration `iter` and saves it.
     pub fn train(&self, iter: usize) -> Result<()> {
-        let out = self.tower_dir(iter);
+        let r = &self.config.retriever;
+        let loss = LossWeights {
+            rank: r.rank_weight,
+            in_batch: r.in_batch_weight,
+        };
+        self.train_into(&self.tower_dir(iter), &self.tasks()?, iter, loss)
+    }
+
+    /// Trains towers on `tasks`' ranked lists of round `iter` with `loss` into `out`.
+    fn train_into(&self, out: &Path, tasks: &[Task], iter: usize, loss: LossWeights) -> Result<()> {
         if out.join("demo").join("model.safetensors").is_file() {
             return Ok(());
         }
@@ -281,9 +291,9 @@ impl<B: AutodiffBackend> Run<'_, B> {
             .with_context(|| format!("loading retriever.model `{}`", r.model))?;
         let pad = encoder.config.pad_token_id;
         let mut data = Vec::new();
-        for task in self.tasks()? {
+        for task in tasks {
             let s = self.splits(&task)?;
-            let ranked: Vec<Vec<usize>> = read(&self.ranked_path(&task, iter))?;
+            let ranked: Vec<Vec<usize>> = read(&self.ranked_path(task, iter))?;
             data.push(
                 ranked
                     .iter()
@@ -308,10 +318,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
                 per_query: r.per_query,
                 ..Default::default()
             },
-            loss: LossWeights {
-                rank: r.rank_weight,
-                in_batch: r.in_batch_weight,
-            },
+            loss,
             max_grad_norm: 2.0,
             seed: r.seed + iter as u64,
         };
@@ -341,6 +348,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
         let model = model.valid();
         let staging = out.with_extension("partial");
         let _ = std::fs::remove_dir_all(&staging);
+        let out = out.to_path_buf();
         for (name, tower) in [("query", &model.query), ("demo", &model.demo)] {
             collie_bert::hf::save_hf_dir(
                 tower,
@@ -363,7 +371,11 @@ impl<B: AutodiffBackend> Run<'_, B> {
 
     /// Loads the towers of iteration `iter` (inference): `(query, demonstration)`.
     fn towers(&self, iter: usize) -> Result<(Tower<B>, Tower<B>)> {
-        let dir = self.tower_dir(iter);
+        self.towers_at(&self.tower_dir(iter))
+    }
+
+    /// Loads the towers saved in `dir`.
+    fn towers_at(&self, dir: &Path) -> Result<(Tower<B>, Tower<B>)> {
         let load = |name: &str| {
             let p = dir.join(name);
             collie_bert::load::<B::InnerBackend>(p.to_str().unwrap_or_default(), &self.device)
@@ -434,8 +446,44 @@ impl<B: AutodiffBackend> Run<'_, B> {
         )?)
     }
 
-    /// Demonstrations (pool indices, most similar first) of every test example by `method`.
-    fn retrieve(&self, method: &str, task: &Task, s: &Splits) -> Result<Vec<Vec<usize>>> {
+    /// How `method` retrieves: by name, or with the towers of a trained retriever.
+    fn towers_of(&self, method: &str) -> Option<PathBuf> {
+        match method {
+            "udr" => Some(self.tower_dir(self.config.retriever.mining_rounds)),
+            "udr_iter0" => Some(self.tower_dir(0)),
+            _ => None,
+        }
+    }
+
+    /// Demonstrations (pool indices, most similar first) of every test example by `method`, or
+    /// by the retriever saved in `towers`.
+    fn retrieve(
+        &self,
+        method: &str,
+        towers: Option<&Path>,
+        task: &Task,
+        s: &Splits,
+    ) -> Result<Vec<Vec<usize>>> {
+        if let Some(dir) = towers {
+            let (q_enc, d_enc) = self.towers_at(dir)?;
+            let index = self.demo_index(&d_enc, task, s)?;
+            let tests: Vec<String> = s.test.iter().map(|e| e.input.clone()).collect();
+            let ml = self.config.retriever.max_len;
+            let pad = q_enc.config.pad_token_id;
+            let qv = retriever::encode_texts(
+                &q_enc.model,
+                &q_enc.tokenizer,
+                &tests,
+                ml,
+                pad,
+                &self.device,
+            )?;
+            return Ok(index
+                .search(qv, self.config.eval.k, None)
+                .into_iter()
+                .map(|h| h.into_iter().map(|x| x.0).collect())
+                .collect());
+        }
         let k = self.config.eval.k;
         let n = s.train.len();
         Ok(match method {
@@ -483,30 +531,6 @@ impl<B: AutodiffBackend> Run<'_, B> {
                     .map(|h| h.into_iter().map(|x| x.0).collect())
                     .collect()
             }
-            "udr_iter0" | "udr" => {
-                let iter = if method == "udr" {
-                    self.config.retriever.mining_rounds
-                } else {
-                    0
-                };
-                let (q_enc, d_enc) = self.towers(iter)?;
-                let index = self.demo_index(&d_enc, task, s)?;
-                let tests: Vec<String> = s.test.iter().map(|e| e.input.clone()).collect();
-                let ml = self.config.retriever.max_len;
-                let qv = retriever::encode_texts(
-                    &q_enc.model,
-                    &q_enc.tokenizer,
-                    &tests,
-                    ml,
-                    q_enc.config.pad_token_id,
-                    &self.device,
-                )?;
-                index
-                    .search(qv, k, None)
-                    .into_iter()
-                    .map(|h| h.into_iter().map(|x| x.0).collect())
-                    .collect()
-            }
             other => bail!("unknown method `{other}`"),
         })
     }
@@ -529,7 +553,8 @@ impl<B: AutodiffBackend> Run<'_, B> {
                 let mut per_task = serde_json::Map::new();
                 for task in self.tasks()? {
                     let s = self.splits(&task)?;
-                    let demos = self.retrieve(method, &task, &s)?;
+                    let towers = self.towers_of(method);
+                    let demos = self.retrieve(method, towers.as_deref(), &task, &s)?;
                     let start = std::time::Instant::now();
                     let scores = self.icl(model, tok, eos, &task, &s, &demos)?;
                     let (mean, lo, hi) = bootstrap_ci(&scores, ev.bootstrap, self.config.data.seed);
@@ -553,6 +578,62 @@ impl<B: AutodiffBackend> Run<'_, B> {
             all.insert(method.clone(), read(&path)?);
         }
         self.report(&all)
+    }
+
+    /// The loss ablations on `eval.ablation_task`: single-task retrievers trained on its
+    /// round-0 lists with the full loss, without `L_rank`, and without `L_ib`, each evaluated on
+    /// its test split (`results/ablation.json`).
+    pub fn ablate(&self) -> Result<()> {
+        let Some(name) = self.config.eval.ablation_task.clone() else {
+            return Ok(());
+        };
+        let path = self.dir().join("results").join("ablation.json");
+        if path.is_file() {
+            return Ok(());
+        }
+        let task = tasks::task(&name)?;
+        let s = self.splits(&task)?;
+        let r = &self.config.retriever;
+        let variants = [
+            ("full", r.rank_weight, r.in_batch_weight),
+            ("without_rank", 0.0, r.in_batch_weight),
+            ("without_in_batch", r.rank_weight, 0.0),
+        ];
+        let loaded = collie_llama::load::<B::InnerBackend>(&self.config.lm.model, &self.device)?;
+        let tok = loaded.tokenizer()?.clone();
+        let eos = loaded.config.eos_ids();
+        let mut out = serde_json::Map::new();
+        for (variant, rank, in_batch) in variants {
+            let dir = self
+                .dir()
+                .join("retriever")
+                .join(format!("ablation-{name}-{variant}"));
+            let loss = LossWeights { rank, in_batch };
+            self.train_into(&dir, std::slice::from_ref(&task), 0, loss)?;
+            let demos = self.retrieve(variant, Some(&dir), &task, &s)?;
+            let scores = self.icl(&loaded.model, &tok, &eos, &task, &s, &demos)?;
+            let (mean, lo, hi) =
+                bootstrap_ci(&scores, self.config.eval.bootstrap, self.config.data.seed);
+            self.say(&format!(
+                "ablation {variant} on {name}: {:.1} [{:.1}, {:.1}]",
+                100.0 * mean,
+                100.0 * lo,
+                100.0 * hi
+            ));
+            out.insert(
+                variant.into(),
+                json!({"score": 100.0 * mean, "ci95": [100.0 * lo, 100.0 * hi], "n": scores.len(),
+                       "rank_weight": rank, "in_batch_weight": in_batch}),
+            );
+        }
+        write(&path, &json!({"task": name, "variants": out}))?;
+        let summary_path = self.dir().join("udr_results.json");
+        if summary_path.is_file() {
+            let mut summary: Value = read(&summary_path)?;
+            summary["ablations"] = read(&path)?;
+            write(&summary_path, &summary)?;
+        }
+        Ok(())
     }
 
     /// Per-example scores (1/0 accuracy or ROUGE-L) of one method on one task's test split.
@@ -662,6 +743,9 @@ pub fn run_stages<B: AutodiffBackend>(run: &Run<'_, B>, stage: &str) -> Result<(
     }
     if all || stage == "evaluate" {
         run.evaluate()?;
+    }
+    if all || stage == "ablate" {
+        run.ablate()?;
     }
     Ok(())
 }

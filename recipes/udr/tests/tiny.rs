@@ -45,6 +45,7 @@ max_prompt_tokens = 256
 max_new_tokens = 4
 methods = ["random", "bm25", "sbert", "udr_iter0", "udr"]
 bootstrap = 100
+ablation_task = "movie2"
 
 [output]
 dir = "{out}"
@@ -82,6 +83,7 @@ fn tiny_run_goes_end_to_end_and_resumes() {
         "retriever/iter0/query/model.safetensors",
         "retriever/iter1/demo/model.safetensors",
         "results/udr.json",
+        "results/ablation.json",
         "udr_results.json",
         "results.md",
     ] {
@@ -95,6 +97,12 @@ fn tiny_run_goes_end_to_end_and_resumes() {
         assert!((0.0..=100.0).contains(&avg), "{m}: {avg}");
     }
     assert_eq!(summary["k"], 2);
+    for v in ["full", "without_rank", "without_in_batch"] {
+        let score = summary["ablations"]["variants"][v]["score"]
+            .as_f64()
+            .unwrap();
+        assert!((0.0..=100.0).contains(&score), "{v}: {score}");
+    }
     // Mining only adds candidates; iteration 1 keeps every iteration-0 candidate.
     let c0: Vec<Vec<usize>> =
         serde_json::from_str(&std::fs::read_to_string(run.join("cand/movie2.iter0.json")).unwrap())
@@ -178,5 +186,9 @@ fn bad_input_is_named() {
     fails(&["data.test=20000"], &["movie2", "too few"]);
     fails(&["eval.methods=[\"dpr\"]"], &["eval.methods", "dpr"]);
     fails(&["retriever.per_query=1"], &["retriever.per_query"]);
+    fails(
+        &["eval.ablation_task=\"tweet2\""],
+        &["eval.ablation_task", "tweet2"],
+    );
     fails(&["data.bogus=1"], &["bogus"]);
 }
