@@ -292,7 +292,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
         let pad = encoder.config.pad_token_id;
         let mut data = Vec::new();
         for task in tasks {
-            let s = self.splits(&task)?;
+            let s = self.splits(task)?;
             let ranked: Vec<Vec<usize>> = read(&self.ranked_path(task, iter))?;
             data.push(
                 ranked
