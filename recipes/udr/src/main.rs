@@ -3,7 +3,7 @@
 //! candidate mining, and in-context evaluation against random, BM25 and off-the-shelf
 //! sentence-embedding demonstrations (`docs/udr.md`).
 //!
-//! `recipe-udr [--config F.toml] [--set a.b=value]... [--stage all|prepare|score|train|mine|evaluate|ablate]
+//! `recipe-udr [--config F.toml] [--set a.b=value]... [--stage all|prepare|score|train|mine|evaluate|ablate|bench]
 //! [--device cpu|wgpu|cuda[:N]] [--quiet]`; without `--config` the built-in
 //! `configs/default.toml` runs. Every stage resumes from its outputs in `output.dir`.
 
@@ -64,6 +64,12 @@ impl BackendTask for Task {
             self.config.output.dir.join("config.resolved.toml"),
             toml::to_string_pretty(&self.config)?,
         )?;
+        if self.stage == "bench" {
+            // Needs the prepare and score stages of the first task.
+            let line = run.bench(96, 8)?;
+            println!("{line}");
+            return Ok(());
+        }
         pipeline::run_stages(&run, &self.stage)
     }
 }
@@ -81,7 +87,7 @@ fn run(args: Args) -> Result<()> {
     };
     let config = UdrConfig::parse(&text, &origin, &args.sets)?;
     const STAGES: &[&str] = &[
-        "all", "prepare", "score", "train", "mine", "evaluate", "ablate",
+        "all", "prepare", "score", "train", "mine", "evaluate", "ablate", "bench",
     ];
     if !STAGES.contains(&args.stage.as_str()) {
         anyhow::bail!(

@@ -636,6 +636,90 @@ impl<B: AutodiffBackend> Run<'_, B> {
         Ok(())
     }
 
+    /// Throughput of the two heavy steps on the first task's prepared data, written with the
+    /// exact work to `bench/` so `scripts/bench/udr_torch.py` can repeat it in PyTorch:
+    /// LM scoring of `pairs` candidate pairs, and `steps` retriever training steps.
+    pub fn bench(&self, pairs: usize, steps: usize) -> Result<Value> {
+        let task = self.tasks()?.remove(0);
+        let s = self.splits(&task)?;
+        let cands: Vec<Vec<usize>> = read(&self.cand_path(&task, 0))?;
+        let work: Vec<(String, String)> = cands
+            .iter()
+            .enumerate()
+            .flat_map(|(q, cs)| cs.iter().map(move |&c| (q, c)))
+            .take(pairs)
+            .map(|(q, c)| {
+                let (x, z) = (&s.train[q], &s.train[c]);
+                (
+                    format!("{}\n{}\t", task.prompt_block(z), x.input),
+                    x.output.clone(),
+                )
+            })
+            .collect();
+        let (lm, tok, _) = self.lm()?;
+        let lmc = &self.config.lm;
+        let t = std::time::Instant::now();
+        let nll = mean_nll(&lm, &tok, &work, lmc.score_batch, lmc.max_len, &self.device)?;
+        let score_secs = t.elapsed().as_secs_f64();
+        drop(lm);
+        // Training: `steps` batches of the task's queries with their BM25 lists in LM order.
+        let ranked: Vec<Vec<usize>> = read(&self.ranked_path(&task, 0))?;
+        let r = &self.config.retriever;
+        let n = (steps * r.batch_queries).min(ranked.len());
+        let queries: Vec<RankedQuery> = ranked[..n]
+            .iter()
+            .enumerate()
+            .map(|(q, cs)| RankedQuery {
+                query: s.train[q].input.clone(),
+                candidates: cs
+                    .iter()
+                    .map(|&c| task.demonstration(&s.train[c]))
+                    .collect(),
+            })
+            .collect();
+        let encoder = collie_bert::load::<B>(&r.model, &self.device)?;
+        let model = BiEncoder {
+            query: encoder.model.clone(),
+            demo: encoder.model,
+        };
+        let opts = TrainOptions {
+            epochs: 1,
+            batch_queries: r.batch_queries,
+            max_len: r.max_len,
+            sampling: CandidateSampling {
+                per_query: r.per_query,
+                ..Default::default()
+            },
+            seed: r.seed,
+            ..Default::default()
+        };
+        let (_, report) = retriever::train(
+            model,
+            &encoder.tokenizer,
+            encoder.config.pad_token_id,
+            std::slice::from_ref(&queries),
+            &opts,
+            &self.device,
+            |_, _, _| {},
+        )?;
+        let dir = self.dir().join("bench");
+        write(
+            &dir.join("pairs.json"),
+            &json!({"pairs": work, "nll": nll, "max_len": lmc.max_len, "batch": lmc.score_batch}),
+        )?;
+        write(
+            &dir.join("train.json"),
+            &json!({"queries": queries.iter().map(|q| json!({"query": q.query, "candidates": q.candidates})).collect::<Vec<_>>(),
+                    "batch_queries": r.batch_queries, "per_query": r.per_query, "max_len": r.max_len}),
+        )?;
+        let line = json!({"impl": "collie-rs", "task": task.name, "pairs": work.len(),
+            "score_seconds": score_secs, "pairs_per_sec": work.len() as f64 / score_secs,
+            "train_steps": report.losses.len(), "train_seconds": report.seconds,
+            "queries_per_sec": report.queries_per_sec});
+        write(&dir.join("collie.json"), &line)?;
+        Ok(line)
+    }
+
     /// Per-example scores (1/0 accuracy or ROUGE-L) of one method on one task's test split.
     fn icl<M: CausalLm<B::InnerBackend>>(
         &self,
