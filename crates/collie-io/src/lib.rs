@@ -10,6 +10,7 @@
 //! Which HF or GGUF name a parameter has is not decided here: each model has its own state-dict
 //! adapter next to it (`models/llama/src/hf.rs`).
 
+pub mod dir;
 pub mod error;
 pub mod gguf;
 pub mod json;

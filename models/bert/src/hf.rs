@@ -132,20 +132,7 @@ pub fn save_hf_dir<B: Backend>(
     tokenizer: Option<&TokenizerBundle>,
     dir: &Path,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| IoError::io(parent, e))?;
-    let staging = parent.join(format!(
-        ".{}.staging-{}",
-        dir.file_name()
-            .map_or("encoder".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| IoError::io(&staging, e))?;
-    let write = || -> Result<()> {
+    collie_io::dir::write_dir_atomically(dir, |staging: &Path| -> Result<()> {
         let mut config = config.clone();
         config
             .extra
@@ -169,19 +156,10 @@ pub fn save_hf_dir<B: Backend>(
             SaveDtype::F32,
         )?;
         if let Some(tok) = tokenizer {
-            tok.save(&staging)?;
+            tok.save(staging)?;
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| IoError::io(dir, e))?;
-        }
-        std::fs::rename(&staging, dir).map_err(|e| IoError::io(dir, e))?;
         Ok(())
-    };
-    let result = write();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result
+    })
 }
 
 #[cfg(test)]

@@ -162,24 +162,9 @@ pub fn save_hf_dir<B: Backend>(
     dir: &Path,
     dtype: SaveDtype,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| IoError::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "model".into());
-    let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| IoError::io(&staging, e))?;
-    let result = write_into(model, config, tokenizer, &staging, dtype)
-        .and_then(|()| replace_dir(&staging, dir));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result
+    collie_io::dir::write_dir_atomically(dir, |staging| {
+        write_into(model, config, tokenizer, staging, dtype)
+    })
 }
 
 fn write_into<B: Backend>(
@@ -220,19 +205,6 @@ fn write_into<B: Backend>(
     )?;
     if let Some(tok) = tokenizer {
         tok.save(dir)?;
-    }
-    Ok(())
-}
-
-/// Moves `staging` to `dir`, replacing what was there.
-fn replace_dir(staging: &Path, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        let old = staging.with_extension("old");
-        std::fs::rename(dir, &old).map_err(|e| IoError::io(dir, e))?;
-        std::fs::rename(staging, dir).map_err(|e| IoError::io(dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(staging, dir).map_err(|e| IoError::io(dir, e))?;
     }
     Ok(())
 }
