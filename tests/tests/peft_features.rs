@@ -263,6 +263,17 @@ fn bad_peft_input_gets_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("peft.r"), "{e}");
+    let e = TrainConfig::parse(
+        &text("kind = \"lora\"\ndropout = 0.1"),
+        "c.toml",
+        &["train.activation_checkpointing=true".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("peft.dropout") && e.contains("activation_checkpointing"),
+        "{e}"
+    );
     let e = TrainConfig::parse(&text("kind = \"loha\""), "c.toml", &[])
         .unwrap_err()
         .to_string();

@@ -559,6 +559,21 @@ impl TrainConfig {
             let (key, message) = text.split_once(": ").unwrap_or(("peft", &text));
             return Err(key_error(key, message.to_string()));
         }
+        if self.peft.kind == collie_peft::PeftKind::Lora
+            && self.peft.dropout > 0.0
+            && self.train.activation_checkpointing
+        {
+            // The recomputed block would draw new dropout masks, so its gradients would not
+            // belong to the forward pass whose outputs the next block saw.
+            return Err(key_error(
+                "peft.dropout",
+                format!(
+                    "{} with train.activation_checkpointing: recomputation would draw new dropout \
+                     masks; set peft.dropout = 0 or turn checkpointing off",
+                    self.peft.dropout
+                ),
+            ));
+        }
         if !peft_disabled(&self.peft) && self.model.init == "scratch" {
             return Err(key_error(
                 "peft.kind",
