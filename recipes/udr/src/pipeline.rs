@@ -10,7 +10,8 @@
 //! train     retriever/iter0/{query,demo}/    the two towers (HF BertModel directories)
 //! mine      cand/{task}.iter1.json           + the trained retriever's top-K, scored, re-ranked
 //! train     retriever/iter1/…
-//! evaluate  results/{method}.json            per-task scores of each method; udr_results.json
+//! evaluate  results/{method}/{task}.json     per-example scores (resumable per task), then
+//!           results/{method}.json            per-task scores of each method; udr_results.json
 //! ablate    results/ablation.json            one task: full loss, without L_rank, without L_ib
 //! ```
 
@@ -552,26 +553,40 @@ impl<B: AutodiffBackend> Run<'_, B> {
                 let (model, tok, eos) = lm.as_ref().expect("loaded");
                 let mut per_task = serde_json::Map::new();
                 for task in self.tasks()? {
-                    let s = self.splits(&task)?;
-                    let towers = self.towers_of(method);
-                    let demos = self.retrieve(method, towers.as_deref(), &task, &s)?;
-                    let start = std::time::Instant::now();
-                    let scores = self.icl(model, tok, eos, &task, &s, &demos)?;
-                    let (mean, lo, hi) = bootstrap_ci(&scores, ev.bootstrap, self.config.data.seed);
-                    self.say(&format!(
-                        "{method} on {}: {:.1} [{:.1}, {:.1}] ({} test examples, {:.0} s)",
-                        task.name,
-                        100.0 * mean,
-                        100.0 * lo,
-                        100.0 * hi,
-                        scores.len(),
-                        start.elapsed().as_secs_f64()
-                    ));
-                    per_task.insert(
-                        task.name.to_string(),
-                        json!({"score": 100.0 * mean, "ci95": [100.0 * lo, 100.0 * hi], "n": scores.len(),
-                               "metric": task.metric}),
-                    );
+                    // One file per task, so an interrupted evaluation resumes at the task.
+                    let part = self
+                        .dir()
+                        .join("results")
+                        .join(method)
+                        .join(format!("{}.json", task.name));
+                    if !part.is_file() {
+                        let s = self.splits(&task)?;
+                        let towers = self.towers_of(method);
+                        let demos = self.retrieve(method, towers.as_deref(), &task, &s)?;
+                        let start = std::time::Instant::now();
+                        let scores = self.icl(model, tok, eos, &task, &s, &demos)?;
+                        let (mean, lo, hi) =
+                            bootstrap_ci(&scores, ev.bootstrap, self.config.data.seed);
+                        self.say(&format!(
+                            "{method} on {}: {:.1} [{:.1}, {:.1}] ({} test examples, {:.0} s)",
+                            task.name,
+                            100.0 * mean,
+                            100.0 * lo,
+                            100.0 * hi,
+                            scores.len(),
+                            start.elapsed().as_secs_f64()
+                        ));
+                        write(
+                            &part,
+                            &json!({"score": 100.0 * mean, "ci95": [100.0 * lo, 100.0 * hi],
+                                    "n": scores.len(), "metric": task.metric, "per_example": scores}),
+                        )?;
+                    }
+                    let mut r: Value = read(&part)?;
+                    if let Some(o) = r.as_object_mut() {
+                        o.remove("per_example");
+                    }
+                    per_task.insert(task.name.to_string(), r);
                 }
                 write(&path, &Value::Object(per_task))?;
             }
