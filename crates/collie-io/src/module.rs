@@ -108,6 +108,19 @@ pub struct Binding {
     pub convert: Convert,
 }
 
+impl Binding {
+    /// Parameter `info` stored under `key` in PyTorch's layout: linear weights `[out, in]`
+    /// (transposed on the way in), everything else as is.
+    pub fn torch(info: &ParamInfo, key: String) -> Self {
+        let convert = if info.is_linear_weight() {
+            Convert::Transpose
+        } else {
+            Convert::Identity
+        };
+        Binding { key, convert }
+    }
+}
+
 struct Loader<'a, F> {
     path: Vec<(String, String)>,
     source: &'a dyn TensorSource,
@@ -273,4 +286,24 @@ pub fn collect_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamInfo, H
     };
     module.visit(&mut collector);
     collector.out
+}
+
+/// Every parameter of `module` that `key` names (given its path), under that key, in PyTorch's
+/// layout (linear weights transposed to `[out, in]`): the state dict an HF checkpoint stores.
+pub fn torch_state_dict<B: Backend, M: Module<B>>(
+    module: &M,
+    key: impl Fn(&str) -> Option<String>,
+) -> Vec<(String, HostTensor)> {
+    collect_params(module)
+        .into_iter()
+        .filter_map(|(info, t)| {
+            let k = key(&info.path)?;
+            let t = if info.is_linear_weight() {
+                t.transpose()
+            } else {
+                t
+            };
+            Some((k, t))
+        })
+        .collect()
 }

@@ -473,8 +473,3 @@ fn load_encoder<B: Backend>(
         target: v.target,
     })
 }
-
-/// Whether `dir` holds a peft adapter.
-pub fn is_adapter_dir(dir: &Path) -> bool {
-    dir.join(CONFIG_FILE).is_file()
-}

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use collie_io::json::{read_json, write_json};
-use collie_io::module::{collect_params, load_module, Binding, Convert, ParamInfo, TensorSource};
+use collie_io::module::{load_module, torch_state_dict, Binding, ParamInfo, TensorSource};
 use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_io::IoError;
@@ -78,12 +78,7 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(BertCo
             key = key.replace("LayerNorm.weight", "LayerNorm.gamma");
             key = key.replace("LayerNorm.bias", "LayerNorm.beta");
         }
-        let convert = if info.is_linear_weight() {
-            Convert::Transpose
-        } else {
-            Convert::Identity
-        };
-        Some(Binding { key, convert })
+        Some(Binding::torch(info, key))
     };
     let model = load_module(model, &Body(&source), bind)?;
     Ok((config, model))
@@ -138,18 +133,7 @@ pub fn save_hf_dir<B: Backend>(
             .extra
             .insert("architectures".into(), serde_json::json!(["BertModel"]));
         write_json(&staging.join("config.json"), &config)?;
-        let tensors: Vec<_> = collect_params(model)
-            .into_iter()
-            .filter_map(|(info, t)| {
-                let key = hf_key(&info.path)?;
-                let t = if info.is_linear_weight() {
-                    t.transpose()
-                } else {
-                    t
-                };
-                Some((key, t))
-            })
-            .collect();
+        let tensors = torch_state_dict(model, hf_key);
         save_safetensors(
             &staging.join(collie_io::safetensors::SINGLE_FILE),
             &tensors,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use collie_io::json::{read_json, write_json};
-use collie_io::module::{collect_params, load_module, Binding, Convert, ParamInfo};
+use collie_io::module::{load_module, torch_state_dict, Binding, ParamInfo};
 use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_io::IoError;
@@ -99,13 +99,7 @@ pub fn hf_key(path: &str) -> Option<String> {
 }
 
 fn binding(info: &ParamInfo) -> Option<Binding> {
-    let key = hf_key(&info.path)?;
-    let convert = if info.is_linear_weight() {
-        Convert::Transpose
-    } else {
-        Convert::Identity
-    };
-    Some(Binding { key, convert })
+    Some(Binding::torch(info, hf_key(&info.path)?))
 }
 
 /// Reads `config.json` of an HF model directory.
@@ -136,18 +130,7 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaC
 
 /// Every parameter under its HF key, in PyTorch's layout.
 pub fn hf_state_dict<B: Backend>(model: &Llama<B>) -> Vec<(String, collie_io::HostTensor)> {
-    collect_params(model)
-        .into_iter()
-        .filter_map(|(info, t)| {
-            let key = hf_key(&info.path)?;
-            let t = if info.is_linear_weight() {
-                t.transpose()
-            } else {
-                t
-            };
-            Some((key, t))
-        })
-        .collect()
+    torch_state_dict(model, hf_key)
 }
 
 /// Writes an HF model directory that `AutoModelForCausalLM.from_pretrained` loads:

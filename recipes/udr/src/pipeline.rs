@@ -87,6 +87,15 @@ impl<B: AutodiffBackend> Run<'_, B> {
             .collect()
     }
 
+    /// The tasks whose `output` file of a stage does not exist yet.
+    fn pending(&self, output: impl Fn(&Task) -> PathBuf) -> Result<Vec<Task>> {
+        Ok(self
+            .tasks()?
+            .into_iter()
+            .filter(|t| !output(t).is_file())
+            .collect())
+    }
+
     /// `data/{task}.json`: the seeded splits.
     pub fn prepare(&self) -> Result<()> {
         let d = &self.config.data;
@@ -184,11 +193,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
     /// Scores every (query, candidate) of `cand/{task}.iter{iter}.json` not yet in the cache and
     /// writes the LM-ranked lists.
     pub fn score(&self, iter: usize) -> Result<()> {
-        let todo: Vec<Task> = self
-            .tasks()?
-            .into_iter()
-            .filter(|t| !self.ranked_path(t, iter).is_file())
-            .collect();
+        let todo = self.pending(|t| self.ranked_path(t, iter))?;
         if todo.is_empty() {
             return Ok(());
         }
@@ -387,11 +392,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
 
     /// Mining round `iter` (≥ 1): the retriever of `iter − 1` adds its top-K per training query.
     pub fn mine(&self, iter: usize) -> Result<()> {
-        let todo: Vec<Task> = self
-            .tasks()?
-            .into_iter()
-            .filter(|t| !self.cand_path(t, iter).is_file())
-            .collect();
+        let todo = self.pending(|t| self.cand_path(t, iter))?;
         if todo.is_empty() {
             return Ok(());
         }
