@@ -5,11 +5,12 @@
 //! built from ([`nn`]: a [`nn::Linear`] with an adapter slot and a parallel mode, [`nn::Embedding`],
 //! [`nn::RmsNorm`]), rotary position embeddings ([`rope`]), attention ([`attention`]), losses
 //! ([`loss`]) and the asset resolver that turns `pypi:NAME==VERSION/path` into a local file
-//! ([`asset`]).
+//! ([`asset`]); the collectives a parallel run calls ([`dist`]).
 
 pub mod asset;
 pub mod attention;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod lm;
 pub mod loss;

@@ -363,7 +363,8 @@ pub fn write_jsonl(path: &Path, values: &[Value]) -> Result<(), DataError> {
         text.push_str(&v.to_string());
         text.push('\n');
     }
-    let tmp = path.with_extension("jsonl.partial");
+    // One temporary name per process: the ranks of a parallel run write the same files.
+    let tmp = path.with_extension(format!("jsonl.partial.{}", std::process::id()));
     std::fs::write(&tmp, text).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }

@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_dist::Dist;
 
 use crate::config::TrainConfig;
 use crate::trainer::{RunOptions, Summary, Trainer};
@@ -69,7 +71,9 @@ impl<R: Recipe> BackendTask for Task<R> {
     }
 }
 
-fn run<R: Recipe>(recipe: R, args: RecipeArgs) -> Result<Summary> {
+/// Runs the recipe; `dist` receives the process world once it exists, so that a failure after
+/// that point can end every rank of a parallel run.
+fn run<R: Recipe>(recipe: R, args: RecipeArgs, dist: &mut Option<Arc<Dist>>) -> Result<Summary> {
     let device: DeviceSpec = args.device.parse()?;
     let mut config = match &args.config {
         Some(path) => TrainConfig::load(path, &args.overrides)?,
@@ -79,11 +83,18 @@ fn run<R: Recipe>(recipe: R, args: RecipeArgs) -> Result<Summary> {
             &args.overrides,
         )?,
     };
+    let p = &config.parallel;
+    let world = Arc::new(Dist::init(p.dp, p.tp, p.pp)?);
+    *dist = Some(world.clone());
+    // Every rank prepares (the files are written atomically and are the same on every rank);
+    // nobody reads them before all are done.
     recipe.prepare(&mut config)?;
+    world.world.barrier();
     let options = RunOptions {
         resume: args.resume.clone(),
         peak_tflops: args.peak_tflops,
         quiet: args.quiet,
+        dist: Some(world),
     };
     dispatch(
         device,
@@ -97,15 +108,29 @@ fn run<R: Recipe>(recipe: R, args: RecipeArgs) -> Result<Summary> {
 }
 
 /// `main` of a recipe binary: parses arguments, runs, prints one `error:` line on failure.
+///
+/// Under `mpirun`, an error that every rank meets alike before training starts (configuration,
+/// layout) is printed by rank 0 and every rank exits cleanly; an error after that, which may be
+/// one rank's alone, ends the whole job at once (`MPI_Abort`) with the rank's number, since the
+/// other ranks would otherwise wait for it in their next collective.
 pub fn main<R: Recipe>(recipe: R) -> ExitCode {
     tracing_subscriber_init();
     let args = RecipeArgs::parse();
-    match run(recipe, args).with_context(|| R::NAME) {
+    let mut dist = None;
+    match run(recipe, args, &mut dist).with_context(|| R::NAME) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             let chain: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
-            ExitCode::FAILURE
+            let message = chain.join(": ");
+            match dist {
+                Some(d) if d.size() > 1 => d.abort(&message, 1),
+                _ => {
+                    if collie_dist::world::launcher_rank() == 0 {
+                        eprintln!("error: {message}");
+                    }
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

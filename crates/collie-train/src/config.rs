@@ -279,6 +279,40 @@ pub struct OutputSection {
     pub peak_tflops: Option<f64>,
 }
 
+/// `[parallel]`: the process layout of an `mpirun` launch (DESIGN.md, "Distributed").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    /// Data-parallel replicas (default: world size / (tp · pp)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<usize>,
+    /// Tensor-parallel degree.
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// Pipeline stages.
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// ZeRO stage over the data-parallel group: 0 (replicated optimizer state), 1 (optimizer
+    /// state sharded), 2 (gradients reduce-scattered too).
+    #[serde(default)]
+    pub zero: u8,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection {
+            dp: None,
+            tp: 1,
+            pp: 1,
+            zero: 0,
+        }
+    }
+}
+
+fn parallel_default(p: &ParallelSection) -> bool {
+    *p == ParallelSection::default()
+}
+
 /// A whole training run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -302,6 +336,9 @@ pub struct TrainConfig {
     /// `[peft]`: parameter-efficient fine-tuning (`kind = "none"` trains every parameter).
     #[serde(default, skip_serializing_if = "peft_disabled")]
     pub peft: collie_peft::PeftConfig,
+    /// `[parallel]`: dp / tp / pp degrees and the ZeRO stage.
+    #[serde(default, skip_serializing_if = "parallel_default")]
+    pub parallel: ParallelSection,
     /// `[recipe]`: options of the recipe binary that runs this config (it checks them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<toml::Table>,
@@ -498,6 +535,12 @@ impl TrainConfig {
             return Err(key_error(
                 "train.grad_accum_steps",
                 "0 (must be at least 1)",
+            ));
+        }
+        if self.parallel.zero > 2 {
+            return Err(key_error(
+                "parallel.zero",
+                format!("{} (expected 0, 1 or 2)", self.parallel.zero),
             ));
         }
         let optim = &self.optim;

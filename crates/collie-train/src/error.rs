@@ -37,6 +37,9 @@ pub enum TrainError {
     /// Generation during evaluation.
     #[error(transparent)]
     Generate(#[from] crate::generate::GenerateError),
+    /// A parallel layout that does not fit.
+    #[error(transparent)]
+    Dist(#[from] collie_dist::DistError),
     /// Anything else that makes the run impossible.
     #[error("{0}")]
     Invalid(String),

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
@@ -19,6 +20,8 @@ use collie_core::nn::to_dtype;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
+use collie_dist::dp::{all_reduce_grads, all_reduce_scalars};
+use collie_dist::Dist;
 use collie_io::tokenizer::TokenizerBundle;
 use collie_llama::{Llama, LlamaConfig};
 use collie_optim::clip::global_norm;
@@ -48,6 +51,8 @@ pub struct RunOptions {
     pub peak_tflops: Option<f64>,
     /// No progress output.
     pub quiet: bool,
+    /// The process world of a parallel run (`None`: one process; `[parallel]` must then be 1).
+    pub dist: Option<Arc<Dist>>,
 }
 
 /// What a run did.
@@ -114,6 +119,8 @@ pub struct Trainer<B: AutodiffBackend> {
     /// Compute dtype (`f32`, `bf16`, `f16`); parameters stay `f32`.
     compute: DType,
     grad_hook: Option<GradHook>,
+    /// This process's place in a parallel run.
+    dist: Arc<Dist>,
 }
 
 /// Dynamic loss scaling for f16: initial scale and good steps before it doubles. PyTorch's
@@ -281,6 +288,17 @@ impl<B: AutodiffBackend> Trainer<B> {
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
+        let p = &config.parallel;
+        let dist = match &options.dist {
+            Some(d) => d.clone(),
+            None => Arc::new(Dist::single(p.dp, p.tp, p.pp)?),
+        };
+        if dist.dims.tp > 1 || dist.dims.pp > 1 {
+            return Err(TrainError::Invalid(format!(
+                "{}: this build trains with data parallelism only; parallel.tp and parallel.pp must be 1",
+                dist.dims
+            )));
+        }
         let model = setup_peft(
             &mut config,
             model,
@@ -296,7 +314,23 @@ impl<B: AutodiffBackend> Trainer<B> {
         if config.data.validate {
             dataset.validate()?;
         }
-        let order = Order::new(dataset.len(), config.train.seed, config.data.shuffle, 0, 1);
+        let dp = dist.dims.dp;
+        if dataset.len() < dp {
+            return Err(TrainError::Invalid(format!(
+                "{}: {} examples cannot be shared by parallel.dp = {dp} replicas",
+                train_path.display(),
+                dataset.len()
+            )));
+        }
+        // Replica r reads every dp-th example: a global batch is the next dp · micro_batch_size
+        // · grad_accum_steps examples, whatever the layout.
+        let order = Order::new(
+            dataset.len(),
+            config.train.seed,
+            config.data.shuffle,
+            dist.coords.dp,
+            dp,
+        );
         let loader = DataLoader::new(
             dataset,
             order,
@@ -339,6 +373,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             device: device.clone(),
             compute,
             grad_hook: None,
+            dist,
         };
         if compute == DType::F16 {
             trainer.state.loss_scale = if trainer.config.optim.name == "lomo" {
@@ -440,8 +475,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         let batches = (0..self.config.train.grad_accum_steps)
             .map(|_| self.loader.next_batch())
             .collect::<Result<Vec<_>, _>>()?;
-        let targets: usize = batches.iter().map(Batch::target_tokens).sum();
-        let tokens: usize = batches.iter().map(Batch::real_tokens).sum();
+        // Counts of the global batch: every replica's share added up.
+        let mut counts = [
+            batches.iter().map(Batch::target_tokens).sum::<usize>() as f64,
+            batches.iter().map(Batch::real_tokens).sum::<usize>() as f64,
+        ];
+        all_reduce_scalars(&*self.dist.dp, &mut counts);
+        let (targets, tokens) = (counts[0] as usize, counts[1] as usize);
         self.state.consumed = self.loader.consumed;
         self.state.step += 1;
         self.state.tokens_seen += tokens as u64;
@@ -477,11 +517,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         let scale = loss_scale / targets as f64;
         let mut acc = GradientsAccumulator::new();
-        let nll: f64 = batches
+        let mut nll: f64 = batches
             .iter()
             .map(|b| self.micro_step(b, scale, &mut acc))
             .sum();
+        nll = self.dp_sum(nll);
         let mut grads = acc.grads();
+        all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
         let scaled_norm = global_norm(&self.model, &grads);
         if !scaled_norm.is_finite() {
             // Overflow: skip the update and back off, as torch.cuda.amp.GradScaler does.
@@ -549,6 +591,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
+    /// `value` summed over the data-parallel replicas.
+    fn dp_sum(&self, value: f64) -> f64 {
+        let mut v = [value];
+        all_reduce_scalars(&*self.dist.dp, &mut v);
+        v[0]
+    }
+
+    /// This process's place in a parallel run.
+    pub fn dist(&self) -> &Dist {
+        &self.dist
+    }
+
     /// One LOMO/AdaLomo step on `batch`: an optional measuring pass (global gradient norm for
     /// clipping, overflow check under f16 loss scaling), then the updating pass, both block-wise,
     /// so no more than one block's gradients (plus a tied embedding's head share) exist at a time;
@@ -576,14 +630,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         if max_norm > 0.0 || lomo_f16 {
             // Measuring pass: the norm of every parameter's gradient, nothing updated.
             let mut squares = 0.0f64;
-            let (hook, model) = (&mut self.grad_hook, &self.model);
+            let (hook, model, dp) = (&mut self.grad_hook, &self.model, &*self.dist.dp);
             backward_blockwise(
                 model.clone(),
                 batch,
                 walk,
                 &device,
                 hook.as_mut(),
-                |block, grads| {
+                |block, mut grads| {
+                    reduce_block(model, block, &mut grads, dp, &device);
                     let norm = match block {
                         BlockId::Head => global_norm(&model.head, &grads),
                         BlockId::Layer(i) => global_norm(&model.layers[i], &grads),
@@ -609,6 +664,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         // Updating pass: each block is updated as soon as its gradients exist.
         let (optimizer, hook, target) = (&mut self.optimizer, &mut self.grad_hook, &mut self.model);
+        let dp = &*self.dist.dp;
         let nll = backward_blockwise(
             target.clone(),
             batch,
@@ -616,6 +672,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             &device,
             hook.as_mut(),
             |block, mut grads| {
+                reduce_block(target, block, &mut grads, dp, &device);
                 let path = block.path();
                 match block {
                     BlockId::Head => {
@@ -660,6 +717,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }
             },
         );
+        let nll = self.dp_sum(nll);
         if lomo_f16 {
             self.state.scale_good_steps += 1;
             if self.state.scale_good_steps >= LOMO_SCALE_WINDOW {
@@ -676,11 +734,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// back-propagated, and its gradient fed to `update_hessian`.
     fn refresh_hessian(&mut self, batches: &[Batch]) {
         let device = self.device.clone();
+        // Each replica samples its own labels (a different stream per data-parallel rank).
+        let stream = (self.dist.coords.dp as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         B::seed(
             &device,
-            self.config.train.seed.wrapping_add(self.state.step),
+            self.config.train.seed.wrapping_add(self.state.step) ^ stream,
         );
-        let count: usize = batches.iter().map(Batch::target_tokens).sum();
+        let local: usize = batches.iter().map(Batch::target_tokens).sum();
+        let count = self.dp_sum(local as f64);
         let mut acc = GradientsAccumulator::new();
         for batch in batches {
             let model = self.in_compute_dtype(self.model.clone());
@@ -705,10 +766,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .collect();
             let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [n]), &device);
             let (sum, _) = cross_entropy_sum(logits, labels);
-            let grads = sum.div_scalar(count as f64).backward();
+            let grads = sum.div_scalar(count).backward();
             acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
         let mut grads = acc.grads();
+        all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device);
         let AnyOptimizer::Sophia(sophia) = &mut self.optimizer else {
             return;
         };
@@ -817,9 +879,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             || self.config.eval.generation.is_some()
     }
 
-    /// Writes checkpoint `step-{state.step}` and prunes old ones.
+    /// Writes checkpoint `step-{state.step}` and prunes old ones. In a data-parallel run the
+    /// replicas are identical and rank 0 writes; every rank returns when the checkpoint exists.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let root = &self.config.output.dir;
+        if !self.dist.is_main() {
+            self.dist.world.barrier();
+            return Ok(checkpoint::step_dir(root, self.state.step));
+        }
         let weights = if self.peft_active() {
             checkpoint::Weights::Adapter {
                 model: &self.model,
@@ -841,6 +908,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             &self.config.to_toml(),
         )?;
         checkpoint::prune(root, self.config.train.keep_last, &self.best_steps())?;
+        self.dist.world.barrier();
         Ok(dir)
     }
 
@@ -899,17 +967,25 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// summary.
     pub fn run(&mut self, options: &RunOptions) -> Result<Summary, TrainError> {
         let dir = self.config.output.dir.clone();
+        // Rank 0 writes the run's files and prints; every rank of a parallel run keeps its own
+        // log under logs/.
+        let main = self.dist.is_main();
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-        std::fs::write(dir.join("config.resolved.toml"), self.config.to_toml())
-            .map_err(|e| TrainError::io(&dir, e))?;
-        truncate_metrics(&dir, self.state.step)?;
-        let mut log = MetricsLog::open(&dir)?;
+        let mut log = if main {
+            std::fs::write(dir.join("config.resolved.toml"), self.config.to_toml())
+                .map_err(|e| TrainError::io(&dir, e))?;
+            truncate_metrics(&dir, self.state.step)?;
+            Some(MetricsLog::open(&dir)?)
+        } else {
+            None
+        };
+        let mut rank_log = RankLog::open(&dir, &self.dist)?;
         let total = self.config.train.max_steps;
         let progress = Progress::new(
             self.state.step,
             total,
             self.config.train.log_every,
-            options.quiet,
+            options.quiet || !main,
         );
         let c = &self.model_config;
         let embedding_params =
@@ -926,7 +1002,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if self.has_eval() && self.state.step == 0 {
             let m = self.evaluate()?;
             progress.println(&format!("eval before training: {}", fmt_metrics(&m)));
-            log.write(&eval_line(0, &m))?;
+            write_line(&mut log, &eval_line(0, &m))?;
             self.record_eval(m.clone());
             eval_first = Some(m);
         }
@@ -938,6 +1014,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         while self.state.step < total {
             let m = self.train_step()?;
             let step = self.state.step;
+            rank_log.step(step, &m)?;
             tokens += m.tokens as u64;
             seconds += m.seconds;
             if !m.skipped {
@@ -959,8 +1036,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             line.insert("tokens".into(), json!(m.tokens));
             line.insert("target_tokens".into(), json!(m.target_tokens));
             line.insert("tokens_per_sec".into(), json!(tps));
-            // One device per process for now: tokens/s/device (CoLLiE's TGS) equals tokens/s.
-            line.insert("tokens_per_sec_per_device".into(), json!(tps));
+            // One device per process: tokens/s/device is CoLLiE's TGS.
+            line.insert(
+                "tokens_per_sec_per_device".into(),
+                json!(tps / self.dist.size() as f64),
+            );
             line.insert(
                 "mfu".into(),
                 peak.map_or(Value::Null, |p| json!(tps * flops / (p * 1e12))),
@@ -970,7 +1050,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             if m.skipped {
                 line.insert("skipped".into(), json!(true));
             }
-            log.write(&line)?;
+            write_line(&mut log, &line)?;
             progress.step(
                 step,
                 total,
@@ -980,7 +1060,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             {
                 let metrics = self.evaluate()?;
                 progress.println(&format!("step {step}: {}", fmt_metrics(&metrics)));
-                log.write(&eval_line(step, &metrics))?;
+                write_line(&mut log, &eval_line(step, &metrics))?;
                 stopped_early = self.record_eval(metrics);
             }
             if save_every > 0 && step.is_multiple_of(save_every) && step < total {
@@ -995,7 +1075,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut eval_last = None;
         if self.has_eval() && !stopped_early {
             let m = self.evaluate()?;
-            log.write(&eval_line(self.state.step, &m))?;
+            write_line(&mut log, &eval_line(self.state.step, &m))?;
             self.record_eval(m.clone());
             eval_last = Some(m);
         } else if let Some((_, m)) = self.state.evals.last() {
@@ -1016,6 +1096,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             checkpoint,
             stopped_early,
         };
+        if !main {
+            return Ok(summary);
+        }
         write_summary(&dir, &summary)?;
         if let Err(e) = plot_metrics(&dir) {
             tracing::warn!("could not draw loss.png: {e}");
@@ -1024,6 +1107,77 @@ impl<B: AutodiffBackend> Trainer<B> {
             eprintln!("{}", summary_text(&summary));
         }
         Ok(summary)
+    }
+}
+
+/// Sums one block's gradients over the data-parallel replicas (block-wise walks: LOMO, AdaLomo).
+fn reduce_block<B: AutodiffBackend>(
+    model: &Llama<B>,
+    block: BlockId,
+    grads: &mut GradientsParams,
+    dp: &dyn collie_core::dist::Collectives,
+    device: &B::Device,
+) {
+    match block {
+        BlockId::Head => all_reduce_grads(&model.head, grads, dp, device),
+        BlockId::Layer(i) => all_reduce_grads(&model.layers[i], grads, dp, device),
+        BlockId::Embed => {
+            all_reduce_grads(&model.embed, grads, dp, device);
+            all_reduce_grads(&model.virtual_tokens, grads, dp, device);
+        }
+    }
+}
+
+/// Writes `line` to the metrics log where this rank keeps one.
+fn write_line(log: &mut Option<MetricsLog>, line: &Map<String, Value>) -> Result<(), TrainError> {
+    log.as_mut().map_or(Ok(()), |l| l.write(line))
+}
+
+/// `output.dir/logs/rank-K.log` of a parallel run: one line per step from every rank, so a rank
+/// that fails or slows down can be told apart.
+struct RankLog(Option<(std::fs::File, PathBuf)>);
+
+impl RankLog {
+    fn open(dir: &Path, dist: &Dist) -> Result<Self, TrainError> {
+        if dist.size() == 1 {
+            return Ok(RankLog(None));
+        }
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| TrainError::io(&logs, e))?;
+        let path = logs.join(format!("rank-{}.log", dist.rank));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
+        let c = dist.coords;
+        use std::io::Write;
+        writeln!(
+            file,
+            "rank {} of {} ({}): dp_rank {} tp_rank {} pp_rank {} pid {}",
+            dist.rank,
+            dist.size(),
+            dist.dims,
+            c.dp,
+            c.tp,
+            c.pp,
+            std::process::id()
+        )
+        .map_err(|e| TrainError::io(&path, e))?;
+        Ok(RankLog(Some((file, path))))
+    }
+
+    fn step(&mut self, step: u64, m: &StepMetrics) -> Result<(), TrainError> {
+        use std::io::Write;
+        if let Some((file, path)) = &mut self.0 {
+            writeln!(
+                file,
+                "step {step} loss {:.6} grad_norm {:.6} seconds {:.3}",
+                m.loss, m.grad_norm, m.seconds
+            )
+            .map_err(|e| TrainError::io(&*path, e))?;
+        }
+        Ok(())
     }
 }
 

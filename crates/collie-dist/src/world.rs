@@ -1,0 +1,353 @@
+//! The world of a run: MPI when launched by `mpirun` (feature `mpi`), otherwise one process;
+//! the data-, tensor- and pipeline-parallel groups of a [`ParallelDims`] layout; and the failure
+//! path — a panic, an error or a stuck collective on one rank ends the whole job with a message
+//! naming the rank, never a hang.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use collie_core::dist::{solo, Group};
+
+use crate::dims::{Coords, ParallelDims};
+use crate::error::DistError;
+
+/// A process of a (possibly parallel) run and its groups.
+pub struct Dist {
+    /// The layout.
+    pub dims: ParallelDims,
+    /// Global rank.
+    pub rank: usize,
+    /// This rank's place in the layout.
+    pub coords: Coords,
+    /// All processes.
+    pub world: Group,
+    /// Ranks holding the same shard of the model (same tp rank and stage): gradients reduce here.
+    pub dp: Group,
+    /// Ranks sharing one layer's shards (same dp rank and stage).
+    pub tp: Group,
+    /// Ranks of one pipeline (same dp and tp rank), in stage order.
+    pub pp: Group,
+    #[cfg(feature = "mpi")]
+    _universe: Option<mpi::environment::Universe>,
+}
+
+impl std::fmt::Debug for Dist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Dist(rank {} of {}, {})",
+            self.rank,
+            self.dims.world(),
+            self.dims
+        )
+    }
+}
+
+/// Whether the process was started by an MPI launcher (`mpirun`, `srun` with PMI).
+fn launched_by_mpi() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// This process's rank as the MPI launcher announced it (0 when not launched by one): lets an
+/// error met by every rank before MPI starts be printed once.
+pub fn launcher_rank() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Dist {
+    /// The world of this process with the layout `dp × tp × pp` (`dp = None`: the rest).
+    ///
+    /// Under `mpirun` (and built with the `mpi` feature) this initializes MPI, installs the panic
+    /// hook and the collective watchdog (see [`Dist::abort`]); otherwise it is a world of one.
+    /// A layout that does not fit is an error on every rank (the same message everywhere).
+    pub fn init(dp: Option<usize>, tp: usize, pp: usize) -> Result<Dist, DistError> {
+        let launched = launched_by_mpi();
+        #[cfg(feature = "mpi")]
+        if launched.is_some() {
+            return mpi_world::init(dp, tp, pp);
+        }
+        if let Some(n) = launched.filter(|&n| n > 1) {
+            return Err(DistError::Mpi(format!(
+                "started by an MPI launcher with {n} processes, but this binary was built without \
+                 the `mpi` feature (cargo build --features mpi)"
+            )));
+        }
+        Self::single(dp, tp, pp)
+    }
+
+    /// A world of one process (the layout must then be 1 × 1 × 1).
+    pub fn single(dp: Option<usize>, tp: usize, pp: usize) -> Result<Dist, DistError> {
+        let dims = ParallelDims::new(1, dp, tp, pp)?;
+        Ok(Dist {
+            dims,
+            rank: 0,
+            coords: dims.coords(0),
+            world: solo(),
+            dp: solo(),
+            tp: solo(),
+            pp: solo(),
+            #[cfg(feature = "mpi")]
+            _universe: None,
+        })
+    }
+
+    /// Whether this process prints progress and writes run-wide outputs.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Number of processes.
+    pub fn size(&self) -> usize {
+        self.dims.world()
+    }
+
+    /// Ends the whole job at once with `code` after printing `message` with this rank's number:
+    /// `MPI_Abort` under MPI (every rank is killed, `mpirun` exits non-zero), `exit` otherwise.
+    /// Used when one rank fails on its own, where a clean exit would leave the others waiting in
+    /// their next collective.
+    pub fn abort(&self, message: &str, code: i32) -> ! {
+        abort_world(self.rank, self.size(), message, code)
+    }
+}
+
+/// Prints `message` naming `rank` and ends the job.
+fn abort_world(rank: usize, size: usize, message: &str, code: i32) -> ! {
+    eprintln!("error: rank {rank} of {size}: {message}");
+    #[cfg(feature = "mpi")]
+    if size > 1 {
+        mpi_world::abort(code);
+    }
+    std::process::exit(code)
+}
+
+/// Seconds a collective may wait before the watchdog ends the job (`COLLIE_DIST_TIMEOUT`,
+/// default 300): a peer that died or hangs outside MPI's sight must not hang the run.
+pub fn collective_timeout() -> Duration {
+    let secs = std::env::var("COLLIE_DIST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(300.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// When the collective in progress started (ms since the epoch; 0: none) and which one.
+static IN_COLLECTIVE: AtomicU64 = AtomicU64::new(0);
+static COLLECTIVE_NAME: AtomicUsize = AtomicUsize::new(0);
+const NAMES: [&str; 8] = [
+    "none",
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "barrier",
+    "send",
+    "recv",
+];
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+}
+
+/// Marks a collective as in progress for the watchdog while the guard lives.
+pub(crate) struct Watch;
+
+impl Watch {
+    pub(crate) fn start(name: &str) -> Watch {
+        let i = NAMES.iter().position(|n| *n == name).unwrap_or(0);
+        COLLECTIVE_NAME.store(i, Ordering::Relaxed);
+        IN_COLLECTIVE.store(now_ms(), Ordering::Release);
+        Watch
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        IN_COLLECTIVE.store(0, Ordering::Release);
+    }
+}
+
+/// Starts the thread that aborts the job when one collective waits longer than `timeout`.
+fn spawn_watchdog(rank: usize, size: usize, timeout: Duration) {
+    let limit = timeout.as_millis() as u64;
+    std::thread::Builder::new()
+        .name("collie-dist-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let since = IN_COLLECTIVE.load(Ordering::Acquire);
+            if since != 0 && now_ms().saturating_sub(since) > limit {
+                let name = NAMES[COLLECTIVE_NAME.load(Ordering::Relaxed)];
+                abort_world(
+                    rank,
+                    size,
+                    &format!(
+                        "{name} waited more than {:.0} s for its peers (one of them failed or hangs; \
+                         COLLIE_DIST_TIMEOUT sets the limit); aborting the job",
+                        timeout.as_secs_f64()
+                    ),
+                    3,
+                );
+            }
+        })
+        .expect("spawning the watchdog thread");
+}
+
+/// Makes a panic on any rank end the job with the rank's number instead of leaving the others
+/// blocked in a collective.
+fn install_panic_hook(rank: usize, size: usize) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        abort_world(rank, size, &format!("panicked: {info}"), 101);
+    }));
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_world {
+    use super::*;
+    use collie_core::dist::Collectives;
+    use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+    use mpi::topology::{Color, Communicator, SimpleCommunicator};
+    use mpi::Threading;
+
+    /// One MPI communicator as a [`Collectives`] group.
+    pub(super) struct MpiGroup {
+        comm: SimpleCommunicator,
+        rank: usize,
+        size: usize,
+    }
+
+    // SAFETY: the trainer calls collectives from one thread at a time, and MPI is initialized with
+    // MPI_THREAD_MULTIPLE where the library provides it; the only other thread (the watchdog)
+    // calls nothing but MPI_Abort.
+    unsafe impl Send for MpiGroup {}
+    unsafe impl Sync for MpiGroup {}
+
+    impl std::fmt::Debug for MpiGroup {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "MpiGroup(rank {} of {})", self.rank, self.size)
+        }
+    }
+
+    /// Elements per MPI call: counts are C ints, and smaller messages pipeline better.
+    const CHUNK: usize = 1 << 24;
+
+    impl Collectives for MpiGroup {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn size(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) {
+            let _w = Watch::start("all_reduce");
+            for chunk in buf.chunks_mut(CHUNK) {
+                let send = chunk.to_vec();
+                self.comm
+                    .all_reduce_into(&send[..], chunk, SystemOperation::sum());
+            }
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+            let _w = Watch::start("all_reduce");
+            let send = buf.to_vec();
+            self.comm
+                .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        }
+        fn all_reduce_max_f64(&self, buf: &mut [f64]) {
+            let _w = Watch::start("all_reduce");
+            let send = buf.to_vec();
+            self.comm
+                .all_reduce_into(&send[..], buf, SystemOperation::max());
+        }
+        fn all_gather(&self, send: &[f32], recv: &mut [f32]) {
+            assert_eq!(
+                recv.len(),
+                send.len() * self.size,
+                "all_gather buffer sizes"
+            );
+            let _w = Watch::start("all_gather");
+            self.comm.all_gather_into(send, recv);
+        }
+        fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) {
+            assert_eq!(
+                send.len(),
+                recv.len() * self.size,
+                "reduce_scatter buffer sizes"
+            );
+            let _w = Watch::start("reduce_scatter");
+            self.comm
+                .reduce_scatter_block_into(send, recv, SystemOperation::sum());
+        }
+        fn broadcast(&self, buf: &mut [f32], root: usize) {
+            let _w = Watch::start("broadcast");
+            for chunk in buf.chunks_mut(CHUNK) {
+                self.comm.process_at_rank(root as i32).broadcast_into(chunk);
+            }
+        }
+        fn barrier(&self) {
+            let _w = Watch::start("barrier");
+            self.comm.barrier();
+        }
+    }
+
+    fn group(world: &SimpleCommunicator, color: usize, key: usize) -> Group {
+        let comm = world
+            .split_by_color_with_key(Color::with_value(color as i32), key as i32)
+            .expect("every rank has a color");
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        Arc::new(MpiGroup { comm, rank, size })
+    }
+
+    pub(super) fn init(dp: Option<usize>, tp: usize, pp: usize) -> Result<Dist, DistError> {
+        let (universe, _) = mpi::initialize_with_threading(Threading::Multiple)
+            .ok_or_else(|| DistError::Mpi("MPI was already initialized".into()))?;
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        install_panic_hook(rank, size);
+        // The layout is checked on every rank alike, so a bad one ends all of them cleanly.
+        let dims = ParallelDims::new(size, dp, tp, pp)?;
+        let c = dims.coords(rank);
+        let dp_group = group(&world, c.pp * dims.tp + c.tp, c.dp);
+        let tp_group = group(&world, c.pp * dims.dp + c.dp, c.tp);
+        let pp_group = group(&world, c.dp * dims.tp + c.tp, c.pp);
+        let world_group: Group = Arc::new(MpiGroup {
+            comm: world,
+            rank,
+            size,
+        });
+        if size > 1 {
+            spawn_watchdog(rank, size, collective_timeout());
+        }
+        Ok(Dist {
+            dims,
+            rank,
+            coords: c,
+            world: world_group,
+            dp: dp_group,
+            tp: tp_group,
+            pp: pp_group,
+            _universe: Some(universe),
+        })
+    }
+
+    pub(super) fn abort(code: i32) -> ! {
+        // SAFETY: MPI is initialized (a world of more than one exists only after `init`).
+        unsafe {
+            mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code);
+        }
+        std::process::exit(code)
+    }
+}

@@ -1,0 +1,263 @@
+//! Multi-process training under `mpirun` (feature `mpi`): every parallel layout must train
+//! exactly as one process does on the same global batches, and a failing rank must end the job.
+//!
+//! Runs `collie-train-run` (the plain trainer) with `mpirun --allow-run-as-root --oversubscribe`.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use collie_io::module::TensorSource;
+use collie_io::safetensors::SafetensorsSource;
+use common::*;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_collie-train-run");
+
+/// A config training the tiny fixture LLaMA on `train/io.jsonl` in file order for `steps` steps.
+fn config(dir: &Path, body: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+[data]
+train = "{data}"
+format = "input_output"
+seq_len = 48
+shuffle = false
+{body}
+[output]
+dir = "{out}"
+"#,
+        model = fixture("train/model").display(),
+        data = fixture("train/io.jsonl").display(),
+        out = dir.join("run").display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn command(np: usize) -> Command {
+    if np == 1 {
+        return Command::new(BIN);
+    }
+    let mut c = Command::new("mpirun");
+    c.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        &np.to_string(),
+        BIN,
+    ])
+    .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+fn launch(np: usize, config: &Path, sets: &[&str]) -> Output {
+    let mut c = command(np);
+    c.arg("--config").arg(config).arg("--quiet");
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c.output().expect("running mpirun (is Open MPI installed?)")
+}
+
+/// Trains `np` processes with `sets`; returns the per-step losses and the run directory.
+fn train(np: usize, dir: &Path, body: &str, sets: &[&str]) -> (Vec<f64>, PathBuf) {
+    let cfg = config(dir, body);
+    let out = launch(np, &cfg, sets);
+    assert!(
+        out.status.success(),
+        "np {np} {sets:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = dir.join("run");
+    let losses = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    (losses, run)
+}
+
+/// Largest |Δ| between the weights of two checkpoints.
+fn weight_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (
+        SafetensorsSource::open(a).unwrap(),
+        SafetensorsSource::open(b).unwrap(),
+    );
+    let mut worst = 0.0f64;
+    for key in a.keys() {
+        let (x, y) = (a.read(&key).unwrap(), b.read(&key).unwrap());
+        assert_eq!(x.shape, y.shape, "{key}");
+        let y: Vec<f64> = y.data.into_iter().map(f64::from).collect();
+        worst = worst.max(max_abs_diff(&x.data, &y, |_| true));
+    }
+    worst
+}
+
+/// `np` ranks against one process on the same global batches: same losses (1e-5 relative) and
+/// same final weights (1e-5).
+///
+/// The reference runs the same forward passes as the ranks (micro-batch `micro`, `np` times the
+/// accumulation steps; LOMO accumulates nothing, so there it is the wider run). One process with `np · micro` rows per forward pass must give the same
+/// losses too; its weights differ from both at the level of float summation order, which AdamW's
+/// normalized update carries into the weights (~1e-5 after 5 steps at lr 5e-3, the same gap as
+/// between two single-process runs that group micro-batches differently), so that gap is printed.
+fn assert_equivalent(name: &str, np: usize, micro: usize, accum: usize, body: &str, sets: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = |m: usize, a: usize| {
+        vec![
+            format!("train.micro_batch_size={m}"),
+            format!("train.grad_accum_steps={a}"),
+        ]
+    };
+    // LOMO updates inside the backward pass: one forward pass per step.
+    let fused = body.contains("\"lomo\"") || body.contains("\"adalomo\"");
+    let single_sets = if fused {
+        set(micro * np, accum)
+    } else {
+        set(micro, accum * np)
+    };
+    let single_refs: Vec<&str> = single_sets.iter().map(String::as_str).collect();
+    let (want, single) = train(1, &tmp.path().join("single"), body, &single_refs);
+    let wide_sets = set(micro * np, accum);
+    let wide_refs: Vec<&str> = wide_sets.iter().map(String::as_str).collect();
+    let (wide, wide_run) = train(1, &tmp.path().join("wide"), body, &wide_refs);
+    let par_sets = set(micro, accum);
+    let mut par_refs: Vec<&str> = par_sets.iter().map(String::as_str).collect();
+    par_refs.extend_from_slice(sets);
+    let (got, parallel) = train(np, &tmp.path().join("parallel"), body, &par_refs);
+    assert_eq!(got.len(), want.len(), "{name}: number of steps");
+    for (i, ((a, b), c)) in got.iter().zip(&want).zip(&wide).enumerate() {
+        let rel = |x: f64, y: f64| (x - y).abs() / y.abs();
+        println!(
+            "{name} step {}: loss {a:.7} vs {b:.7} (rel {:.1e}); vs {np}x wider micro-batches {c:.7} (rel {:.1e})",
+            i + 1,
+            rel(*a, *b),
+            rel(*a, *c)
+        );
+        assert!(rel(*a, *b) < 1e-5, "{name} step {}: loss {a} vs {b}", i + 1);
+        assert!(rel(*a, *c) < 1e-5, "{name} step {}: loss {a} vs {c}", i + 1);
+    }
+    let steps = want.len();
+    let ckpt = |run: &Path| run.join("checkpoints").join(format!("step-{steps}"));
+    let worst = weight_diff(&ckpt(&parallel), &ckpt(&single));
+    println!(
+        "{name}: final weights max |Δ| {worst:.1e} (vs wider micro-batches {:.1e}; two single-process groupings {:.1e})",
+        weight_diff(&ckpt(&parallel), &ckpt(&wide_run)),
+        weight_diff(&ckpt(&single), &ckpt(&wide_run))
+    );
+    assert!(worst < 1e-5, "{name}: final weights differ by {worst:.2e}");
+    assert!(
+        parallel.join("logs").join("rank-1.log").exists(),
+        "{name}: every rank keeps a log"
+    );
+}
+
+const ADAMW: &str = r#"
+[train]
+max_steps = 5
+max_grad_norm = 1.0
+[optim]
+name = "adamw"
+lr = 5e-3
+weight_decay = 0.01
+"#;
+
+#[test]
+fn data_parallel_adamw_matches_one_process() {
+    assert_equivalent("dp2 adamw", 2, 1, 2, ADAMW, &["parallel.dp=2"]);
+}
+
+#[test]
+fn data_parallel_lomo_matches_one_process() {
+    let body = r#"
+[train]
+max_steps = 5
+max_grad_norm = 1.0
+[optim]
+name = "lomo"
+lr = 1e-2
+"#;
+    assert_equivalent("dp2 lomo", 2, 1, 1, body, &[]);
+}
+
+#[test]
+fn layout_that_does_not_fit_is_reported_once_and_every_rank_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), ADAMW);
+    let out = launch(2, &cfg, &["parallel.tp=3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        err.matches("parallel.tp (3)").count(),
+        1,
+        "one message, from rank 0:\n{err}"
+    );
+    assert!(err.contains("2 processes"), "{err}");
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_within_a_minute_naming_the_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = r#"
+[train]
+max_steps = 100000
+save_every = 0
+[optim]
+name = "adamw"
+lr = 1e-4
+"#;
+    let cfg = config(tmp.path(), body);
+    let child = command(4)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--quiet", "--set", "train.micro_batch_size=1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun");
+    // Rank 2's log names its pid once it trains.
+    let log = tmp.path().join("run").join("logs").join("rank-2.log");
+    let start = Instant::now();
+    let pid = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 2 {
+            let first = text.lines().next().unwrap();
+            break first.rsplit(' ').next().unwrap().parse::<u32>().unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "rank 2 never started training"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let killed = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let waited = killed.elapsed();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "mpirun ended {:.1} s after the kill:\n{text}",
+        waited.as_secs_f64()
+    );
+    assert!(!out.status.success(), "mpirun must fail");
+    assert!(waited < Duration::from_secs(60), "took {waited:?}");
+    assert!(text.contains("rank 2"), "the output names rank 2:\n{text}");
+}
