@@ -177,6 +177,124 @@ fn data_parallel_adamw_matches_one_process() {
     assert_equivalent("dp2 adamw", 2, 1, 2, ADAMW, &["parallel.dp=2"]);
 }
 
+/// `optimizer_state_bytes` that rank `r` of `run` reported.
+fn state_bytes(run: &Path, r: usize) -> usize {
+    let log = std::fs::read_to_string(run.join("logs").join(format!("rank-{r}.log"))).unwrap();
+    log.lines()
+        .find_map(|l| l.strip_prefix("optimizer_state_bytes "))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .expect("optimizer_state_bytes line")
+}
+
+#[test]
+fn zero_1_and_2_match_one_process_with_a_shard_of_the_state_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, plain) = train(
+        2,
+        &tmp.path().join("plain"),
+        ADAMW,
+        &["train.micro_batch_size=1", "train.grad_accum_steps=2"],
+    );
+    let full = state_bytes(&plain, 0);
+    assert_eq!(
+        full,
+        state_bytes(&plain, 1),
+        "plain DP replicates the state"
+    );
+    for stage in [1, 2] {
+        let set = format!("parallel.zero={stage}");
+        assert_equivalent(&format!("dp2 zero{stage}"), 2, 1, 2, ADAMW, &[&set]);
+        let (_, run) = train(
+            2,
+            &tmp.path().join(format!("zero{stage}")),
+            ADAMW,
+            &["train.micro_batch_size=1", "train.grad_accum_steps=2", &set],
+        );
+        let shards = [state_bytes(&run, 0), state_bytes(&run, 1)];
+        println!(
+            "ZeRO-{stage}: optimizer state per rank {shards:?} bytes vs {full} with plain DP ({:.3} and {:.3} of it)",
+            shards[0] as f64 / full as f64,
+            shards[1] as f64 / full as f64
+        );
+        assert_eq!(
+            shards[0] + shards[1],
+            full,
+            "the shards add up to the whole state"
+        );
+        for s in shards {
+            // Cut at parameter boundaries: within the largest parameter of 1/dp.
+            assert!(
+                (s as f64 / full as f64 - 0.5).abs() < 0.15,
+                "{shards:?} of {full}"
+            );
+        }
+    }
+}
+
+#[test]
+fn zero_checkpoint_of_two_replicas_resumes_in_one_process_and_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (want, _) = train(
+        1,
+        &tmp.path().join("straight"),
+        ADAMW,
+        &["train.micro_batch_size=1", "train.grad_accum_steps=2"],
+    );
+    // Steps 1-2 at dp2 with ZeRO-1, 3-4 in one process, 5 at dp2 with ZeRO-2 again.
+    let dir = tmp.path().join("resharded");
+    let cfg = config(&dir, ADAMW);
+    let legs: [(usize, &[&str]); 3] = [
+        (
+            2,
+            &[
+                "train.max_steps=2",
+                "train.micro_batch_size=1",
+                "parallel.zero=1",
+            ],
+        ),
+        (
+            1,
+            &[
+                "train.max_steps=4",
+                "train.micro_batch_size=1",
+                "train.grad_accum_steps=2",
+            ],
+        ),
+        (2, &["train.micro_batch_size=1", "parallel.zero=2"]),
+    ];
+    for (i, (np, sets)) in legs.iter().enumerate() {
+        let all = sets.to_vec();
+        let mut c = command(*np);
+        c.arg("--config").arg(&cfg).arg("--quiet");
+        if i > 0 {
+            c.args(["--resume", "latest"]);
+        }
+        for s in &all {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "leg {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let got: Vec<f64> = std::fs::read_to_string(dir.join("run").join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        let rel = (a - b).abs() / b.abs();
+        println!(
+            "resharded step {}: loss {a:.7} vs uninterrupted {b:.7} (rel {rel:.1e})",
+            i + 1
+        );
+        assert!(rel < 1e-5, "step {}: {a} vs {b}", i + 1);
+    }
+}
+
 #[test]
 fn data_parallel_lomo_matches_one_process() {
     let body = r#"

@@ -27,8 +27,12 @@ use crate::error::TrainError;
 pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: u64,
-    /// Training examples consumed (the data loader's position).
+    /// Training examples consumed by each data-parallel replica (the data loader's position).
     pub consumed: u64,
+    /// Data-parallel replicas of the run that wrote the state (a resume at another degree
+    /// converts `consumed`).
+    #[serde(default = "one_replica")]
+    pub data_parallel: usize,
     /// Non-padding tokens trained on so far.
     pub tokens_seen: u64,
     /// Steps skipped (no target tokens, or f16 overflow).
@@ -43,6 +47,10 @@ pub struct TrainerState {
     pub evals: Vec<(u64, BTreeMap<String, f64>)>,
     /// Evaluations since the best metric last improved.
     pub evals_without_improvement: usize,
+}
+
+fn one_replica() -> usize {
+    1
 }
 
 /// `checkpoints/step-N` under `root`.
@@ -198,4 +206,46 @@ pub fn prune(root: &Path, keep_last: usize, keep_best: &[u64]) -> Result<(), Tra
         std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     }
     Ok(())
+}
+
+/// The whole optimizer state of a ZeRO run, on rank 0 (others get an empty state): every replica
+/// writes its shard under `root/.zero-gather/`, rank 0 reads and merges them. Checkpoints thus
+/// hold plain per-parameter state, loadable at any data-parallel degree. Needs `root` on a file
+/// system every rank sees, as the checkpoint itself does.
+pub fn gather_optimizer_state(
+    root: &Path,
+    mine: OptimizerState,
+    dist: &collie_dist::Dist,
+) -> Result<OptimizerState, TrainError> {
+    let dir = root.join(".zero-gather");
+    let rank = dist.coords.dp;
+    if dist.is_main() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    }
+    dist.dp.barrier();
+    if !dist.is_main() {
+        write_json(&dir.join(format!("rank-{rank}.json")), &mine.counters)?;
+        let tensors: Vec<(String, collie_io::HostTensor)> = mine.tensors.into_iter().collect();
+        save_safetensors(
+            &dir.join(format!("rank-{rank}.safetensors")),
+            &tensors,
+            SaveDtype::F32,
+        )?;
+        dist.dp.barrier();
+        return Ok(OptimizerState::default());
+    }
+    dist.dp.barrier();
+    let mut all = mine;
+    for r in 1..dist.dims.dp {
+        let source = SafetensorsSource::open(&dir.join(format!("rank-{r}.safetensors")))?;
+        for key in source.keys() {
+            let t = source.read(&key)?;
+            all.tensors.insert(key, t);
+        }
+        let counters: BTreeMap<String, u64> = read_json(&dir.join(format!("rank-{r}.json")))?;
+        all.counters.extend(counters);
+    }
+    std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    Ok(all)
 }

@@ -21,6 +21,7 @@ use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
 use collie_dist::dp::{all_reduce_grads, all_reduce_scalars};
+use collie_dist::zero::ZeroPlan;
 use collie_dist::Dist;
 use collie_io::tokenizer::TokenizerBundle;
 use collie_llama::{Llama, LlamaConfig};
@@ -121,6 +122,8 @@ pub struct Trainer<B: AutodiffBackend> {
     grad_hook: Option<GradHook>,
     /// This process's place in a parallel run.
     dist: Arc<Dist>,
+    /// Which replica owns which parameter under ZeRO (`parallel.zero` ≥ 1 with dp > 1).
+    zero: Option<ZeroPlan>,
 }
 
 /// Dynamic loss scaling for f16: initial scale and good steps before it doubles. PyTorch's
@@ -350,6 +353,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             None => Vec::new(),
         };
         let optimizer = build_optimizer(&config);
+        let zero = match config.parallel.zero {
+            0 => None,
+            _ if config.optim.is_fused() => return Err(TrainError::Invalid(format!(
+                "parallel.zero = {}: {} updates inside the backward pass and keeps its state per \
+                     block; ZeRO applies to the optimizers that update after it",
+                config.parallel.zero, config.optim.name
+            ))),
+            _ if dist.dims.dp == 1 => None,
+            stage => Some(ZeroPlan::new(&model, stage, &*dist.dp)),
+        };
         let schedule = Schedule {
             kind: config.sched.kind,
             warmup_steps: config.sched.warmup_steps,
@@ -374,6 +387,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             compute,
             grad_hook: None,
             dist,
+            zero,
         };
         if compute == DType::F16 {
             trainer.state.loss_scale = if trainer.config.optim.name == "lomo" {
@@ -397,11 +411,37 @@ impl<B: AutodiffBackend> Trainer<B> {
         } else {
             collie_llama::hf::load_hf_dir::<B>(&dir, &self.device)?.1
         };
-        let (opt_state, state) = checkpoint::load_state(&dir)?;
+        let (mut opt_state, state) = checkpoint::load_state(&dir)?;
+        // The loaded model has new parameter ids: the ownership follows them.
+        self.zero = self
+            .zero
+            .as_ref()
+            .map(|p| ZeroPlan::new(&model, p.stage, &*self.dist.dp));
+        if let Some(plan) = &self.zero {
+            // Whatever layout wrote it, this replica keeps its own parameters' state.
+            opt_state = collie_dist::zero::shard_state(plan, opt_state);
+        }
         self.model = model;
         self.optimizer.load_state(opt_state, &self.device)?;
-        self.loader.consumed = state.consumed;
+        // Replica r of w reads examples r, r + w, ...: `consumed` per replica converts between
+        // degrees as long as every replica read as many (no packing).
+        let (saved, dp) = (state.data_parallel.max(1) as u64, self.dist.dims.dp as u64);
+        let global = state.consumed * saved;
+        if saved != dp && (self.config.data.pack || global % dp != 0) {
+            return Err(TrainError::Resume(format!(
+                "{}: written at parallel.dp = {saved} after {global} examples, which {} cannot be \
+                 split evenly over parallel.dp = {dp}; resume at dp = {saved}",
+                dir.display(),
+                if self.config.data.pack {
+                    "packed rows"
+                } else {
+                    ""
+                }
+            )));
+        }
+        self.loader.consumed = global / dp;
         self.state = state;
+        self.state.data_parallel = dp as usize;
         Ok(())
     }
 
@@ -483,6 +523,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         all_reduce_scalars(&*self.dist.dp, &mut counts);
         let (targets, tokens) = (counts[0] as usize, counts[1] as usize);
         self.state.consumed = self.loader.consumed;
+        self.state.data_parallel = self.dist.dims.dp;
         self.state.step += 1;
         self.state.tokens_seen += tokens as u64;
         if targets == 0 {
@@ -523,8 +564,18 @@ impl<B: AutodiffBackend> Trainer<B> {
             .sum();
         nll = self.dp_sum(nll);
         let mut grads = acc.grads();
-        all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
-        let scaled_norm = global_norm(&self.model, &grads);
+        let scaled_norm = match &self.zero {
+            None => {
+                all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
+                global_norm(&self.model, &grads)
+            }
+            Some(plan) => {
+                // Each replica holds its own parameters' gradients: the norm adds up the shards.
+                plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
+                let local = global_norm(&self.model, &grads);
+                self.dp_sum(local * local).sqrt()
+            }
+        };
         if !scaled_norm.is_finite() {
             // Overflow: skip the update and back off, as torch.cuda.amp.GradScaler does.
             self.state.skipped_steps += 1;
@@ -566,6 +617,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             lr,
             factor,
         );
+        if let Some(plan) = &self.zero {
+            self.model = plan.gather_params(self.model.clone(), &*self.dist.dp, &self.device);
+        }
         if self.compute == DType::F16 {
             self.state.scale_good_steps += 1;
             if self.state.scale_good_steps >= SCALE_GROWTH_INTERVAL {
@@ -770,7 +824,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
         let mut grads = acc.grads();
-        all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device);
+        match &self.zero {
+            None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device),
+            Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device),
+        }
         let AnyOptimizer::Sophia(sophia) = &mut self.optimizer else {
             return;
         };
@@ -883,6 +940,13 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// replicas are identical and rank 0 writes; every rank returns when the checkpoint exists.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let root = &self.config.output.dir;
+        // Under ZeRO each replica holds its own parameters' state; the checkpoint holds all of it.
+        let optimizer_state = match &self.zero {
+            None => self.optimizer.state(),
+            Some(_) => {
+                checkpoint::gather_optimizer_state(root, self.optimizer.state(), &self.dist)?
+            }
+        };
         if !self.dist.is_main() {
             self.dist.world.barrier();
             return Ok(checkpoint::step_dir(root, self.state.step));
@@ -903,7 +967,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let dir = checkpoint::save(
             root,
             weights,
-            &self.optimizer.state(),
+            &optimizer_state,
             &self.state,
             &self.config.to_toml(),
         )?;
@@ -1072,6 +1136,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         progress.finish();
+        if self.dist.size() > 1 {
+            // What ZeRO saves: this replica's optimizer state.
+            let state = self.optimizer.state();
+            let bytes: usize = state.tensors.values().map(|t| t.data.len() * 4).sum();
+            rank_log.line(&format!(
+                "optimizer_state_bytes {bytes} tensors {}",
+                state.tensors.len()
+            ))?;
+        }
         let mut eval_last = None;
         if self.has_eval() && !stopped_early {
             let m = self.evaluate()?;
@@ -1165,6 +1238,14 @@ impl RankLog {
         )
         .map_err(|e| TrainError::io(&path, e))?;
         Ok(RankLog(Some((file, path))))
+    }
+
+    fn line(&mut self, text: &str) -> Result<(), TrainError> {
+        use std::io::Write;
+        if let Some((file, path)) = &mut self.0 {
+            writeln!(file, "{text}").map_err(|e| TrainError::io(&*path, e))?;
+        }
+        Ok(())
     }
 
     fn step(&mut self, step: u64, m: &StepMetrics) -> Result<(), TrainError> {
