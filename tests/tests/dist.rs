@@ -46,13 +46,19 @@ fn command(np: usize) -> Command {
     if np == 1 {
         return Command::new(BIN);
     }
+    let mut c = mpirun(np);
+    c.arg(BIN);
+    c
+}
+
+/// `mpirun -np N` as root in a container; the program and its arguments follow.
+fn mpirun(np: usize) -> Command {
     let mut c = Command::new("mpirun");
     c.args([
         "--allow-run-as-root",
         "--oversubscribe",
         "-np",
         &np.to_string(),
-        BIN,
     ])
     .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
     .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -378,4 +384,24 @@ lr = 1e-4
     assert!(!out.status.success(), "mpirun must fail");
     assert!(waited < Duration::from_secs(60), "took {waited:?}");
     assert!(text.contains("rank 2"), "the output names rank 2:\n{text}");
+}
+
+#[test]
+fn tensor_parallel_collectives_give_the_dense_mlp_and_its_gradients() {
+    // Column-parallel then row-parallel linear layers (Megatron's f and g as autodiff ops) on
+    // 2 ranks against the dense MLP each rank also computes: loss, input gradient, weight and
+    // bias gradient shards within 1e-5 (collie-dist-check exits non-zero otherwise).
+    let out = mpirun(2)
+        .arg(env!("CARGO_BIN_EXE_collie-dist-check"))
+        .arg("tp-mlp")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    assert_eq!(
+        text.matches("max |Δ|").count(),
+        10,
+        "5 checks on each of 2 ranks"
+    );
 }

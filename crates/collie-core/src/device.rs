@@ -101,6 +101,7 @@ pub fn dispatch<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> 
 
 #[cfg(feature = "cpu")]
 fn run_cpu<T: BackendTask>(task: T) -> Result<T::Output> {
+    crate::dist::register_autodiff::<Cpu>();
     Ok(task.run::<burn::backend::Autodiff<Cpu>>(Default::default()))
 }
 
@@ -117,6 +118,7 @@ fn run_wgpu<T: BackendTask>(task: T, adapter: WgpuAdapter) -> Result<T::Output> 
         WgpuAdapter::Discrete(i) => WgpuDevice::DiscreteGpu(i),
         WgpuAdapter::Cpu => WgpuDevice::Cpu,
     };
+    crate::dist::register_autodiff::<Wgpu>();
     Ok(task.run::<burn::backend::Autodiff<Wgpu>>(device))
 }
 
@@ -127,6 +129,7 @@ fn run_wgpu<T: BackendTask>(_task: T, adapter: WgpuAdapter) -> Result<T::Output>
 
 #[cfg(feature = "cuda")]
 fn run_cuda<T: BackendTask>(task: T, index: usize) -> Result<T::Output> {
+    crate::dist::register_autodiff::<Cuda>();
     Ok(task.run::<burn::backend::Autodiff<Cuda>>(burn::backend::cuda::CudaDevice::new(index)))
 }
 

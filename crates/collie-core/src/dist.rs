@@ -63,3 +63,127 @@ impl Collectives for Solo {
 pub fn solo() -> Group {
     Arc::new(Solo)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-parallel collectives inside the autodiff graph (Megatron's `f` and `g`).
+// ---------------------------------------------------------------------------------------------
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+
+/// `x` summed over `group` on the host, as a tensor of `x`'s dtype and device (no graph).
+fn host_all_reduce<B: Backend>(x: Tensor<B, 1>, group: &dyn Collectives) -> Tensor<B, 1> {
+    let (device, dtype, n) = (x.device(), x.dtype(), x.dims()[0]);
+    let mut values = x
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 after convert");
+    group.all_reduce_sum(&mut values);
+    Tensor::<B, 1>::from_data(TensorData::new(values, [n]), &device).cast(dtype)
+}
+
+/// The backward of `f`: the incoming gradient summed over the group.
+#[derive(Debug)]
+struct SumGradOverGroup;
+
+impl<I: Backend> Backward<I, 1> for SumGradOverGroup {
+    type State = Group;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let group = ops.state;
+        unary::<I, _>(ops.parents, ops.node, grads, |grad| {
+            let t = Tensor::<I, 1>::from_primitive(TensorPrimitive::Float(grad));
+            host_all_reduce(t, &*group).into_primitive().tensor()
+        });
+    }
+}
+
+/// `f` on `Autodiff<I>`: identity forward, gradient all-reduced backward.
+fn copy_autodiff<I: Backend>(x: Tensor<Autodiff<I>, 1>, group: &Group) -> Tensor<Autodiff<I>, 1> {
+    let x = x.into_primitive().tensor();
+    let out = match SumGradOverGroup
+        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(group.clone(), x.primitive.clone()),
+        OpsKind::UnTracked(prep) => prep.finish(x.primitive.clone()),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+type Registry = RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
+
+/// `f` for each autodiff backend type in use, by `TypeId` (the model code is generic over
+/// `B: Backend` and cannot name the autodiff structure of `B`).
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// Makes [`copy_to_group`] differentiable on `Autodiff<I>`; `collie_core::device::dispatch` calls
+/// it for every backend it runs.
+pub fn register_autodiff<I: Backend>() {
+    type Copy<I> = fn(Tensor<Autodiff<I>, 1>, &Group) -> Tensor<Autodiff<I>, 1>;
+    let f: Copy<I> = copy_autodiff::<I>;
+    registry()
+        .write()
+        .expect("registry lock")
+        .insert(TypeId::of::<Autodiff<I>>(), Box::new(f));
+}
+
+/// Megatron's `f` before a column-parallel layer: the identity forward; backward, the gradient is
+/// summed over `group` (each rank's shard contributes part of the input's gradient).
+///
+/// # Panics
+/// On an autodiff backend that [`register_autodiff`] has not registered (a gradient would
+/// otherwise silently miss the other ranks' parts).
+pub fn copy_to_group<B: Backend, const D: usize>(x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
+    if group.size() == 1 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    let dims = x.dims();
+    let n: usize = dims.iter().product();
+    let registry = registry().read().expect("registry lock");
+    let f = registry
+        .get(&TypeId::of::<B>())
+        .and_then(|f| f.downcast_ref::<fn(Tensor<B, 1>, &Group) -> Tensor<B, 1>>())
+        .unwrap_or_else(|| {
+            panic!(
+                "tensor parallelism on the autodiff backend {} needs collie_core::dist::register_autodiff",
+                std::any::type_name::<B>()
+            )
+        });
+    // [..] -> [n] -> [..]: the registered op works on flat tensors.
+    f(x.reshape([n]), group).reshape(dims)
+}
+
+/// Megatron's `g` after a row-parallel layer: forward, the sum of every rank's `x`; backward, the
+/// identity. Exact without a custom op: `sum + (x − detach(x))` is `sum + 0` forward and passes
+/// the gradient straight to `x`.
+pub fn reduce_from_group<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    group: &Group,
+) -> Tensor<B, D> {
+    if group.size() == 1 {
+        return x;
+    }
+    let dims = x.dims();
+    let n: usize = dims.iter().product();
+    // [..] -> [n]: the host buffer is flat.
+    let summed = host_all_reduce(x.clone().detach().reshape([n]), &**group).reshape(dims);
+    if B::ad_enabled(&x.device()) {
+        summed + (x.clone() - x.detach())
+    } else {
+        summed
+    }
+}

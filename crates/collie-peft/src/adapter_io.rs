@@ -463,6 +463,7 @@ fn load_encoder<B: Backend>(
                 bias,
                 adapter: None,
                 parallel: l.parallel,
+                tp: l.tp.clone(),
             }
         })
         .collect();

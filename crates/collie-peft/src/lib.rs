@@ -123,6 +123,7 @@ pub(crate) fn torch_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::De
         bias: Some(Param::from_tensor(Tensor::random([d_out], dist, device))),
         adapter: None,
         parallel: Default::default(),
+        tp: None,
     }
 }
 

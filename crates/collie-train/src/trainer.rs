@@ -355,11 +355,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         let optimizer = build_optimizer(&config);
         let zero = match config.parallel.zero {
             0 => None,
-            _ if config.optim.is_fused() => return Err(TrainError::Invalid(format!(
+            _ if config.optim.is_fused() => {
+                return Err(TrainError::Invalid(format!(
                 "parallel.zero = {}: {} updates inside the backward pass and keeps its state per \
                      block; ZeRO applies to the optimizers that update after it",
                 config.parallel.zero, config.optim.name
-            ))),
+            )))
+            }
             _ if dist.dims.dp == 1 => None,
             stage => Some(ZeroPlan::new(&model, stage, &*dist.dp)),
         };

@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::adapter::Adapter;
+use crate::dist::{copy_to_group, reduce_from_group, Group};
 
 /// How a [`Linear`]'s weight is laid out across a tensor-parallel group.
 ///
@@ -52,6 +53,10 @@ pub struct Linear<B: Backend> {
     pub adapter: Option<Adapter<B>>,
     /// Tensor-parallel layout of `weight`.
     pub parallel: ParallelMode,
+    /// The tensor-parallel group of a `Column` / `Row` layer (Megatron's `f` before a column
+    /// layer, `g` after a row layer); `None` for a whole layer.
+    #[module(skip)]
+    pub tp: Option<Group>,
 }
 
 impl LinearConfig {
@@ -71,6 +76,7 @@ impl LinearConfig {
             bias,
             adapter: None,
             parallel: ParallelMode::Full,
+            tp: None,
         }
     }
 }
@@ -79,6 +85,12 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match (&self.tp, self.parallel) {
+            // Every rank's shard adds its part to the replicated input's gradient.
+            (Some(group), ParallelMode::Column) => copy_to_group(x, group),
+            (Some(group), ParallelMode::Row) => return self.forward_row(x, group),
+            _ => x,
+        };
         let adapter = self.adapter.as_ref().filter(|a| !a.is_merged());
         let x = match adapter {
             Some(Adapter::Ia3(ia3)) if ia3.on_input => ia3.rescale(x),
@@ -90,6 +102,29 @@ impl<B: Backend> Linear<B> {
         }
         match adapter {
             Some(Adapter::Lora(lora)) => y + lora.delta(x),
+            Some(Adapter::Ia3(ia3)) if !ia3.on_input => ia3.rescale(y),
+            _ => y,
+        }
+    }
+
+    /// A row-parallel shard: `x` holds this rank's input features; the partial products (and a
+    /// LoRA delta through this rank's rows of A) are summed over the group, then the bias is
+    /// added once.
+    fn forward_row<const D: usize>(&self, x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
+        let adapter = self.adapter.as_ref().filter(|a| !a.is_merged());
+        let x = match adapter {
+            Some(Adapter::Ia3(ia3)) if ia3.on_input => ia3.rescale(x),
+            _ => x,
+        };
+        let mut y = matmul_2d(x.clone(), self.weight.val());
+        if let Some(Adapter::Lora(lora)) = adapter {
+            y = y + lora.delta(x);
+        }
+        let mut y = reduce_from_group(y, group);
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze::<D>();
+        }
+        match adapter {
             Some(Adapter::Ia3(ia3)) if !ia3.on_input => ia3.rescale(y),
             _ => y,
         }
