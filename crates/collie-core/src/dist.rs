@@ -187,3 +187,35 @@ pub fn reduce_from_group<B: Backend, const D: usize>(
         summed
     }
 }
+
+/// `t` split along `dim` over the ranks of `group` → the whole tensor on every rank (a host
+/// all-gather, outside the autodiff graph: for inference and checkpoints).
+pub fn gather_along<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    dim: usize,
+    group: &Group,
+) -> Tensor<B, D> {
+    let tp = group.size();
+    let (device, dtype, local) = (t.device(), t.dtype(), t.dims());
+    let send = t
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 after convert");
+    let mut all = vec![0.0f32; send.len() * tp];
+    group.all_gather(&send, &mut all);
+    let mut whole = local;
+    whole[dim] *= tp;
+    // Rank-major blocks; for dim > 0 interleave them: block r's rows go to columns r·k...
+    let outer: usize = local[..dim].iter().product();
+    let inner: usize = local[dim..].iter().product();
+    let mut out = vec![0.0f32; all.len()];
+    for r in 0..tp {
+        for o in 0..outer {
+            let src = r * outer * inner + o * inner;
+            let dst = o * inner * tp + r * inner;
+            out[dst..dst + inner].copy_from_slice(&all[src..src + inner]);
+        }
+    }
+    Tensor::<B, D>::from_data(TensorData::new(out, whole), &device).cast(dtype)
+}

@@ -33,8 +33,16 @@ pub trait CausalLm<B: Backend> {
         logits.slice([0..b, s - tail.min(s)..s, 0..v])
     }
 
+    /// Which columns of the vocabulary this rank's logits hold under tensor parallelism (`None`:
+    /// all of them). Training losses go through
+    /// [`cross_entropy_sum_sharded`](crate::loss::cross_entropy_sum_sharded) with it.
+    fn vocab_shard(&self) -> Option<&crate::nn::VocabShard> {
+        None
+    }
+
     /// Logits for packed rows: `segments` numbers the documents of each row (`0` = padding) and
-    /// `positions` restart at every document; a token attends only within its document.
+    /// `positions` restart at every document; a token attends only within its document. Under
+    /// tensor parallelism: this rank's vocabulary columns ([`CausalLm::vocab_shard`]).
     ///
     /// # Shapes
     /// - ids, segments, positions: `[batch, seq]` → `[batch, seq, vocab]`

@@ -7,6 +7,58 @@ use burn::tensor::{DType, Int, Tensor};
 /// Label value that contributes nothing to the loss (PyTorch's `ignore_index`, HF's `-100`).
 pub const IGNORE_INDEX: i64 = -100;
 
+/// [`cross_entropy_sum`] over logits split by vocabulary across a tensor-parallel group
+/// (Megatron's vocabulary-parallel cross-entropy): `logits` holds this rank's columns
+/// `shard.start ..`; the maximum, the softmax denominator and the target's logit are reduced over
+/// the group, so the full logits are never gathered. `None` is the plain [`cross_entropy_sum`].
+///
+/// # Shapes
+/// - logits: `[n, vocab / tp]`, targets: `[n]` (full-vocabulary ids) → `[1]` sum and count
+pub fn cross_entropy_sum_sharded<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    shard: Option<&crate::nn::VocabShard>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let Some(shard) = shard else {
+        return cross_entropy_sum(logits, targets);
+    };
+    use crate::dist::reduce_from_group;
+    let [n, cols] = logits.dims();
+    let z = crate::nn::to_dtype(logits, DType::F32);
+    let device = z.device();
+    let valid = targets.clone().not_equal_elem(IGNORE_INDEX);
+    // The row maximum over the whole vocabulary, a constant (it cancels in the gradient).
+    let mut max: Vec<f64> = z
+        .clone()
+        .detach()
+        .max_dim(1)
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 after convert");
+    shard.group.all_reduce_max_f64(&mut max);
+    let max = Tensor::<B, 1>::from_data(
+        burn::tensor::TensorData::new(max.into_iter().map(|v| v as f32).collect(), [n]),
+        &device,
+    );
+    // [n] -> [n, 1]
+    let shifted = z.sub(max.clone().reshape([n, 1]));
+    let denom = reduce_from_group(shifted.clone().exp().sum_dim(1).reshape([n]), &shard.group);
+    // The target's shifted logit, from the rank that holds its column.
+    let local = targets.sub_scalar(shard.start as i64);
+    let outside = local
+        .clone()
+        .lower_elem(0)
+        .bool_or(local.clone().greater_equal_elem(cols as i64));
+    let safe = local.mask_fill(outside.clone(), 0);
+    let picked = shifted.gather(1, safe.reshape([n, 1])).reshape([n]) * outside.bool_not().float();
+    let picked = reduce_from_group(picked, &shard.group);
+    let weight = valid.float();
+    // −log softmax = log(Σ exp(z − m)) − (z_t − m)
+    let sum = ((denom.log() - picked) * weight.clone()).sum();
+    (sum, weight.sum())
+}
+
 /// Summed token negative log-likelihood and the number of counted tokens.
 ///
 /// Targets equal to [`IGNORE_INDEX`] are skipped. Divide the sum by the count for HF's mean loss.

@@ -5,6 +5,8 @@
 //! before its backward pass, so the summed gradients are exactly the single-process gradients of
 //! the same global batch (the loss is "averaged by the global count of target tokens").
 
+use std::collections::HashSet;
+
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
@@ -22,14 +24,19 @@ type Spans = Vec<(ParamId, usize, Vec<usize>)>;
 fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: &GradientsParams,
+    only: Option<&HashSet<ParamId>>,
 ) -> (Vec<f32>, Spans) {
     struct Flatten<'a> {
         grads: &'a GradientsParams,
+        only: Option<&'a HashSet<ParamId>>,
         buf: Vec<f32>,
         spans: Spans,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.only.is_some_and(|o| !o.contains(&param.id)) {
+                return;
+            }
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
                 let shape = g.dims().to_vec();
                 let data = g.into_data().convert::<f32>();
@@ -42,6 +49,7 @@ fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
     let mut v = Flatten {
         grads,
+        only,
         buf: Vec::new(),
         spans: Vec::new(),
     };
@@ -96,7 +104,26 @@ pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     if group.size() == 1 {
         return;
     }
-    let (mut buf, spans) = flatten::<B, M>(model, grads);
+    let (mut buf, spans) = flatten::<B, M>(model, grads, None);
+    for bucket in buf.chunks_mut(BUCKET_ELEMS) {
+        group.all_reduce_sum(bucket);
+    }
+    unflatten::<B, M>(model, grads, &buf, &spans, device);
+}
+
+/// [`all_reduce_grads`] restricted to the parameters in `only` (e.g. the whole parameters of a
+/// tensor-parallel region, whose gradients are partial sums over the tp group).
+pub fn all_reduce_grads_of<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    only: &HashSet<ParamId>,
+    group: &dyn Collectives,
+    device: &B::Device,
+) {
+    if group.size() == 1 || only.is_empty() {
+        return;
+    }
+    let (mut buf, spans) = flatten::<B, M>(model, grads, Some(only));
     for bucket in buf.chunks_mut(BUCKET_ELEMS) {
         group.all_reduce_sum(bucket);
     }

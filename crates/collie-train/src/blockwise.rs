@@ -12,7 +12,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
-use collie_core::loss::cross_entropy_sum;
+use collie_core::loss::cross_entropy_sum_sharded;
 use collie_core::nn::{to_dtype, Embedding, VirtualTokens};
 use collie_data::loader::Batch;
 use collie_llama::Head;
@@ -329,7 +329,7 @@ fn head_backward<B: AutodiffBackend>(
             TensorData::new(targets[start..end].to_vec(), [k]),
             device,
         );
-        let (sum, _) = cross_entropy_sum(logits, t);
+        let (sum, _) = cross_entropy_sum_sharded(logits, t, embed.shard.as_ref());
         nll += sum.clone().inner().into_scalar().elem::<f64>();
         let mut grads = sum.mul_scalar(scale).backward();
         g_parts.push(

@@ -217,14 +217,16 @@ pub fn gather_optimizer_state(
     mine: OptimizerState,
     dist: &collie_dist::Dist,
 ) -> Result<OptimizerState, TrainError> {
-    let dir = root.join(".zero-gather");
+    // One exchange per tensor-parallel rank; the first replica of each merges.
+    let dir = root.join(format!(".zero-gather-tp{}", dist.coords.tp));
     let rank = dist.coords.dp;
-    if dist.is_main() {
+    let merger = rank == 0;
+    if merger {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     }
     dist.dp.barrier();
-    if !dist.is_main() {
+    if !merger {
         write_json(&dir.join(format!("rank-{rank}.json")), &mine.counters)?;
         let tensors: Vec<(String, collie_io::HostTensor)> = mine.tensors.into_iter().collect();
         save_safetensors(

@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use collie_core::lm::CausalLm;
-use collie_core::loss::cross_entropy_sum;
+use collie_core::loss::cross_entropy_sum_sharded;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{DataError, Example, IGNORE};
 use collie_data::loader::{collate, Batch};
@@ -37,7 +37,8 @@ pub fn batch_nll<B: Backend, M: CausalLm<B>>(
     let n = logits.dims()[0];
     let targets: Vec<i64> = batch.shifted_labels().collect();
     let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
-    let (sum, _) = cross_entropy_sum(logits, targets);
+    // Under tensor parallelism the logits are this rank's vocabulary columns.
+    let (sum, _) = cross_entropy_sum_sharded(logits, targets, model.vocab_shard());
     (sum, batch.target_tokens())
 }
 

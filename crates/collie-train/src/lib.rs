@@ -18,6 +18,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod textmetrics;
 pub mod trainer;

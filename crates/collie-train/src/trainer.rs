@@ -6,12 +6,12 @@
 //! transformers' Trainer computes it. The learning rate of step `k` (from 0) is
 //! `lr · λ(k)`; metrics count steps from 1, after the update.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
@@ -124,6 +124,10 @@ pub struct Trainer<B: AutodiffBackend> {
     dist: Arc<Dist>,
     /// Which replica owns which parameter under ZeRO (`parallel.zero` ≥ 1 with dp > 1).
     zero: Option<ZeroPlan>,
+    /// Parameters split across the tensor-parallel group, with the split dimension.
+    tp_split: HashMap<ParamId, usize>,
+    /// Whole parameters whose gradients are partial sums over the tensor-parallel group.
+    tp_partial: std::collections::HashSet<ParamId>,
 }
 
 /// Dynamic loss scaling for f16: initial scale and good steps before it doubles. PyTorch's
@@ -296,11 +300,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             Some(d) => d.clone(),
             None => Arc::new(Dist::single(p.dp, p.tp, p.pp)?),
         };
-        if dist.dims.tp > 1 || dist.dims.pp > 1 {
+        if dist.dims.pp > 1 {
             return Err(TrainError::Invalid(format!(
-                "{}: this build trains with data parallelism only; parallel.tp and parallel.pp must be 1",
+                "{}: pipeline parallelism is not available yet; parallel.pp must be 1",
                 dist.dims
             )));
+        }
+        if dist.dims.tp > 1 {
+            check_tensor_parallel(&config)?;
         }
         let model = setup_peft(
             &mut config,
@@ -309,6 +316,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             options.quiet,
             device,
         )?;
+        // Tensor parallelism: every rank loaded the whole model; each keeps its shard.
+        let (model, tp_split) = collie_llama::parallelize::shard(model, &dist.tp)?;
         let seq_len = config.data.seq_len;
         let encoder = Encoder::new(config.data.format, tokenizer.clone(), seq_len);
         let train_path =
@@ -390,6 +399,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             grad_hook: None,
             dist,
             zero,
+            tp_split: tp_split.split.into_iter().collect(),
+            tp_partial: tp_split.partial.into_iter().collect(),
         };
         if compute == DType::F16 {
             trainer.state.loss_scale = if trainer.config.optim.name == "lomo" {
@@ -414,6 +425,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             collie_llama::hf::load_hf_dir::<B>(&dir, &self.device)?.1
         };
         let (mut opt_state, state) = checkpoint::load_state(&dir)?;
+        // A whole checkpoint, whatever layout wrote it: this rank keeps its tensor-parallel shard.
+        let (model, split) = collie_llama::parallelize::shard(model, &self.dist.tp)?;
+        self.tp_split = split.split.into_iter().collect();
+        self.tp_partial = split.partial.into_iter().collect();
+        if !self.tp_split.is_empty() {
+            let paths = crate::parallel::split_paths(&model, &self.tp_split);
+            opt_state = crate::parallel::split_state(
+                opt_state,
+                &paths,
+                self.dist.coords.tp,
+                self.dist.dims.tp,
+            )?;
+        }
         // The loaded model has new parameter ids: the ownership follows them.
         self.zero = self
             .zero
@@ -566,18 +590,20 @@ impl<B: AutodiffBackend> Trainer<B> {
             .sum();
         nll = self.dp_sum(nll);
         let mut grads = acc.grads();
-        let scaled_norm = match &self.zero {
-            None => {
-                all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
-                global_norm(&self.model, &grads)
-            }
-            Some(plan) => {
-                // Each replica holds its own parameters' gradients: the norm adds up the shards.
-                plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
-                let local = global_norm(&self.model, &grads);
-                self.dp_sum(local * local).sqrt()
-            }
-        };
+        if !self.tp_partial.is_empty() {
+            collie_dist::dp::all_reduce_grads_of(
+                &self.model,
+                &mut grads,
+                &self.tp_partial,
+                &*self.dist.tp,
+                &self.device,
+            );
+        }
+        match &self.zero {
+            None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
+            Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
+        }
+        let scaled_norm = self.grad_norm(&grads);
         if !scaled_norm.is_finite() {
             // Overflow: skip the update and back off, as torch.cuda.amp.GradScaler does.
             self.state.skipped_steps += 1;
@@ -645,6 +671,28 @@ impl<B: AutodiffBackend> Trainer<B> {
             seconds: start.elapsed().as_secs_f64(),
             skipped: false,
         })
+    }
+
+    /// The gradient norm of the whole model from this rank's gradients: the squares of
+    /// tensor-parallel shards are summed over the tp group (replicated parameters counted once),
+    /// and under ZeRO, where each replica holds its own parameters' gradients, over the replicas.
+    fn grad_norm(&self, grads: &GradientsParams) -> f64 {
+        if self.tp_split.is_empty() {
+            let local = global_norm(&self.model, grads);
+            return match self.zero {
+                None => local,
+                Some(_) => self.dp_sum(local * local).sqrt(),
+            };
+        }
+        let (mut split, whole) = squared_norms(&self.model, grads, &self.tp_split);
+        let mut v = [split];
+        self.dist.tp.all_reduce_sum_f64(&mut v);
+        split = v[0];
+        let total = match self.zero {
+            None => split + whole,
+            Some(_) => self.dp_sum(split + whole),
+        };
+        total.sqrt()
     }
 
     /// `value` summed over the data-parallel replicas.
@@ -943,25 +991,37 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let root = &self.config.output.dir;
         // Under ZeRO each replica holds its own parameters' state; the checkpoint holds all of it.
-        let optimizer_state = match &self.zero {
+        let mut optimizer_state = match &self.zero {
             None => self.optimizer.state(),
             Some(_) => {
                 checkpoint::gather_optimizer_state(root, self.optimizer.state(), &self.dist)?
             }
         };
+        // Tensor parallelism: the first replica's tp ranks put their shards together.
+        let mut whole = None;
+        if !self.tp_split.is_empty() && self.dist.coords.dp == 0 {
+            let paths = crate::parallel::split_paths(&self.model, &self.tp_split);
+            optimizer_state =
+                crate::parallel::gather_state(optimizer_state, &paths, &*self.dist.tp)?;
+            whole = Some(collie_llama::parallelize::gather(
+                &self.model,
+                &self.dist.tp,
+            ));
+        }
         if !self.dist.is_main() {
             self.dist.world.barrier();
             return Ok(checkpoint::step_dir(root, self.state.step));
         }
+        let model = whole.as_ref().unwrap_or(&self.model);
         let weights = if self.peft_active() {
             checkpoint::Weights::Adapter {
-                model: &self.model,
+                model,
                 peft: &self.config.peft,
                 base: &self.config.model.path,
             }
         } else {
             checkpoint::Weights::Model {
-                model: &self.model,
+                model,
                 config: &self.model_config,
                 tokenizer: self.tokenizer.as_ref(),
             }
@@ -1183,6 +1243,76 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         Ok(summary)
     }
+}
+
+/// Squared gradient norms of `model`'s parameters split by tensor parallelism and of the others.
+fn squared_norms<B: AutodiffBackend>(
+    model: &Llama<B>,
+    grads: &GradientsParams,
+    split: &HashMap<ParamId, usize>,
+) -> (f64, f64) {
+    struct Squares<'a> {
+        grads: &'a GradientsParams,
+        split: &'a HashMap<ParamId, usize>,
+        sums: (f64, f64),
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Squares<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let sq = g.square().sum().into_scalar().elem::<f64>();
+                if self.split.contains_key(&param.id) {
+                    self.sums.0 += sq;
+                } else {
+                    self.sums.1 += sq;
+                }
+            }
+        }
+    }
+    let mut v = Squares {
+        grads,
+        split,
+        sums: (0.0, 0.0),
+    };
+    model.visit(&mut v);
+    v.sums
+}
+
+/// What tensor parallelism does not combine with yet, as config errors.
+fn check_tensor_parallel(config: &TrainConfig) -> Result<(), TrainError> {
+    let tp = config.parallel.tp;
+    let refuse = |key: &str, what: &str| {
+        Err(TrainError::Invalid(format!(
+            "parallel.tp = {tp} with {key}: {what}"
+        )))
+    };
+    if config.optim.is_fused() {
+        return refuse(
+            "optim.name",
+            &format!(
+                "{} under tensor parallelism is not available yet",
+                config.optim.name
+            ),
+        );
+    }
+    if config.optim.name == "sophiag" {
+        return refuse(
+            "optim.name",
+            "SophiaG's Hessian sampling needs whole-vocabulary logits",
+        );
+    }
+    if config.peft.enabled() && config.peft.dropout > 0.0 {
+        return refuse(
+            "peft.dropout",
+            "LoRA dropout masks would differ between the ranks sharing a layer; set it to 0",
+        );
+    }
+    if config.eval.classification.is_some() || config.eval.generation.is_some() {
+        return refuse(
+            "eval.classification / eval.generation",
+            "only eval loss is vocabulary-parallel so far",
+        );
+    }
+    Ok(())
 }
 
 /// Sums one block's gradients over the data-parallel replicas (block-wise walks: LOMO, AdaLomo).

@@ -13,6 +13,7 @@ pub mod error;
 pub mod gguf;
 pub mod hf;
 pub mod model;
+pub mod parallelize;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 use collie_core::attention::{attention, causal_mask, positions_from_padding};
+use collie_core::dist::copy_to_group;
 use collie_core::nn::{
     matmul_2d, Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig,
     VirtualTarget, VirtualTokens,
@@ -267,8 +268,15 @@ impl<B: Backend> Head<B> {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(lm_head) => lm_head.forward(x),
-            // [hidden, vocab] view of the [vocab, hidden] table.
-            None => matmul_2d(x, embed.weight.val().transpose()),
+            None => {
+                // A vocabulary-parallel table: each rank's columns add to the input's gradient.
+                let x = match &embed.shard {
+                    Some(shard) => copy_to_group(x, &shard.group),
+                    None => x,
+                };
+                // [hidden, vocab] view of the [vocab, hidden] table.
+                matmul_2d(x, embed.weight.val().transpose())
+            }
         }
     }
 }
@@ -436,7 +444,16 @@ impl<B: Backend> Llama<B> {
         padding: Option<&Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
         let x = self.forward_hidden(ids, padding);
-        self.head.forward(x, &self.embed)
+        self.whole_vocab(self.head.forward(x, &self.embed))
+    }
+
+    /// Logits over the whole vocabulary: under tensor parallelism every rank's columns gathered
+    /// (inference: generation and scoring read them; training losses stay vocabulary-parallel).
+    fn whole_vocab(&self, logits: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.embed.shard {
+            Some(shard) => collie_core::dist::gather_along(logits, 2, &shard.group),
+            None => logits,
+        }
     }
 
     /// Decode step: runs `ids` after the positions already in `cache`, appending their keys and
@@ -469,7 +486,7 @@ impl<B: Backend> Llama<B> {
         let [_, total, d] = x.dims();
         // [batch, n + s_new, hidden] -> [batch, s_new, hidden]
         let x = x.slice([0..b, total - s..total, 0..d]);
-        self.head.forward(x, &self.embed)
+        self.whole_vocab(self.head.forward(x, &self.embed))
     }
 
     /// Rows of the embedding (the model's vocabulary size).
@@ -480,6 +497,10 @@ impl<B: Backend> Llama<B> {
 
 impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
     type Cache = KvCache<B>;
+
+    fn vocab_shard(&self) -> Option<&collie_core::nn::VocabShard> {
+        self.embed.shard.as_ref()
+    }
 
     fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())
@@ -508,7 +529,7 @@ impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
         let [b, s, d] = h.dims();
         // [batch, seq, hidden] -> [batch, tail, hidden]: the head runs only where it is read.
         let h = h.slice([0..b, s - tail.min(s)..s, 0..d]);
-        self.head.forward(h, &self.embed)
+        self.whole_vocab(self.head.forward(h, &self.embed))
     }
 
     fn logits_cached(

@@ -5,6 +5,18 @@ use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
+use crate::dist::{reduce_from_group, Group};
+
+/// This rank's rows of a vocabulary-parallel table: ids `start .. start + rows` of the full
+/// vocabulary, over a tensor-parallel group.
+#[derive(Debug, Clone)]
+pub struct VocabShard {
+    /// The tensor-parallel group.
+    pub group: Group,
+    /// First vocabulary id of this rank's rows.
+    pub start: usize,
+}
+
 /// Configuration of an [`Embedding`].
 #[derive(Config, Debug)]
 pub struct EmbeddingConfig {
@@ -20,8 +32,11 @@ pub struct EmbeddingConfig {
 /// A lookup table `[n_embedding, d_model]`, in the same layout as PyTorch's `nn.Embedding`.
 #[derive(Module, Debug)]
 pub struct Embedding<B: Backend> {
-    /// `[n_embedding, d_model]`.
+    /// `[n_embedding, d_model]` (this rank's rows under vocabulary parallelism).
     pub weight: Param<Tensor<B, 2>>,
+    /// Which rows of the full vocabulary `weight` holds; `None` for the whole table.
+    #[module(skip)]
+    pub shard: Option<VocabShard>,
 }
 
 impl EmbeddingConfig {
@@ -32,7 +47,10 @@ impl EmbeddingConfig {
             std: self.init_std,
         }
         .init([self.n_embedding, self.d_model], device);
-        Embedding { weight }
+        Embedding {
+            weight,
+            shard: None,
+        }
     }
 }
 
@@ -40,6 +58,21 @@ impl<B: Backend> Embedding<B> {
     /// # Shapes
     /// - ids: `[batch, seq]` → `[batch, seq, d_model]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        let Some(shard) = &self.shard else {
+            return burn::tensor::module::embedding(self.weight.val(), ids);
+        };
+        // Megatron's vocabulary-parallel lookup: rows this rank holds, zeros for the others,
+        // summed over the group.
+        let rows = self.weight.dims()[0] as i64;
+        let local = ids.sub_scalar(shard.start as i64);
+        let outside = local
+            .clone()
+            .lower_elem(0)
+            .bool_or(local.clone().greater_equal_elem(rows));
+        let safe = local.mask_fill(outside.clone(), 0);
+        let found = burn::tensor::module::embedding(self.weight.val(), safe);
+        // [batch, seq] -> [batch, seq, 1]
+        let keep = outside.bool_not().float().unsqueeze_dim::<3>(2);
+        reduce_from_group(found * keep, &shard.group)
     }
 }

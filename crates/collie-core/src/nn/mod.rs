@@ -13,6 +13,7 @@ mod norm;
 mod prompt;
 
 pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
+pub use embedding::VocabShard;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
 pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};

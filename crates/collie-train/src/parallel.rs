@@ -1,0 +1,133 @@
+//! Optimizer state across tensor-parallel ranks: per-parameter state has its parameter's shape,
+//! so it is gathered and split exactly as the parameter is (`collie_llama::parallelize`), which
+//! lets checkpoints hold the whole state whatever layout wrote them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use collie_core::dist::Collectives;
+use collie_io::HostTensor;
+use collie_optim::OptimizerState;
+
+use crate::error::TrainError;
+
+/// Path (as optimizer state names it) → (split dimension, this rank's shape) of every split
+/// parameter of `model`.
+pub fn split_paths<B: Backend, M: Module<B>>(
+    model: &M,
+    split: &HashMap<ParamId, usize>,
+) -> HashMap<String, (usize, Vec<usize>)> {
+    struct Paths<'a> {
+        stack: Vec<String>,
+        split: &'a HashMap<ParamId, usize>,
+        out: HashMap<String, (usize, Vec<usize>)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Paths<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(&dim) = self.split.get(&param.id) {
+                let shape = param.lazy_shape().dims::<D>().to_vec();
+                self.out.insert(self.stack.join("."), (dim, shape));
+            }
+        }
+    }
+    let mut v = Paths {
+        stack: Vec::new(),
+        split,
+        out: HashMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// The parameter path of a state key `"{path}.{slot}"` that `paths` knows.
+fn param_of<'a, T>(key: &'a str, paths: &'a HashMap<String, T>) -> Option<&'a T> {
+    let (path, _slot) = key.rsplit_once('.')?;
+    paths.get(path)
+}
+
+/// Row-major blocks: `local` shape, split along `dim` into `parts` → (outer, inner) strides.
+fn strides(local: &[usize], dim: usize) -> (usize, usize) {
+    (local[..dim].iter().product(), local[dim..].iter().product())
+}
+
+/// Every tp rank's state → the whole state (collective over `group`, in key order).
+pub fn gather_state(
+    state: OptimizerState,
+    paths: &HashMap<String, (usize, Vec<usize>)>,
+    group: &dyn Collectives,
+) -> Result<OptimizerState, TrainError> {
+    let tp = group.size();
+    let mut tensors = BTreeMap::new();
+    for (key, t) in state.tensors {
+        let Some((dim, local)) = param_of(&key, paths) else {
+            tensors.insert(key, t);
+            continue;
+        };
+        let n: usize = local.iter().product();
+        if t.data.len() != n {
+            return Err(TrainError::Invalid(format!(
+                "optimizer state `{key}` has {} values for a parameter shard of {n}; only \
+                 element-wise optimizer state is split across tensor-parallel ranks",
+                t.data.len()
+            )));
+        }
+        let mut all = vec![0.0f32; n * tp];
+        group.all_gather(&t.data, &mut all);
+        let (outer, inner) = strides(local, *dim);
+        let mut whole = vec![0.0f32; n * tp];
+        for r in 0..tp {
+            for o in 0..outer {
+                let (src, dst) = (r * n + o * inner, o * inner * tp + r * inner);
+                whole[dst..dst + inner].copy_from_slice(&all[src..src + inner]);
+            }
+        }
+        tensors.insert(key, HostTensor::new(vec![n * tp], whole));
+    }
+    Ok(OptimizerState {
+        tensors,
+        counters: state.counters,
+    })
+}
+
+/// The whole state → this tp rank's part (the inverse of [`gather_state`]).
+pub fn split_state(
+    state: OptimizerState,
+    paths: &HashMap<String, (usize, Vec<usize>)>,
+    rank: usize,
+    tp: usize,
+) -> Result<OptimizerState, TrainError> {
+    let mut tensors = BTreeMap::new();
+    for (key, t) in state.tensors {
+        let Some((dim, local)) = param_of(&key, paths) else {
+            tensors.insert(key, t);
+            continue;
+        };
+        let n: usize = local.iter().product();
+        if t.data.len() != n * tp {
+            return Err(TrainError::Resume(format!(
+                "optimizer state `{key}` has {} values; the parameter has {}",
+                t.data.len(),
+                n * tp
+            )));
+        }
+        let (outer, inner) = strides(local, *dim);
+        let mut part = vec![0.0f32; n];
+        for o in 0..outer {
+            let src = o * inner * tp + rank * inner;
+            part[o * inner..(o + 1) * inner].copy_from_slice(&t.data[src..src + inner]);
+        }
+        tensors.insert(key, HostTensor::new(vec![n], part));
+    }
+    Ok(OptimizerState {
+        tensors,
+        counters: state.counters,
+    })
+}
