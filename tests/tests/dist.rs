@@ -122,13 +122,32 @@ fn weight_diff(a: &Path, b: &Path) -> f64 {
 /// `np` ranks against one process on the same global batches: same losses (1e-5 relative) and
 /// same final weights (1e-5).
 ///
+/// A layout trained with AdamW (losses within 1e-5 relative) and with SGD + momentum (losses
+/// and final weights within 1e-5); see [`assert_equivalent_dp`].
+fn assert_layout(name: &str, np: usize, dp: usize, micro: usize, accum: usize, sets: &[&str]) {
+    assert_equivalent_dp(&format!("{name} adamw"), np, dp, micro, accum, ADAMW, sets);
+    assert_equivalent_dp(&format!("{name} sgd"), np, dp, micro, accum, SGD, sets);
+}
+
+const SGD: &str = r#"
+[train]
+max_steps = 5
+max_grad_norm = 1.0
+[optim]
+name = "sgd"
+lr = 0.05
+momentum = 0.9
+"#;
+
 /// The reference runs the same forward passes as the ranks (micro-batch `micro`, `dp` times the
 /// accumulation steps; LOMO accumulates nothing, so there it is the wider run). One process with
-/// `dp · micro` rows per forward pass must give the same losses too; its weights differ from
-/// both at the level of float summation order, which AdamW's normalized update carries into the
-/// weights where gradients are near zero (2.6e-6 after 5 steps at lr 1e-3, the same as between
-/// two single-process runs that group micro-batches differently; 1.1e-5 at lr 5e-3 — the gap
-/// grows with lr), so that gap is printed, not asserted.
+/// `dp · micro` rows per forward pass must give the same losses too. Final weights are asserted
+/// except under AdamW: its update `m / (√v + ε)` does not depend on the gradient's scale, so
+/// elements whose gradient is a small sum of large cancelling terms move by up to lr whatever
+/// float summation order decided their sign — two single-process runs that only group the same
+/// examples differently end up to 4e-5 apart after 5 steps at lr 1e-3 (see the printed gaps).
+/// SGD has no such amplification, so each layout is also run with SGD + momentum and its weights
+/// asserted within 1e-5.
 fn assert_equivalent(name: &str, np: usize, micro: usize, accum: usize, body: &str, sets: &[&str]) {
     assert_equivalent_dp(name, np, np, micro, accum, body, sets)
 }
@@ -195,7 +214,12 @@ fn assert_equivalent_dp(
         weight_diff(&ckpt(&parallel), &ckpt(&wide_run)),
         weight_diff(&ckpt(&single), &ckpt(&wide_run))
     );
-    assert!(worst < 1e-5, "{name}: final weights differ by {worst:.2e}");
+    if body.contains("\"adamw\"") {
+        // See above: AdamW's weights are compared in the SGD run of the same layout.
+        println!("{name}: AdamW weights not asserted (float-order noise floor)");
+    } else {
+        assert!(worst < 1e-5, "{name}: final weights differ by {worst:.2e}");
+    }
     assert!(
         parallel.join("logs").join("rank-1.log").exists(),
         "{name}: every rank keeps a log"
@@ -214,7 +238,7 @@ weight_decay = 0.01
 
 #[test]
 fn data_parallel_adamw_matches_one_process() {
-    assert_equivalent("dp2 adamw", 2, 1, 2, ADAMW, &["parallel.dp=2"]);
+    assert_layout("dp2", 2, 2, 1, 2, &["parallel.dp=2"]);
 }
 
 /// `optimizer_state_bytes` that rank `r` of `run` reported.
@@ -243,7 +267,7 @@ fn zero_1_and_2_match_one_process_with_a_shard_of_the_state_each() {
     );
     for stage in [1, 2] {
         let set = format!("parallel.zero={stage}");
-        assert_equivalent(&format!("dp2 zero{stage}"), 2, 1, 2, ADAMW, &[&set]);
+        assert_layout(&format!("dp2 zero{stage}"), 2, 2, 1, 2, &[&set]);
         let (_, run) = train(
             2,
             &tmp.path().join(format!("zero{stage}")),
@@ -442,8 +466,8 @@ fn tensor_parallel_collectives_give_the_dense_mlp_and_its_gradients() {
 
 #[test]
 fn tensor_parallel_matches_one_process_alone_with_data_parallel_and_with_lora() {
-    assert_equivalent_dp("tp2", 2, 1, 2, 1, ADAMW, &["parallel.tp=2"]);
-    assert_equivalent_dp("dp2 x tp2", 4, 2, 1, 1, ADAMW, &["parallel.tp=2"]);
+    assert_layout("tp2", 2, 1, 2, 1, &["parallel.tp=2"]);
+    assert_layout("dp2 x tp2", 4, 2, 1, 1, &["parallel.tp=2"]);
     let lora = format!(
         "{ADAMW}\n[peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"o_proj\", \"down_proj\", \"up_proj\"]\n"
     );
@@ -468,7 +492,7 @@ fn tensor_parallel_matches_one_process_alone_with_data_parallel_and_with_lora() 
 }
 
 #[test]
-fn tensor_parallel_checkpoint_resumes_in_one_process_and_at_dp2_x_tp2() {
+fn checkpoint_of_dp2_x_tp2_resumes_at_pp2_in_one_process_and_at_tp2_x_pp2() {
     let tmp = tempfile::tempdir().unwrap();
     let (want, _) = train(
         1,
@@ -476,10 +500,11 @@ fn tensor_parallel_checkpoint_resumes_in_one_process_and_at_dp2_x_tp2() {
         ADAMW,
         &["train.micro_batch_size=2"],
     );
-    // Steps 1-2 at dp2 x tp2 (ZeRO-1), 3-4 in one process, 5 at tp2.
+    // Steps 1-2 at dp2 x tp2 (ZeRO-1), 3 at pp2 (1F1B over 2 micro-batches), 4 in one
+    // process, 5 at tp2 x pp2.
     let dir = tmp.path().join("resharded");
     let cfg = config(&dir, ADAMW);
-    let legs: [(usize, &[&str]); 3] = [
+    let legs: [(usize, &[&str]); 4] = [
         (
             4,
             &[
@@ -489,8 +514,20 @@ fn tensor_parallel_checkpoint_resumes_in_one_process_and_at_dp2_x_tp2() {
                 "parallel.zero=1",
             ],
         ),
+        (
+            2,
+            &[
+                "train.max_steps=3",
+                "train.micro_batch_size=1",
+                "train.grad_accum_steps=2",
+                "parallel.pp=2",
+            ],
+        ),
         (1, &["train.max_steps=4", "train.micro_batch_size=2"]),
-        (2, &["train.micro_batch_size=2", "parallel.tp=2"]),
+        (
+            4,
+            &["train.micro_batch_size=2", "parallel.tp=2", "parallel.pp=2"],
+        ),
     ];
     for (i, (np, sets)) in legs.iter().enumerate() {
         let mut c = command(*np);
@@ -533,4 +570,59 @@ fn tensor_parallel_degree_must_divide_the_heads() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("parallel.tp = 4 does not divide"), "{err}");
+}
+
+#[test]
+fn pipeline_parallel_1f1b_matches_one_process_alone_and_with_data_and_tensor_parallel() {
+    assert_layout("pp2", 2, 1, 1, 4, &["parallel.pp=2"]);
+    assert_layout("dp2 x pp2", 4, 2, 1, 4, &["parallel.pp=2"]);
+    assert_layout("tp2 x pp2", 4, 1, 1, 4, &["parallel.pp=2", "parallel.tp=2"]);
+    // Tied embeddings: the table is on the first stage (lookup) and the last (head).
+    let tied = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
+         [model.config]\nmodel_type = \"llama\"\nvocab_size = 512\nhidden_size = 64\n\
+         intermediate_size = 128\nnum_hidden_layers = 2\nnum_attention_heads = 4\n\
+         num_key_value_heads = 2\nmax_position_embeddings = 128\ntie_word_embeddings = true\n";
+    assert_equivalent_dp(
+        "pp2 tied",
+        2,
+        1,
+        1,
+        4,
+        tied,
+        &["parallel.pp=2", "model.init=scratch"],
+    );
+}
+
+#[test]
+fn pipeline_reports_its_bubble_and_refuses_more_stages_than_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, run) = train(
+        2,
+        &tmp.path().join("pp"),
+        ADAMW,
+        &[
+            "train.micro_batch_size=1",
+            "train.grad_accum_steps=4",
+            "parallel.pp=2",
+        ],
+    );
+    let log = std::fs::read_to_string(run.join("logs").join("rank-1.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("pipeline stage 1 of 2"))
+        .unwrap();
+    println!("{line}");
+    assert!(
+        line.contains("ideal 1F1B 0.200 (4 micro-batches)"),
+        "{line}"
+    );
+    let cfg = config(&tmp.path().join("bad"), ADAMW);
+    // The fixture model has 2 decoder layers.
+    let out = launch(4, &cfg, &["parallel.pp=4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("parallel.pp = 4 stages for a model of 2 decoder layers"),
+        "{err}"
+    );
 }

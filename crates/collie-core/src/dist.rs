@@ -30,6 +30,13 @@ pub trait Collectives: Debug + Send + Sync {
     fn broadcast(&self, buf: &mut [f32], root: usize);
     /// Waits for every member.
     fn barrier(&self);
+    /// Sends `buf` to member `dest` without waiting for it to be received (point-to-point; the
+    /// pipeline's activations and their gradients).
+    fn send(&self, buf: Vec<f32>, dest: usize);
+    /// Receives exactly `buf.len()` values from member `src`, waiting for them.
+    fn recv(&self, buf: &mut [f32], src: usize);
+    /// Waits until every [`Collectives::send`] of this member has been received.
+    fn flush(&self);
 }
 
 /// A shared handle to a group.
@@ -57,6 +64,13 @@ impl Collectives for Solo {
     }
     fn broadcast(&self, _buf: &mut [f32], _root: usize) {}
     fn barrier(&self) {}
+    fn send(&self, _buf: Vec<f32>, dest: usize) {
+        panic!("send to member {dest} in a group of one");
+    }
+    fn recv(&self, _buf: &mut [f32], src: usize) {
+        panic!("receive from member {src} in a group of one");
+    }
+    fn flush(&self) {}
 }
 
 /// The group of one process, as a [`Group`].

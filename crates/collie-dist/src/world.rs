@@ -228,6 +228,8 @@ mod mpi_world {
         comm: SimpleCommunicator,
         rank: usize,
         size: usize,
+        /// Sends in flight: the request and the buffer it reads.
+        pending: std::sync::Mutex<Vec<(mpi::ffi::MPI_Request, Vec<f32>)>>,
     }
 
     // SAFETY: the trainer calls collectives from one thread at a time, and MPI is initialized with
@@ -301,6 +303,42 @@ mod mpi_world {
             let _w = Watch::start("barrier");
             self.comm.barrier();
         }
+        fn send(&self, buf: Vec<f32>, dest: usize) {
+            use mpi::raw::AsRaw;
+            let mut request = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };
+            // SAFETY: the buffer moves into `pending` with its request and stays there, unmoved
+            // (a Vec's heap storage does not move), until MPI_Wait says the send is complete.
+            unsafe {
+                mpi::ffi::MPI_Isend(
+                    buf.as_ptr() as *const std::ffi::c_void,
+                    buf.len() as i32,
+                    mpi::ffi::RSMPI_FLOAT,
+                    dest as i32,
+                    0,
+                    self.comm.as_raw(),
+                    &mut request,
+                );
+            }
+            self.pending
+                .lock()
+                .expect("pending sends")
+                .push((request, buf));
+        }
+        fn recv(&self, buf: &mut [f32], src: usize) {
+            use mpi::point_to_point::Source;
+            let _w = Watch::start("recv");
+            self.comm.process_at_rank(src as i32).receive_into(buf);
+        }
+        fn flush(&self) {
+            let _w = Watch::start("send");
+            let mut pending = self.pending.lock().expect("pending sends");
+            for (mut request, _buf) in pending.drain(..) {
+                // SAFETY: a request from MPI_Isend above, waited on once.
+                unsafe {
+                    mpi::ffi::MPI_Wait(&mut request, mpi::ffi::RSMPI_STATUS_IGNORE);
+                }
+            }
+        }
     }
 
     fn group(world: &SimpleCommunicator, color: usize, key: usize) -> Group {
@@ -308,7 +346,12 @@ mod mpi_world {
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
             .expect("every rank has a color");
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-        Arc::new(MpiGroup { comm, rank, size })
+        Arc::new(MpiGroup {
+            comm,
+            rank,
+            size,
+            pending: Default::default(),
+        })
     }
 
     pub(super) fn init(dp: Option<usize>, tp: usize, pp: usize) -> Result<Dist, DistError> {
@@ -327,6 +370,7 @@ mod mpi_world {
             comm: world,
             rank,
             size,
+            pending: Default::default(),
         });
         if size > 1 {
             spawn_watchdog(rank, size, collective_timeout());

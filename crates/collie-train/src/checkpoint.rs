@@ -208,24 +208,25 @@ pub fn prune(root: &Path, keep_last: usize, keep_best: &[u64]) -> Result<(), Tra
     Ok(())
 }
 
-/// The whole optimizer state of a ZeRO run, on rank 0 (others get an empty state): every replica
-/// writes its shard under `root/.zero-gather/`, rank 0 reads and merges them. Checkpoints thus
-/// hold plain per-parameter state, loadable at any data-parallel degree. Needs `root` on a file
+/// The union of the optimizer states of `group`'s members, on its member 0 (the others get an
+/// empty state): each member writes its part under `root/.merge-{tag}/`, member 0 reads and
+/// merges them. ZeRO replicas and pipeline stages each hold some parameters' state; checkpoints
+/// hold all of it, as plain per-parameter state loadable at any layout. Needs `root` on a file
 /// system every rank sees, as the checkpoint itself does.
-pub fn gather_optimizer_state(
+pub fn merge_optimizer_states(
     root: &Path,
+    tag: &str,
     mine: OptimizerState,
-    dist: &collie_dist::Dist,
+    group: &dyn collie_core::dist::Collectives,
 ) -> Result<OptimizerState, TrainError> {
-    // One exchange per tensor-parallel rank; the first replica of each merges.
-    let dir = root.join(format!(".zero-gather-tp{}", dist.coords.tp));
-    let rank = dist.coords.dp;
+    let dir = root.join(format!(".merge-{tag}"));
+    let rank = group.rank();
     let merger = rank == 0;
     if merger {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     }
-    dist.dp.barrier();
+    group.barrier();
     if !merger {
         write_json(&dir.join(format!("rank-{rank}.json")), &mine.counters)?;
         let tensors: Vec<(String, collie_io::HostTensor)> = mine.tensors.into_iter().collect();
@@ -234,12 +235,12 @@ pub fn gather_optimizer_state(
             &tensors,
             SaveDtype::F32,
         )?;
-        dist.dp.barrier();
+        group.barrier();
         return Ok(OptimizerState::default());
     }
-    dist.dp.barrier();
+    group.barrier();
     let mut all = mine;
-    for r in 1..dist.dims.dp {
+    for r in 1..group.size() {
         let source = SafetensorsSource::open(&dir.join(format!("rank-{r}.safetensors")))?;
         for key in source.keys() {
             let t = source.read(&key)?;

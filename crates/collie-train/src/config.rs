@@ -296,6 +296,14 @@ pub struct ParallelSection {
     /// state sharded), 2 (gradients reduce-scattered too).
     #[serde(default)]
     pub zero: u8,
+    /// How decoder layers are split into pipeline stages: `uniform`, `parameters` or
+    /// `type:<regex>` (CoLLiE's methods).
+    #[serde(default = "default_partition")]
+    pub partition: String,
+}
+
+fn default_partition() -> String {
+    "uniform".into()
 }
 
 impl Default for ParallelSection {
@@ -305,6 +313,7 @@ impl Default for ParallelSection {
             tp: 1,
             pp: 1,
             zero: 0,
+            partition: default_partition(),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod eval;
 pub mod generate;
 pub mod metrics;
 pub mod parallel;
+pub mod pipeline;
 pub mod plot;
 pub mod textmetrics;
 pub mod trainer;

@@ -128,6 +128,10 @@ pub struct Trainer<B: AutodiffBackend> {
     tp_split: HashMap<ParamId, usize>,
     /// Whole parameters whose gradients are partial sums over the tensor-parallel group.
     tp_partial: std::collections::HashSet<ParamId>,
+    /// This rank's pipeline stage and every stage's layers (`parallel.pp` > 1).
+    pipeline: Option<(crate::pipeline::Stage, Vec<std::ops::Range<usize>>)>,
+    /// Seconds the last step waited for pipeline neighbours.
+    pp_wait: f64,
 }
 
 /// Dynamic loss scaling for f16: initial scale and good steps before it doubles. PyTorch's
@@ -301,10 +305,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             None => Arc::new(Dist::single(p.dp, p.tp, p.pp)?),
         };
         if dist.dims.pp > 1 {
-            return Err(TrainError::Invalid(format!(
-                "{}: pipeline parallelism is not available yet; parallel.pp must be 1",
-                dist.dims
-            )));
+            check_pipeline(&config)?;
         }
         if dist.dims.tp > 1 {
             check_tensor_parallel(&config)?;
@@ -318,6 +319,23 @@ impl<B: AutodiffBackend> Trainer<B> {
         )?;
         // Tensor parallelism: every rank loaded the whole model; each keeps its shard.
         let (model, tp_split) = collie_llama::parallelize::shard(model, &dist.tp)?;
+        let pipeline = match dist.dims.pp {
+            1 => None,
+            pp => {
+                let mut params = vec![model.embed.num_params()];
+                params.extend(model.layers.iter().map(|l| l.num_params()));
+                params.push(model.head.num_params());
+                let stages =
+                    collie_dist::pp::Stages::partition(&config.parallel.partition, pp, &params)?;
+                let index = dist.coords.pp;
+                let stage = crate::pipeline::Stage {
+                    index,
+                    count: pp,
+                    layers: stages.layers[index].clone(),
+                };
+                Some((stage, stages.layers))
+            }
+        };
         let seq_len = config.data.seq_len;
         let encoder = Encoder::new(config.data.format, tokenizer.clone(), seq_len);
         let train_path =
@@ -401,6 +419,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             zero,
             tp_split: tp_split.split.into_iter().collect(),
             tp_partial: tp_split.partial.into_iter().collect(),
+            pipeline,
+            pp_wait: 0.0,
         };
         if compute == DType::F16 {
             trainer.state.loss_scale = if trainer.config.optim.name == "lomo" {
@@ -437,6 +457,23 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.dist.coords.tp,
                 self.dist.dims.tp,
             )?;
+        }
+        if let Some((stage, _)) = &self.pipeline {
+            // This stage keeps the state of the blocks it trains.
+            let mut prefixes: Vec<String> = stage
+                .layers
+                .clone()
+                .map(|i| format!("layers.{i}."))
+                .collect();
+            if stage.first() || (stage.last() && model.head.lm_head.is_none()) {
+                prefixes.push("embed.".into());
+            }
+            if stage.last() {
+                prefixes.push("head.".into());
+            }
+            let mine = |k: &String| prefixes.iter().any(|p| k.starts_with(p.as_str()));
+            opt_state.tensors.retain(|k, _| mine(k));
+            opt_state.counters.retain(|k, _| mine(k));
         }
         // The loaded model has new parameter ids: the ownership follows them.
         self.zero = self
@@ -583,13 +620,48 @@ impl<B: AutodiffBackend> Trainer<B> {
             1.0
         };
         let scale = loss_scale / targets as f64;
-        let mut acc = GradientsAccumulator::new();
-        let mut nll: f64 = batches
-            .iter()
-            .map(|b| self.micro_step(b, scale, &mut acc))
-            .sum();
+        let (mut nll, mut grads) = match &self.pipeline {
+            None => {
+                let mut acc = GradientsAccumulator::new();
+                let nll: f64 = batches
+                    .iter()
+                    .map(|b| self.micro_step(b, scale, &mut acc))
+                    .sum();
+                (nll, acc.grads())
+            }
+            Some((stage, _)) => {
+                let (nll, mut grads, waited) = crate::pipeline::step(
+                    &self.model,
+                    stage,
+                    &batches,
+                    self.compute,
+                    scale,
+                    &*self.dist.pp,
+                    &self.device,
+                );
+                self.pp_wait = waited;
+                if self.model.head.lm_head.is_none() {
+                    // A tied table is used by the first stage (lookup) and the last (head): both
+                    // copies get the sum of the two gradients.
+                    let id = self.model.embed.weight.id;
+                    if grads.get::<B::InnerBackend, 2>(id).is_none() {
+                        grads.register(id, self.model.embed.weight.val().inner().zeros_like());
+                    }
+                    collie_dist::dp::all_reduce_grads_of(
+                        &self.model,
+                        &mut grads,
+                        &[id].into_iter().collect(),
+                        &*self.dist.pp,
+                        &self.device,
+                    );
+                }
+                // Only the last stage computed the loss.
+                let mut v = [nll];
+                self.dist.pp.all_reduce_sum_f64(&mut v);
+                (v[0], grads)
+            }
+        };
         nll = self.dp_sum(nll);
-        let mut grads = acc.grads();
         if !self.tp_partial.is_empty() {
             collie_dist::dp::all_reduce_grads_of(
                 &self.model,
@@ -677,22 +749,41 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// tensor-parallel shards are summed over the tp group (replicated parameters counted once),
     /// and under ZeRO, where each replica holds its own parameters' gradients, over the replicas.
     fn grad_norm(&self, grads: &GradientsParams) -> f64 {
-        if self.tp_split.is_empty() {
+        if self.tp_split.is_empty() && self.pipeline.is_none() {
             let local = global_norm(&self.model, grads);
             return match self.zero {
                 None => local,
                 Some(_) => self.dp_sum(local * local).sqrt(),
             };
         }
-        let (mut split, whole) = squared_norms(&self.model, grads, &self.tp_split);
+        // A tied table's gradient is on the first and the last stage: count it once.
+        let skip = match &self.pipeline {
+            Some((stage, _)) if !stage.first() && self.model.head.lm_head.is_none() => {
+                Some(self.model.embed.weight.id)
+            }
+            _ => None,
+        };
+        let (mut split, whole) = squared_norms(&self.model, grads, &self.tp_split, skip);
         let mut v = [split];
         self.dist.tp.all_reduce_sum_f64(&mut v);
         split = v[0];
+        let mut v = [split + whole];
+        if self.pipeline.is_some() {
+            self.dist.pp.all_reduce_sum_f64(&mut v);
+        }
         let total = match self.zero {
-            None => split + whole,
-            Some(_) => self.dp_sum(split + whole),
+            None => v[0],
+            Some(_) => self.dp_sum(v[0]),
         };
         total.sqrt()
+    }
+
+    /// Under pipeline parallelism: every block brought up to date from its stage, so that an
+    /// evaluation or a checkpoint sees the whole trained model.
+    fn sync_pipeline(&mut self) {
+        if let Some((_, stages)) = &self.pipeline {
+            self.model = crate::pipeline::sync_stages(self.model.clone(), stages, &*self.dist.pp);
+        }
     }
 
     /// `value` summed over the data-parallel replicas.
@@ -991,15 +1082,23 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let root = &self.config.output.dir;
         // Under ZeRO each replica holds its own parameters' state; the checkpoint holds all of it.
-        let mut optimizer_state = match &self.zero {
-            None => self.optimizer.state(),
-            Some(_) => {
-                checkpoint::gather_optimizer_state(root, self.optimizer.state(), &self.dist)?
-            }
-        };
+        let c = self.dist.coords;
+        let mut optimizer_state = self.optimizer.state();
+        if self.pipeline.is_some() {
+            // Each stage holds its blocks' state; the first stage collects it.
+            let tag = format!("pp-dp{}-tp{}", c.dp, c.tp);
+            optimizer_state =
+                checkpoint::merge_optimizer_states(root, &tag, optimizer_state, &*self.dist.pp)?;
+        }
+        if self.zero.is_some() {
+            // Each replica holds its own parameters' state; the first replica collects it.
+            let tag = format!("zero-pp{}-tp{}", c.pp, c.tp);
+            optimizer_state =
+                checkpoint::merge_optimizer_states(root, &tag, optimizer_state, &*self.dist.dp)?;
+        }
         // Tensor parallelism: the first replica's tp ranks put their shards together.
         let mut whole = None;
-        if !self.tp_split.is_empty() && self.dist.coords.dp == 0 {
+        if !self.tp_split.is_empty() && c.dp == 0 && c.pp == 0 {
             let paths = crate::parallel::split_paths(&self.model, &self.tp_split);
             optimizer_state =
                 crate::parallel::gather_state(optimizer_state, &paths, &*self.dist.tp)?;
@@ -1126,6 +1225,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let peak = options.peak_tflops.or(self.config.output.peak_tflops);
         let mut eval_first = None;
         if self.has_eval() && self.state.step == 0 {
+            self.sync_pipeline();
             let m = self.evaluate()?;
             progress.println(&format!("eval before training: {}", fmt_metrics(&m)));
             write_line(&mut log, &eval_line(0, &m))?;
@@ -1133,6 +1233,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_first = Some(m);
         }
         let (mut tokens, mut seconds, mut last_loss) = (0u64, 0.0f64, f64::NAN);
+        let mut pp_waits: Vec<(f64, f64)> = Vec::new();
         let mut stopped_early = false;
         let mut checkpoint = PathBuf::new();
         let eval_every = self.config.train.eval_every;
@@ -1140,7 +1241,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         while self.state.step < total {
             let m = self.train_step()?;
             let step = self.state.step;
-            rank_log.step(step, &m)?;
+            rank_log.step(step, &m, self.pipeline.as_ref().map(|_| self.pp_wait))?;
+            if self.pipeline.is_some() {
+                pp_waits.push((self.pp_wait, m.seconds));
+            }
             tokens += m.tokens as u64;
             seconds += m.seconds;
             if !m.skipped {
@@ -1184,12 +1288,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             );
             if self.has_eval() && eval_every > 0 && step.is_multiple_of(eval_every) && step < total
             {
+                self.sync_pipeline();
                 let metrics = self.evaluate()?;
                 progress.println(&format!("step {step}: {}", fmt_metrics(&metrics)));
                 write_line(&mut log, &eval_line(step, &metrics))?;
                 stopped_early = self.record_eval(metrics);
             }
             if save_every > 0 && step.is_multiple_of(save_every) && step < total {
+                self.sync_pipeline();
                 checkpoint = self.save()?;
             }
             if stopped_early {
@@ -1198,6 +1304,28 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         progress.finish();
+        if let (Some((stage, _)), false) = (&self.pipeline, pp_waits.is_empty()) {
+            // The bubble: the share of step time this stage waited for its neighbours (the first
+            // step, which warms up, left out when there are more).
+            let rest = if pp_waits.len() > 1 {
+                &pp_waits[1..]
+            } else {
+                &pp_waits[..]
+            };
+            let (w, t): (f64, f64) = rest.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let m = self.config.train.grad_accum_steps;
+            let line = format!(
+                "pipeline stage {} of {}: layers {:?}, bubble (waiting) {:.3} of step time; ideal 1F1B {:.3} ({} micro-batches)",
+                stage.index,
+                stage.count,
+                stage.layers,
+                w / t.max(1e-12),
+                collie_dist::pp::ideal_bubble(stage.count, m),
+                m
+            );
+            rank_log.line(&line)?;
+            progress.println(&line);
+        }
         if self.dist.size() > 1 {
             // What ZeRO saves: this replica's optimizer state.
             let state = self.optimizer.state();
@@ -1209,6 +1337,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let mut eval_last = None;
         if self.has_eval() && !stopped_early {
+            self.sync_pipeline();
             let m = self.evaluate()?;
             write_line(&mut log, &eval_line(self.state.step, &m))?;
             self.record_eval(m.clone());
@@ -1217,6 +1346,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_last = Some(m.clone());
         }
         if !checkpoint.ends_with(format!("step-{}", self.state.step)) {
+            self.sync_pipeline();
             checkpoint = self.save()?;
         }
         let summary = Summary {
@@ -1250,14 +1380,19 @@ fn squared_norms<B: AutodiffBackend>(
     model: &Llama<B>,
     grads: &GradientsParams,
     split: &HashMap<ParamId, usize>,
+    skip: Option<ParamId>,
 ) -> (f64, f64) {
     struct Squares<'a> {
         grads: &'a GradientsParams,
         split: &'a HashMap<ParamId, usize>,
+        skip: Option<ParamId>,
         sums: (f64, f64),
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Squares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.skip == Some(param.id) {
+                return;
+            }
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
                 let sq = g.square().sum().into_scalar().elem::<f64>();
                 if self.split.contains_key(&param.id) {
@@ -1271,10 +1406,55 @@ fn squared_norms<B: AutodiffBackend>(
     let mut v = Squares {
         grads,
         split,
+        skip,
         sums: (0.0, 0.0),
     };
     model.visit(&mut v);
     v.sums
+}
+
+/// What pipeline parallelism does not combine with yet, as config errors.
+fn check_pipeline(config: &TrainConfig) -> Result<(), TrainError> {
+    let pp = config.parallel.pp;
+    let refuse = |key: &str, what: &str| {
+        Err(TrainError::Invalid(format!(
+            "parallel.pp = {pp} with {key}: {what}"
+        )))
+    };
+    if config.optim.is_fused() {
+        return refuse(
+            "optim.name",
+            &format!(
+                "{} under pipeline parallelism is not available yet",
+                config.optim.name
+            ),
+        );
+    }
+    if config.optim.name == "sophiag" {
+        return refuse(
+            "optim.name",
+            "SophiaG's Hessian refresh runs the whole model",
+        );
+    }
+    if config.parallel.zero > 0 {
+        return refuse(
+            "parallel.zero",
+            "ZeRO with pipeline stages is not available yet",
+        );
+    }
+    if config.train.activation_checkpointing {
+        return refuse(
+            "train.activation_checkpointing",
+            "recomputation inside pipeline stages is not available yet",
+        );
+    }
+    if config.peft.enabled() && config.peft.kind.is_prompt_learning() {
+        return refuse(
+            "peft.kind",
+            "virtual tokens are not passed between pipeline stages",
+        );
+    }
+    Ok(())
 }
 
 /// What tensor parallelism does not combine with yet, as config errors.
@@ -1380,12 +1560,13 @@ impl RankLog {
         Ok(())
     }
 
-    fn step(&mut self, step: u64, m: &StepMetrics) -> Result<(), TrainError> {
+    fn step(&mut self, step: u64, m: &StepMetrics, wait: Option<f64>) -> Result<(), TrainError> {
         use std::io::Write;
         if let Some((file, path)) = &mut self.0 {
+            let wait = wait.map_or(String::new(), |w| format!(" pipeline_wait {w:.3}"));
             writeln!(
                 file,
-                "step {step} loss {:.6} grad_norm {:.6} seconds {:.3}",
+                "step {step} loss {:.6} grad_norm {:.6} seconds {:.3}{wait}",
                 m.loss, m.grad_norm, m.seconds
             )
             .map_err(|e| TrainError::io(&*path, e))?;
