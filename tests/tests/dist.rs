@@ -626,3 +626,23 @@ fn pipeline_reports_its_bubble_and_refuses_more_stages_than_layers() {
         "{err}"
     );
 }
+
+#[test]
+fn lomo_and_adalomo_under_pipeline_parallelism_match_one_process() {
+    for name in ["lomo", "adalomo"] {
+        let body = format!(
+            "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"{name}\"\nlr = 1e-2\n"
+        );
+        assert_equivalent_dp(
+            &format!("pp2 {name}"),
+            2,
+            1,
+            2,
+            1,
+            &body,
+            &["parallel.pp=2"],
+        );
+    }
+    let body = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
+    assert_equivalent_dp("dp2 x pp2 lomo", 4, 2, 1, 1, body, &["parallel.pp=2"]);
+}

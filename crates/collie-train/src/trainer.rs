@@ -602,7 +602,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             });
         }
         if self.optimizer.is_fused() {
-            let (nll, grad_norm, skipped) = self.fused_step(&batches[0], targets, lr);
+            let (nll, grad_norm, skipped) = match self.pipeline {
+                Some(_) => self.fused_pipeline_step(&batches, targets, lr),
+                None => self.fused_step(&batches[0], targets, lr),
+            };
             return Ok(StepMetrics {
                 loss: nll / targets as f64,
                 lr,
@@ -629,37 +632,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .sum();
                 (nll, acc.grads())
             }
-            Some((stage, _)) => {
-                let (nll, mut grads, waited) = crate::pipeline::step(
-                    &self.model,
-                    stage,
-                    &batches,
-                    self.compute,
-                    scale,
-                    &*self.dist.pp,
-                    &self.device,
-                );
-                self.pp_wait = waited;
-                if self.model.head.lm_head.is_none() {
-                    // A tied table is used by the first stage (lookup) and the last (head): both
-                    // copies get the sum of the two gradients.
-                    let id = self.model.embed.weight.id;
-                    if grads.get::<B::InnerBackend, 2>(id).is_none() {
-                        grads.register(id, self.model.embed.weight.val().inner().zeros_like());
-                    }
-                    collie_dist::dp::all_reduce_grads_of(
-                        &self.model,
-                        &mut grads,
-                        &[id].into_iter().collect(),
-                        &*self.dist.pp,
-                        &self.device,
-                    );
-                }
-                // Only the last stage computed the loss.
-                let mut v = [nll];
-                self.dist.pp.all_reduce_sum_f64(&mut v);
-                (v[0], grads)
-            }
+            Some(_) => self.pipeline_grads(&batches, scale),
         };
         nll = self.dp_sum(nll);
         if !self.tp_partial.is_empty() {
@@ -776,6 +749,73 @@ impl<B: AutodiffBackend> Trainer<B> {
             Some(_) => self.dp_sum(v[0]),
         };
         total.sqrt()
+    }
+
+    /// This stage's gradients of one pipelined step (1F1B over `batches`, each micro-batch's NLL
+    /// scaled by `scale`) and the step's summed NLL (from the last stage).
+    fn pipeline_grads(&mut self, batches: &[Batch], scale: f64) -> (f64, GradientsParams) {
+        let (stage, _) = self.pipeline.as_ref().expect("a pipeline");
+        let (nll, mut grads, waited) = crate::pipeline::step(
+            &self.model,
+            stage,
+            batches,
+            self.compute,
+            scale,
+            &*self.dist.pp,
+            &self.device,
+        );
+        self.pp_wait = waited;
+        if self.model.head.lm_head.is_none() {
+            // A tied table is used by the first stage (lookup) and the last (head): both copies
+            // get the sum of the two gradients.
+            let id = self.model.embed.weight.id;
+            if grads.get::<B::InnerBackend, 2>(id).is_none() {
+                grads.register(id, self.model.embed.weight.val().inner().zeros_like());
+            }
+            collie_dist::dp::all_reduce_grads_of(
+                &self.model,
+                &mut grads,
+                &[id].into_iter().collect(),
+                &*self.dist.pp,
+                &self.device,
+            );
+        }
+        // Only the last stage computed the loss.
+        let mut v = [nll];
+        self.dist.pp.all_reduce_sum_f64(&mut v);
+        (v[0], grads)
+    }
+
+    /// LOMO / AdaLomo under pipeline parallelism: the stage's gradients of the pipelined step,
+    /// then the fused update of every parameter with the clipping coefficient of the global norm
+    /// (the same update as the block-wise walk of one process, with a stage's gradients alive at
+    /// once instead of a block's). Returns `(summed NLL, gradient norm, skipped)`.
+    fn fused_pipeline_step(
+        &mut self,
+        batches: &[Batch],
+        targets: usize,
+        lr: f64,
+    ) -> (f64, f64, bool) {
+        let loss_scale = match &self.optimizer {
+            AnyOptimizer::AdaLomo(_) => self.config.optim.loss_scale.unwrap_or(1024.0),
+            _ => 1.0,
+        };
+        let (nll, mut grads) = self.pipeline_grads(batches, loss_scale / targets as f64);
+        let nll = self.dp_sum(nll);
+        all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
+        let norm = self.grad_norm(&grads) / loss_scale;
+        let max_norm = self.config.train.max_grad_norm;
+        let fused = self.optimizer.fused().expect("fused optimizer");
+        fused.loss_scale = loss_scale;
+        fused.clip_coef = (max_norm > 0.0).then(|| clip_coefficient(norm, max_norm));
+        self.model = collie_optim::apply(
+            self.model.clone(),
+            &mut grads,
+            &mut self.optimizer,
+            lr,
+            None,
+        );
+        (nll, norm, false)
     }
 
     /// Under pipeline parallelism: every block brought up to date from its stage, so that an
@@ -1421,13 +1461,10 @@ fn check_pipeline(config: &TrainConfig) -> Result<(), TrainError> {
             "parallel.pp = {pp} with {key}: {what}"
         )))
     };
-    if config.optim.is_fused() {
+    if config.optim.name == "lomo" && config.model.dtype == "f16" {
         return refuse(
-            "optim.name",
-            &format!(
-                "{} under pipeline parallelism is not available yet",
-                config.optim.name
-            ),
+            "model.dtype",
+            "LOMO's f16 loss scaling under pipeline parallelism is not available yet; use bf16",
         );
     }
     if config.optim.name == "sophiag" {
