@@ -646,3 +646,19 @@ fn lomo_and_adalomo_under_pipeline_parallelism_match_one_process() {
     let body = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
     assert_equivalent_dp("dp2 x pp2 lomo", 4, 2, 1, 1, body, &["parallel.pp=2"]);
 }
+
+#[test]
+fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_process() {
+    let lora = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
+         [peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
+    assert_equivalent_dp("pp2 lora", 2, 1, 1, 4, lora, &["parallel.pp=2"]);
+    assert_equivalent_dp(
+        "tp2 checkpointing",
+        2,
+        1,
+        2,
+        1,
+        SGD,
+        &["parallel.tp=2", "train.activation_checkpointing=true"],
+    );
+}
