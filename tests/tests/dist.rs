@@ -652,6 +652,10 @@ fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_proc
     let lora = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     assert_equivalent_dp("pp2 lora", 2, 1, 1, 4, lora, &["parallel.pp=2"]);
+    let ia3 = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.5\nmomentum = 0.9\n\
+         [peft]\nkind = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\nfeedforward_modules = [\"down_proj\"]\n";
+    assert_equivalent_dp("tp2 ia3", 2, 1, 2, 1, ia3, &["parallel.tp=2"]);
+    assert_equivalent_dp("pp2 ia3", 2, 1, 1, 2, ia3, &["parallel.pp=2"]);
     assert_equivalent_dp(
         "tp2 checkpointing",
         2,
