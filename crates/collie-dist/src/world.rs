@@ -3,9 +3,13 @@
 //! path — a panic, an error or a stuck collective on one rank ends the whole job with a message
 //! naming the rank, never a hang.
 
+#[cfg(feature = "mpi")]
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+#[cfg(feature = "mpi")]
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+#[cfg(feature = "mpi")]
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use collie_core::dist::{solo, Group};
 
@@ -143,8 +147,11 @@ pub fn collective_timeout() -> Duration {
 }
 
 /// When the collective in progress started (ms since the epoch; 0: none) and which one.
+#[cfg(feature = "mpi")]
 static IN_COLLECTIVE: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "mpi")]
 static COLLECTIVE_NAME: AtomicUsize = AtomicUsize::new(0);
+#[cfg(feature = "mpi")]
 const NAMES: [&str; 8] = [
     "none",
     "all_reduce",
@@ -156,6 +163,7 @@ const NAMES: [&str; 8] = [
     "recv",
 ];
 
+#[cfg(feature = "mpi")]
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -163,8 +171,10 @@ fn now_ms() -> u64 {
 }
 
 /// Marks a collective as in progress for the watchdog while the guard lives.
+#[cfg(feature = "mpi")]
 pub(crate) struct Watch;
 
+#[cfg(feature = "mpi")]
 impl Watch {
     pub(crate) fn start(name: &str) -> Watch {
         let i = NAMES.iter().position(|n| *n == name).unwrap_or(0);
@@ -174,6 +184,7 @@ impl Watch {
     }
 }
 
+#[cfg(feature = "mpi")]
 impl Drop for Watch {
     fn drop(&mut self) {
         IN_COLLECTIVE.store(0, Ordering::Release);
@@ -181,6 +192,7 @@ impl Drop for Watch {
 }
 
 /// Starts the thread that aborts the job when one collective waits longer than `timeout`.
+#[cfg(feature = "mpi")]
 fn spawn_watchdog(rank: usize, size: usize, timeout: Duration) {
     let limit = timeout.as_millis() as u64;
     std::thread::Builder::new()
@@ -207,6 +219,7 @@ fn spawn_watchdog(rank: usize, size: usize, timeout: Duration) {
 
 /// Makes a panic on any rank end the job with the rank's number instead of leaving the others
 /// blocked in a collective.
+#[cfg(feature = "mpi")]
 fn install_panic_hook(rank: usize, size: usize) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -150,6 +150,51 @@ pub fn generate_line<B: Backend, M: CausalLm<B>>(
     Ok(tok.decode(&new, true)?.trim().to_string())
 }
 
+/// The average over tasks of each task's mean score (`b`: minus the mean of a second method
+/// scored on the same examples), with its 95 % percentile-bootstrap interval: every draw
+/// resamples each task's examples independently — the same indices for `a` and `b`, so a paired
+/// difference keeps the pairing — and the tasks stay fixed.
+pub fn bootstrap_task_average(
+    a: &[Vec<f64>],
+    b: Option<&[Vec<f64>]>,
+    resamples: usize,
+    seed: u64,
+) -> (f64, f64, f64) {
+    let tasks = a.len();
+    if tasks == 0 || a.iter().any(|t| t.is_empty()) {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    if let Some(b) = b {
+        assert_eq!(b.len(), tasks, "the same tasks for both methods");
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.len(), y.len(), "the same examples for both methods");
+        }
+    }
+    let value = |t: usize, i: usize| a[t][i] - b.map_or(0.0, |b| b[t][i]);
+    let point = (0..tasks)
+        .map(|t| (0..a[t].len()).map(|i| value(t, i)).sum::<f64>() / a[t].len() as f64)
+        .sum::<f64>()
+        / tasks as f64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut draws: Vec<f64> = (0..resamples.max(1))
+        .map(|_| {
+            (0..tasks)
+                .map(|t| {
+                    let n = a[t].len();
+                    (0..n)
+                        .map(|_| value(t, rng.random_range(0..n)))
+                        .sum::<f64>()
+                        / n as f64
+                })
+                .sum::<f64>()
+                / tasks as f64
+        })
+        .collect();
+    draws.sort_by(f64::total_cmp);
+    let at = |q: f64| draws[((q * (draws.len() - 1) as f64).round() as usize).min(draws.len() - 1)];
+    (point, at(0.025), at(0.975))
+}
+
 /// The mean of `scores` and its 95 % percentile-bootstrap interval (`resamples` draws, seeded).
 pub fn bootstrap_ci(scores: &[f64], resamples: usize, seed: u64) -> (f64, f64, f64) {
     let n = scores.len();
@@ -164,4 +209,35 @@ pub fn bootstrap_ci(scores: &[f64], resamples: usize, seed: u64) -> (f64, f64, f
     means.sort_by(f64::total_cmp);
     let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
     (mean, at(0.025), at(0.975))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_average_and_paired_difference() {
+        let a = vec![vec![1.0, 0.0, 1.0, 1.0], vec![0.5; 3]];
+        let (m, lo, hi) = bootstrap_task_average(&a, None, 2000, 3);
+        // (0.75 + 0.5) / 2; the constant task adds no spread.
+        assert!((m - 0.625).abs() < 1e-12);
+        assert!(lo <= m && m <= hi && lo >= 0.25 && hi <= 0.75, "{lo} {hi}");
+        // A method against itself: exactly zero, every draw.
+        assert_eq!(
+            bootstrap_task_average(&a, Some(&a), 500, 3),
+            (0.0, 0.0, 0.0)
+        );
+        // Paired: b is a shifted by a constant on every example → the difference is that constant.
+        let b: Vec<Vec<f64>> = a
+            .iter()
+            .map(|t| t.iter().map(|v| v - 0.25).collect())
+            .collect();
+        let (d, dlo, dhi) = bootstrap_task_average(&a, Some(&b), 500, 3);
+        assert!(
+            (d - 0.25).abs() < 1e-12 && (dlo - 0.25).abs() < 1e-12 && (dhi - 0.25).abs() < 1e-12
+        );
+        // One task: the same point as bootstrap_ci.
+        let (one, _, _) = bootstrap_task_average(&a[..1], None, 100, 0);
+        assert!((one - bootstrap_ci(&a[0], 100, 0).0).abs() < 1e-12);
+    }
 }

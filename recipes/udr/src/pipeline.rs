@@ -26,7 +26,9 @@ use collie_core::lm::CausalLm;
 use collie_io::tokenizer::TokenizerBundle;
 use collie_llama::Llama;
 use collie_retrieval::bm25::{tokenize, Bm25, Bm25Params};
-use collie_retrieval::icl::{bootstrap_ci, build_prompt, classify, generate_line};
+use collie_retrieval::icl::{
+    bootstrap_ci, bootstrap_task_average, build_prompt, classify, generate_line,
+};
 use collie_retrieval::retriever::{self, BiEncoder, RankedQuery, TrainOptions};
 use collie_retrieval::scoring::{fingerprint, mean_nll, ScoreCache};
 use collie_retrieval::tasks::{self, Example, Metric, Splits, Task};
@@ -771,9 +773,35 @@ impl<B: AutodiffBackend> Run<'_, B> {
         Ok(out)
     }
 
-    /// `udr_results.json` and `results.md` from the per-method results.
+    /// Every task's per-example scores of `method` (`results/{method}/{task}.json`).
+    fn per_example(&self, method: &str, tasks: &[String]) -> Result<Vec<Vec<f64>>> {
+        tasks
+            .iter()
+            .map(|t| {
+                let path = self
+                    .dir()
+                    .join("results")
+                    .join(method)
+                    .join(format!("{t}.json"));
+                let v: Value = read(&path)?;
+                let scores = v["per_example"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_f64).collect::<Vec<f64>>())
+                    .unwrap_or_default();
+                if scores.is_empty() {
+                    bail!("{}: no per-example scores", path.display());
+                }
+                Ok(scores)
+            })
+            .collect()
+    }
+
+    /// `udr_results.json` and `results.md` from the per-method results: per-task scores with
+    /// their intervals, the task average with a bootstrap interval over every task's examples,
+    /// and paired differences between methods (the same test examples and demonstrations count).
     fn report(&self, all: &BTreeMap<String, Value>) -> Result<()> {
         let tasks: Vec<String> = self.config.data.tasks.clone();
+        let (resamples, seed) = (self.config.eval.bootstrap, self.config.data.seed);
         let mut methods = serde_json::Map::new();
         let mut md = String::from("| method |");
         for t in &tasks {
@@ -782,10 +810,10 @@ impl<B: AutodiffBackend> Run<'_, B> {
         md.push_str(" avg |\n|---|");
         md.push_str(&"---|".repeat(tasks.len() + 1));
         md.push('\n');
+        let mut examples = BTreeMap::new();
         for m in &self.config.eval.methods {
             let r = &all[m];
             let mut per = serde_json::Map::new();
-            let mut sum = 0.0;
             md.push_str(&format!("| {m} |"));
             for t in &tasks {
                 let v = r[t]["score"].as_f64().unwrap_or(f64::NAN);
@@ -796,14 +824,42 @@ impl<B: AutodiffBackend> Run<'_, B> {
                     ci[1].as_f64().unwrap_or(f64::NAN)
                 ));
                 per.insert(t.clone(), json!(v));
-                sum += v;
             }
-            let avg = sum / tasks.len() as f64;
-            md.push_str(&format!(" {avg:.1} |\n"));
-            methods.insert(m.clone(), json!({"avg": avg, "per_task": per}));
+            let scores = self.per_example(m, &tasks)?;
+            let (avg, lo, hi) = bootstrap_task_average(&scores, None, resamples, seed);
+            let (avg, lo, hi) = (100.0 * avg, 100.0 * lo, 100.0 * hi);
+            md.push_str(&format!(" {avg:.1} [{lo:.1}, {hi:.1}] |\n"));
+            methods.insert(
+                m.clone(),
+                json!({"avg": avg, "avg_ci95": [lo, hi], "per_task": per}),
+            );
+            examples.insert(m.clone(), scores);
+        }
+        // The claims to test: UDR > BM25 > Random, and what mining and training added.
+        let pairs = [
+            ("udr", "bm25"),
+            ("bm25", "random"),
+            ("udr", "random"),
+            ("udr", "sbert"),
+            ("udr", "udr_iter0"),
+            ("udr_iter0", "bm25"),
+        ];
+        let mut comparisons = serde_json::Map::new();
+        md.push_str(
+            "\n| paired difference of the average | points | 95 % interval |\n|---|---|---|\n",
+        );
+        for (a, b) in pairs {
+            let (Some(x), Some(y)) = (examples.get(a), examples.get(b)) else {
+                continue;
+            };
+            let (d, lo, hi) = bootstrap_task_average(x, Some(y), resamples, seed);
+            let (d, lo, hi) = (100.0 * d, 100.0 * lo, 100.0 * hi);
+            md.push_str(&format!("| {a} − {b} | {d:+.1} | [{lo:+.1}, {hi:+.1}] |\n"));
+            comparisons.insert(format!("{a}-{b}"), json!({"diff": d, "ci95": [lo, hi]}));
         }
         let summary = json!({"k": self.config.eval.k, "lm": self.config.lm.model,
-                             "retriever": self.config.retriever.model, "methods": methods});
+                             "retriever": self.config.retriever.model, "methods": methods,
+                             "comparisons": comparisons});
         write(&self.dir().join("udr_results.json"), &summary)?;
         std::fs::write(self.dir().join("results.md"), &md)?;
         if !self.quiet {
