@@ -195,11 +195,11 @@ pub struct Split {
 /// `group`), and which parameters were split.
 pub fn shard<B: Backend>(mut model: Llama<B>, group: &Group) -> Result<(Llama<B>, Split)> {
     let (rank, tp) = (group.rank(), group.size());
-    check(&model, tp)?;
     let mut sharded = Split::default();
     if tp == 1 {
         return Ok((model, sharded));
     }
+    check(&model, tp)?;
     model.layers = model
         .layers
         .into_iter()
