@@ -220,16 +220,22 @@ pub fn gather_along<B: Backend, const D: usize>(
     group.all_gather(&send, &mut all);
     let mut whole = local;
     whole[dim] *= tp;
-    // Rank-major blocks; for dim > 0 interleave them: block r's rows go to columns r·k...
+    let out = join_blocks(&all, &local, dim, tp);
+    Tensor::<B, D>::from_data(TensorData::new(out, whole), &device).cast(dtype)
+}
+
+/// Rank-major blocks (`tp` copies of a `local`-shaped part, as an all-gather returns them) → the
+/// whole row-major tensor split along `dim`: block r's slices land at `r · local[dim]` of `dim`.
+pub fn join_blocks(all: &[f32], local: &[usize], dim: usize, tp: usize) -> Vec<f32> {
+    let n: usize = local.iter().product();
     let outer: usize = local[..dim].iter().product();
     let inner: usize = local[dim..].iter().product();
-    let mut out = vec![0.0f32; all.len()];
+    let mut out = vec![0.0f32; n * tp];
     for r in 0..tp {
         for o in 0..outer {
-            let src = r * outer * inner + o * inner;
-            let dst = o * inner * tp + r * inner;
+            let (src, dst) = (r * n + o * inner, o * inner * tp + r * inner);
             out[dst..dst + inner].copy_from_slice(&all[src..src + inner]);
         }
     }
-    Tensor::<B, D>::from_data(TensorData::new(out, whole), &device).cast(dtype)
+    out
 }

@@ -101,14 +101,7 @@ pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     group: &dyn Collectives,
     device: &B::Device,
 ) {
-    if group.size() == 1 {
-        return;
-    }
-    let (mut buf, spans) = flatten::<B, M>(model, grads, None);
-    for bucket in buf.chunks_mut(BUCKET_ELEMS) {
-        group.all_reduce_sum(bucket);
-    }
-    unflatten::<B, M>(model, grads, &buf, &spans, device);
+    reduce::<B, M>(model, grads, None, group, device)
 }
 
 /// [`all_reduce_grads`] restricted to the parameters in `only` (e.g. the whole parameters of a
@@ -120,10 +113,22 @@ pub fn all_reduce_grads_of<B: AutodiffBackend, M: AutodiffModule<B>>(
     group: &dyn Collectives,
     device: &B::Device,
 ) {
-    if group.size() == 1 || only.is_empty() {
+    if !only.is_empty() {
+        reduce::<B, M>(model, grads, Some(only), group, device)
+    }
+}
+
+fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    only: Option<&HashSet<ParamId>>,
+    group: &dyn Collectives,
+    device: &B::Device,
+) {
+    if group.size() == 1 {
         return;
     }
-    let (mut buf, spans) = flatten::<B, M>(model, grads, Some(only));
+    let (mut buf, spans) = flatten::<B, M>(model, grads, only);
     for bucket in buf.chunks_mut(BUCKET_ELEMS) {
         group.all_reduce_sum(bucket);
     }

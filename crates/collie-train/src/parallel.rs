@@ -81,14 +81,7 @@ pub fn gather_state(
         }
         let mut all = vec![0.0f32; n * tp];
         group.all_gather(&t.data, &mut all);
-        let (outer, inner) = strides(local, *dim);
-        let mut whole = vec![0.0f32; n * tp];
-        for r in 0..tp {
-            for o in 0..outer {
-                let (src, dst) = (r * n + o * inner, o * inner * tp + r * inner);
-                whole[dst..dst + inner].copy_from_slice(&all[src..src + inner]);
-            }
-        }
+        let whole = collie_core::dist::join_blocks(&all, local, *dim, tp);
         tensors.insert(key, HostTensor::new(vec![n * tp], whole));
     }
     Ok(OptimizerState {

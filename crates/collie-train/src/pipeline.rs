@@ -124,7 +124,7 @@ pub fn step<B: AutodiffBackend>(
                 });
             }
             Op::Backward(i) => {
-                let (leaf, mut grads) = match saved[i].take().expect("forward before backward") {
+                let (leaf, grads) = match saved[i].take().expect("forward before backward") {
                     Saved::Loss(leaf, loss) => (leaf, loss.backward()),
                     Saved::Inner(leaf, out) => {
                         let dims = out.dims();
@@ -142,7 +142,6 @@ pub fn step<B: AutodiffBackend>(
                     let g = leaf.grad(&grads).expect("gradient of the stage input");
                     group.send(host(g), stage.index - 1);
                 }
-                let _ = &mut grads;
                 acc.accumulate(model, GradientsParams::from_grads(grads, model));
             }
         }
