@@ -226,6 +226,48 @@ fn assert_equivalent_dp(
     );
 }
 
+/// Runs `legs` (`np` processes and settings each) one after the other on the run directory of
+/// `cfg`, every leg after the first resuming from the latest checkpoint, and checks the losses of
+/// all steps against the uninterrupted run's `want` (1e-5 relative).
+fn assert_resumed_legs(
+    name: &str,
+    cfg: &Path,
+    dir: &Path,
+    legs: &[(usize, &[&str])],
+    want: &[f64],
+) {
+    for (i, (np, sets)) in legs.iter().enumerate() {
+        let mut c = command(*np);
+        c.arg("--config").arg(cfg).arg("--quiet");
+        if i > 0 {
+            c.args(["--resume", "latest"]);
+        }
+        for s in sets.iter() {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name} leg {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let got: Vec<f64> = std::fs::read_to_string(dir.join("run").join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    assert_eq!(got.len(), want.len(), "{name}: number of steps");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let rel = (a - b).abs() / b.abs();
+        println!(
+            "{name} step {}: loss {a:.7} vs uninterrupted {b:.7} (rel {rel:.1e})",
+            i + 1
+        );
+        assert!(rel < 1e-5, "{name} step {}: {a} vs {b}", i + 1);
+    }
+}
+
 const ADAMW: &str = r#"
 [train]
 max_steps = 5
@@ -326,37 +368,7 @@ fn zero_checkpoint_of_two_replicas_resumes_in_one_process_and_back() {
         ),
         (2, &["train.micro_batch_size=1", "parallel.zero=2"]),
     ];
-    for (i, (np, sets)) in legs.iter().enumerate() {
-        let all = sets.to_vec();
-        let mut c = command(*np);
-        c.arg("--config").arg(&cfg).arg("--quiet");
-        if i > 0 {
-            c.args(["--resume", "latest"]);
-        }
-        for s in &all {
-            c.args(["--set", s]);
-        }
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "leg {i}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let got: Vec<f64> = std::fs::read_to_string(dir.join("run").join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
-        .collect();
-    assert_eq!(got.len(), want.len());
-    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        let rel = (a - b).abs() / b.abs();
-        println!(
-            "resharded step {}: loss {a:.7} vs uninterrupted {b:.7} (rel {rel:.1e})",
-            i + 1
-        );
-        assert!(rel < 1e-5, "step {}: {a} vs {b}", i + 1);
-    }
+    assert_resumed_legs("resharded", &cfg, &dir, &legs, &want);
 }
 
 #[test]
@@ -529,36 +541,7 @@ fn checkpoint_of_dp2_x_tp2_resumes_at_pp2_in_one_process_and_at_tp2_x_pp2() {
             &["train.micro_batch_size=2", "parallel.tp=2", "parallel.pp=2"],
         ),
     ];
-    for (i, (np, sets)) in legs.iter().enumerate() {
-        let mut c = command(*np);
-        c.arg("--config").arg(&cfg).arg("--quiet");
-        if i > 0 {
-            c.args(["--resume", "latest"]);
-        }
-        for s in sets.iter() {
-            c.args(["--set", s]);
-        }
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "leg {i}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let got: Vec<f64> = std::fs::read_to_string(dir.join("run").join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
-        .collect();
-    assert_eq!(got.len(), want.len());
-    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        let rel = (a - b).abs() / b.abs();
-        println!(
-            "tp-resharded step {}: loss {a:.7} vs uninterrupted {b:.7} (rel {rel:.1e})",
-            i + 1
-        );
-        assert!(rel < 1e-5, "step {}: {a} vs {b}", i + 1);
-    }
+    assert_resumed_legs("tp-resharded", &cfg, &dir, &legs, &want);
 }
 
 #[test]
