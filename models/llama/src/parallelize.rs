@@ -16,7 +16,7 @@ use collie_core::dist::{gather_along, Group};
 use collie_core::nn::{Adapter, Linear, ParallelMode, VocabShard};
 
 use crate::error::{LlamaError, Result};
-use crate::model::Llama;
+use crate::model::{Block, Llama};
 
 /// The plan: module paths (as `collie_peft` and checkpoints name them) and their layout.
 pub const PLAN: &[(&str, ParallelMode)] = &[
@@ -156,6 +156,23 @@ fn join_linear<B: Backend>(mut l: Linear<B>, group: &Group) -> Linear<B> {
     l
 }
 
+/// Replaces every linear layer of `layer` that [`PLAN`] names by `f(plan key, layer)`.
+fn map_planned<B: Backend>(layer: &mut Block<B>, mut f: impl FnMut(&str, Linear<B>) -> Linear<B>) {
+    let (a, m) = (&mut layer.attn, &mut layer.mlp);
+    let slots: [(&str, &mut Linear<B>); 7] = [
+        ("layers.*.attn.q_proj", &mut a.q_proj),
+        ("layers.*.attn.k_proj", &mut a.k_proj),
+        ("layers.*.attn.v_proj", &mut a.v_proj),
+        ("layers.*.attn.o_proj", &mut a.o_proj),
+        ("layers.*.mlp.gate_proj", &mut m.gate_proj),
+        ("layers.*.mlp.up_proj", &mut m.up_proj),
+        ("layers.*.mlp.down_proj", &mut m.down_proj),
+    ];
+    for (key, slot) in slots {
+        *slot = f(key, slot.clone());
+    }
+}
+
 /// Checks that `group.size()` divides what it must split, naming the config key at fault.
 fn check<B: Backend>(model: &Llama<B>, tp: usize) -> Result<()> {
     let layer = model.layers.first();
@@ -200,59 +217,13 @@ pub fn shard<B: Backend>(mut model: Llama<B>, group: &Group) -> Result<(Llama<B>
         return Ok((model, sharded));
     }
     check(&model, tp)?;
-    model.layers = model
-        .layers
-        .into_iter()
-        .map(|mut layer| {
-            let a = &mut layer.attn;
-            a.q_proj = shard_linear(
-                a.q_proj.clone(),
-                plan("layers.*.attn.q_proj"),
-                group,
-                &mut sharded,
-            );
-            a.k_proj = shard_linear(
-                a.k_proj.clone(),
-                plan("layers.*.attn.k_proj"),
-                group,
-                &mut sharded,
-            );
-            a.v_proj = shard_linear(
-                a.v_proj.clone(),
-                plan("layers.*.attn.v_proj"),
-                group,
-                &mut sharded,
-            );
-            a.o_proj = shard_linear(
-                a.o_proj.clone(),
-                plan("layers.*.attn.o_proj"),
-                group,
-                &mut sharded,
-            );
-            a.n_heads /= tp;
-            a.n_kv_heads /= tp;
-            let m = &mut layer.mlp;
-            m.gate_proj = shard_linear(
-                m.gate_proj.clone(),
-                plan("layers.*.mlp.gate_proj"),
-                group,
-                &mut sharded,
-            );
-            m.up_proj = shard_linear(
-                m.up_proj.clone(),
-                plan("layers.*.mlp.up_proj"),
-                group,
-                &mut sharded,
-            );
-            m.down_proj = shard_linear(
-                m.down_proj.clone(),
-                plan("layers.*.mlp.down_proj"),
-                group,
-                &mut sharded,
-            );
-            layer
-        })
-        .collect();
+    for layer in &mut model.layers {
+        map_planned(layer, |key, l| {
+            shard_linear(l, plan(key), group, &mut sharded)
+        });
+        layer.attn.n_heads /= tp;
+        layer.attn.n_kv_heads /= tp;
+    }
     let vocab = model.embed.weight.dims()[0];
     model.embed.weight = shard_param(model.embed.weight, 0, rank, tp, &mut sharded);
     model.embed.shard = Some(VocabShard {
@@ -273,24 +244,11 @@ pub fn gather<B: Backend>(model: &Llama<B>, group: &Group) -> Llama<B> {
         return model;
     }
     let tp = group.size();
-    model.layers = model
-        .layers
-        .into_iter()
-        .map(|mut layer| {
-            let a = &mut layer.attn;
-            a.q_proj = join_linear(a.q_proj.clone(), group);
-            a.k_proj = join_linear(a.k_proj.clone(), group);
-            a.v_proj = join_linear(a.v_proj.clone(), group);
-            a.o_proj = join_linear(a.o_proj.clone(), group);
-            a.n_heads *= tp;
-            a.n_kv_heads *= tp;
-            let m = &mut layer.mlp;
-            m.gate_proj = join_linear(m.gate_proj.clone(), group);
-            m.up_proj = join_linear(m.up_proj.clone(), group);
-            m.down_proj = join_linear(m.down_proj.clone(), group);
-            layer
-        })
-        .collect();
+    for layer in &mut model.layers {
+        map_planned(layer, |_, l| join_linear(l, group));
+        layer.attn.n_heads *= tp;
+        layer.attn.n_kv_heads *= tp;
+    }
     model.embed.weight = join_param(model.embed.weight, 0, group);
     model.embed.shard = None;
     model.head.lm_head = model.head.lm_head.map(|l| join_linear(l, group));
