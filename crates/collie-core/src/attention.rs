@@ -7,11 +7,141 @@
 //! another document (packed sequences). A padding query keeps its own slot visible, so no row of
 //! the score matrix is fully masked (which would turn into NaN and leak through `0 · NaN` into
 //! real positions).
+//!
+//! An [`AttnMask`] states these rules (segments, window, shared slots) without the
+//! `[batch, s_q, s_k]` matrix; the naive path ([`AttentionKind::Naive`]) builds the matrix once
+//! per call, the memory-efficient path ([`AttentionKind::Flash`], [`crate::flash`]) evaluates
+//! the rules tile by tile.
+
+use std::ops::Range;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Which attention implementation a model runs (HF's `attn_implementation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// Scores and probabilities materialized (`[batch, heads, s_q, s_k]`), K/V repeated for
+    /// GQA: the reference path, HF's `eager`.
+    #[default]
+    Naive,
+    /// Memory-efficient attention ([`crate::flash`]): online softmax over key tiles, the
+    /// backward recomputes the scores; memory linear in the sequence length.
+    Flash,
+}
+
+impl std::str::FromStr for AttentionKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "naive" | "eager" => Ok(AttentionKind::Naive),
+            "flash" => Ok(AttentionKind::Flash),
+            other => Err(format!("attention `{other}`: expected naive or flash")),
+        }
+    }
+}
+
+/// The causal / padding / document / window rules of one attention call, and (for the naive
+/// path) the mask matrix built from them.
+#[derive(Debug, Clone)]
+pub struct AttnMask<B: Backend> {
+    /// Rows of the batch.
+    pub batch: usize,
+    /// Queries of the call (the last `s_q` key slots).
+    pub s_q: usize,
+    /// Key slots, cache and prefix included.
+    pub s_k: usize,
+    /// Every key slot's segment (`0` padding, `1, 2, …` documents); `None`: one document.
+    ///
+    /// `[batch, s_k]`
+    pub segments: Option<Tensor<B, 2, Int>>,
+    /// Mistral's sliding window.
+    pub window: Option<usize>,
+    /// Leading slots (virtual tokens) that belong to every document.
+    pub shared: usize,
+    /// `[batch, 1, s_q, s_k]`, `true` = hidden; built by [`AttnMask::materialize`].
+    pub dense: Option<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> AttnMask<B> {
+    /// The rules of a causal call; nothing is materialized yet.
+    pub fn new(
+        batch: usize,
+        s_q: usize,
+        s_k: usize,
+        segments: Option<Tensor<B, 2, Int>>,
+        window: Option<usize>,
+        shared: usize,
+    ) -> Self {
+        AttnMask {
+            batch,
+            s_q,
+            s_k,
+            segments,
+            window,
+            shared,
+            dense: None,
+        }
+    }
+
+    /// Builds the whole mask matrix once (the naive path reuses it in every block).
+    pub fn materialize(mut self, device: &B::Device) -> Self {
+        self.dense = Some(self.rows(0..self.s_q, device));
+        self
+    }
+
+    /// The mask of query rows `rows` (`true` = hidden).
+    ///
+    /// # Shapes
+    /// - returns `[batch, 1, rows.len(), s_k]`
+    pub fn rows(&self, rows: Range<usize>, device: &B::Device) -> Tensor<B, 4, Bool> {
+        let (batch, s_k, n) = (self.batch, self.s_k, rows.len());
+        let past = (s_k - self.s_q) as i64;
+        // Query i sits in slot past + i.
+        let slots =
+            Tensor::<B, 1, Int>::arange(past + rows.start as i64..past + rows.end as i64, device)
+                .reshape([1, n, 1])
+                .expand([batch, n, s_k]);
+        let cols = Tensor::<B, 1, Int>::arange(0..s_k as i64, device)
+            .reshape([1, 1, s_k])
+            .expand([batch, n, s_k]);
+        let mut hidden = cols.clone().greater(slots.clone());
+        if let Some(w) = self.window {
+            // slot j is out of the window of query slot i when j <= i - w
+            let too_old = cols.clone().lower_equal(slots.clone().sub_scalar(w as i64));
+            hidden = hidden.bool_or(too_old);
+        }
+        let mask = match &self.segments {
+            Some(segments) => {
+                // [batch, s_k] -> [batch, n, s_k] along keys, and the queries' own segments
+                // along rows
+                let seg_k = segments
+                    .clone()
+                    .reshape([batch, 1, s_k])
+                    .expand([batch, n, s_k]);
+                let first = past as usize + rows.start;
+                let seg_q = segments
+                    .clone()
+                    .slice([0..batch, first..first + n])
+                    .reshape([batch, n, 1])
+                    .expand([batch, n, s_k]);
+                let mut foreign = seg_k.clone().not_equal(seg_q).bool_or(seg_k.equal_elem(0));
+                if self.shared > 0 {
+                    foreign = foreign.bool_and(cols.clone().greater_equal_elem(self.shared as i64));
+                }
+                let own_slot = cols.equal(slots);
+                hidden.bool_or(foreign.bool_and(own_slot.bool_not()))
+            }
+            None => hidden,
+        };
+        mask.unsqueeze_dim::<4>(1)
+    }
+}
 
 /// Repeats each key/value head `n_rep` times so GQA/MQA heads line up with the query heads.
 ///
@@ -48,42 +178,7 @@ pub fn causal_mask<B: Backend>(
     shared: usize,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
-    let past = (s_k - s_q) as i64;
-    // Query i sits in slot past + i.
-    let rows = Tensor::<B, 1, Int>::arange(past..past + s_q as i64, device)
-        .reshape([1, s_q, 1])
-        .expand([batch, s_q, s_k]);
-    let cols = Tensor::<B, 1, Int>::arange(0..s_k as i64, device)
-        .reshape([1, 1, s_k])
-        .expand([batch, s_q, s_k]);
-    let mut hidden = cols.clone().greater(rows.clone());
-    if let Some(w) = window {
-        // slot j is out of the window of query slot i when j <= i - w
-        let too_old = cols.clone().lower_equal(rows.clone().sub_scalar(w as i64));
-        hidden = hidden.bool_or(too_old);
-    }
-    let mask = match segments {
-        Some(segments) => {
-            // [batch, s_k] -> [batch, s_q, s_k] along keys, and the queries' own segments along rows
-            let seg_k = segments
-                .clone()
-                .reshape([batch, 1, s_k])
-                .expand([batch, s_q, s_k]);
-            let seg_q = segments
-                .clone()
-                .slice([0..batch, s_k - s_q..s_k])
-                .reshape([batch, s_q, 1])
-                .expand([batch, s_q, s_k]);
-            let mut foreign = seg_k.clone().not_equal(seg_q).bool_or(seg_k.equal_elem(0));
-            if shared > 0 {
-                foreign = foreign.bool_and(cols.clone().greater_equal_elem(shared as i64));
-            }
-            let own_slot = cols.equal(rows);
-            hidden.bool_or(foreign.bool_and(own_slot.bool_not()))
-        }
-        None => hidden,
-    };
-    mask.unsqueeze_dim::<4>(1)
+    AttnMask::new(batch, s_q, s_k, segments.cloned(), window, shared).rows(0..s_q, device)
 }
 
 /// Position ids from an HF attention mask (one document per row): the index of each token among
@@ -98,14 +193,42 @@ pub fn positions_from_padding<B: Backend>(padding: &Tensor<B, 2, Int>) -> Tensor
     positions.mask_fill(padding.clone().equal_elem(0), 1)
 }
 
-/// `softmax(q·kᵀ / sqrt(head_dim) + mask) · v` with GQA.
+/// `softmax(q·kᵀ / sqrt(head_dim) + mask) · v` with GQA, by the implementation `kind`.
+///
+/// `mask` `None` lets every query see every key.
+///
+/// # Shapes
+/// - q: `[batch, heads, s_q, head_dim]`
+/// - k, v: `[batch, kv_heads, s_k, head_dim]`
+/// - returns `[batch, heads, s_q, head_dim]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&AttnMask<B>>,
+    kind: AttentionKind,
+) -> Tensor<B, 4> {
+    match kind {
+        AttentionKind::Naive => {
+            let device = q.device();
+            let dense = mask.map(|m| match &m.dense {
+                Some(d) => d.clone(),
+                None => m.rows(0..m.s_q, &device),
+            });
+            naive_attention(q, k, v, dense.as_ref())
+        }
+        AttentionKind::Flash => crate::flash::flash_attention(q, k, v, mask),
+    }
+}
+
+/// The naive path: K/V repeated to every query head, the whole score matrix materialized.
 ///
 /// # Shapes
 /// - q: `[batch, heads, s_q, head_dim]`
 /// - k, v: `[batch, kv_heads, s_k, head_dim]`
 /// - mask: `[batch, 1, s_q, s_k]`, `true` = hidden
 /// - returns `[batch, heads, s_q, head_dim]`
-pub fn attention<B: Backend>(
+pub fn naive_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,

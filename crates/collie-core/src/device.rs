@@ -99,9 +99,47 @@ pub fn dispatch<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> 
     }
 }
 
+/// What backend `I`'s custom ops need before a model runs on `I` or `Autodiff<I>`: the
+/// tensor-parallel collectives ([`crate::dist::register_autodiff`]) and memory-efficient attention
+/// ([`crate::flash::register`]; CubeCL kernels on wgpu and CUDA, the chunked tensor-op kernels
+/// elsewhere). [`dispatch`] calls it; code that builds a backend itself (tests) calls it too.
+pub trait RegisterOps: burn::tensor::backend::Backend {
+    /// Registers this backend's custom ops (idempotent).
+    fn register_ops();
+}
+
+#[cfg(feature = "cpu")]
+impl RegisterOps for Cpu {
+    fn register_ops() {
+        crate::dist::register_autodiff::<Cpu>();
+        crate::flash::register::<Cpu, crate::flash::Chunked>();
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl RegisterOps for Wgpu {
+    fn register_ops() {
+        crate::dist::register_autodiff::<Wgpu>();
+        crate::flash::register::<Wgpu, crate::flash::cube::Cube>();
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl RegisterOps for Cuda {
+    fn register_ops() {
+        crate::dist::register_autodiff::<Cuda>();
+        crate::flash::register::<Cuda, crate::flash::cube::Cube>();
+    }
+}
+
+/// Registers backend `I`'s custom ops ([`RegisterOps`]).
+pub fn register<I: RegisterOps>() {
+    I::register_ops();
+}
+
 #[cfg(feature = "cpu")]
 fn run_cpu<T: BackendTask>(task: T) -> Result<T::Output> {
-    crate::dist::register_autodiff::<Cpu>();
+    register::<Cpu>();
     Ok(task.run::<burn::backend::Autodiff<Cpu>>(Default::default()))
 }
 
@@ -118,7 +156,7 @@ fn run_wgpu<T: BackendTask>(task: T, adapter: WgpuAdapter) -> Result<T::Output> 
         WgpuAdapter::Discrete(i) => WgpuDevice::DiscreteGpu(i),
         WgpuAdapter::Cpu => WgpuDevice::Cpu,
     };
-    crate::dist::register_autodiff::<Wgpu>();
+    register::<Wgpu>();
     Ok(task.run::<burn::backend::Autodiff<Wgpu>>(device))
 }
 
@@ -129,7 +167,7 @@ fn run_wgpu<T: BackendTask>(_task: T, adapter: WgpuAdapter) -> Result<T::Output>
 
 #[cfg(feature = "cuda")]
 fn run_cuda<T: BackendTask>(task: T, index: usize) -> Result<T::Output> {
-    crate::dist::register_autodiff::<Cuda>();
+    register::<Cuda>();
     Ok(task.run::<burn::backend::Autodiff<Cuda>>(burn::backend::cuda::CudaDevice::new(index)))
 }
 

@@ -1,5 +1,6 @@
-//! The UDR retriever: two BERT towers (queries, demonstrations), position-0 (`[CLS]`) vectors,
-//! dot-product similarity, trained on LM-ranked candidate lists with [`crate::loss::udr_loss`]
+//! The UDR retriever: two BERT towers (queries, demonstrations), pooled vectors (position 0,
+//! `[CLS]`, as UDR; or the token mean, the pooling a sentence-transformers encoder was trained
+//! with), dot-product similarity, trained on LM-ranked candidate lists with [`crate::loss::udr_loss`]
 //! (AdamW, linear warm-up and decay, global-norm clipping at 2.0 as UDR's scripts), one task per
 //! batch with tasks drawn ∝ √size.
 
@@ -29,7 +30,18 @@ pub struct BiEncoder<B: Backend> {
     pub demo: Bert<B>,
 }
 
-/// Texts to vectors with one tower: `[CLS]` pooling, `max_len` tokens.
+/// How a tower turns texts into vectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextEncoding {
+    /// Tokens per text (the final `[SEP]` kept when cut).
+    pub max_len: usize,
+    /// The tokenizer's padding id.
+    pub pad_id: u32,
+    /// `[CLS]` (UDR) or mean over real tokens.
+    pub pooling: Pooling,
+}
+
+/// Texts to vectors with one tower.
 ///
 /// # Shapes
 /// - returns `[texts, hidden]`
@@ -37,17 +49,16 @@ pub fn encode_texts<B: Backend>(
     tower: &Bert<B>,
     tok: &TokenizerBundle,
     texts: &[String],
-    max_len: usize,
-    pad_id: u32,
+    enc: TextEncoding,
     device: &B::Device,
 ) -> Result<Tensor<B, 2>, RetrievalError> {
     let seqs = texts
         .iter()
-        .map(|t| encode(tok, t.trim(), max_len))
+        .map(|t| encode(tok, t.trim(), enc.max_len))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| RetrievalError::Data(e.to_string()))?;
-    let (ids, mask) = collate::<B>(&seqs, pad_id, device);
-    Ok(tower.embed(ids, &mask, Pooling::Cls))
+    let (ids, mask) = collate::<B>(&seqs, enc.pad_id, device);
+    Ok(tower.embed(ids, &mask, enc.pooling))
 }
 
 /// Texts to host vectors in batches (no gradients).
@@ -55,14 +66,13 @@ pub fn embed_all<B: Backend>(
     tower: &Bert<B>,
     tok: &TokenizerBundle,
     texts: &[String],
-    max_len: usize,
-    pad_id: u32,
+    enc: TextEncoding,
     batch: usize,
     device: &B::Device,
 ) -> Result<Vec<Vec<f32>>, RetrievalError> {
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(batch.max(1)) {
-        let e = encode_texts(tower, tok, chunk, max_len, pad_id, device)?;
+        let e = encode_texts(tower, tok, chunk, enc, device)?;
         let [n, d] = e.dims();
         let v: Vec<f32> = e.into_data().convert::<f32>().into_vec().expect("f32");
         out.extend((0..n).map(|i| v[i * d..(i + 1) * d].to_vec()));
@@ -75,11 +85,10 @@ pub fn build_index<B: Backend>(
     tower: &Bert<B>,
     tok: &TokenizerBundle,
     demos: &[String],
-    max_len: usize,
-    pad_id: u32,
+    enc: TextEncoding,
     device: &B::Device,
 ) -> Result<DenseIndex<B>, RetrievalError> {
-    let rows = embed_all(tower, tok, demos, max_len, pad_id, 32, device)?;
+    let rows = embed_all(tower, tok, demos, enc, 32, device)?;
     Ok(DenseIndex::from_rows(&rows, device))
 }
 
@@ -106,6 +115,8 @@ pub struct TrainOptions {
     pub batch_queries: usize,
     /// Tokens per text.
     pub max_len: usize,
+    /// Pooling of both towers.
+    pub pooling: Pooling,
     /// Candidate sampling per query.
     pub sampling: CandidateSampling,
     /// Loss weights.
@@ -124,6 +135,7 @@ impl Default for TrainOptions {
             epochs: 2,
             batch_queries: 8,
             max_len: 256,
+            pooling: Pooling::Cls,
             sampling: CandidateSampling::default(),
             loss: LossWeights::default(),
             max_grad_norm: 2.0,
@@ -210,8 +222,13 @@ pub fn train<B: AutodiffBackend>(
                     c_texts.push(q.candidates[p].clone());
                 }
             }
-            let qv = encode_texts(&model.query, tok, &q_texts, opts.max_len, pad_id, device)?;
-            let cv = encode_texts(&model.demo, tok, &c_texts, opts.max_len, pad_id, device)?;
+            let enc = TextEncoding {
+                max_len: opts.max_len,
+                pad_id,
+                pooling: opts.pooling,
+            };
+            let qv = encode_texts(&model.query, tok, &q_texts, enc, device)?;
+            let cv = encode_texts(&model.demo, tok, &c_texts, enc, device)?;
             let loss = udr_loss(qv, cv, l, opts.loss);
             let total_v = loss.total.clone().into_scalar().elem::<f64>();
             let mut grads = GradientsParams::from_grads(loss.total.backward(), &model);

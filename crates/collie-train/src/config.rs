@@ -71,6 +71,10 @@ pub struct ModelSection {
     /// The architecture for `init = "scratch"` (HF `config.json` keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<LlamaConfig>,
+    /// Attention implementation: `naive` (scores materialized, HF's `eager`) or `flash`
+    /// (memory-efficient kernels, memory linear in the sequence length; `docs/architecture.md`).
+    #[serde(default)]
+    pub attention: collie_core::attention::AttentionKind,
 }
 
 /// `[data]`.

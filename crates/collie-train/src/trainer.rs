@@ -279,7 +279,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             config.train.max_grad_norm = 1.0;
         }
-        let (model_config, model, tokenizer) = match config.model.init.as_str() {
+        let (model_config, mut model, tokenizer) = match config.model.init.as_str() {
             "scratch" => {
                 let model_config = config.model.config.clone().expect("validated");
                 // Pre-tokenized data needs no tokenizer (validated: `model.path` may then be empty).
@@ -299,6 +299,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
+        model.attention = config.model.attention;
         let p = &config.parallel;
         let dist = match &options.dist {
             Some(d) => d.clone(),
@@ -437,13 +438,14 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     fn resume(&mut self, spec: &str) -> Result<(), TrainError> {
         let dir = checkpoint::resolve_resume(&self.config.output.dir, spec)?;
-        let model = if self.peft_active() {
+        let mut model = if self.peft_active() {
             // The checkpoint holds the adapter; the base comes from where it came from before.
             let base = collie_llama::load::<B>(&self.config.model.path, &self.device)?.model;
             collie_peft::adapter_io::load(base, &dir, &self.device)?.0
         } else {
             collie_llama::hf::load_hf_dir::<B>(&dir, &self.device)?.1
         };
+        model.attention = self.config.model.attention;
         let (mut opt_state, state) = checkpoint::load_state(&dir)?;
         // A whole checkpoint, whatever layout wrote it: this rank keeps its tensor-parallel shard.
         let (model, split) = collie_llama::parallelize::shard(model, &self.dist.tp)?;

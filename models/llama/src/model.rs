@@ -8,8 +8,8 @@
 use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
-use collie_core::attention::{attention, causal_mask, positions_from_padding};
+use burn::tensor::{Int, Tensor};
+use collie_core::attention::{attention, positions_from_padding, AttentionKind, AttnMask};
 use collie_core::dist::copy_to_group;
 use collie_core::nn::{
     matmul_2d, Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig,
@@ -88,6 +88,10 @@ pub struct Llama<B: Backend> {
     /// Learned virtual tokens in front of every sequence; empty unless a prompt-learning
     /// transform (`collie-peft`) fills the slot.
     pub virtual_tokens: Option<VirtualTokens<B>>,
+    /// Attention implementation (HF's `attn_implementation`): the naive reference or the
+    /// memory-efficient kernels; not a weight, not saved.
+    #[module(skip)]
+    pub attention: AttentionKind,
 }
 
 /// Per-call inputs every block shares.
@@ -97,8 +101,11 @@ pub struct BlockContext<B: Backend> {
     pub cos: Tensor<B, 3>,
     /// `[batch, s_q, head_dim]`.
     pub sin: Tensor<B, 3>,
-    /// `[batch, 1, s_q, s_k]`, `true` = hidden; `None` when nothing is hidden.
-    pub mask: Option<Tensor<B, 4, Bool>>,
+    /// Which keys each query sees (materialized for the naive path); `None` when nothing is
+    /// hidden.
+    pub mask: Option<AttnMask<B>>,
+    /// The attention implementation every block runs.
+    pub attention: AttentionKind,
 }
 
 /// Keys and values of past positions, one entry per block.
@@ -182,6 +189,7 @@ impl LlamaConfig {
             rope: Rope::new(hd, theta, &scaling),
             window: self.window(),
             virtual_tokens: None,
+            attention: AttentionKind::default(),
         })
     }
 }
@@ -227,7 +235,7 @@ impl<B: Backend> Attention<B> {
             }
             None => (k, v),
         };
-        let o = attention(q, k, v, ctx.mask.as_ref());
+        let o = attention(q, k, v, ctx.mask.as_ref(), ctx.attention);
         // [batch, heads, s_q, head_dim] -> [batch, s_q, heads · head_dim]
         let o = o.swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(o)
@@ -359,9 +367,20 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = self.rope.cos_sin(positions);
         // A single unsegmented query sees every key: no mask needed.
         let needs_mask = segments.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
-        let mask = needs_mask
-            .then(|| causal_mask(batch, s_q, s_k, segments.as_ref(), self.window, n, device));
-        BlockContext { cos, sin, mask }
+        let attention = self.attention;
+        let mask = needs_mask.then(|| {
+            let m = AttnMask::new(batch, s_q, s_k, segments, self.window, n);
+            match attention {
+                AttentionKind::Naive => m.materialize(device),
+                AttentionKind::Flash => m,
+            }
+        });
+        BlockContext {
+            cos,
+            sin,
+            mask,
+            attention,
+        }
     }
 
     /// Slots in front of a fresh sequence that already hold keys: prefix tuning's prefix.

@@ -58,6 +58,10 @@ pub struct RetrieverSection {
     pub model: String,
     /// Tokens per text.
     pub max_len: usize,
+    /// Pooling of both towers: `cls` (UDR's position-0 vector, for BERT-base) or `mean` (the
+    /// pooling sentence-transformers encoders such as all-MiniLM-L6-v2 were trained with).
+    #[serde(default = "default_pooling")]
+    pub pooling: String,
     /// BM25 candidates per training query (iteration 0).
     pub candidates: usize,
     /// Candidates the trained retriever adds per query when mining.
@@ -80,6 +84,17 @@ pub struct RetrieverSection {
     pub in_batch_weight: f64,
     /// Seed of sampling and batching.
     pub seed: u64,
+}
+
+impl RetrieverSection {
+    /// The parsed `pooling` (checked by [`UdrConfig::parse`]).
+    pub fn pooling(&self) -> collie_bert::Pooling {
+        self.pooling.parse().unwrap_or(collie_bert::Pooling::Cls)
+    }
+}
+
+fn default_pooling() -> String {
+    "cls".into()
 }
 
 /// In-context evaluation.
@@ -141,6 +156,10 @@ impl UdrConfig {
                 "0: the evaluation needs test examples".into(),
             ));
         }
+        c.retriever
+            .pooling
+            .parse::<collie_bert::Pooling>()
+            .map_err(|e| bad("retriever.pooling", e))?;
         if c.retriever.per_query < 2 || c.retriever.candidates < c.retriever.per_query {
             return Err(bad(
                 "retriever.per_query",

@@ -3,7 +3,7 @@
 //! candidate mining, and in-context evaluation against random, BM25 and off-the-shelf
 //! sentence-embedding demonstrations (`docs/udr.md`).
 //!
-//! `recipe-udr [--config F.toml] [--set a.b=value]... [--stage all|prepare|score|train|mine|evaluate|ablate|bench]
+//! `recipe-udr [--config F.toml] [--set a.b=value]... [--stage all|prepare|score|train|mine|evaluate|ablate|probe|bench]
 //! [--device cpu|wgpu|cuda[:N]] [--quiet]`; without `--config` the built-in
 //! `configs/default.toml` runs. Every stage resumes from its outputs in `output.dir`.
 
@@ -87,7 +87,7 @@ fn run(args: Args) -> Result<()> {
     };
     let config = UdrConfig::parse(&text, &origin, &args.sets)?;
     const STAGES: &[&str] = &[
-        "all", "prepare", "score", "train", "mine", "evaluate", "ablate", "bench",
+        "all", "prepare", "score", "train", "mine", "evaluate", "ablate", "probe", "bench",
     ];
     if !STAGES.contains(&args.stage.as_str()) {
         anyhow::bail!(

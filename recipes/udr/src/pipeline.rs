@@ -42,6 +42,16 @@ use crate::config::UdrConfig;
 /// One inference tower.
 type Tower<B> = collie_bert::Encoder<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>;
 
+/// A trained retriever loaded for inference: both towers and how they encode.
+struct Towers<B: AutodiffBackend> {
+    query: Tower<B>,
+    demo: Tower<B>,
+    enc: retriever::TextEncoding,
+}
+
+/// Beside the towers: how they pool (`{"pooling": "mean", "max_len": 128}`).
+const RETRIEVER_FILE: &str = "retriever.json";
+
 /// Everything the stages share.
 pub struct Run<'a, B: AutodiffBackend> {
     /// The configuration.
@@ -322,6 +332,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
             epochs: r.epochs,
             batch_queries: r.batch_queries,
             max_len: r.max_len,
+            pooling: r.pooling(),
             sampling: CandidateSampling {
                 per_query: r.per_query,
                 ..Default::default()
@@ -370,6 +381,11 @@ impl<B: AutodiffBackend> Run<'_, B> {
             &json!({"losses": report.losses, "queries_per_sec": report.queries_per_sec,
                     "seconds": report.seconds}),
         )?;
+        // How the towers pool: inference must pool as training did.
+        write(
+            &staging.join(RETRIEVER_FILE),
+            &json!({"pooling": r.pooling, "max_len": r.max_len}),
+        )?;
         if out.exists() {
             std::fs::remove_dir_all(&out)?;
         }
@@ -377,19 +393,31 @@ impl<B: AutodiffBackend> Run<'_, B> {
         Ok(())
     }
 
-    /// Loads the towers of iteration `iter` (inference): `(query, demonstration)`.
-    fn towers(&self, iter: usize) -> Result<(Tower<B>, Tower<B>)> {
+    /// Loads the towers of iteration `iter` (inference).
+    fn towers(&self, iter: usize) -> Result<Towers<B>> {
         self.towers_at(&self.tower_dir(iter))
     }
 
-    /// Loads the towers saved in `dir`.
-    fn towers_at(&self, dir: &Path) -> Result<(Tower<B>, Tower<B>)> {
+    /// Loads the towers saved in `dir` and how they pool (`retriever.json`).
+    fn towers_at(&self, dir: &Path) -> Result<Towers<B>> {
         let load = |name: &str| {
             let p = dir.join(name);
             collie_bert::load::<B::InnerBackend>(p.to_str().unwrap_or_default(), &self.device)
                 .with_context(|| format!("loading the retriever {}", p.display()))
         };
-        Ok((load("query")?, load("demo")?))
+        let meta: Value = read(&dir.join(RETRIEVER_FILE))?;
+        let pooling = meta["pooling"]
+            .as_str()
+            .unwrap_or_default()
+            .parse::<Pooling>()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(RETRIEVER_FILE).display()))?;
+        let (query, demo) = (load("query")?, load("demo")?);
+        let enc = retriever::TextEncoding {
+            max_len: self.config.retriever.max_len,
+            pad_id: query.config.pad_token_id,
+            pooling,
+        };
+        Ok(Towers { query, demo, enc })
     }
 
     /// Mining round `iter` (≥ 1): the retriever of `iter − 1` adds its top-K per training query.
@@ -398,19 +426,18 @@ impl<B: AutodiffBackend> Run<'_, B> {
         if todo.is_empty() {
             return Ok(());
         }
-        let (q_enc, d_enc) = self.towers(iter - 1)?;
+        let towers = self.towers(iter - 1)?;
         let r = &self.config.retriever;
         for task in todo {
             let s = self.splits(&task)?;
-            let index = self.demo_index(&d_enc, &task, &s)?;
+            let index = self.demo_index(&towers, &task, &s)?;
             let nq = self.queries(&s);
             let inputs: Vec<String> = s.train[..nq].iter().map(|e| e.input.clone()).collect();
             let qv = retriever::encode_texts(
-                &q_enc.model,
-                &q_enc.tokenizer,
+                &towers.query.model,
+                &towers.query.tokenizer,
                 &inputs,
-                r.max_len,
-                q_enc.config.pad_token_id,
+                towers.enc,
                 &self.device,
             )?;
             let exclude: Vec<usize> = (0..nq).collect();
@@ -435,17 +462,16 @@ impl<B: AutodiffBackend> Run<'_, B> {
 
     fn demo_index(
         &self,
-        d_enc: &collie_bert::Encoder<B::InnerBackend>,
+        towers: &Towers<B>,
         task: &Task,
         s: &Splits,
     ) -> Result<DenseIndex<B::InnerBackend>> {
         let demos: Vec<String> = s.train.iter().map(|e| task.demonstration(e)).collect();
         Ok(retriever::build_index(
-            &d_enc.model,
-            &d_enc.tokenizer,
+            &towers.demo.model,
+            &towers.demo.tokenizer,
             &demos,
-            self.config.retriever.max_len,
-            d_enc.config.pad_token_id,
+            towers.enc,
             &self.device,
         )?)
     }
@@ -469,17 +495,14 @@ impl<B: AutodiffBackend> Run<'_, B> {
         s: &Splits,
     ) -> Result<Vec<Vec<usize>>> {
         if let Some(dir) = towers {
-            let (q_enc, d_enc) = self.towers_at(dir)?;
-            let index = self.demo_index(&d_enc, task, s)?;
+            let towers = self.towers_at(dir)?;
+            let index = self.demo_index(&towers, task, s)?;
             let tests: Vec<String> = s.test.iter().map(|e| e.input.clone()).collect();
-            let ml = self.config.retriever.max_len;
-            let pad = q_enc.config.pad_token_id;
             let qv = retriever::encode_texts(
-                &q_enc.model,
-                &q_enc.tokenizer,
+                &towers.query.model,
+                &towers.query.tokenizer,
                 &tests,
-                ml,
-                pad,
+                towers.enc,
                 &self.device,
             )?;
             return Ok(index
@@ -567,7 +590,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
                         let towers = self.towers_of(method);
                         let demos = self.retrieve(method, towers.as_deref(), &task, &s)?;
                         let start = std::time::Instant::now();
-                        let scores = self.icl(model, tok, eos, &task, &s, &demos)?;
+                        let (scores, predicted) = self.icl(model, tok, eos, &task, &s, &demos)?;
                         let (mean, lo, hi) =
                             bootstrap_ci(&scores, ev.bootstrap, self.config.data.seed);
                         self.say(&format!(
@@ -579,15 +602,22 @@ impl<B: AutodiffBackend> Run<'_, B> {
                             scores.len(),
                             start.elapsed().as_secs_f64()
                         ));
-                        write(
-                            &part,
-                            &json!({"score": 100.0 * mean, "ci95": [100.0 * lo, 100.0 * hi],
-                                    "n": scores.len(), "metric": task.metric, "per_example": scores}),
-                        )?;
+                        let mut r = json!({"score": 100.0 * mean, "ci95": [100.0 * lo, 100.0 * hi],
+                                    "n": scores.len(), "metric": task.metric, "per_example": scores});
+                        if let Some(a) = label_agreement(&s, &demos) {
+                            // How often the demonstrations carry the test input's label, and how
+                            // often the LM answers its most frequent label (1.0: collapsed).
+                            r["demo_label_agreement"] = json!(100.0 * a);
+                            r["majority_prediction_share"] =
+                                json!(100.0 * majority_share(&predicted));
+                            r["predicted"] = json!(predicted);
+                        }
+                        write(&part, &r)?;
                     }
                     let mut r: Value = read(&part)?;
                     if let Some(o) = r.as_object_mut() {
                         o.remove("per_example");
+                        o.remove("predicted");
                     }
                     per_task.insert(task.name.to_string(), r);
                 }
@@ -596,6 +626,43 @@ impl<B: AutodiffBackend> Run<'_, B> {
             all.insert(method.clone(), read(&path)?);
         }
         self.report(&all)
+    }
+
+    /// Retrieval alone, without the LM: for every method of `eval.methods` whose retriever exists,
+    /// the share of its k demonstrations that carry the test input's label, per classification
+    /// task (`results/retrieval.json`; recomputed every time, a few minutes).
+    pub fn probe(&self) -> Result<()> {
+        let mut all = serde_json::Map::new();
+        for method in &self.config.eval.methods {
+            let towers = self.towers_of(method);
+            if towers
+                .as_ref()
+                .is_some_and(|d| !d.join(RETRIEVER_FILE).is_file())
+            {
+                continue;
+            }
+            let mut per_task = serde_json::Map::new();
+            for task in self.tasks()? {
+                if task.metric != Metric::Accuracy {
+                    continue;
+                }
+                let s = self.splits(&task)?;
+                let demos = self.retrieve(method, towers.as_deref(), &task, &s)?;
+                if let Some(a) = label_agreement(&s, &demos) {
+                    self.say(&format!(
+                        "probe {method} on {}: label agreement {:.1} %",
+                        task.name,
+                        100.0 * a
+                    ));
+                    per_task.insert(task.name.to_string(), json!(100.0 * a));
+                }
+            }
+            all.insert(method.clone(), Value::Object(per_task));
+        }
+        write(
+            &self.dir().join("results").join("retrieval.json"),
+            &Value::Object(all),
+        )
     }
 
     /// The loss ablations on `eval.ablation_task`: single-task retrievers trained on its
@@ -641,7 +708,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
             let loss = LossWeights { rank, in_batch };
             self.train_into(&dir, std::slice::from_ref(&task), 0, loss)?;
             let demos = self.retrieve(variant, Some(&dir), &task, &s)?;
-            let scores = self.icl(&loaded.model, &tok, &eos, &task, &s, &demos)?;
+            let (scores, _) = self.icl(&loaded.model, &tok, &eos, &task, &s, &demos)?;
             let (mean, lo, hi) =
                 bootstrap_ci(&scores, self.config.eval.bootstrap, self.config.data.seed);
             self.say(&format!(
@@ -709,6 +776,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
             epochs: 1,
             batch_queries: r.batch_queries,
             max_len: r.max_len,
+            pooling: r.pooling(),
             sampling: CandidateSampling {
                 per_query: r.per_query,
                 ..Default::default()
@@ -752,19 +820,21 @@ impl<B: AutodiffBackend> Run<'_, B> {
         task: &Task,
         s: &Splits,
         demos: &[Vec<usize>],
-    ) -> Result<Vec<f64>>
+    ) -> Result<(Vec<f64>, Vec<usize>)>
     where
         M::Cache: Clone,
     {
         let ev = &self.config.eval;
         let labels: Vec<String> = (0..task.labels.len()).map(|l| task.verbalize(l)).collect();
         let mut out = Vec::with_capacity(s.test.len());
+        let mut predicted = Vec::new();
         for (e, d) in s.test.iter().zip(demos) {
             let d: Vec<&Example> = d.iter().map(|&i| &s.train[i]).collect();
             let prompt = build_prompt(task, &d, e, tok, ev.max_prompt_tokens)?;
             let score = match task.metric {
                 Metric::Accuracy => {
                     let (best, _) = classify(model, tok, &prompt, &labels, &self.device)?;
+                    predicted.push(best);
                     f64::from(Some(best) == e.label)
                 }
                 Metric::RougeL => {
@@ -775,7 +845,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
             };
             out.push(score);
         }
-        Ok(out)
+        Ok((out, predicted))
     }
 
     /// Every task's per-example scores of `method` (`results/{method}/{task}.json`).
@@ -862,6 +932,32 @@ impl<B: AutodiffBackend> Run<'_, B> {
             md.push_str(&format!("| {a} − {b} | {d:+.1} | [{lo:+.1}, {hi:+.1}] |\n"));
             comparisons.insert(format!("{a}-{b}"), json!({"diff": d, "ci95": [lo, hi]}));
         }
+        // What the demonstrations are: the share carrying the test input's label, and the share
+        // of the LM's answers that are its most frequent one (a collapsed retriever shows 100).
+        md.push_str("\n| demonstrations with the input's label / majority-answer share |");
+        let cls: Vec<&String> = tasks
+            .iter()
+            .filter(|t| {
+                all.values()
+                    .any(|r| r[t.as_str()]["demo_label_agreement"].is_number())
+            })
+            .collect();
+        for t in &cls {
+            md.push_str(&format!(" {t} |"));
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---|".repeat(cls.len()));
+        md.push('\n');
+        for m in &self.config.eval.methods {
+            md.push_str(&format!("| {m} |"));
+            for t in &cls {
+                let r = &all[m][t.as_str()];
+                let a = r["demo_label_agreement"].as_f64().unwrap_or(f64::NAN);
+                let p = r["majority_prediction_share"].as_f64().unwrap_or(f64::NAN);
+                md.push_str(&format!(" {a:.1} / {p:.0} |"));
+            }
+            md.push('\n');
+        }
         let summary = json!({"k": self.config.eval.k, "lm": self.config.lm.model,
                              "retriever": self.config.retriever.model, "methods": methods,
                              "comparisons": comparisons});
@@ -872,6 +968,31 @@ impl<B: AutodiffBackend> Run<'_, B> {
         }
         Ok(())
     }
+}
+
+/// The share of retrieved demonstrations whose label is the test input's, over a
+/// classification task's test split (`None` for generation tasks).
+fn label_agreement(s: &Splits, demos: &[Vec<usize>]) -> Option<f64> {
+    let (mut same, mut all) = (0usize, 0usize);
+    for (e, d) in s.test.iter().zip(demos) {
+        let label = e.label?;
+        same += d
+            .iter()
+            .filter(|&&i| s.train[i].label == Some(label))
+            .count();
+        all += d.len();
+    }
+    (all > 0).then(|| same as f64 / all as f64)
+}
+
+/// The share of predictions that are the most frequent predicted label.
+fn majority_share(predicted: &[usize]) -> f64 {
+    let mut counts = BTreeMap::new();
+    for &p in predicted {
+        *counts.entry(p).or_insert(0usize) += 1;
+    }
+    let top = counts.values().copied().max().unwrap_or(0);
+    top as f64 / predicted.len().max(1) as f64
 }
 
 /// Runs the stages named by `stage` (`all` or one of prepare, score, train, mine, evaluate).
@@ -907,6 +1028,10 @@ pub fn run_stages<B: AutodiffBackend>(run: &Run<'_, B>, stage: &str) -> Result<(
     }
     if all || stage == "ablate" {
         run.ablate()?;
+    }
+    // Not part of `all`: a quick look at the retrievers between runs.
+    if stage == "probe" {
+        run.probe()?;
     }
     Ok(())
 }

