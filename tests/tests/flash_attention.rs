@@ -1,253 +1,35 @@
-//! Memory-efficient attention (`collie_core::flash`) against the naive path: outputs and the
-//! gradients of q, k and v within 1e-4 (f32), on the CPU (chunked tensor-op kernels) and, with
-//! `--features collie-tests/wgpu`, on wgpu (the CubeCL kernels; lavapipe in CI). Cases cover
-//! MHA, GQA and MQA, head widths 8–64, left padding, packed documents, Mistral's window, a KV
-//! cache (`s_q < s_k`), prompt tuning's shared slots, no mask, and lengths that are not a
-//! multiple of the kernels' tiles.
+//! Memory-efficient attention against the naive path (`collie_tests::suite::flash`), on the
+//! CPU (chunked tensor-op kernels) and, with `--features collie-tests/wgpu`, on wgpu (the CubeCL
+//! kernels; lavapipe in CI).
 
-mod common;
-
-use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, ElementConversion, Int, Tensor, TensorData};
-use collie_core::attention::{attention, AttentionKind, AttnMask};
-use collie_core::device::RegisterOps;
-
-/// One attention call's shape and mask.
-struct Case {
-    name: &'static str,
-    batch: usize,
-    heads: usize,
-    kv_heads: usize,
-    s_q: usize,
-    s_k: usize,
-    d: usize,
-    /// Segment ids `[batch, s_k]` row-major, or none.
-    segments: Option<Vec<i64>>,
-    window: Option<usize>,
-    shared: usize,
-    masked: bool,
-}
-
-fn cases() -> Vec<Case> {
-    let padded = |b: usize, s: usize, pad: &[usize]| -> Vec<i64> {
-        (0..b)
-            .flat_map(|r| (0..s).map(move |j| i64::from(j >= pad[r])))
-            .collect()
-    };
-    let docs: Vec<i64> = [1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0]
-        .into_iter()
-        .chain([1; 9].into_iter().chain([2; 11]))
-        .collect();
-    let base = || Case {
-        name: "",
-        batch: 2,
-        heads: 4,
-        kv_heads: 2,
-        s_q: 37,
-        s_k: 37,
-        d: 16,
-        segments: None,
-        window: None,
-        shared: 0,
-        masked: true,
-    };
-    vec![
-        Case {
-            name: "mha causal",
-            heads: 3,
-            kv_heads: 3,
-            ..base()
-        },
-        Case {
-            name: "gqa left padding",
-            segments: Some(padded(2, 37, &[0, 5])),
-            ..base()
-        },
-        Case {
-            name: "mqa d64",
-            heads: 3,
-            kv_heads: 1,
-            d: 64,
-            s_q: 45,
-            s_k: 45,
-            segments: Some(padded(2, 45, &[3, 0])),
-            ..base()
-        },
-        Case {
-            name: "packed documents + window",
-            s_q: 20,
-            s_k: 20,
-            segments: Some(docs),
-            window: Some(5),
-            ..base()
-        },
-        Case {
-            name: "kv cache",
-            s_q: 6,
-            s_k: 41,
-            segments: Some(padded(2, 41, &[2, 0])),
-            ..base()
-        },
-        Case {
-            name: "shared virtual slots",
-            s_q: 33,
-            s_k: 33,
-            segments: Some(
-                padded(2, 33, &[0, 4])
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, x)| if i % 33 < 3 { 1 } else { x })
-                    .collect(),
-            ),
-            shared: 3,
-            ..base()
-        },
-        Case {
-            name: "one query, no mask",
-            s_q: 1,
-            s_k: 23,
-            masked: false,
-            ..base()
-        },
-    ]
-}
-
-fn max_rel<Bk: Backend, const D: usize>(a: Tensor<Bk, D>, b: Tensor<Bk, D>) -> f64 {
-    let scale: f64 = b.clone().abs().max().into_scalar().elem();
-    let diff: f64 = (a - b).abs().max().into_scalar().elem();
-    diff / scale.max(1e-6)
-}
-
-/// Output and gradients of `sum(attention(q, k, v) · w)` by one implementation.
-fn run<I: Backend>(
-    case: &Case,
-    kind: AttentionKind,
-    device: &I::Device,
-    seed: u64,
-) -> [Tensor<I, 4>; 4] {
-    type A<I> = Autodiff<I>;
-    I::seed(device, seed);
-    let n = Distribution::Normal(0.0, 1.0);
-    let (b, h, kvh, d) = (case.batch, case.heads, case.kv_heads, case.d);
-    let q = Tensor::<A<I>, 4>::random([b, h, case.s_q, d], n, device).require_grad();
-    let k = Tensor::<A<I>, 4>::random([b, kvh, case.s_k, d], n, device).require_grad();
-    let v = Tensor::<A<I>, 4>::random([b, kvh, case.s_k, d], n, device).require_grad();
-    let w = Tensor::<A<I>, 4>::random([b, h, case.s_q, d], n, device);
-    let segments = case.segments.as_ref().map(|s| {
-        Tensor::<A<I>, 2, Int>::from_data(TensorData::new(s.clone(), [b, case.s_k]), device)
-    });
-    let mask = case
-        .masked
-        .then(|| AttnMask::new(b, case.s_q, case.s_k, segments, case.window, case.shared));
-    let o = attention(q.clone(), k.clone(), v.clone(), mask.as_ref(), kind);
-    let grads = (o.clone() * w).sum().backward();
-    [
-        o.inner(),
-        q.grad(&grads).unwrap(),
-        k.grad(&grads).unwrap(),
-        v.grad(&grads).unwrap(),
-    ]
-}
-
-fn flash_equals_naive<I: RegisterOps>(device: I::Device, backend: &str) {
-    I::register_ops();
-    for (i, case) in cases().iter().enumerate() {
-        let naive = run::<I>(case, AttentionKind::Naive, &device, 7 + i as u64);
-        let flash = run::<I>(case, AttentionKind::Flash, &device, 7 + i as u64);
-        for ((what, a), b) in ["output", "dq", "dk", "dv"].iter().zip(flash).zip(naive) {
-            let rel = max_rel(a, b);
-            println!("{backend} {}: {what} max rel Δ {rel:.2e}", case.name);
-            assert!(
-                rel < 1e-4,
-                "{backend} {}: {what} differs by {rel:.3e}",
-                case.name
-            );
-        }
-    }
-}
+use collie_tests::suite::{assert_all, flash};
 
 #[test]
 fn flash_attention_equals_naive_on_cpu() {
-    flash_equals_naive::<common::B>(Default::default(), "cpu");
+    assert_all(
+        "cpu",
+        &flash::op::<collie_core::device::Cpu>(&Default::default()),
+    );
+}
+
+#[test]
+fn llama_with_flash_attention_equals_naive_on_cpu() {
+    assert_all(
+        "cpu",
+        &flash::llama::<collie_core::device::Cpu>(&Default::default()),
+    );
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn flash_attention_equals_naive_on_wgpu() {
-    flash_equals_naive::<collie_core::device::Wgpu>(
-        burn::backend::wgpu::WgpuDevice::DefaultDevice,
-        "wgpu",
-    );
-}
-
-/// The tiny HF LLaMA fixtures with `attention = flash`: logits (left-padded batch) and the
-/// gradient of every parameter equal the naive path's.
-fn llama_with_flash<I: RegisterOps>(device: I::Device, backend: &str) {
-    use burn::module::Module;
-    I::register_ops();
-    type A<I> = Autodiff<I>;
-    for case in common::LLAMA_CASES {
-        let dir = common::fixture(&format!("llama/{case}"));
-        let golden = common::read_golden(&dir.join("golden.safetensors"));
-        let ids = golden["ids_left"].int2::<A<I>>(&device);
-        let mask = golden["mask_left"].int2::<A<I>>(&device);
-        let mut model = collie_llama::load::<A<I>>(dir.to_str().unwrap(), &device)
-            .unwrap()
-            .model;
-        let mut outs = Vec::new();
-        for kind in [AttentionKind::Naive, AttentionKind::Flash] {
-            model.attention = kind;
-            let logits = model.forward(ids.clone(), Some(&mask));
-            let grads = logits.clone().powi_scalar(2).mean().backward();
-            let mut g = Vec::new();
-            model.visit(&mut GradCollector {
-                grads: &grads,
-                out: &mut g,
-            });
-            outs.push((logits.inner(), g));
-        }
-        let (flash, naive) = (outs.pop().unwrap(), outs.pop().unwrap());
-        let rel = max_rel(flash.0, naive.0);
-        let grad_rel = flash
-            .1
-            .into_iter()
-            .zip(naive.1)
-            .map(|(a, b)| max_rel(a, b))
-            .fold(0.0, f64::max);
-        println!("{backend} {case}: logits {rel:.2e}, gradients {grad_rel:.2e}");
-        assert!(
-            rel < 1e-4 && grad_rel < 1e-4,
-            "{backend} {case}: {rel:.3e} / {grad_rel:.3e}"
-        );
-    }
-}
-
-/// Every float parameter's gradient, flattened, in visiting order.
-struct GradCollector<'a, I: Backend> {
-    grads: &'a <Autodiff<I> as burn::tensor::backend::AutodiffBackend>::Gradients,
-    out: &'a mut Vec<Tensor<I, 1>>,
-}
-
-impl<I: Backend> burn::module::ModuleVisitor<Autodiff<I>> for GradCollector<'_, I> {
-    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<Autodiff<I>, D>>) {
-        if let Some(g) = param.val().grad(self.grads) {
-            let n = g.shape().num_elements();
-            self.out.push(g.reshape([n]));
-        }
-    }
-}
-
-#[test]
-fn llama_with_flash_attention_equals_naive_on_cpu() {
-    llama_with_flash::<common::B>(Default::default(), "cpu");
+    let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+    assert_all("wgpu", &flash::op::<collie_core::device::Wgpu>(&device));
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn llama_with_flash_attention_equals_naive_on_wgpu() {
-    llama_with_flash::<collie_core::device::Wgpu>(
-        burn::backend::wgpu::WgpuDevice::DefaultDevice,
-        "wgpu",
-    );
+    let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+    assert_all("wgpu", &flash::llama::<collie_core::device::Wgpu>(&device));
 }

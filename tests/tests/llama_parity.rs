@@ -1,14 +1,13 @@
 //! Logits of tiny random LLaMA-family models against HF transformers (f32), with right and left
-//! padding, and the KV-cache decode path against the full forward.
-//! Fixtures: `scripts/fixtures/llama_hf.py`.
+//! padding, and the KV-cache decode path against the full forward (`collie_tests::suite::llama`,
+//! on the CPU and wgpu). Fixtures: `scripts/fixtures/llama_hf.py`.
 
 mod common;
 
 use burn::tensor::{Int, Tensor};
-use collie_llama::{KvCache, Llama};
+use collie_llama::Llama;
+use collie_tests::suite::{self, assert_all};
 use common::*;
-
-const TOL: f64 = 1e-4;
 
 fn load(case: &str) -> Llama<B> {
     let dir = fixture(&format!("llama/{case}"));
@@ -18,28 +17,18 @@ fn load(case: &str) -> Llama<B> {
 }
 
 #[test]
-fn logits_match_transformers_with_right_and_left_padding() {
-    let device = Default::default();
-    for case in LLAMA_CASES {
-        let model = load(case);
-        let golden = read_golden(&fixture(&format!("llama/{case}/golden.safetensors")));
-        for side in ["right", "left"] {
-            let ids = golden[&format!("ids_{side}")].int2::<B>(&device);
-            let mask_g = &golden[&format!("mask_{side}")];
-            let mask = mask_g.int2::<B>(&device);
-            let logits = values(model.forward(ids, Some(&mask)));
-            let expected = &golden[&format!("logits_{side}")];
-            let vocab = expected.shape[2];
-            let diff = max_abs_diff(&logits, &expected.values, |i| {
-                mask_g.values[i / vocab] == 1.0
-            });
-            println!("{case} {side}: max |Δlogit| = {diff:.2e}");
-            assert!(
-                diff < TOL,
-                "{case} ({side} padding): max |Δlogit| = {diff:.3e} > {TOL}"
-            );
-        }
-    }
+fn logits_and_cached_decode_match_on_cpu() {
+    assert_all("cpu", &suite::llama::logits::<B>(&Default::default()));
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn logits_and_cached_decode_match_on_wgpu() {
+    let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+    assert_all(
+        "wgpu",
+        &suite::llama::logits::<collie_core::device::Wgpu>(&device),
+    );
 }
 
 #[test]
@@ -61,41 +50,4 @@ fn left_padding_does_not_change_a_sequence() {
     let alone: Vec<f64> = values(alone).into_iter().map(f64::from).collect();
     let diff = max_abs_diff(&left, &alone, |_| true);
     assert!(diff < 1e-5, "left padding changed the logits by {diff:.3e}");
-}
-
-#[test]
-fn kv_cache_decode_equals_full_forward() {
-    let device = Default::default();
-    for case in LLAMA_CASES {
-        let model = load(case);
-        let golden = read_golden(&fixture(&format!("llama/{case}/golden.safetensors")));
-        // Left padding is what batched generation uses.
-        let ids = golden["ids_left"].int2::<B>(&device);
-        let mask = golden["mask_left"].int2::<B>(&device);
-        let [b, s] = ids.dims();
-        let full = values(model.forward(ids.clone(), Some(&mask)));
-        // Prompt of 6, then one token at a time.
-        let mut cache = KvCache::new(model.layers.len());
-        let mut steps = vec![model.forward_cached(
-            ids.clone().slice([0..b, 0..6]),
-            Some(&mask.clone().slice([0..b, 0..6])),
-            &mut cache,
-        )];
-        for t in 6..s {
-            steps.push(model.forward_cached(
-                ids.clone().slice([0..b, t..t + 1]),
-                Some(&mask.clone().slice([0..b, 0..t + 1])),
-                &mut cache,
-            ));
-        }
-        let cached = values(Tensor::cat(steps, 1));
-        let full: Vec<f64> = full.into_iter().map(f64::from).collect();
-        let vocab = model.vocab_size();
-        let m = &golden["mask_left"].values;
-        let diff = max_abs_diff(&cached, &full, |i| m[i / vocab] == 1.0);
-        assert!(
-            diff < 1e-5,
-            "{case}: cached decode differs from the full forward by {diff:.3e}"
-        );
-    }
 }

@@ -1,6 +1,7 @@
 //! PEFT against HF peft 0.21 + transformers (fixtures: `scripts/fixtures/peft_ref.py`): logits of
 //! a tiny GQA LLaMA under each method with non-trivial adapter weights, five AdamW steps on the
 //! adapter parameters through the trainer, and adapters written by collie-rs against peft's files.
+//! The logits run on the CPU and wgpu (`collie_tests::suite::peft`).
 
 mod common;
 
@@ -13,41 +14,27 @@ use collie_peft::adapter_io;
 use common::*;
 use serde_json::Value;
 
-const CASES: &[&str] = &[
-    "lora",
-    "lora_rslora_all_linear",
-    "ia3",
-    "prefix",
-    "prefix_projection",
-    "prompt",
-    "ptuning",
-];
+use collie_tests::suite::peft::CASES;
+use collie_tests::suite::{self, assert_all};
 
-/// Logits of `adapter` on the fixture batch vs peft's; returns max |Δ| over real positions.
+/// Logits of `adapter` on the fixture batch vs peft's (CPU); returns max |Δ| over real positions.
 fn logits_diff(adapter: &Path, case: &str) -> f64 {
-    let device = Default::default();
-    let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device)
-        .unwrap()
-        .model;
-    let (model, _) = adapter_io::load(base, adapter, &device).unwrap();
-    let g = read_golden(&fixture(&format!("peft/{case}/golden.safetensors")));
-    let ids = g["input_ids"].int2::<B>(&device);
-    let mask = g["attention_mask"].int2::<B>(&device);
-    let logits = values(model.logits(ids, Some(&mask)));
-    let want = &g["logits"];
-    let (rows, cols, vocab) = (want.shape[0], want.shape[1], want.shape[2]);
-    let real = &g["attention_mask"].values;
-    assert_eq!(logits.len(), rows * cols * vocab, "{case}: logits shape");
-    max_abs_diff(&logits, &want.values, |i| real[i / vocab] == 1.0)
+    suite::peft::logits_diff::<B>(adapter, case, &Default::default())
 }
 
 #[test]
-fn logits_match_peft_for_every_method() {
-    for case in CASES {
-        let d = logits_diff(&fixture(&format!("peft/{case}")), case);
-        println!("{case}: logits max |Δ| = {d:.2e}");
-        assert!(d < 1e-4, "{case}: logits differ from peft by {d:.3e}");
-    }
+fn logits_match_peft_for_every_method_on_cpu() {
+    assert_all("cpu", &suite::peft::logits::<B>(&Default::default()));
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn logits_match_peft_for_every_method_on_wgpu() {
+    let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+    assert_all(
+        "wgpu",
+        &suite::peft::logits::<collie_core::device::Wgpu>(&device),
+    );
 }
 
 #[test]

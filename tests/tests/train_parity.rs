@@ -1,5 +1,6 @@
 //! Training trajectories against PyTorch + transformers: per-step loss, lr and gradient norm, and
-//! the weights after 10 steps. Fixtures: `scripts/fixtures/train_hf.py`.
+//! the weights after 10 steps; bf16 mixed precision against autocast. Fixtures:
+//! `scripts/fixtures/train_hf.py`.
 
 mod common;
 
@@ -141,4 +142,16 @@ kind = "linear"
     );
     let lines = run("sgd", &body, tmp.path());
     compare("sgd", &lines, tmp.path());
+}
+
+/// bf16 mixed precision (`[model] dtype = "bf16"`) against transformers under
+/// `torch.autocast(bfloat16)`: 20 steps, loss within 1e-2 relative (`collie_tests::suite::bf16`).
+#[test]
+fn bf16_mixed_precision_tracks_torch_autocast() {
+    let reference = collie_tests::suite::bf16::reference_losses();
+    for attention in ["naive", "flash"] {
+        let checks =
+            collie_tests::suite::bf16::trajectory::<B>(&Default::default(), &reference, attention);
+        collie_tests::suite::assert_all("cpu", &checks);
+    }
 }

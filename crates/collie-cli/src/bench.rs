@@ -29,6 +29,35 @@ pub enum Command {
     Matmul(MatmulArgs),
     /// Peak memory of training steps through the trainer, per optimizer (one process per run).
     Memory(MemoryArgs),
+    /// Forward + backward of one attention call (naive or memory-efficient): time and the
+    /// memory it takes above its inputs.
+    Attention(AttentionArgs),
+}
+
+/// Arguments of `collie bench attention`.
+#[derive(clap::Args, Debug)]
+pub struct AttentionArgs {
+    /// `naive` or `flash`.
+    #[arg(long, default_value = "flash")]
+    attention: String,
+    /// Tokens per sequence (queries = keys, causal).
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Sequences.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    /// Head width.
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Timed calls (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
 }
 
 /// Arguments of `collie bench memory`.
@@ -53,6 +82,15 @@ pub struct MemoryArgs {
     /// `train.max_grad_norm` (0: no clipping, as CoLLiE's memory profile).
     #[arg(long, default_value_t = 0.0)]
     max_grad_norm: f64,
+    /// Compute dtype (`[model] dtype`): f32, bf16 or f16 (master weights f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// `[model] attention`: naive or flash.
+    #[arg(long, default_value = "naive")]
+    attention: String,
+    /// Dense peak of the device in TFLOPS, for MFU (989 for an H100 SXM / H200 in bf16).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     /// Run every preset × optimizer below, each in a fresh process, and write `memory.jsonl` and
     /// `memory.png` into this directory.
     #[arg(long)]
@@ -125,7 +163,9 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
             c.tie_word_embeddings = true;
             c
         }
-        other => bail!("unknown preset `{other}` (tiny, 20m, 30m, small, 360m)"),
+        // The GPU benchmark's ~1.1 B LLaMA: 16 layers, d 2048, GQA 32:8, SwiGLU 8192.
+        "1b" => LlamaConfig::new(32000, 2048, 8192, 16, 32, 8),
+        other => bail!("unknown preset `{other}` (tiny, 20m, 30m, small, 360m, 1b)"),
     })
 }
 
@@ -261,6 +301,7 @@ pub fn run(cmd: Command, device: DeviceSpec) -> Result<()> {
             Some(dir) => return memory_sweep(&args, &dir, device),
             None => dispatch(device, Memory(args)),
         },
+        Command::Attention(args) => dispatch(device, AttentionBench(args)),
     }
     .context("selecting the device")?
 }
@@ -297,7 +338,9 @@ impl BackendTask for Memory {
         let data = dir.join("data.jsonl");
         std::fs::write(&data, lines).with_context(|| format!("writing {}", data.display()))?;
         let text = format!(
-            "[model]\npath = \"\"\ninit = \"scratch\"\n[data]\ntrain = {:?}\nformat = \"tokens\"\nseq_len = {}\nshuffle = false\n[train]\nmax_steps = {}\nmicro_batch_size = {}\nmax_grad_norm = {:?}\nactivation_checkpointing = {checkpointing}\n[optim]\nname = {:?}\nlr = 1e-5\n[output]\ndir = {:?}\n",
+            "[model]\npath = \"\"\ninit = \"scratch\"\ndtype = {:?}\nattention = {:?}\n[data]\ntrain = {:?}\nformat = \"tokens\"\nseq_len = {}\nshuffle = false\n[train]\nmax_steps = {}\nmicro_batch_size = {}\nmax_grad_norm = {:?}\nactivation_checkpointing = {checkpointing}\n[optim]\nname = {:?}\nlr = 1e-5\n[output]\ndir = {:?}\n",
+            args.dtype,
+            args.attention,
             data.display().to_string(),
             args.seq_len,
             args.steps,
@@ -324,6 +367,11 @@ impl BackendTask for Memory {
         let mut timed = seconds[1.min(seconds.len() - 1)..].to_vec();
         timed.sort_by(f64::total_cmp);
         let step_s = timed[timed.len() / 2];
+        let tokens_per_s = (args.seq_len * args.batch_size) as f64 / step_s;
+        let flops_per_token = train_flops_per_token(&model, args.seq_len);
+        let mfu = args
+            .peak_tflops
+            .map(|p| tokens_per_s * flops_per_token / (p * 1e12));
         let line = serde_json::json!({
             "bench": "memory",
             "preset": args.preset,
@@ -335,13 +383,116 @@ impl BackendTask for Memory {
             "peak_rss_bytes": peak,
             "bytes_per_param": peak as f64 / params as f64,
             "step_s": step_s,
-            "tokens_per_s": (args.seq_len * args.batch_size) as f64 / step_s,
+            "step_s_all": seconds,
+            "tokens_per_s": tokens_per_s,
+            "dtype": args.dtype,
+            "attention": args.attention,
+            "flops_per_token": flops_per_token,
+            "mfu": mfu,
         });
         drop(trainer);
         std::fs::remove_dir_all(&dir).ok();
         println!("{line}");
         Ok(())
     }
+}
+
+/// Training FLOPs per token of a LLaMA (torchtitan's count): `6·N` for the parameters outside
+/// the embedding table (each used once forward, twice backward) plus `12·L·H·d_head·T` for the
+/// attention scores and their product with V (causal masking not discounted). The LM head counts
+/// whether or not it is tied.
+pub fn train_flops_per_token(c: &LlamaConfig, seq_len: usize) -> f64 {
+    let d = c.hidden_size as f64;
+    let heads = c.num_attention_heads as f64;
+    let hd = d / heads;
+    let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads) as f64 * hd;
+    let ffn = c.intermediate_size as f64;
+    let layers = c.num_hidden_layers as f64;
+    // q, o: d·d each; k, v: d·kv each; SwiGLU: 3·d·ffn; two norms
+    let per_layer = 2.0 * d * d + 2.0 * d * kv + 3.0 * d * ffn + 2.0 * d;
+    // The LM head is a matmul whether or not it is tied to the embedding (whose lookup is free).
+    let lm_head = d * c.vocab_size as f64;
+    let n = layers * per_layer + d + lm_head;
+    6.0 * n + 12.0 * layers * heads * hd * seq_len as f64
+}
+
+struct AttentionBench(AttentionArgs);
+
+impl BackendTask for AttentionBench {
+    type Output = Result<()>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        use collie_core::attention::{attention, AttentionKind, AttnMask};
+        let a = self.0;
+        let kind: AttentionKind = a.attention.parse().map_err(anyhow::Error::msg)?;
+        if a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+            bail!(
+                "--heads {} must be a multiple of --kv-heads {}",
+                a.heads,
+                a.kv_heads
+            );
+        }
+        let (b, s) = (a.batch_size, a.seq_len);
+        let n = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<B, 4>::random([b, a.heads, s, a.head_dim], n, &device).require_grad();
+        let k = Tensor::<B, 4>::random([b, a.kv_heads, s, a.head_dim], n, &device).require_grad();
+        let v = Tensor::<B, 4>::random([b, a.kv_heads, s, a.head_dim], n, &device).require_grad();
+        let sync = || B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"));
+        sync()?;
+        let before = current_rss_mib();
+        let call = || -> Result<f64> {
+            let start = Instant::now();
+            let mask = AttnMask::new(b, s, s, None, None, 0);
+            let mask = match kind {
+                AttentionKind::Naive => mask.materialize(&device),
+                AttentionKind::Flash => mask,
+            };
+            let o = attention(q.clone(), k.clone(), v.clone(), Some(&mask), kind);
+            let grads = o.sum().backward();
+            let dq = q.grad(&grads).context("no gradient for q")?;
+            drop(grads);
+            drop(dq);
+            sync()?;
+            Ok(start.elapsed().as_secs_f64())
+        };
+        call()?;
+        let mut times = Vec::new();
+        for _ in 0..a.steps {
+            times.push(call()?);
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        // Forward 2 matmuls + backward 4 (flash: 5 with the recomputed scores), causal: half.
+        let flops = 2.0 * 2.0 * (b * a.heads * s * s * a.head_dim) as f64 * 3.0 / 2.0;
+        let peak = peak_rss_mib();
+        let line = serde_json::json!({
+            "bench": "attention",
+            "attention": a.attention,
+            "batch_size": b,
+            "seq_len": s,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "head_dim": a.head_dim,
+            "step_s_median": median,
+            "tflops": flops / median / 1e12,
+            "peak_rss_mib": peak,
+            "rss_before_mib": before,
+            "attention_peak_mib": match (peak, before) {
+                (Some(p), Some(b0)) => Some(p - b0),
+                _ => None,
+            },
+        });
+        println!("{line}");
+        Ok(())
+    }
+}
+
+/// Current resident set size of this process in MiB (Linux `VmRSS`), if known.
+fn current_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// CoLLiE's published memory lines (README figure: GB per billion parameters, bf16, batch 1,
@@ -369,6 +520,7 @@ fn memory_sweep(args: &MemoryArgs, dir: &std::path::Path, device: DeviceSpec) ->
                 .args(["--batch-size", &args.batch_size.to_string()])
                 .args(["--steps", &args.steps.to_string()])
                 .args(["--max-grad-norm", &args.max_grad_norm.to_string()])
+                .args(["--dtype", &args.dtype, "--attention", &args.attention])
                 .output()
                 .context("running collie bench memory")?;
             let stdout = String::from_utf8_lossy(&out.stdout);

@@ -15,10 +15,9 @@
 
 use std::ops::Range;
 
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention as sdpa;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// Which attention implementation a model runs (HF's `attn_implementation`).
@@ -125,10 +124,12 @@ impl<B: Backend> AttnMask<B> {
                     .reshape([batch, 1, s_k])
                     .expand([batch, n, s_k]);
                 let first = past as usize + rows.start;
+                // Reshape, then slice: Burn 0.21's fused wgpu backend read the wrong rows from
+                // the reshape of a column slice (`[3, 9]` → `[.., 8..9]` → `[3, 1, 1]`).
                 let seg_q = segments
                     .clone()
-                    .slice([0..batch, first..first + n])
-                    .reshape([batch, n, 1])
+                    .reshape([batch, s_k, 1])
+                    .slice([0..batch, first..first + n, 0..1])
                     .expand([batch, n, s_k]);
                 let mut foreign = seg_k.clone().not_equal(seg_q).bool_or(seg_k.equal_elem(0));
                 if self.shared > 0 {
@@ -221,7 +222,8 @@ pub fn attention<B: Backend>(
     }
 }
 
-/// The naive path: K/V repeated to every query head, the whole score matrix materialized.
+/// The naive path: K/V repeated to every query head, the whole score matrix materialized
+/// (HF's eager attention).
 ///
 /// # Shapes
 /// - q: `[batch, heads, s_q, head_dim]`
@@ -234,12 +236,26 @@ pub fn naive_attention<B: Backend>(
     v: Tensor<B, 4>,
     mask: Option<&Tensor<B, 4, Bool>>,
 ) -> Tensor<B, 4> {
-    let [b, h, s_q, _] = q.dims();
+    let [b, h, s_q, d] = q.dims();
     let [_, kvh, s_k, _] = k.dims();
     let n_rep = h / kvh;
     let k = repeat_kv(k, n_rep);
     let v = repeat_kv(v, n_rep);
     // [batch, 1, s_q, s_k] -> [batch, heads, s_q, s_k]
     let mask = mask.map(|m| m.clone().expand([b, h, s_q, s_k]));
-    sdpa(q, k, v, mask, None, AttentionModuleOptions::default())
+    // Spelled out rather than Burn's fused attention op: that op's autotuned GPU kernels
+    // returned wrong rows for some short key lengths on wgpu (one query over 9 keys, Burn 0.21),
+    // and the reference path should be the same arithmetic on every backend. The softmax runs in
+    // f32 (transformers' eager attention and autocast do too); the two matmuls stay in the
+    // compute dtype.
+    let dtype = q.dtype();
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .cast(DType::F32)
+        .mul_scalar(1.0 / (d as f64).sqrt());
+    let scores = match mask {
+        Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
+        None => scores,
+    };
+    softmax(scores, 3).cast(dtype).matmul(v)
 }

@@ -1,99 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
-
-/// The tiny HF checkpoints of `tests/fixtures/llama/` (generator: `scripts/fixtures/llama_hf.py`).
-pub const LLAMA_CASES: &[&str] = &[
-    "mha_untied",
-    "gqa_tied_theta",
-    "mqa_llama3",
-    "llama_bias",
-    "qwen2_bias",
-    "mistral_window",
-];
+pub use collie_tests::golden::*;
 
 /// The test backend: Flex on CPU.
 pub type B = collie_core::device::Cpu;
-
-/// `tests/fixtures/<rel>`.
-pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel)
-}
-
-/// A tensor from a golden file: shape and values (ints widened to f64 exactly).
-pub struct Golden {
-    pub shape: Vec<usize>,
-    pub values: Vec<f64>,
-}
-
-/// Reads every tensor of a safetensors file (f32, f64 or i64).
-pub fn read_golden(path: &std::path::Path) -> HashMap<String, Golden> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let data = view.data();
-            let values: Vec<f64> = match view.dtype() {
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => data
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::I64 => data
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("unexpected dtype {other:?} for {name}"),
-            };
-            (
-                name,
-                Golden {
-                    shape: view.shape().to_vec(),
-                    values,
-                },
-            )
-        })
-        .collect()
-}
-
-impl Golden {
-    /// As an int tensor of rank 2.
-    pub fn int2<Bk: Backend>(&self, device: &Bk::Device) -> Tensor<Bk, 2, Int> {
-        let data: Vec<i64> = self.values.iter().map(|v| *v as i64).collect();
-        Tensor::from_data(
-            TensorData::new(data, [self.shape[0], self.shape[1]]),
-            device,
-        )
-    }
-}
-
-/// Flattened f32 values of a tensor.
-pub fn values<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
-}
-
-/// Max |a - b| over positions where `keep(i)` holds.
-pub fn max_abs_diff(a: &[f32], b: &[f64], keep: impl Fn(usize) -> bool) -> f64 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .filter(|(i, _)| keep(*i))
-        .map(|(_, (x, y))| (*x as f64 - y).abs())
-        .fold(0.0, f64::max)
-}
 
 /// Runs `config` quietly to the end (resuming from `resume` when given) and returns the trainer
 /// with the training losses of its `metrics.jsonl`.

@@ -3,9 +3,7 @@
 //! stack, 5 steps, fed the reference's own gradients; parameters after every step within 1e-6
 //! relative. Fixtures: `scripts/fixtures/optim_ref.py`.
 
-use std::path::PathBuf;
-
-use burn::backend::Flex;
+use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use collie_io::module::TensorSource;
 use collie_io::safetensors::SafetensorsSource;
@@ -14,24 +12,20 @@ use collie_optim::lomo::clip_coefficient;
 use collie_optim::*;
 use serde_json::Value;
 
-type B = Flex;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/optim")
-}
+use super::Check;
+use crate::golden::fixture;
 
 /// A tensor of rank 1 or 2 (the stack has weights and biases).
-enum P {
+enum P<B: Backend> {
     V(Tensor<B, 1>),
     M(Tensor<B, 2>),
 }
 
-impl P {
-    fn of(t: HostTensor) -> P {
-        let d = Default::default();
+impl<B: Backend> P<B> {
+    fn of(t: HostTensor, d: &B::Device) -> P<B> {
         match t.shape.len() {
-            1 => P::V(t.to_tensor(&d)),
-            _ => P::M(t.to_tensor(&d)),
+            1 => P::V(t.to_tensor(d)),
+            _ => P::M(t.to_tensor(d)),
         }
     }
     fn host(&self) -> HostTensor {
@@ -43,7 +37,7 @@ impl P {
     fn sq_norm(&self) -> f64 {
         self.host().data.iter().map(|&x| (x as f64).powi(2)).sum()
     }
-    fn scaled(&self, s: f64) -> P {
+    fn scaled(&self, s: f64) -> P<B> {
         match self {
             P::V(t) => P::V(t.clone().mul_scalar(s)),
             P::M(t) => P::M(t.clone().mul_scalar(s)),
@@ -51,7 +45,7 @@ impl P {
     }
 }
 
-fn update<O: Optimizer<B>>(o: &mut O, path: &str, p: P, g: P, lr: f64) -> P {
+fn update<B: Backend, O: Optimizer<B>>(o: &mut O, path: &str, p: P<B>, g: P<B>, lr: f64) -> P<B> {
     match (p, g) {
         (P::V(p), P::V(g)) => P::V(o.update(path, p, g, lr)),
         (P::M(p), P::M(g)) => P::M(o.update(path, p, g, lr)),
@@ -63,8 +57,15 @@ fn f(c: &Value, k: &str, default: f64) -> f64 {
     c.get(k).and_then(Value::as_f64).unwrap_or(default)
 }
 
-fn run_case(name: &str, c: &Value, names: &[String], steps: u64, src: &SafetensorsSource) -> f64 {
-    let read = |k: String| P::of(src.read(&k).unwrap_or_else(|e| panic!("{k}: {e}")));
+fn run_case<B: Backend>(
+    name: &str,
+    c: &Value,
+    names: &[String],
+    steps: u64,
+    src: &SafetensorsSource,
+    device: &B::Device,
+) -> f64 {
+    let read = |k: String| P::<B>::of(src.read(&k).unwrap_or_else(|e| panic!("{k}: {e}")), device);
     let lr = f(c, "lr", 0.0);
     let wd = f(c, "weight_decay", 0.0);
     let clip_norm = f(c, "clip_grad_norm", 0.0);
@@ -110,13 +111,13 @@ fn run_case(name: &str, c: &Value, names: &[String], steps: u64, src: &Safetenso
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
-    let mut params: Vec<P> = names
+    let mut params: Vec<P<B>> = names
         .iter()
         .map(|n| read(format!("{name}.0.param.{n}")))
         .collect();
     let mut worst = 0.0f64;
     for step in 1..=steps {
-        let grads: Vec<P> = names
+        let grads: Vec<P<B>> = names
             .iter()
             .map(|n| read(format!("{name}.{step}.grad.{n}")))
             .collect();
@@ -165,21 +166,17 @@ fn run_case(name: &str, c: &Value, names: &[String], steps: u64, src: &Safetenso
                 .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
             let rel = diff / scale;
             worst = worst.max(rel);
-            assert!(
-                rel <= 1e-6,
-                "{name} step {step} {n}: max |Δ| {diff:.3e} (relative {rel:.3e})"
-            );
         }
     }
     worst
 }
 
-#[test]
-fn optimizers_match_reference_implementations() {
+/// Every case of `optim/unit.json`: the worst relative parameter difference over its steps.
+pub fn reference<B: Backend>(device: &B::Device) -> Vec<Check> {
+    let dir = fixture("optim");
     let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("unit.json")).unwrap())
-            .unwrap();
-    let src = SafetensorsSource::open(&fixtures().join("unit.safetensors")).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("unit.json")).unwrap()).unwrap();
+    let src = SafetensorsSource::open(&dir.join("unit.safetensors")).unwrap();
     let names: Vec<String> = meta["params"]
         .as_array()
         .unwrap()
@@ -188,64 +185,18 @@ fn optimizers_match_reference_implementations() {
         .collect();
     let steps = meta["steps"].as_u64().unwrap();
     let cases = meta["cases"].as_object().unwrap();
-    assert!(cases.len() >= 13);
-    for (name, c) in cases {
-        let worst = run_case(name, c, &names, steps, &src);
-        println!("{name}: parameters within {worst:.2e} relative over {steps} steps");
-    }
-}
-
-/// Checkpointed state restores the exact trajectory: 2 steps, save, reload into a fresh optimizer,
-/// 3 more steps == 5 uninterrupted steps.
-#[test]
-fn state_round_trip_continues_exactly() {
-    let d = Default::default();
-    let make = |k: &str| -> AnyOptimizer<B> {
-        match k {
-            "lion" => AnyOptimizer::Lion(Lion::new(LionConfig::default())),
-            "adan" => AnyOptimizer::Adan(Adan::new(AdanConfig::default())),
-            "sophiag" => AnyOptimizer::Sophia(Sophia::new(SophiaConfig::default())),
-            _ => AnyOptimizer::AdaLomo(AdaLomo::new(AdaLomoConfig::default())),
-        }
-    };
-    let w0 = Tensor::<B, 2>::from_floats([[0.5, -0.2, 0.1], [0.3, 0.8, -0.6]], &d);
-    let b0 = Tensor::<B, 1>::from_floats([0.1, -0.4, 0.2], &d);
-    let grad = |s: usize| {
-        let s = s as f64;
-        (
-            Tensor::<B, 2>::from_floats([[0.1, -0.3, 0.2], [0.05, 0.4, -0.1]], &d)
-                .mul_scalar(1.0 + s),
-            Tensor::<B, 1>::from_floats([0.2, -0.1, 0.3], &d).mul_scalar(1.0 - 0.3 * s),
-        )
-    };
-    for k in ["lion", "adan", "sophiag", "adalomo"] {
-        let run = |opt: &mut AnyOptimizer<B>,
-                   w: Tensor<B, 2>,
-                   b: Tensor<B, 1>,
-                   from: usize,
-                   to: usize| {
-            let (mut w, mut b) = (w, b);
-            for s in from..to {
-                let (gw, gb) = grad(s);
-                w = opt.update("w", w, gw, 1e-2);
-                b = opt.update("b", b, gb, 1e-2);
-            }
-            (w, b)
-        };
-        let mut full = make(k);
-        let (w_full, _) = run(&mut full, w0.clone(), b0.clone(), 0, 5);
-        let mut first = make(k);
-        let (w, b) = run(&mut first, w0.clone(), b0.clone(), 0, 2);
-        let mut second = make(k);
-        Optimizer::<B>::load_state(&mut second, Optimizer::<B>::state(&first), &d).unwrap();
-        let (w_resumed, _) = run(&mut second, w, b, 2, 5);
-        let (a, b) = (
-            HostTensor::from_tensor(w_full),
-            HostTensor::from_tensor(w_resumed),
-        );
-        assert_eq!(a, b, "{k}: resumed trajectory differs");
-        // Another optimizer's state is refused.
-        let mut other = make(if k == "lion" { "adan" } else { "lion" });
-        assert!(Optimizer::<B>::load_state(&mut other, Optimizer::<B>::state(&first), &d).is_err());
-    }
+    assert!(cases.len() >= 13, "optim/unit.json: {} cases", cases.len());
+    cases
+        .iter()
+        .map(|(name, c)| {
+            let worst = run_case::<B>(name, c, &names, steps, &src, device);
+            Check::new(
+                "optim",
+                name,
+                &format!("parameters max rel Δ over {steps} steps"),
+                worst,
+                1e-6,
+            )
+        })
+        .collect()
 }

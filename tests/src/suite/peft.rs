@@ -1,0 +1,49 @@
+//! PEFT against HF peft 0.21 + transformers (`scripts/fixtures/peft_ref.py`): logits of a tiny
+//! GQA LLaMA under each method with non-trivial adapter weights.
+
+use burn::tensor::backend::Backend;
+use collie_core::lm::CausalLm;
+use collie_peft::adapter_io;
+
+use super::Check;
+use crate::golden::{fixture, max_abs_diff, read_golden, values};
+
+/// The fixture adapters (`tests/fixtures/peft/<case>`).
+pub const CASES: &[&str] = &[
+    "lora",
+    "lora_rslora_all_linear",
+    "ia3",
+    "prefix",
+    "prefix_projection",
+    "prompt",
+    "ptuning",
+];
+
+/// Logits of the adapter in `adapter` on case `case`'s batch vs peft's: max |Δ| over real
+/// positions.
+pub fn logits_diff<B: Backend>(adapter: &std::path::Path, case: &str, device: &B::Device) -> f64 {
+    let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), device)
+        .unwrap()
+        .model;
+    let (model, _) = adapter_io::load(base, adapter, device).unwrap();
+    let g = read_golden(&fixture(&format!("peft/{case}/golden.safetensors")));
+    let ids = g["input_ids"].int2::<B>(device);
+    let mask = g["attention_mask"].int2::<B>(device);
+    let logits = values(model.logits(ids, Some(&mask)));
+    let want = &g["logits"];
+    let (rows, cols, vocab) = (want.shape[0], want.shape[1], want.shape[2]);
+    let real = &g["attention_mask"].values;
+    assert_eq!(logits.len(), rows * cols * vocab, "{case}: logits shape");
+    max_abs_diff(&logits, &want.values, |i| real[i / vocab] == 1.0)
+}
+
+/// Every method's logits within 1e-4 of peft's.
+pub fn logits<B: Backend>(device: &B::Device) -> Vec<Check> {
+    CASES
+        .iter()
+        .map(|case| {
+            let d = logits_diff::<B>(&fixture(&format!("peft/{case}")), case, device);
+            Check::new("peft", case, "max |Δlogit| vs peft", d, 1e-4)
+        })
+        .collect()
+}
