@@ -76,6 +76,7 @@ measure() {
   kill "$smi" 2>/dev/null
   wait "$smi" 2>/dev/null
   sort -n "$out/$name.smi" | tail -1 >"$out/$name.mem"
+  rm -f "$out/$name.smi"
   echo "gpu-check: $name exit $rc, peak GPU memory $(cat "$out/$name.mem") MiB: $(tail -c 400 "$out/$name.json" | tail -1)"
   [ $rc -eq 0 ] || tail -5 "$out/$name.err"
   return 0
@@ -154,7 +155,12 @@ if t and c:
 json.dump(res, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)
 print(json.dumps({k: v for k, v in res.items() if k != "parity_checks"}, indent=1)[:6000])
 PY
-  grep -q '"failed": \[\]' "$out/parity.json" && echo "gpu-check: parity passed" || { echo "gpu-check: parity FAILED"; exit 1; }
+  if grep -Eq '"failed": ?\[\]' "$out/parity.json"; then
+    echo "gpu-check: parity passed"
+  else
+    echo "gpu-check: parity FAILED (see $out/parity.json)"
+    exit 1
+  fi
 }
 
 case "${1:-}" in

@@ -5,6 +5,10 @@ rule (median of the timed steps after one warm-up), one JSON line on stdout.
 Usage:
   python torch_bench.py forward|train --preset tiny|20m|small --seq-len 256 --batch-size 4 --steps 5
   python torch_bench.py matmul --size 1024 --iters 20
+  python torch_bench.py attention --attention naive|flash --seq-len 4096 --batch-size 1 --heads 32 --kv-heads 8 --head-dim 64
+    (forward + backward of one causal GQA attention call: `naive` = transformers' eager path,
+    repeat_kv + matmul + f32 softmax + matmul; `flash` = F.scaled_dot_product_attention with
+    enable_gqa, PyTorch's fused kernel; the memory above the inputs, as `collie bench attention`)
 """
 
 import argparse
@@ -85,6 +89,45 @@ def matmul(args):
                           gflops=2 * n**3 / m / 1e9)))
 
 
+def current_rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def attention(args):
+    b, h, kvh, s, d = args.batch_size, args.heads, args.kv_heads, args.seq_len, args.head_dim
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    k = torch.randn(b, kvh, s, d, requires_grad=True)
+    v = torch.randn(b, kvh, s, d, requires_grad=True)
+    before = current_rss_mib()
+
+    def call():
+        start = time.perf_counter()
+        if args.attention == "naive":
+            rep = h // kvh
+            kk = k[:, :, None].expand(b, kvh, rep, s, d).reshape(b, h, s, d)
+            vv = v[:, :, None].expand(b, kvh, rep, s, d).reshape(b, h, s, d)
+            scores = (q @ kk.transpose(2, 3)) / d**0.5
+            causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+            o = torch.softmax(scores, dim=-1, dtype=torch.float32) @ vv
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        o.sum().backward()
+        q.grad = k.grad = v.grad = None
+        return time.perf_counter() - start
+
+    call()
+    m = median([call() for _ in range(args.steps)])
+    peak = peak_rss_mib()
+    print(json.dumps(dict(bench="attention", impl="pytorch", torch=torch.__version__, threads=torch.get_num_threads(),
+                          attention=args.attention, batch_size=b, seq_len=s, heads=h, kv_heads=kvh, head_dim=d,
+                          step_s_median=m, peak_rss_mib=peak, rss_before_mib=before, attention_peak_mib=peak - before)))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -98,9 +141,19 @@ def main():
     m = sub.add_parser("matmul")
     m.add_argument("--size", type=int, default=1024)
     m.add_argument("--iters", type=int, default=20)
+    a = sub.add_parser("attention")
+    a.add_argument("--attention", choices=["naive", "flash"], default="flash")
+    a.add_argument("--seq-len", type=int, default=2048)
+    a.add_argument("--batch-size", type=int, default=1)
+    a.add_argument("--heads", type=int, default=32)
+    a.add_argument("--kv-heads", type=int, default=8)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
     if args.cmd == "matmul":
         matmul(args)
+    elif args.cmd == "attention":
+        attention(args)
     else:
         forward(args, update=args.cmd == "train")
 

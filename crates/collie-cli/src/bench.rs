@@ -425,7 +425,7 @@ impl BackendTask for AttentionBench {
         use collie_core::attention::{attention, AttentionKind, AttnMask};
         let a = self.0;
         let kind: AttentionKind = a.attention.parse().map_err(anyhow::Error::msg)?;
-        if a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+        if a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
             bail!(
                 "--heads {} must be a multiple of --kv-heads {}",
                 a.heads,
