@@ -2,7 +2,8 @@
 transformers' LlamaForCausalLM (sdpa attention) with f32 master weights under bf16 autocast,
 torch.optim.AdamW(fused=True), random tokens, no clipping. Prints one JSON line with tokens/s
 (median of the steps after the first), MFU by the same FLOP count as collie
-(`train_flops_per_token` in crates/collie-cli/src/bench.rs) and the allocator's peak.
+(`collie_train::metrics::flops_per_token` over the parameters but the
+untied embedding table, as `collie bench memory` counts them) and the allocator's peak.
 
   python scripts/bench/torch_gpu.py --seq-len 2048 --batch-size 4 --steps 30 [--peak-tflops 989]
   python scripts/bench/torch_gpu.py --parity FIXTURE_DIR   # 20-step bf16 loss trajectory (see below)

@@ -6,3 +6,29 @@
 
 pub mod golden;
 pub mod suite;
+
+use burn::tensor::backend::AutodiffBackend;
+use collie_train::{RunOptions, TrainConfig, Trainer};
+
+/// Runs `config` quietly to the end on `device` (resuming from `resume` when given) and returns
+/// the trainer with the training losses of its `metrics.jsonl`.
+pub fn train_run<B: AutodiffBackend>(
+    config: TrainConfig,
+    resume: Option<String>,
+    device: &B::Device,
+) -> (Trainer<B>, Vec<f64>) {
+    let options = RunOptions {
+        quiet: true,
+        resume,
+        ..Default::default()
+    };
+    let out = config.output.dir.clone();
+    let mut trainer = Trainer::<B>::new(config, &options, device).unwrap();
+    trainer.run(&options).unwrap();
+    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    (trainer, losses)
+}

@@ -14,7 +14,7 @@ use collie_core::loss::cross_entropy_sum;
 use collie_llama::LlamaConfig;
 use collie_optim::clip::clip_global_norm;
 use collie_optim::{AdamW, AdamWConfig};
-use collie_train::metrics::peak_rss_bytes;
+use collie_train::metrics::{flops_per_token, peak_rss_bytes, rss_bytes};
 use collie_train::plot::{draw_memory, Series};
 use collie_train::{RunOptions, TrainConfig, Trainer};
 
@@ -169,12 +169,9 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
     })
 }
 
-/// Peak resident set size of this process in MiB (Linux `VmHWM`), if known.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+/// Bytes as MiB.
+fn mib(bytes: Option<u64>) -> Option<f64> {
+    bytes.map(|b| b as f64 / (1024.0 * 1024.0))
 }
 
 struct Forward {
@@ -227,7 +224,7 @@ impl BackendTask for Forward {
             Ok(start.elapsed().as_secs_f64())
         };
         step()?;
-        let rss_after_warmup = peak_rss_mib();
+        let rss_after_warmup = mib(peak_rss_bytes());
         let mut times = Vec::new();
         for _ in 0..args.steps {
             times.push(step()?);
@@ -244,7 +241,7 @@ impl BackendTask for Forward {
             "seq_len": s,
             "step_s_median": median,
             "tokens_per_s": (b * s) as f64 / median,
-            "peak_rss_mib": peak_rss_mib(),
+            "peak_rss_mib": mib(peak_rss_bytes()),
             "peak_rss_mib_after_warmup": rss_after_warmup,
         });
         println!("{line}");
@@ -368,7 +365,20 @@ impl BackendTask for Memory {
         timed.sort_by(f64::total_cmp);
         let step_s = timed[timed.len() / 2];
         let tokens_per_s = (args.seq_len * args.batch_size) as f64 / step_s;
-        let flops_per_token = train_flops_per_token(&model, args.seq_len);
+        // The LM head is a matmul whether or not it is tied to the embedding, whose lookup is
+        // free: only an untied embedding table leaves the count.
+        let lookup = if model.tie_word_embeddings {
+            0
+        } else {
+            model.vocab_size * model.hidden_size
+        };
+        let flops_per_token = flops_per_token(
+            params - lookup,
+            model.num_hidden_layers,
+            model.num_attention_heads,
+            model.head_dim(),
+            args.seq_len,
+        );
         let mfu = args
             .peak_tflops
             .map(|p| tokens_per_s * flops_per_token / (p * 1e12));
@@ -397,25 +407,6 @@ impl BackendTask for Memory {
     }
 }
 
-/// Training FLOPs per token of a LLaMA (torchtitan's count): `6·N` for the parameters outside
-/// the embedding table (each used once forward, twice backward) plus `12·L·H·d_head·T` for the
-/// attention scores and their product with V (causal masking not discounted). The LM head counts
-/// whether or not it is tied.
-pub fn train_flops_per_token(c: &LlamaConfig, seq_len: usize) -> f64 {
-    let d = c.hidden_size as f64;
-    let heads = c.num_attention_heads as f64;
-    let hd = d / heads;
-    let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads) as f64 * hd;
-    let ffn = c.intermediate_size as f64;
-    let layers = c.num_hidden_layers as f64;
-    // q, o: d·d each; k, v: d·kv each; SwiGLU: 3·d·ffn; two norms
-    let per_layer = 2.0 * d * d + 2.0 * d * kv + 3.0 * d * ffn + 2.0 * d;
-    // The LM head is a matmul whether or not it is tied to the embedding (whose lookup is free).
-    let lm_head = d * c.vocab_size as f64;
-    let n = layers * per_layer + d + lm_head;
-    6.0 * n + 12.0 * layers * heads * hd * seq_len as f64
-}
-
 struct AttentionBench(AttentionArgs);
 
 impl BackendTask for AttentionBench {
@@ -439,7 +430,7 @@ impl BackendTask for AttentionBench {
         let v = Tensor::<B, 4>::random([b, a.kv_heads, s, a.head_dim], n, &device).require_grad();
         let sync = || B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"));
         sync()?;
-        let before = current_rss_mib();
+        let before = mib(rss_bytes());
         let call = || -> Result<f64> {
             let start = Instant::now();
             let mask = AttnMask::new(b, s, s, None, None, 0);
@@ -464,7 +455,7 @@ impl BackendTask for AttentionBench {
         let median = times[times.len() / 2];
         // Forward 2 matmuls + backward 4 (flash: 5 with the recomputed scores), causal: half.
         let flops = 2.0 * 2.0 * (b * a.heads * s * s * a.head_dim) as f64 * 3.0 / 2.0;
-        let peak = peak_rss_mib();
+        let peak = mib(peak_rss_bytes());
         let line = serde_json::json!({
             "bench": "attention",
             "attention": a.attention,
@@ -485,14 +476,6 @@ impl BackendTask for AttentionBench {
         println!("{line}");
         Ok(())
     }
-}
-
-/// Current resident set size of this process in MiB (Linux `VmRSS`), if known.
-fn current_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// CoLLiE's published memory lines (README figure: GB per billion parameters, bf16, batch 1,

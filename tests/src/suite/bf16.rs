@@ -6,7 +6,7 @@
 
 use burn::backend::Autodiff;
 use collie_core::device::RegisterOps;
-use collie_train::{RunOptions, TrainConfig, Trainer};
+use collie_train::TrainConfig;
 use serde_json::Value;
 
 use super::Check;
@@ -63,18 +63,7 @@ pub fn trajectory<I: RegisterOps>(
 ) -> Vec<Check> {
     I::register_ops();
     let tmp = tempfile::tempdir().unwrap();
-    let options = RunOptions {
-        quiet: true,
-        ..Default::default()
-    };
-    let mut trainer =
-        Trainer::<Autodiff<I>>::new(config(tmp.path(), attention), &options, device).unwrap();
-    trainer.run(&options).unwrap();
-    let losses: Vec<f64> = std::fs::read_to_string(tmp.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
-        .collect();
+    let (_, losses) = crate::train_run::<Autodiff<I>>(config(tmp.path(), attention), None, device);
     assert_eq!(losses.len(), reference.len(), "number of steps");
     let worst = losses
         .iter()

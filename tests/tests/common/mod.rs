@@ -6,31 +6,12 @@ pub use collie_tests::golden::*;
 /// The test backend: Flex on CPU.
 pub type B = collie_core::device::Cpu;
 
-/// Runs `config` quietly to the end (resuming from `resume` when given) and returns the trainer
-/// with the training losses of its `metrics.jsonl`.
+/// [`collie_tests::train_run`] on the test backend.
 pub fn train_run(
     config: collie_train::TrainConfig,
     resume: Option<String>,
 ) -> (collie_train::Trainer<burn::backend::Autodiff<B>>, Vec<f64>) {
-    let options = collie_train::RunOptions {
-        quiet: true,
-        resume,
-        ..Default::default()
-    };
-    let out = config.output.dir.clone();
-    let mut trainer = collie_train::Trainer::<burn::backend::Autodiff<B>>::new(
-        config,
-        &options,
-        &Default::default(),
-    )
-    .unwrap();
-    trainer.run(&options).unwrap();
-    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-        .collect();
-    (trainer, losses)
+    collie_tests::train_run(config, resume, &Default::default())
 }
 
 /// A trainer config running five AdamW steps (lr 5e-3, wd 0.01, clipping at 1.0, constant lr,
