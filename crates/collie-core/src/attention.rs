@@ -15,7 +15,6 @@
 
 use std::ops::Range;
 
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -257,5 +256,17 @@ pub fn naive_attention<B: Backend>(
         Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
         None => scores,
     };
-    softmax(scores, 3).cast(dtype).matmul(v)
+    softmax_spelled(scores, 3).cast(dtype).matmul(v)
+}
+
+/// `exp(x − max) / Σ exp(x − max)` along `dim`, as tensor ops. Burn's `softmax` is a backend op:
+/// the CPU backend runs a fused kernel while burn-autodiff decomposes it into these operations,
+/// and the two differ by up to 4e-7 — enough to flip bf16 roundings, so a recomputed block
+/// (activation checkpointing, on the inner backend) would not reproduce the training forward.
+/// Spelled out, training, recomputation and inference run the same arithmetic.
+fn softmax_spelled<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let max = x.clone().detach().max_dim(dim);
+    let e = (x - max).exp();
+    let sum = e.clone().sum_dim(dim);
+    e / sum
 }

@@ -7,7 +7,8 @@
 //!   to the output; loss on output tokens only.
 //! - `chat`: `{"messages": [{"role", "content"}, ...]}` — rendered with the model's chat template;
 //!   loss on the assistant turns (each turn's span is what rendering it adds after the generation
-//!   prompt of the turns before it).
+//!   prompt of the turns before it, up to and including the tokenizer's EOS token when the turn
+//!   contains it: ChatML's newline after `<|im_end|>` carries no loss).
 //! - `tokens`: `{"input_ids": [...], "labels": [...]?}` — already tokenized.
 //!
 //! Labels follow HF: `labels[t]` is the target of position `t` (`-100` = none); position `t − 1`
@@ -236,7 +237,16 @@ impl Encoder {
                         .into(),
                 );
             }
-            spans.push(before.len()..through.len());
+            // The turn's labels end with its end token: what the template writes after it (the
+            // newline of ChatML) is never generated, so it carries no loss.
+            let turn = &full[before.len()..through.len()];
+            let end = tokens
+                .eos_token
+                .as_deref()
+                .filter(|e| !e.is_empty())
+                .and_then(|e| turn.rfind(e).map(|i| i + e.len()))
+                .unwrap_or(turn.len());
+            spans.push(before.len()..before.len() + end);
         }
         let (ids, offsets) = tok.encode_with_offsets(&full).map_err(|e| e.to_string())?;
         let labels = ids

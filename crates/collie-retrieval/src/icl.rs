@@ -143,11 +143,17 @@ pub fn generate_line<B: Backend, M: CausalLm<B>>(
         new.push(next);
         let text = tok.decode(&new, true)?;
         if let Some(cut) = text.find('\n') {
-            return Ok(text[..cut].trim().to_string());
+            return Ok(py_strip(&text[..cut]).to_string());
         }
         lp = step(model, &[next], &mut cache, device);
     }
-    Ok(tok.decode(&new, true)?.trim().to_string())
+    Ok(py_strip(&tok.decode(&new, true)?).to_string())
+}
+
+/// Python's `str.strip()`: Unicode white space and also the information separators
+/// U+001C–U+001F, which Python counts as white space and Rust's `trim` does not.
+fn py_strip(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }
 
 /// The average over tasks of each task's mean score (`b`: minus the mean of a second method
