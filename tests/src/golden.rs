@@ -78,19 +78,3 @@ impl Golden {
         )
     }
 }
-
-/// Flattened f32 values of a tensor.
-pub fn values<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
-}
-
-/// Max |a - b| over positions where `keep(i)` holds.
-pub fn max_abs_diff(a: &[f32], b: &[f64], keep: impl Fn(usize) -> bool) -> f64 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .filter(|(i, _)| keep(*i))
-        .map(|(_, (x, y))| (*x as f64 - y).abs())
-        .fold(0.0, f64::max)
-}

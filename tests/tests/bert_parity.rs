@@ -34,22 +34,33 @@ fn minilm_matches_sentence_transformers() {
     let ours = encoder
         .embed_texts(&texts, Pooling::Mean, true, 256, 16, &device)
         .unwrap();
-    let mut worst = 1.0f64;
-    for (i, v) in ours.iter().enumerate() {
+    assert_eq!(ours.len() * d, golden["mean_normalized"].values.len());
+    // 1 − cosine of each text's vector to sentence-transformers' (finite, or the test fails).
+    let gap = worst(ours.iter().enumerate().map(|(i, v)| {
         let want = &golden["mean_normalized"].values[i * d..(i + 1) * d];
+        assert_finite(&format!("text {i}"), v);
         let dot: f64 = v.iter().zip(want).map(|(a, b)| *a as f64 * b).sum();
         let na: f64 = v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
         let nb: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-        worst = worst.min(dot / (na * nb));
-    }
-    println!("mean + normalize: min cosine to sentence-transformers = {worst:.8}");
-    assert!(worst >= 0.99999, "min cosine {worst}");
+        1.0 - dot / (na * nb)
+    }));
+    assert_within(
+        "minilm mean + normalize: max (1 − cosine) to sentence-transformers",
+        gap,
+        2e-11,
+    );
+    // Normalized: unit vectors, and element-wise what sentence-transformers gives.
+    let flat: Vec<f32> = ours.iter().flatten().copied().collect();
+    assert_within(
+        "minilm mean + normalize: max |Δ| to sentence-transformers",
+        max_abs_diff(&flat, &golden["mean_normalized"].values, |_| true),
+        3e-6,
+    );
 
     let cls = encoder
         .embed_texts(&texts, Pooling::Cls, false, 256, 16, &device)
         .unwrap();
     let flat: Vec<f32> = cls.into_iter().flatten().collect();
     let diff = max_abs_diff(&flat, &golden["cls"].values, |_| true);
-    println!("cls: max |Δ| to transformers = {diff:.2e}");
-    assert!(diff < 1e-4, "cls differs by {diff}");
+    assert_within("minilm cls: max |Δ| to transformers", diff, 2e-5);
 }

@@ -35,6 +35,11 @@ fn batched_greedy_equals_one_prompt_at_a_time_and_the_full_forward() {
             ..Default::default()
         };
         let batched = generate(&model, &prompts, &cfg, &device, |_, _| {}).unwrap();
+        assert_eq!(
+            batched.len(),
+            prompts.len(),
+            "{case}: one answer per prompt"
+        );
         for (prompt, got) in prompts.iter().zip(&batched) {
             let alone = generate(
                 &model,

@@ -40,33 +40,10 @@ fn compare(case: &str, lines: &[Value], out: &Path) {
         &std::fs::read_to_string(fixture(&format!("train/{case}.json"))).unwrap(),
     )
     .unwrap();
-    assert_eq!(lines.len(), expected.len(), "{case}: number of steps");
-    for (i, (got, want)) in lines.iter().zip(&expected).enumerate() {
+    for (i, (got, want)) in zip_eq(case, lines, &expected[..]).enumerate() {
         assert_eq!(
             got["target_tokens"], want["target_tokens"],
             "{case} step {i}: target tokens"
-        );
-        let rel = |k: &str| {
-            let (a, b) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
-            (a - b).abs() / b.abs().max(1e-12)
-        };
-        println!(
-            "{case} step {}: loss rel {:.1e}, grad_norm rel {:.1e}",
-            i + 1,
-            rel("loss"),
-            rel("grad_norm")
-        );
-        assert!(
-            rel("loss") < 1e-4,
-            "{case} step {i}: loss {} vs {}",
-            got["loss"],
-            want["loss"]
-        );
-        assert!(
-            rel("grad_norm") < 1e-4,
-            "{case} step {i}: grad_norm {} vs {}",
-            got["grad_norm"],
-            want["grad_norm"]
         );
         let (a, b) = (got["lr"].as_f64().unwrap(), want["lr"].as_f64().unwrap());
         assert!(
@@ -74,18 +51,31 @@ fn compare(case: &str, lines: &[Value], out: &Path) {
             "{case} step {i}: lr {a} vs {b}"
         );
     }
+    let series =
+        |v: &[Value], k: &str| -> Vec<f64> { v.iter().map(|x| x[k].as_f64().unwrap()).collect() };
+    // Worst achieved (adamw, sgd): loss 2.2e-7, gradient norm 4.2e-7.
+    for (k, tol) in [("loss", 2e-6), ("grad_norm", 4e-6)] {
+        assert_within(
+            &format!("train {case}: 10 steps, {k} max rel Δ vs PyTorch"),
+            max_rel_list(&series(lines, k), &series(&expected, k)),
+            tol,
+        );
+    }
     let final_dir = out.join("checkpoints").join("step-10");
     let ours = SafetensorsSource::open(&final_dir).unwrap();
     let theirs =
         SafetensorsSource::open(&fixture(&format!("train/{case}_final.safetensors"))).unwrap();
-    let mut worst = 0.0f64;
-    for key in theirs.keys() {
-        let (a, b) = (ours.read(&key).unwrap(), theirs.read(&key).unwrap());
-        let b: Vec<f64> = b.data.into_iter().map(f64::from).collect();
-        worst = worst.max(max_abs_diff(&a.data, &b, |_| true));
-    }
-    println!("{case}: final weights max |Δ| = {worst:.2e}");
-    assert!(worst < 1e-4, "{case}: final weights differ by {worst:.3e}");
+    assert_eq!(ours.keys().len(), theirs.keys().len(), "{case}: tensors");
+    let worst = worst(theirs.keys().iter().map(|key| {
+        let (a, b) = (ours.read(key).unwrap(), theirs.read(key).unwrap());
+        assert_eq!(a.shape, b.shape, "{case}: {key}");
+        max_abs_diff(&a.data, &b.data, |_| true)
+    }));
+    assert_within(
+        &format!("train {case}: final weights max |Δ| vs PyTorch"),
+        worst,
+        1e-6,
+    );
 }
 
 #[test]

@@ -77,7 +77,10 @@ fn merged_model_equals_the_adapter_applied_at_run_time() {
         ppl(&["--model", base, "--adapter", adapter]),
         ppl(&["--model", merged]),
     );
-    assert!((x - y).abs() < 1e-4 * x, "ppl {x} vs {y}");
+    let rel = (x - y).abs() / x;
+    // Worst achieved: 2.2e-7.
+    println!("merged vs adapter at run time: ppl {x} vs {y} (rel {rel:.2e}, tolerance 2e-6)");
+    assert!(rel < 2e-6, "ppl {x} vs {y}");
 }
 
 #[test]

@@ -85,7 +85,8 @@ fn eval_ppl_matches_transformers() {
         let (a, b) = (got[key].as_f64().unwrap(), expected[key].as_f64().unwrap());
         let rel = (a - b).abs() / b.abs();
         println!("{key}: collie {a} transformers {b} (rel {rel:.2e})");
-        assert!(rel < 1e-3, "{key}: {a} vs {b} (relative {rel:.2e})");
+        // Worst achieved: 1.7e-6 (ppl).
+        assert!(rel < 1.5e-5, "{key}: {a} vs {b} (relative {rel:.2e})");
     }
 }
 

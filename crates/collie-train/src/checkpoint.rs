@@ -127,31 +127,35 @@ pub fn save<B: Backend>(
     write_json(&partial.join("trainer_state.json"), &state)?;
     std::fs::write(partial.join("config.resolved.toml"), resolved_config)
         .map_err(|e| TrainError::io(&partial, e))?;
-    // Fault injection for the crash-safety test (COLLIE_TEST_* variables are test hooks): die
-    // with everything written but before the rename.
-    if std::env::var("COLLIE_TEST_ABORT_CHECKPOINT")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        == Some(state.step)
-    {
+    // Crash-safety test: die with everything written but before the rename.
+    if fault_at("COLLIE_TEST_ABORT_CHECKPOINT", state.step) {
         std::process::abort();
     }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     }
     std::fs::rename(&partial, &dir).map_err(|e| TrainError::io(&dir, e))?;
-    // For the kill-and-resume test: stop here, checkpoint complete, until killed from outside.
-    if std::env::var("COLLIE_TEST_PAUSE_AFTER_CHECKPOINT")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        == Some(state.step)
-    {
+    // Kill-and-resume test: stop here, checkpoint complete, until killed from outside.
+    if fault_at("COLLIE_TEST_PAUSE_AFTER_CHECKPOINT", state.step) {
         eprintln!("paused after checkpoint step-{}", state.step);
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
     Ok(dir)
+}
+
+/// Whether the test variable `var` names `step` (feature `test-hooks`, which only the crash-safety
+/// tests enable).
+#[cfg(feature = "test-hooks")]
+fn fault_at(var: &str, step: u64) -> bool {
+    std::env::var(var).ok().and_then(|s| s.parse::<u64>().ok()) == Some(step)
+}
+
+/// Release builds inject no faults.
+#[cfg(not(feature = "test-hooks"))]
+fn fault_at(_var: &str, _step: u64) -> bool {
+    false
 }
 
 /// Reads the optimizer tensors and trainer state of a checkpoint directory.

@@ -1,7 +1,8 @@
 //! End-to-end optimizer parity: 8 steps of a tiny LLaMA through `recipe-sft --config ...` with
 //! each of lion, adan, sophiag, lomo and adalomo (LOMO/AdaLomo through the block-wise fused
 //! backward, also with tied embeddings) against the reference optimizers in a PyTorch loop on the
-//! same init and data: per-step losses of `metrics.jsonl` within 1e-4 relative.
+//! same init and data: per-step losses of `metrics.jsonl` within 1.5e-6 relative (worst achieved:
+//! 1.5e-7, adalomo).
 //! Fixtures: `scripts/fixtures/optim_ref.py`.
 
 use std::path::PathBuf;
@@ -98,8 +99,9 @@ fn compare(case: &str, extra: &[&str]) {
         );
         let (a, b) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
         let rel = (a - b).abs() / b.abs();
+        assert!(rel.is_finite(), "{case} step {}: loss {a} vs {b}", i + 1);
         worst = worst.max(rel);
-        assert!(rel < 1e-4, "{case} step {}: loss {a} vs {b}", i + 1);
+        assert!(rel < 1.5e-6, "{case} step {}: loss {a} vs {b}", i + 1);
         let (a, b) = (g["lr"].as_f64().unwrap(), w["lr"].as_f64().unwrap());
         assert!(
             (a - b).abs() <= 1e-12,

@@ -105,9 +105,36 @@ fn tiny_run_goes_end_to_end_and_resumes() {
     .unwrap();
     let agreement = cell["demo_label_agreement"].as_f64().unwrap();
     let share = cell["majority_prediction_share"].as_f64().unwrap();
+    let predicted: Vec<u64> = cell["predicted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert_eq!(predicted.len(), 4);
+    // The share is the most frequent predicted label's, over the 4 test inputs.
+    let top = (0..2)
+        .map(|l| predicted.iter().filter(|&&p| p == l).count())
+        .max()
+        .unwrap();
+    assert!(predicted.iter().all(|&p| p < 2), "{predicted:?}");
+    assert_eq!(share, 100.0 * top as f64 / 4.0, "{predicted:?}");
+    // Agreement counts demonstrations: 4 inputs × k = 2 of them, so a multiple of 12.5.
     assert!((0.0..=100.0).contains(&agreement), "{agreement}");
-    assert!((50.0..=100.0).contains(&share), "{share}");
-    assert_eq!(cell["predicted"].as_array().unwrap().len(), 4);
+    assert_eq!((agreement / 12.5).fract(), 0.0, "{agreement}");
+    // The score is the mean of the per-example scores.
+    let per: Vec<f64> = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(run.join("results/bm25/movie2.json")).unwrap(),
+    )
+    .unwrap()["per_example"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(per.len(), 4);
+    let mean = 100.0 * per.iter().sum::<f64>() / 4.0;
+    assert!((cell["score"].as_f64().unwrap() - mean).abs() < 1e-9);
     let meta = std::fs::read_to_string(run.join("retriever/iter1/retriever.json")).unwrap();
     assert!(meta.contains("\"mean\""), "{meta}");
     // The probe: retrieval alone, every method, classification tasks only.
@@ -138,6 +165,7 @@ fn tiny_run_goes_end_to_end_and_resumes() {
     let c1: Vec<Vec<usize>> =
         serde_json::from_str(&std::fs::read_to_string(run.join("cand/movie2.iter1.json")).unwrap())
             .unwrap();
+    assert_eq!(c0.len(), c1.len(), "queries in both iterations");
     for (q, (a, b)) in c0.iter().zip(&c1).enumerate() {
         assert!(
             a.iter().all(|x| b.contains(x)) && !b.contains(&q),

@@ -32,12 +32,9 @@ fn vals<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+/// `max |a − b|`, failing on NaN, infinities and length mismatches.
+fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+    collie_tests::compare::max_abs_diff(a, b, |_| true)
 }
 
 fn linear(
@@ -57,7 +54,7 @@ fn linear(
 
 /// Column-parallel then row-parallel MLP (Megatron's f … g) against the dense MLP: loss, input
 /// gradient and each rank's weight-gradient shards.
-fn tp_mlp(dist: &Dist) -> Vec<(String, f32)> {
+fn tp_mlp(dist: &Dist) -> Vec<(String, f64)> {
     let (tp, r) = (dist.dims.tp, dist.coords.tp);
     let (d, h) = (8, 16);
     let hs = h / tp;
@@ -141,7 +138,8 @@ fn main() -> ExitCode {
     let mut ok = true;
     for (name, diff) in diffs {
         println!("rank {} {check}: {name} max |Δ| {diff:.2e}", dist.rank);
-        ok &= diff < 1e-5;
+        // Worst achieved: 2.4e-7 (the row bias gradient).
+        ok &= diff < 2e-6;
     }
     if ok {
         ExitCode::SUCCESS

@@ -2,7 +2,7 @@
 //! compute, f32 master weights, optimizer state, norms, softmax and loss) on the `adamw` training
 //! case for 20 steps, against transformers under `torch.autocast(bfloat16)` with f32 masters
 //! (`scripts/fixtures/train_hf.py`'s `adamw_bf16`; on a GPU, `scripts/bench/torch_gpu.py
-//! --parity` in the same run). Per-step loss within 1e-2 relative.
+//! --parity` in the same run). Per-step loss within [`TOL`] relative.
 
 use burn::backend::Autodiff;
 use collie_core::device::RegisterOps;
@@ -10,7 +10,13 @@ use collie_train::TrainConfig;
 use serde_json::Value;
 
 use super::Check;
+use crate::compare::{max_rel_list, rel};
 use crate::golden::fixture;
+
+/// Largest relative loss difference from autocast over 20 steps (worst achieved on the CPU: 8.8e-4,
+/// naive and flash; both sides round matmul inputs to bf16, 2^-9 = 2e-3 relative per rounding,
+/// in different places and orders).
+pub const TOL: f64 = 8e-3;
 
 /// The training config of the `adamw_bf16` case, writing into `out`.
 pub fn config(out: &std::path::Path, attention: &str) -> TrainConfig {
@@ -64,28 +70,16 @@ pub fn trajectory<I: RegisterOps>(
     I::register_ops();
     let tmp = tempfile::tempdir().unwrap();
     let (_, losses) = crate::train_run::<Autodiff<I>>(config(tmp.path(), attention), None, device);
-    assert_eq!(losses.len(), reference.len(), "number of steps");
-    let worst = losses
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b).abs() / b.abs())
-        .fold(0.0, f64::max);
-    let last = (losses[losses.len() - 1] - reference[reference.len() - 1]).abs()
-        / reference[reference.len() - 1].abs();
+    let worst = max_rel_list(&losses, reference);
+    let last = rel(losses[losses.len() - 1], reference[reference.len() - 1]);
     vec![
         Check::new(
             "bf16",
             attention,
             "loss max rel Δ over 20 steps vs autocast",
             worst,
-            1e-2,
+            TOL,
         ),
-        Check::new(
-            "bf16",
-            attention,
-            "final loss rel Δ vs autocast",
-            last,
-            1e-2,
-        ),
+        Check::new("bf16", attention, "final loss rel Δ vs autocast", last, TOL),
     ]
 }

@@ -1,5 +1,5 @@
 //! Memory-efficient attention (`collie_core::flash`) against the naive path: outputs and the
-//! gradients of q, k and v (≤ 1e-4 relative, f32). Cases cover MHA, GQA and MQA, head widths
+//! gradients of q, k and v (relative, f32; bounds below). Cases cover MHA, GQA and MQA, head widths
 //! 8–64, left padding, packed documents, Mistral's window, a KV cache (`s_q < s_k`), prompt
 //! tuning's shared slots, no mask, and lengths that are not a multiple of the kernels' tiles;
 //! then the tiny LLaMA fixtures with `attention = flash` (logits and every parameter gradient).
@@ -13,6 +13,12 @@ use collie_core::device::RegisterOps;
 
 use super::{max_rel, Check};
 use crate::golden::{fixture, read_golden, LLAMA_CASES};
+
+/// Largest relative difference of an output or q/k/v gradient, and of the tiny LLaMAs' logits
+/// (worst achieved, CPU and wgpu: 6.9e-7).
+pub const OP_TOL: f64 = 5e-6;
+/// Largest relative difference of a parameter gradient of the tiny LLaMAs (worst achieved: 1.5e-6).
+pub const GRAD_TOL: f64 = 1.5e-5;
 
 /// One attention call's shape and mask.
 struct Case {
@@ -158,7 +164,7 @@ pub fn op<I: RegisterOps>(device: &I::Device) -> Vec<Check> {
                 case.name,
                 &format!("{what} max rel Δ vs naive"),
                 max_rel(a, b),
-                1e-4,
+                OP_TOL,
             ));
         }
     }
@@ -197,20 +203,16 @@ pub fn llama<I: RegisterOps>(device: &I::Device) -> Vec<Check> {
             case,
             "llama logits max rel Δ vs naive",
             max_rel(flash.0, naive.0),
-            1e-4,
+            OP_TOL,
         ));
-        let grad_rel = flash
-            .1
-            .into_iter()
-            .zip(naive.1)
-            .map(|(a, b)| max_rel(a, b))
-            .fold(0.0, f64::max);
+        let grad_rel = flash.1.into_iter().zip(naive.1).map(|(a, b)| max_rel(a, b));
+        let grad_rel = crate::compare::worst(grad_rel);
         out.push(Check::new(
             "flash",
             case,
             "llama parameter gradients max rel Δ vs naive",
             grad_rel,
-            1e-4,
+            GRAD_TOL,
         ));
     }
     out

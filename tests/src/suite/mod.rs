@@ -36,9 +36,9 @@ impl Check {
         }
     }
 
-    /// Within tolerance (a NaN fails).
+    /// Within tolerance (a NaN or an infinity fails).
     pub fn pass(&self) -> bool {
-        self.value <= self.tol
+        self.value.is_finite() && self.value <= self.tol
     }
 }
 
@@ -46,7 +46,7 @@ impl Check {
 pub fn assert_all(backend: &str, checks: &[Check]) {
     for c in checks {
         println!(
-            "{backend} {} {} {}: {:.2e} (tolerance {:.0e})",
+            "{backend} {} {} {}: {:.2e} (tolerance {:.1e})",
             c.suite, c.case, c.what, c.value, c.tol
         );
     }
@@ -55,7 +55,7 @@ pub fn assert_all(backend: &str, checks: &[Check]) {
         .filter(|c| !c.pass())
         .map(|c| {
             format!(
-                "{} {} {}: {:.3e} > {:.0e}",
+                "{} {} {}: {:.3e} > {:.1e}",
                 c.suite, c.case, c.what, c.value, c.tol
             )
         })
@@ -64,13 +64,4 @@ pub fn assert_all(backend: &str, checks: &[Check]) {
     assert!(failed.is_empty(), "{backend}: {}", failed.join("; "));
 }
 
-/// `max |a − b| / max |b|` of two tensors (1e-6 floor on the scale).
-pub fn max_rel<B: burn::tensor::backend::Backend, const D: usize>(
-    a: burn::tensor::Tensor<B, D>,
-    b: burn::tensor::Tensor<B, D>,
-) -> f64 {
-    use burn::tensor::ElementConversion;
-    let scale: f64 = b.clone().abs().max().into_scalar().elem();
-    let diff: f64 = (a - b).abs().max().into_scalar().elem();
-    diff / scale.max(1e-6)
-}
+pub use crate::compare::max_rel;

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+pub use collie_tests::compare::*;
 pub use collie_tests::golden::*;
 
 /// The test backend: Flex on CPU.
