@@ -1,7 +1,7 @@
 //! The collectives a parallel run calls, as a trait: `collie-dist` implements it over MPI, and a
 //! single-process run uses [`Solo`] (size 1, every collective the identity).
 //!
-//! Buffers are host `f32`/`f64` slices (DESIGN.md: collectives move host vectors); a caller copies
+//! Buffers are host `f32`/`f64` slices (collectives move host vectors, docs/parallelism.md); a caller copies
 //! tensor data out, reduces, and copies it back.
 
 use std::fmt::Debug;

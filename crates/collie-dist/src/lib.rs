@@ -1,4 +1,4 @@
-//! Parallel training over MPI (DESIGN.md, "Distributed").
+//! Parallel training over MPI (docs/parallelism.md).
 //!
 //! - [`ParallelDims`]: the `dp × tp × pp` layout in Megatron's rank order, checked once.
 //! - [`Dist`]: this process's world and groups — MPI under `mpirun` with the `mpi` feature, a

@@ -1,6 +1,6 @@
 //! Pipeline parallelism: which decoder layers each stage runs, and the 1F1B schedule.
 //!
-//! A stage is a contiguous run of blocks of the block contract (DESIGN.md): the first stage also
+//! A stage is a contiguous run of blocks of the block contract (docs/architecture.md): the first stage also
 //! runs the embedding, the last the head (final norm, LM head, loss). Partition methods follow
 //! CoLLiE's: `uniform` (layers split as evenly as possible), `parameters` (balanced parameter
 //! counts, embedding and head included), `type:<regex>` (balanced counts of the blocks whose path

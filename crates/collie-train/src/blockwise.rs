@@ -1,4 +1,4 @@
-//! Block-wise backward over the block contract (DESIGN.md): the forward pass detaches between
+//! Block-wise backward over the block contract (docs/architecture.md): the forward pass detaches between
 //! `embed`, each of `layers` and `head`; the backward pass walks them in reverse, back-propagating
 //! `sum(out · g_out)` through one block at a time, so that block's parameter gradients exist on
 //! their own and can be consumed — accumulated (activation checkpointing) or turned into an

@@ -283,7 +283,7 @@ pub struct OutputSection {
     pub peak_tflops: Option<f64>,
 }
 
-/// `[parallel]`: the process layout of an `mpirun` launch (DESIGN.md, "Distributed").
+/// `[parallel]`: the process layout of an `mpirun` launch (docs/parallelism.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {

@@ -1,4 +1,4 @@
-//! One pipeline-parallel training step: this rank's stage of the block contract (DESIGN.md) run
+//! One pipeline-parallel training step: this rank's stage of the block contract (docs/architecture.md) run
 //! over the step's micro-batches in the 1F1B order (`collie_dist::pp`), activations sent to the
 //! next stage and their gradients back with point-to-point messages.
 //!

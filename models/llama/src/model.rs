@@ -1,6 +1,6 @@
 //! The LLaMA-family decoder: `LlamaConfig` → `init` → [`Llama`] → `forward`.
 //!
-//! The model is a sequence of blocks (DESIGN.md's block contract): [`Llama::embed`], then
+//! The model is a sequence of blocks (the block contract, docs/architecture.md): [`Llama::embed`], then
 //! [`Llama::layers`], then [`Llama::head`] (final norm + LM head). A [`BlockContext`] (RoPE tables
 //! and mask) is computed once per call and shared by every block, so block-wise backward,
 //! activation checkpointing and pipeline stages can drive the blocks one at a time.
