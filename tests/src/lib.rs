@@ -9,6 +9,7 @@ pub mod golden;
 pub mod suite;
 
 use burn::tensor::backend::AutodiffBackend;
+use collie_llama::Llama;
 use collie_train::{RunOptions, TrainConfig, Trainer};
 
 /// Runs `config` quietly to the end on `device` (resuming from `resume` when given) and returns
@@ -17,14 +18,14 @@ pub fn train_run<B: AutodiffBackend>(
     config: TrainConfig,
     resume: Option<String>,
     device: &B::Device,
-) -> (Trainer<B>, Vec<f64>) {
+) -> (Trainer<B, Llama<B>>, Vec<f64>) {
     let options = RunOptions {
         quiet: true,
         resume,
         ..Default::default()
     };
     let out = config.output.dir.clone();
-    let mut trainer = Trainer::<B>::new(config, &options, device).unwrap();
+    let mut trainer = Trainer::<B, Llama<B>>::new(config, &options, device).unwrap();
     trainer.run(&options).unwrap();
     let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()

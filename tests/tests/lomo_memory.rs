@@ -48,6 +48,8 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+type A = burn::backend::Autodiff<B>;
+
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
@@ -94,7 +96,7 @@ dir = "{out}"
         quiet: true,
         ..Default::default()
     };
-    let mut trainer = collie_train::Trainer::<burn::backend::Autodiff<B>>::new(
+    let mut trainer = collie_train::Trainer::<A, collie_llama::Llama<A>>::new(
         config,
         &options,
         &Default::default(),

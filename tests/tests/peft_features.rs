@@ -59,7 +59,10 @@ fn merge_folds_lora_and_ia3_into_the_weights_and_unmerge_restores_them() {
             2.5e-7,
         );
         lora::merge_and_unload(&mut model);
-        assert!(model.linears_mut().iter().all(|(_, l)| l.adapter.is_none()));
+        assert!(model
+            .named_linears()
+            .iter()
+            .all(|(_, l)| l.adapter.is_none()));
         let plain = values(model.logits(ids.clone(), Some(&mask)));
         assert_within(
             &format!("peft {case}: merged-and-unloaded logits max |Δ| vs the adapter"),

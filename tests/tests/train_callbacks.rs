@@ -141,7 +141,8 @@ fn run(config: TrainConfig) -> collie_train::Summary {
         quiet: true,
         ..Default::default()
     };
-    let mut trainer = Trainer::<A>::new(config, &options, &Default::default()).unwrap();
+    let mut trainer =
+        Trainer::<A, collie_llama::Llama<A>>::new(config, &options, &Default::default()).unwrap();
     trainer.run(&options).unwrap()
 }
 

@@ -48,11 +48,7 @@ fn packed_batch_loss_equals_unpacked() {
 }
 
 /// Four AdamW steps on `train/io.jsonl` (shuffled): the trainer and its losses.
-fn train(
-    checkpointing: bool,
-    pack: bool,
-    out: &std::path::Path,
-) -> (collie_train::Trainer<burn::backend::Autodiff<B>>, Vec<f64>) {
+fn train(checkpointing: bool, pack: bool, out: &std::path::Path) -> (LlamaTrainer, Vec<f64>) {
     let text = format!(
         r#"
 [model]

@@ -12,6 +12,8 @@ use collie_train::{RunOptions, TrainConfig, Trainer};
 use common::*;
 use serde_json::Value;
 
+type A = burn::backend::Autodiff<B>;
+
 fn run(case: &str, body: &str, out: &Path) -> Vec<Value> {
     let train = fixture("train");
     let text = format!(
@@ -25,7 +27,7 @@ fn run(case: &str, body: &str, out: &Path) -> Vec<Value> {
         ..Default::default()
     };
     let mut trainer =
-        Trainer::<burn::backend::Autodiff<B>>::new(config, &options, &Default::default()).unwrap();
+        Trainer::<A, collie_llama::Llama<A>>::new(config, &options, &Default::default()).unwrap();
     trainer.run(&options).unwrap();
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()

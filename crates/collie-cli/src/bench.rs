@@ -353,7 +353,7 @@ impl BackendTask for Memory {
             quiet: true,
             ..Default::default()
         };
-        let mut trainer = Trainer::<B>::new(config, &options, &device)?;
+        let mut trainer = Trainer::<B, collie_llama::Llama<B>>::new(config, &options, &device)?;
         let params = burn::module::Module::num_params(&trainer.model);
         let mut seconds = Vec::new();
         for _ in 0..args.steps {

@@ -16,7 +16,9 @@ pub mod error;
 pub mod flash;
 pub mod lm;
 pub mod loss;
+pub mod model;
 pub mod nn;
 pub mod rope;
+pub mod tp;
 
 pub use error::{CoreError, Result};

@@ -7,11 +7,15 @@
 //!   metadata exactly as transformers rebuilds it.
 //! - [`module`]: moving named host tensors into and out of any Burn module, by parameter path.
 //!
+//! - [`family`]: the file side of the model contract (build, load, save a family's model) and the
+//!   registry interface binaries pick a family through.
+//!
 //! Which HF or GGUF name a parameter has is not decided here: each model has its own state-dict
 //! adapter next to it (`models/llama/src/hf.rs`).
 
 pub mod dir;
 pub mod error;
+pub mod family;
 pub mod gguf;
 pub mod json;
 pub mod module;

@@ -63,7 +63,7 @@ pub fn save<B: Backend, M: Adaptable<B> + Module<B>>(
             save_safetensors(&dir.join(ENCODER_FILE), &encoder_tensors(v), SaveDtype::F32)?;
         }
     } else {
-        for (name, linear) in model.linears_mut() {
+        for (name, linear) in model.named_linears() {
             match &linear.adapter {
                 Some(Adapter::Lora(l)) => {
                     let a = HostTensor::from_tensor(l.a.val().detach()).transpose();
@@ -144,7 +144,7 @@ fn config_json<B: Backend, M: Adaptable<B>>(
                 let output = model.output_layer_name();
                 let t = TargetModules::Pattern(p);
                 let names: Vec<String> = model
-                    .linears_mut()
+                    .named_linears()
                     .into_iter()
                     .filter(|(n, _)| crate::is_target(&t, n, output))
                     .map(|(n, _)| n)
@@ -375,7 +375,7 @@ pub fn load<B: Backend, M: Adaptable<B> + Module<B>>(
         }
         *model.virtual_tokens_mut() = Some(v);
     } else {
-        for (name, linear) in model.linears_mut() {
+        for (name, linear) in model.named_linears() {
             fill_linear(&name, linear, &mut read, device)?;
         }
     }

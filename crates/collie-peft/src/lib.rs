@@ -83,7 +83,7 @@ pub(crate) fn select_targets<'a, B: Backend, M: Adaptable<B>>(
     targets: &TargetModules,
 ) -> Result<Vec<(String, &'a mut Linear<B>)>> {
     let output = model.output_layer_name();
-    let all = model.linears_mut();
+    let all = model.named_linears();
     let mut suffixes: Vec<String> = all
         .iter()
         .map(|(n, _)| n.rsplit('.').next().unwrap_or(n).to_string())

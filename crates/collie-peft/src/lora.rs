@@ -96,14 +96,14 @@ fn fold<B: Backend>(linear: &mut Linear<B>, merge: bool) {
 /// Folds every LoRA / IA3 adapter of `model` into its base weight (peft's `merge_adapter`):
 /// the forward pass then skips the adapters and costs what the base model costs.
 pub fn merge<B: Backend, M: Adaptable<B>>(model: &mut M) {
-    for (_, linear) in model.linears_mut() {
+    for (_, linear) in model.named_linears() {
         fold(linear, true);
     }
 }
 
 /// Undoes [`merge`] (peft's `unmerge_adapter`).
 pub fn unmerge<B: Backend, M: Adaptable<B>>(model: &mut M) {
-    for (_, linear) in model.linears_mut() {
+    for (_, linear) in model.named_linears() {
         fold(linear, false);
     }
 }
@@ -111,7 +111,7 @@ pub fn unmerge<B: Backend, M: Adaptable<B>>(model: &mut M) {
 /// Merges and removes every adapter (peft's `merge_and_unload`): a plain model with the adapted
 /// weights.
 pub fn merge_and_unload<B: Backend, M: Adaptable<B>>(model: &mut M) {
-    for (_, linear) in model.linears_mut() {
+    for (_, linear) in model.named_linears() {
         fold(linear, true);
         linear.adapter = None;
     }

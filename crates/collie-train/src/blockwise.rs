@@ -8,17 +8,17 @@
 //! (activation checkpointing); otherwise every block keeps its autodiff graph from the forward
 //! pass, as a plain backward would.
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::loss::cross_entropy_sum_sharded;
+use collie_core::model::{BlockModel, DecoderLayer, LmHead};
 use collie_core::nn::{to_dtype, Embedding, VirtualTokens};
 use collie_data::loader::Batch;
-use collie_llama::Head;
+use collie_io::family::TrainModel;
 
 use crate::eval::int2;
-use collie_llama::Llama;
 
 /// One block of the reverse walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +87,8 @@ pub struct Walk {
 /// `model` is taken by value and each block is dropped once its gradients are handed out, so a
 /// caller that replaces blocks as it goes (LOMO) never holds old and new weights of the whole
 /// model at once.
-pub fn backward_blockwise<B: AutodiffBackend>(
-    model: Llama<B>,
+pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
+    model: M,
     batch: &Batch,
     walk: Walk,
     device: &B::Device,
@@ -113,21 +113,21 @@ pub fn backward_blockwise<B: AutodiffBackend>(
     let ids = int2::<B>(&batch.input_ids, r, c, device);
     let segments = int2::<B>(&batch.segments, r, c, device);
     let positions = int2::<B>(&batch.positions, r, c, device);
-    let n_virtual = model.n_virtual();
+    let n_virtual = model.virtual_tokens().map_or(0, VirtualTokens::len);
     // The embedding stage: token embeddings, prompt tuning's virtual embeddings in front, and
     // prefix tuning's per-layer keys and values (inputs of every layer, like the hidden state).
     let stage = EmbedStage {
-        embed: model.embed.clone(),
-        virtual_tokens: model.virtual_tokens.clone(),
+        embed: model.embed().clone(),
+        virtual_tokens: model.virtual_tokens().cloned(),
     };
-    let (embedded, prefix) = in_dtype(stage.clone(), compute).forward(ids);
+    let (embedded, prefix) = in_dtype(stage.clone(), compute).forward(ids, M::embed_tokens);
     let past = if prefix.is_empty() { 0 } else { n_virtual };
     let ctx = model.context(r, c, past, Some(&segments), Some(positions), device);
     // inputs[i]: detached input of layer i (hidden state and prefix); outputs[i]: its output
     // with the graph kept (empty when recomputing, where the forward pass runs on the inner
     // backend and builds no graph at all).
-    let mut inputs: Vec<LayerInput<B>> = Vec::with_capacity(model.layers.len() + 1);
-    let mut outputs = Vec::with_capacity(model.layers.len());
+    let mut inputs: Vec<LayerInput<B>> = Vec::with_capacity(model.layers().len() + 1);
+    let mut outputs = Vec::with_capacity(model.layers().len());
     let mut x = embedded.clone().detach();
     let mut prefix_in = prefix
         .iter()
@@ -142,16 +142,16 @@ pub fn backward_blockwise<B: AutodiffBackend>(
             device,
         );
         let mut xi = x.inner();
-        for layer in &model.layers {
+        for layer in model.layers() {
             let kv = prefix_in.next();
             let mut slot = kv.clone().map(|(k, v)| (k.inner(), v.inner()));
             let cache = slot.is_some().then_some(&mut slot);
             inputs.push((Tensor::from_inner(xi.clone()), kv));
-            xi = in_dtype(layer.valid(), compute).forward(xi, &ctx, cache);
+            xi = in_dtype(M::inner_layer(layer), compute).forward(xi, &ctx, cache);
         }
         x = Tensor::from_inner(xi);
     } else {
-        for layer in &model.layers {
+        for layer in model.layers() {
             let x_in = x.require_grad();
             let kv = prefix_in
                 .next()
@@ -165,7 +165,8 @@ pub fn backward_blockwise<B: AutodiffBackend>(
         }
     }
     drop(prefix_in);
-    let Llama { layers, head, .. } = model;
+    let (layers, head) = (model.layers().to_vec(), model.head().clone());
+    drop(model);
     let EmbedStage {
         embed,
         virtual_tokens,
@@ -178,7 +179,7 @@ pub fn backward_blockwise<B: AutodiffBackend>(
         mut g,
         params: head_grads,
         tied,
-    } = head_backward(&head, &embed, x, batch, compute, scale, device);
+    } = head_backward::<B, M>(&head, &embed, x, batch, compute, scale, device);
     drop(head);
     on_block(BlockId::Head, head_grads);
     if total > c {
@@ -263,9 +264,13 @@ impl<B: Backend> EmbedStage<B> {
     /// # Shapes
     /// - ids: `[batch, seq]` → `[batch, n + seq, hidden]` or `[batch, seq, hidden]`
     #[allow(clippy::type_complexity)]
-    fn forward(&self, ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<(Tensor<B, 4>, Tensor<B, 4>)>) {
+    fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        embed_tokens: fn(&Embedding<B>, Tensor<B, 2, Int>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Vec<(Tensor<B, 4>, Tensor<B, 4>)>) {
         let b = ids.dims()[0];
-        let x = self.embed.forward(ids);
+        let x = embed_tokens(&self.embed, ids);
         match &self.virtual_tokens {
             Some(v) => (v.prepend(x), v.prefix_kv(b)),
             None => (x, Vec::new()),
@@ -296,8 +301,8 @@ struct HeadGrads<B: AutodiffBackend> {
 /// vocabularies). The chunks' parameter gradients are summed. Returns the summed NLL, the
 /// gradient of the head input `h` (`[r, c, d]`, zero at the last position), the head's parameter
 /// gradients and a tied embedding weight's share.
-fn head_backward<B: AutodiffBackend>(
-    head: &Head<B>,
+fn head_backward<B: AutodiffBackend, M: TrainModel<B>>(
+    head: &M::Head,
     embed: &Embedding<B>,
     h: Tensor<B, 3>,
     batch: &Batch,
@@ -314,7 +319,7 @@ fn head_backward<B: AutodiffBackend>(
     let targets: Vec<i64> = batch.shifted_labels().collect();
     let mut nll = 0.0;
     let mut g_parts = Vec::new();
-    let mut acc = burn::optim::GradientsAccumulator::<Head<B>>::new();
+    let mut acc = burn::optim::GradientsAccumulator::<M::Head>::new();
     let mut tied: Option<Tensor<B::InnerBackend, 2>> = None;
     for start in (0..rows).step_by(chunk) {
         let end = (start + chunk).min(rows);

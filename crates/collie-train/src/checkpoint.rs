@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
+use collie_io::family::ModelFiles;
 use collie_io::json::{read_json, write_json};
 use collie_io::module::TensorSource;
 use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
 use collie_io::tokenizer::TokenizerBundle;
-use collie_llama::{Llama, LlamaConfig};
 use collie_optim::OptimizerState;
 use serde::{Deserialize, Serialize};
 
@@ -71,20 +71,20 @@ pub fn list(root: &Path) -> Vec<u64> {
 }
 
 /// What a checkpoint stores as weights.
-pub enum Weights<'a, B: Backend> {
+pub enum Weights<'a, M, C> {
     /// The whole model as an HF directory.
     Model {
         /// The model.
-        model: &'a Llama<B>,
+        model: &'a M,
         /// Its HF config.
-        config: &'a LlamaConfig,
+        config: &'a C,
         /// Tokenizer to save beside it.
         tokenizer: Option<&'a TokenizerBundle>,
     },
     /// Only a PEFT adapter of `base`.
     Adapter {
         /// The adapted model.
-        model: &'a Llama<B>,
+        model: &'a M,
         /// The method.
         peft: &'a collie_peft::PeftConfig,
         /// The base model's path or asset spec (`base_model_name_or_path`).
@@ -93,9 +93,9 @@ pub enum Weights<'a, B: Backend> {
 }
 
 /// Writes checkpoint `state.step` atomically.
-pub fn save<B: Backend>(
+pub fn save<B: Backend, M: ModelFiles<B>>(
     root: &Path,
-    weights: Weights<'_, B>,
+    weights: Weights<'_, M, M::Config>,
     optimizer: &OptimizerState,
     state: &TrainerState,
     resolved_config: &str,
@@ -110,7 +110,7 @@ pub fn save<B: Backend>(
             model,
             config,
             tokenizer,
-        } => collie_llama::hf::save_hf_dir(model, config, tokenizer, &partial, SaveDtype::F32)?,
+        } => model.save_hf_dir(config, tokenizer, &partial, SaveDtype::F32)?,
         Weights::Adapter { model, peft, base } => {
             collie_peft::adapter_io::save(&mut model.clone(), peft, base, &partial)?
         }

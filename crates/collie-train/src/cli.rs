@@ -10,6 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use collie_core::device::{dispatch, BackendTask, DeviceSpec};
 use collie_dist::Dist;
+use collie_io::family::{Families, ModelTask, TrainModel};
 
 use crate::config::TrainConfig;
 use crate::trainer::{RunOptions, Summary, Trainer};
@@ -48,20 +49,46 @@ pub trait Recipe: Send {
     fn prepare(&self, config: &mut TrainConfig) -> Result<()>;
 
     /// Runs around training, e.g. samples before and after; `before` is false after training.
-    fn report<B: AutodiffBackend>(&self, trainer: &Trainer<B>, before: bool) -> Result<()>;
+    fn report<B: AutodiffBackend, M: TrainModel<B>>(
+        &self,
+        trainer: &Trainer<B, M>,
+        before: bool,
+    ) -> Result<()>;
 }
 
-struct Task<R> {
+/// The `model_type` the run's model has: `[model.config]`'s for a model built from scratch,
+/// else the checkpoint's (`config.json`, or a GGUF file's architecture).
+pub fn model_type<F: Families>(config: &TrainConfig) -> Result<String> {
+    match (&config.model.init[..], &config.model.config) {
+        ("scratch", Some(table)) => Ok(table
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("llama")
+            .to_string()),
+        _ => Ok(F::model_type_of(&config.model.path)?),
+    }
+}
+
+struct Task<R, F> {
     recipe: R,
     config: TrainConfig,
     options: RunOptions,
+    families: std::marker::PhantomData<F>,
 }
 
-impl<R: Recipe> BackendTask for Task<R> {
+/// The run on backend `B`, with the family the config's model needs.
+struct Train<B: AutodiffBackend, R> {
+    recipe: R,
+    config: TrainConfig,
+    options: RunOptions,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend, R: Recipe> ModelTask<B> for Train<B, R> {
     type Output = Result<Summary>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Summary> {
-        let mut trainer = Trainer::<B>::new(self.config, &self.options, &device)?;
+    fn run<M: TrainModel<B>>(self) -> Result<Summary> {
+        let mut trainer = Trainer::<B, M>::new(self.config, &self.options, &self.device)?;
         if self.options.resume.is_none() {
             self.recipe.report(&trainer, true)?;
         }
@@ -71,9 +98,28 @@ impl<R: Recipe> BackendTask for Task<R> {
     }
 }
 
+impl<R: Recipe, F: Families> BackendTask for Task<R, F> {
+    type Output = Result<Summary>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Summary> {
+        let model_type = model_type::<F>(&self.config)?;
+        let train = Train::<B, R> {
+            recipe: self.recipe,
+            config: self.config,
+            options: self.options,
+            device,
+        };
+        F::run::<B, _>(&model_type, train)?
+    }
+}
+
 /// Runs the recipe; `dist` receives the process world once it exists, so that a failure after
 /// that point can end every rank of a parallel run.
-fn run<R: Recipe>(recipe: R, args: RecipeArgs, dist: &mut Option<Arc<Dist>>) -> Result<Summary> {
+fn run<R: Recipe, F: Families>(
+    recipe: R,
+    args: RecipeArgs,
+    dist: &mut Option<Arc<Dist>>,
+) -> Result<Summary> {
     let device: DeviceSpec = args.device.parse()?;
     let mut config = match &args.config {
         Some(path) => TrainConfig::load(path, &args.overrides)?,
@@ -98,10 +144,11 @@ fn run<R: Recipe>(recipe: R, args: RecipeArgs, dist: &mut Option<Arc<Dist>>) -> 
     };
     dispatch(
         device,
-        Task {
+        Task::<R, F> {
             recipe,
             config,
             options,
+            families: std::marker::PhantomData,
         },
     )
     .context("selecting the device")?
@@ -113,11 +160,11 @@ fn run<R: Recipe>(recipe: R, args: RecipeArgs, dist: &mut Option<Arc<Dist>>) -> 
 /// layout) is printed by rank 0 and every rank exits cleanly; an error after that, which may be
 /// one rank's alone, ends the whole job at once (`MPI_Abort`) with the rank's number, since the
 /// other ranks would otherwise wait for it in their next collective.
-pub fn main<R: Recipe>(recipe: R) -> ExitCode {
+pub fn main<R: Recipe, F: Families>(recipe: R) -> ExitCode {
     tracing_subscriber_init();
     let args = RecipeArgs::parse();
     let mut dist = None;
-    match run(recipe, args, &mut dist).with_context(|| R::NAME) {
+    match run::<R, F>(recipe, args, &mut dist).with_context(|| R::NAME) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             let chain: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();

@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use collie_data::dataset::DataFormat;
-use collie_llama::LlamaConfig;
 use collie_optim::schedule::ScheduleKind;
 use collie_optim::DecayFilter;
 use serde::{Deserialize, Serialize};
@@ -68,9 +67,10 @@ pub struct ModelSection {
     /// `pretrained` (load weights from `path`) or `scratch` (random init from `[model.config]`).
     #[serde(default = "default_init")]
     pub init: String,
-    /// The architecture for `init = "scratch"` (HF `config.json` keys).
+    /// The architecture for `init = "scratch"`: HF `config.json` keys of the family its
+    /// `model_type` names (checked when the model is built).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<LlamaConfig>,
+    pub config: Option<serde_json::Map<String, serde_json::Value>>,
     /// Attention implementation: `naive` (scores materialized, HF's `eager`) or `flash`
     /// (memory-efficient kernels, memory linear in the sequence length; `docs/architecture.md`).
     #[serde(default)]

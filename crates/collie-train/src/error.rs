@@ -13,7 +13,10 @@ pub enum TrainError {
     Data(#[from] collie_data::dataset::DataError),
     /// Model building or loading.
     #[error(transparent)]
-    Model(#[from] collie_llama::LlamaError),
+    Model(#[from] collie_io::family::ModelError),
+    /// A layout or shared-layer problem (tensor-parallel split, assets).
+    #[error(transparent)]
+    Core(#[from] collie_core::CoreError),
     /// Checkpoint or tokenizer I/O.
     #[error(transparent)]
     Io(#[from] collie_io::IoError),

@@ -1,5 +1,5 @@
 //! Optimizer state across tensor-parallel ranks: per-parameter state has its parameter's shape,
-//! so it is gathered and split exactly as the parameter is (`collie_llama::parallelize`), which
+//! so it is gathered and split exactly as the parameter is (`collie_core::tp`), which
 //! lets checkpoints hold the whole state whatever layout wrote them.
 
 use std::collections::{BTreeMap, HashMap};

@@ -14,10 +14,11 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::dist::Collectives;
 use collie_core::loss::cross_entropy_sum_sharded;
+use collie_core::model::{DecoderLayer, LmHead};
 use collie_core::nn::to_dtype;
 use collie_data::loader::Batch;
 use collie_dist::pp::{one_f_one_b, Op};
-use collie_llama::Llama;
+use collie_io::family::TrainModel;
 
 use crate::blockwise::in_dtype;
 use crate::eval::int2;
@@ -65,8 +66,8 @@ fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> V
 /// stage). Each micro-batch's loss is its summed NLL times `scale`. Returns the summed NLL (last
 /// stage; 0 elsewhere), the accumulated gradients of this stage's parameters, and the seconds
 /// spent waiting for the neighbours.
-pub fn step<B: AutodiffBackend>(
-    model: &Llama<B>,
+pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
     stage: &Stage,
     batches: &[Batch],
     compute: DType,
@@ -74,9 +75,9 @@ pub fn step<B: AutodiffBackend>(
     group: &dyn Collectives,
     device: &B::Device,
 ) -> (f64, GradientsParams, f64) {
-    let d = model.embed.weight.dims()[1];
+    let d = model.embed().weight.dims()[1];
     let mut saved: Vec<Option<Saved<B>>> = (0..batches.len()).map(|_| None).collect();
-    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut acc = GradientsAccumulator::<M>::new();
     let (mut nll, mut waited) = (0.0f64, 0.0f64);
     for op in one_f_one_b(stage.index, stage.count, batches.len()) {
         match op {
@@ -88,7 +89,8 @@ pub fn step<B: AutodiffBackend>(
                 let ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
                 let (leaf, mut x) = if stage.first() {
                     let ids = int2::<B>(&b.input_ids, r, c, device);
-                    (None, in_dtype(model.embed.clone(), compute).forward(ids))
+                    let embed = in_dtype(model.embed().clone(), compute);
+                    (None, M::embed_tokens(&embed, ids))
                 } else {
                     let mut buf = vec![0.0f32; r * c * d];
                     let t0 = Instant::now();
@@ -98,12 +100,12 @@ pub fn step<B: AutodiffBackend>(
                         .require_grad();
                     (Some(leaf.clone()), to_dtype(leaf, compute))
                 };
-                for layer in &model.layers[stage.layers.clone()] {
+                for layer in &model.layers()[stage.layers.clone()] {
                     x = in_dtype(layer.clone(), compute).forward(x, &ctx, None);
                 }
                 saved[i] = Some(if stage.last() {
-                    let logits = in_dtype(model.head.clone(), compute)
-                        .forward(x, &in_dtype(model.embed.clone(), compute));
+                    let logits = in_dtype(model.head().clone(), compute)
+                        .forward(x, &in_dtype(model.embed().clone(), compute));
                     let v = logits.dims()[2];
                     // [r, c, v] -> [r·(c-1), v]: positions that predict a label
                     let logits = logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), v]);
@@ -112,7 +114,7 @@ pub fn step<B: AutodiffBackend>(
                     let targets =
                         Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
                     let (sum, _) =
-                        cross_entropy_sum_sharded(logits, targets, model.embed.shard.as_ref());
+                        cross_entropy_sum_sharded(logits, targets, model.embed().shard.as_ref());
                     nll += sum.clone().inner().into_scalar().elem::<f64>();
                     Saved::Loss(leaf, sum.mul_scalar(scale))
                 } else {
@@ -199,18 +201,18 @@ fn from_stage<B: burn::tensor::backend::Backend, M: Module<B>>(
 
 /// Brings every block of `model` up to date from the stage that trains it (the embedding from the
 /// first, each layer from its stage, the head from the last), on every stage.
-pub fn sync_stages<B: AutodiffBackend>(
-    mut model: Llama<B>,
+pub fn sync_stages<B: AutodiffBackend, M: TrainModel<B>>(
+    mut model: M,
     stages: &[Range<usize>],
     group: &dyn Collectives,
-) -> Llama<B> {
+) -> M {
     let last = stages.len() - 1;
-    model.embed = from_stage(model.embed, 0, group);
+    *model.embed_mut() = from_stage(model.embed().clone(), 0, group);
     for (s, range) in stages.iter().enumerate() {
         for i in range.clone() {
-            model.layers[i] = from_stage(model.layers[i].clone(), s, group);
+            model.layers_mut()[i] = from_stage(model.layers()[i].clone(), s, group);
         }
     }
-    model.head = from_stage(model.head, last, group);
+    *model.head_mut() = from_stage(model.head().clone(), last, group);
     model
 }

@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
 use collie_core::loss::cross_entropy_sum;
+use collie_core::model::{block_params, LmHead, ModelConfig};
 use collie_core::nn::to_dtype;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
@@ -23,8 +24,8 @@ use collie_data::loader::{Batch, DataLoader, Order};
 use collie_dist::dp::{all_reduce_grads, all_reduce_scalars};
 use collie_dist::zero::ZeroPlan;
 use collie_dist::Dist;
+use collie_io::family::TrainModel;
 use collie_io::tokenizer::TokenizerBundle;
-use collie_llama::{Llama, LlamaConfig};
 use collie_optim::clip::global_norm;
 use collie_optim::lomo::clip_coefficient;
 use collie_optim::schedule::Schedule;
@@ -101,15 +102,15 @@ pub struct StepMetrics {
 }
 
 /// A training run in progress.
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: AutodiffBackend, M: TrainModel<B>> {
     /// The resolved configuration.
     pub config: TrainConfig,
     /// The model's HF config (written into checkpoints).
-    pub model_config: LlamaConfig,
+    pub model_config: M::Config,
     /// Tokenizer (absent only for `tokens` data without a tokenizer-bearing model).
     pub tokenizer: Option<TokenizerBundle>,
     /// The model being trained.
-    pub model: Llama<B>,
+    pub model: M,
     /// Progress counters, saved in checkpoints.
     pub state: TrainerState,
     optimizer: AnyOptimizer<B::InnerBackend>,
@@ -199,13 +200,13 @@ fn build_optimizer<B: burn::tensor::backend::Backend>(config: &TrainConfig) -> A
 /// Applies `[peft]` to the freshly loaded base: a new adapter (seeded by `train.seed`), or the
 /// one `peft.adapter` names, whose `adapter_config.json` then defines the method. Prints peft's
 /// trainable-parameter line.
-fn setup_peft<B: AutodiffBackend>(
+fn setup_peft<B: AutodiffBackend, M: TrainModel<B>>(
     config: &mut TrainConfig,
-    model: Llama<B>,
+    model: M,
     tokenizer: Option<&TokenizerBundle>,
     quiet: bool,
     device: &B::Device,
-) -> Result<Llama<B>, TrainError> {
+) -> Result<M, TrainError> {
     let peft = &config.peft;
     if !peft.enabled() && peft.adapter.is_none() {
         return Ok(model);
@@ -243,7 +244,7 @@ fn setup_peft<B: AutodiffBackend>(
     Ok(model)
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// Builds model, data and optimizer from `config`, resuming if asked.
     pub fn new(
         mut config: TrainConfig,
@@ -281,25 +282,27 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let (model_config, mut model, tokenizer) = match config.model.init.as_str() {
             "scratch" => {
-                let model_config = config.model.config.clone().expect("validated");
+                let table = config.model.config.clone().expect("validated");
+                let model_config: M::Config = serde_json::from_value(table.into())
+                    .map_err(|e| TrainError::Invalid(format!("model.config: {e}")))?;
                 // Pre-tokenized data needs no tokenizer (validated: `model.path` may then be empty).
                 let tokenizer = if config.model.path.is_empty() {
                     None
                 } else {
-                    let tokenizer = collie_llama::load_tokenizer(&config.model.path)?;
-                    tokenizer.check_fits(model_config.vocab_size)?;
+                    let tokenizer = collie_io::family::load_tokenizer(&config.model.path)?;
+                    tokenizer.check_fits(model_config.vocab_size())?;
                     Some(tokenizer)
                 };
                 B::seed(device, config.train.seed);
-                let model = model_config.init::<B>(device)?;
+                let model = M::init(&model_config, device)?;
                 (model_config, model, tokenizer)
             }
             _ => {
-                let loaded = collie_llama::load::<B>(&config.model.path, device)?;
+                let loaded = M::load(&config.model.path, device)?;
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
-        model.attention = config.model.attention;
+        model.set_attention(config.model.attention);
         let p = &config.parallel;
         let dist = match &options.dist {
             Some(d) => d.clone(),
@@ -319,13 +322,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             device,
         )?;
         // Tensor parallelism: every rank loaded the whole model; each keeps its shard.
-        let (model, tp_split) = collie_llama::parallelize::shard(model, &dist.tp)?;
+        let (model, tp_split) = collie_core::tp::shard(model, &dist.tp)?;
         let pipeline = match dist.dims.pp {
             1 => None,
             pp => {
-                let mut params = vec![model.embed.num_params()];
-                params.extend(model.layers.iter().map(|l| l.num_params()));
-                params.push(model.head.num_params());
+                let params = block_params(&model);
                 let stages =
                     collie_dist::pp::Stages::partition(&config.parallel.partition, pp, &params)?;
                 let index = dist.coords.pp;
@@ -440,15 +441,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         let dir = checkpoint::resolve_resume(&self.config.output.dir, spec)?;
         let mut model = if self.peft_active() {
             // The checkpoint holds the adapter; the base comes from where it came from before.
-            let base = collie_llama::load::<B>(&self.config.model.path, &self.device)?.model;
+            let base = M::load(&self.config.model.path, &self.device)?.model;
             collie_peft::adapter_io::load(base, &dir, &self.device)?.0
         } else {
-            collie_llama::hf::load_hf_dir::<B>(&dir, &self.device)?.1
+            M::load_hf_dir(&dir, &self.device)?.1
         };
-        model.attention = self.config.model.attention;
+        model.set_attention(self.config.model.attention);
         let (mut opt_state, state) = checkpoint::load_state(&dir)?;
         // A whole checkpoint, whatever layout wrote it: this rank keeps its tensor-parallel shard.
-        let (model, split) = collie_llama::parallelize::shard(model, &self.dist.tp)?;
+        let (model, split) = collie_core::tp::shard(model, &self.dist.tp)?;
         self.tp_split = split.split.into_iter().collect();
         self.tp_partial = split.partial.into_iter().collect();
         if !self.tp_split.is_empty() {
@@ -467,7 +468,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .clone()
                 .map(|i| format!("layers.{i}."))
                 .collect();
-            if stage.first() || (stage.last() && model.head.lm_head.is_none()) {
+            if stage.first() || (stage.last() && model.head().is_tied()) {
                 prefixes.push("embed.".into());
             }
             if stage.last() {
@@ -521,7 +522,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// `module` in the compute dtype: a cast copy whose gradients land on the f32 masters.
-    fn in_compute_dtype<M: Module<B>>(&self, module: M) -> M {
+    fn in_compute_dtype<T: Module<B>>(&self, module: T) -> T {
         in_dtype(module, self.compute)
     }
 
@@ -532,12 +533,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Summed NLL and gradients of one micro-batch; the backward pass sees `nll · scale`.
-    fn micro_step(
-        &self,
-        batch: &Batch,
-        scale: f64,
-        acc: &mut GradientsAccumulator<Llama<B>>,
-    ) -> f64 {
+    fn micro_step(&self, batch: &Batch, scale: f64, acc: &mut GradientsAccumulator<M>) -> f64 {
         if self.config.train.activation_checkpointing {
             return self.micro_step_checkpointed(batch, scale, acc);
         }
@@ -556,7 +552,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         &self,
         batch: &Batch,
         scale: f64,
-        acc: &mut GradientsAccumulator<Llama<B>>,
+        acc: &mut GradientsAccumulator<M>,
     ) -> f64 {
         let model = &self.model;
         backward_blockwise(
@@ -733,8 +729,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         // A tied table's gradient is on the first and the last stage: count it once.
         let skip = match &self.pipeline {
-            Some((stage, _)) if !stage.first() && self.model.head.lm_head.is_none() => {
-                Some(self.model.embed.weight.id)
+            Some((stage, _)) if !stage.first() && self.model.head().is_tied() => {
+                Some(self.model.embed().weight.id)
             }
             _ => None,
         };
@@ -767,12 +763,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             &self.device,
         );
         self.pp_wait = waited;
-        if self.model.head.lm_head.is_none() {
+        if self.model.head().is_tied() {
             // A tied table is used by the first stage (lookup) and the last (head): both copies
             // get the sum of the two gradients.
-            let id = self.model.embed.weight.id;
+            let id = self.model.embed().weight.id;
             if grads.get::<B::InnerBackend, 2>(id).is_none() {
-                grads.register(id, self.model.embed.weight.val().inner().zeros_like());
+                grads.register(id, self.model.embed().weight.val().inner().zeros_like());
             }
             collie_dist::dp::all_reduce_grads_of(
                 &self.model,
@@ -877,10 +873,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 |block, mut grads| {
                     reduce_block(model, block, &mut grads, dp, &device);
                     let norm = match block {
-                        BlockId::Head => global_norm(&model.head, &grads),
-                        BlockId::Layer(i) => global_norm(&model.layers[i], &grads),
-                        BlockId::Embed => global_norm(&model.embed, &grads)
-                            .hypot(global_norm(&model.virtual_tokens, &grads)),
+                        BlockId::Head => global_norm(model.head(), &grads),
+                        BlockId::Layer(i) => global_norm(&model.layers()[i], &grads),
+                        BlockId::Embed => global_norm(model.embed(), &grads)
+                            .hypot(global_norm(&model.virtual_tokens().cloned(), &grads)),
                     };
                     squares += norm * norm;
                 },
@@ -913,9 +909,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let path = block.path();
                 match block {
                     BlockId::Head => {
-                        target.head = collie_optim::apply_at(
+                        *target.head_mut() = collie_optim::apply_at(
                             &path,
-                            target.head.clone(),
+                            target.head().clone(),
                             &mut grads,
                             optimizer,
                             lr,
@@ -923,9 +919,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                         );
                     }
                     BlockId::Layer(i) => {
-                        target.layers[i] = collie_optim::apply_at(
+                        target.layers_mut()[i] = collie_optim::apply_at(
                             &path,
-                            target.layers[i].clone(),
+                            target.layers()[i].clone(),
                             &mut grads,
                             optimizer,
                             lr,
@@ -933,18 +929,18 @@ impl<B: AutodiffBackend> Trainer<B> {
                         );
                     }
                     BlockId::Embed => {
-                        target.embed = collie_optim::apply_at(
+                        *target.embed_mut() = collie_optim::apply_at(
                             &path,
-                            target.embed.clone(),
+                            target.embed().clone(),
                             &mut grads,
                             optimizer,
                             lr,
                             None,
                         );
                         // Prompt learning's virtual tokens belong to the embedding stage.
-                        target.virtual_tokens = collie_optim::apply_at(
+                        *target.virtual_tokens_mut() = collie_optim::apply_at(
                             "virtual_tokens",
-                            target.virtual_tokens.clone(),
+                            target.virtual_tokens().cloned(),
                             &mut grads,
                             optimizer,
                             lr,
@@ -1144,10 +1140,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let paths = crate::parallel::split_paths(&self.model, &self.tp_split);
             optimizer_state =
                 crate::parallel::gather_state(optimizer_state, &paths, &*self.dist.tp)?;
-            whole = Some(collie_llama::parallelize::gather(
-                &self.model,
-                &self.dist.tp,
-            ));
+            whole = Some(collie_core::tp::gather(&self.model, &self.dist.tp));
         }
         if !self.dist.is_main() {
             self.dist.world.barrier();
@@ -1256,11 +1249,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         );
         let c = &self.model_config;
         let embedding_params =
-            c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 };
+            c.vocab_size() * c.hidden_size() * if c.tie_word_embeddings() { 1 } else { 2 };
         let flops = flops_per_token(
             self.model.num_params().saturating_sub(embedding_params),
-            c.num_hidden_layers,
-            c.num_attention_heads,
+            c.num_layers(),
+            c.num_heads(),
             c.head_dim(),
             self.config.data.seq_len,
         );
@@ -1418,8 +1411,8 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 /// Squared gradient norms of `model`'s parameters split by tensor parallelism and of the others.
-fn squared_norms<B: AutodiffBackend>(
-    model: &Llama<B>,
+fn squared_norms<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
     grads: &GradientsParams,
     split: &HashMap<ParamId, usize>,
     skip: Option<ParamId>,
@@ -1535,19 +1528,19 @@ fn check_tensor_parallel(config: &TrainConfig) -> Result<(), TrainError> {
 }
 
 /// Sums one block's gradients over the data-parallel replicas (block-wise walks: LOMO, AdaLomo).
-fn reduce_block<B: AutodiffBackend>(
-    model: &Llama<B>,
+fn reduce_block<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
     block: BlockId,
     grads: &mut GradientsParams,
     dp: &dyn collie_core::dist::Collectives,
     device: &B::Device,
 ) {
     match block {
-        BlockId::Head => all_reduce_grads(&model.head, grads, dp, device),
-        BlockId::Layer(i) => all_reduce_grads(&model.layers[i], grads, dp, device),
+        BlockId::Head => all_reduce_grads(model.head(), grads, dp, device),
+        BlockId::Layer(i) => all_reduce_grads(&model.layers()[i], grads, dp, device),
         BlockId::Embed => {
-            all_reduce_grads(&model.embed, grads, dp, device);
-            all_reduce_grads(&model.virtual_tokens, grads, dp, device);
+            all_reduce_grads(model.embed(), grads, dp, device);
+            all_reduce_grads(&model.virtual_tokens().cloned(), grads, dp, device);
         }
     }
 }

@@ -316,3 +316,33 @@ impl LlamaConfig {
         self.rope().map(|_| ())
     }
 }
+
+impl collie_core::model::ModelConfig for LlamaConfig {
+    fn model_type(&self) -> &str {
+        &self.model_type
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn num_heads(&self) -> usize {
+        self.num_attention_heads
+    }
+    fn head_dim(&self) -> usize {
+        LlamaConfig::head_dim(self)
+    }
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+    fn eos_ids(&self) -> Vec<u32> {
+        LlamaConfig::eos_ids(self)
+    }
+    fn pad_id(&self) -> Option<u32> {
+        token_ids(self.pad_token_id.as_ref()).first().copied()
+    }
+}

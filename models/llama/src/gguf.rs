@@ -12,7 +12,7 @@ use crate::error::{LlamaError, Result};
 use crate::model::Llama;
 
 /// GGUF architectures this adapter reads, and the HF model type each becomes.
-const ARCHITECTURES: &[(&str, &str, &str)] = &[
+pub const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("llama", "llama", "LlamaForCausalLM"),
     ("mistral", "mistral", "MistralForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
@@ -121,18 +121,7 @@ pub fn gguf_key(path: &str) -> Option<String> {
             let rest = path.strip_prefix("layers.")?;
             let (index, rest) = rest.split_once('.')?;
             let (module, param) = rest.rsplit_once('.')?;
-            let name = match module {
-                "attn_norm" => "attn_norm",
-                "mlp_norm" => "ffn_norm",
-                "attn.q_proj" => "attn_q",
-                "attn.k_proj" => "attn_k",
-                "attn.v_proj" => "attn_v",
-                "attn.o_proj" => "attn_output",
-                "mlp.gate_proj" => "ffn_gate",
-                "mlp.up_proj" => "ffn_up",
-                "mlp.down_proj" => "ffn_down",
-                _ => return None,
-            };
+            let (_, _, name, _) = crate::model::block_module(module)?;
             format!("blk.{index}.{name}.{param}")
         }
     };

@@ -13,35 +13,32 @@ use serde_json::{json, Value};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
-use crate::model::Llama;
+use crate::model::{block_module, Llama};
 
-use collie_core::nn::{Adaptable, Embedding, Linear, ModelDims, VirtualTokens};
+use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode, VirtualTokens};
 
-/// The PEFT / tensor-parallel view of the model: linear layers by their HF module names.
+/// The PEFT / tensor-parallel view of the model: the linear-layer table of
+/// [`BLOCK_MODULES`](crate::model::BLOCK_MODULES) for every block, then the untied LM head
+/// (vocabulary-parallel: its output columns split).
 impl<B: Backend> Adaptable<B> for Llama<B> {
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_, B>> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let a = &mut layer.attn;
-            for (name, linear) in [
-                ("q_proj", &mut a.q_proj),
-                ("k_proj", &mut a.k_proj),
-                ("v_proj", &mut a.v_proj),
-                ("o_proj", &mut a.o_proj),
-            ] {
-                out.push((format!("model.layers.{i}.self_attn.{name}"), linear));
-            }
-            let m = &mut layer.mlp;
-            for (name, linear) in [
-                ("gate_proj", &mut m.gate_proj),
-                ("up_proj", &mut m.up_proj),
-                ("down_proj", &mut m.down_proj),
-            ] {
-                out.push((format!("model.layers.{i}.mlp.{name}"), linear));
+            for (path, linear) in layer.linears_mut() {
+                let (_, hf, _, parallel) = block_module(path).expect("a table row");
+                out.push(LinearSlot {
+                    name: format!("model.layers.{i}.{hf}"),
+                    parallel: *parallel,
+                    linear,
+                });
             }
         }
         if let Some(lm_head) = &mut self.head.lm_head {
-            out.push(("lm_head".into(), lm_head));
+            out.push(LinearSlot {
+                name: "lm_head".into(),
+                parallel: ParallelMode::Column,
+                linear: lm_head,
+            });
         }
         out
     }
@@ -84,15 +81,9 @@ pub fn hf_key(path: &str) -> Option<String> {
         _ => {
             let rest = path.strip_prefix("layers.")?;
             let (index, rest) = rest.split_once('.')?;
-            let rest = match rest {
-                "attn_norm.weight" => "input_layernorm.weight".to_string(),
-                "mlp_norm.weight" => "post_attention_layernorm.weight".to_string(),
-                _ => match rest.strip_prefix("attn.") {
-                    Some(r) => format!("self_attn.{r}"),
-                    None => rest.to_string(),
-                },
-            };
-            format!("model.layers.{index}.{rest}")
+            let (module, param) = rest.rsplit_once('.')?;
+            let (_, hf, _, _) = block_module(module)?;
+            format!("model.layers.{index}.{hf}.{param}")
         }
     };
     Some(key)

@@ -13,117 +13,57 @@ pub mod error;
 pub mod gguf;
 pub mod hf;
 pub mod model;
-pub mod parallelize;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use collie_io::family::{Loaded, ModelFiles, ModelResult, TrainModel};
 use collie_io::gguf::GgufSource;
+use collie_io::safetensors::SaveDtype;
 use collie_io::tokenizer::TokenizerBundle;
-use collie_io::IoError;
 
+pub use collie_io::family::load_tokenizer;
 pub use config::LlamaConfig;
 pub use error::{LlamaError, Result};
 pub use model::{Attention, Block, BlockContext, Head, KvCache, Llama, Mlp};
 
-/// A model with its config and (when the checkpoint has one) its tokenizer.
-#[derive(Debug)]
-pub struct LoadedModel<B: Backend> {
-    /// HF config (for GGUF: rebuilt from the metadata).
-    pub config: LlamaConfig,
-    /// The weights.
-    pub model: Llama<B>,
-    /// Tokenizer, if the checkpoint carries one.
-    pub tokenizer: Option<TokenizerBundle>,
-    /// The local path the model came from.
-    pub path: PathBuf,
-}
+/// A LLaMA-family model with its config and (when the checkpoint has one) its tokenizer.
+pub type LoadedModel<B> = Loaded<B, Llama<B>>;
 
-impl<B: Backend> LoadedModel<B> {
-    /// The tokenizer, or an error saying the checkpoint has none.
-    pub fn tokenizer(&self) -> Result<&TokenizerBundle> {
-        self.tokenizer.as_ref().ok_or_else(|| {
-            IoError::Tokenizer {
-                path: self.path.clone(),
-                message: "this checkpoint has no tokenizer (tokenizer.json)".into(),
-            }
-            .into()
-        })
+impl<B: Backend> ModelFiles<B> for Llama<B> {
+    fn init(config: &LlamaConfig, device: &B::Device) -> ModelResult<Self> {
+        config.init(device)
+    }
+
+    fn load_hf_dir(dir: &Path, device: &B::Device) -> ModelResult<(LlamaConfig, Self)> {
+        hf::load_hf_dir(dir, device)
+    }
+
+    fn load_gguf(src: &GgufSource, device: &B::Device) -> ModelResult<(LlamaConfig, Self)> {
+        gguf::load_gguf(src, device)
+    }
+
+    fn save_hf_dir(
+        &self,
+        config: &LlamaConfig,
+        tokenizer: Option<&TokenizerBundle>,
+        dir: &Path,
+        dtype: SaveDtype,
+    ) -> ModelResult<()> {
+        hf::save_hf_dir(self, config, tokenizer, dir, dtype)
     }
 }
 
-/// Whether `path` starts with the GGUF magic.
-fn is_gguf(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == b"GGUF")
-}
+impl<B: AutodiffBackend> TrainModel<B> for Llama<B> {
+    type Inner = Llama<B::InnerBackend>;
 
-/// Loads only the tokenizer of an HF directory, a GGUF file or an asset spec (for models built
-/// from scratch that reuse an existing vocabulary).
-pub fn load_tokenizer(path_or_spec: &str) -> Result<TokenizerBundle> {
-    let path = collie_core::asset::resolve(path_or_spec)?;
-    if path.is_dir() {
-        Ok(TokenizerBundle::from_hf_dir(&path)?)
-    } else if is_gguf(&path) {
-        Ok(TokenizerBundle::from_gguf(&GgufSource::open(&path)?)?)
-    } else if !path.exists() {
-        Err(IoError::io(
-            &path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-        )
-        .into())
-    } else {
-        Err(IoError::invalid(
-            &path,
-            "expected an HF directory with tokenizer.json or a GGUF file",
-        )
-        .into())
+    fn inner_layer(layer: &Block<B>) -> Block<B::InnerBackend> {
+        layer.valid()
     }
 }
 
 /// Loads a model from an HF directory, a GGUF file or an asset spec.
 pub fn load<B: Backend>(path_or_spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
-    let path = collie_core::asset::resolve(path_or_spec)?;
-    if !path.exists() {
-        return Err(IoError::io(
-            &path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-        )
-        .into());
-    }
-    let (config, model, tokenizer) = if path.is_dir() {
-        let (config, model) = hf::load_hf_dir::<B>(&path, device)?;
-        let tokenizer = if path.join("tokenizer.json").is_file() {
-            Some(TokenizerBundle::from_hf_dir(&path)?)
-        } else {
-            None
-        };
-        (config, model, tokenizer)
-    } else if is_gguf(&path) {
-        let src = GgufSource::open(&path)?;
-        let (config, model) = gguf::load_gguf::<B>(&src, device)?;
-        let tokenizer = match src.get_str("tokenizer.ggml.model") {
-            Some(_) => Some(TokenizerBundle::from_gguf(&src)?),
-            None => None,
-        };
-        (config, model, tokenizer)
-    } else {
-        return Err(IoError::invalid(
-            &path,
-            "not a model: expected an HF directory (config.json + model.safetensors) or a GGUF file",
-        )
-        .into());
-    };
-    if let Some(tok) = &tokenizer {
-        tok.check_fits(config.vocab_size)?;
-    }
-    Ok(LoadedModel {
-        config,
-        model,
-        tokenizer,
-        path,
-    })
+    <Llama<B> as ModelFiles<B>>::load(path_or_spec, device)
 }

@@ -10,9 +10,10 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use collie_core::attention::{attention, positions_from_padding, AttentionKind, AttnMask};
-use collie_core::dist::copy_to_group;
+use collie_core::model::{BlockModel, DecoderLayer, KvSlot, LmHead};
+use collie_core::nn::ParallelMode::{Column, Full, Row};
 use collie_core::nn::{
-    matmul_2d, Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+    Embedding, EmbeddingConfig, Linear, LinearConfig, ParallelMode, RmsNorm, RmsNormConfig,
     VirtualTarget, VirtualTokens,
 };
 use collie_core::rope::{apply_rotary, Rope};
@@ -48,6 +49,29 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     /// `[intermediate, hidden]`.
     pub down_proj: Linear<B>,
+}
+
+/// Every module of a decoder block with weights: our path, HF's name under `model.layers.N.`,
+/// llama.cpp's under `blk.N.`, and the tensor-parallel layout (Megatron's: q/k/v and gate/up
+/// split their outputs, o and down their inputs; norms stay whole). The one table that HF and
+/// GGUF naming, PEFT targeting and tensor parallelism read.
+pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 9] = [
+    ("attn_norm", "input_layernorm", "attn_norm", Full),
+    ("attn.q_proj", "self_attn.q_proj", "attn_q", Column),
+    ("attn.k_proj", "self_attn.k_proj", "attn_k", Column),
+    ("attn.v_proj", "self_attn.v_proj", "attn_v", Column),
+    ("attn.o_proj", "self_attn.o_proj", "attn_output", Row),
+    ("mlp_norm", "post_attention_layernorm", "ffn_norm", Full),
+    ("mlp.gate_proj", "mlp.gate_proj", "ffn_gate", Column),
+    ("mlp.up_proj", "mlp.up_proj", "ffn_up", Column),
+    ("mlp.down_proj", "mlp.down_proj", "ffn_down", Row),
+];
+
+/// The row of [`BLOCK_MODULES`] for a module path inside a block (`attn.q_proj`).
+pub fn block_module(
+    path: &str,
+) -> Option<&'static (&'static str, &'static str, &'static str, ParallelMode)> {
+    BLOCK_MODULES.iter().find(|m| m.0 == path)
 }
 
 /// One pre-norm decoder block.
@@ -252,6 +276,20 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: Backend> Block<B> {
+    /// The block's linear layers under their paths in [`BLOCK_MODULES`], in table order.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear<B>); 7] {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        [
+            ("attn.q_proj", &mut a.q_proj),
+            ("attn.k_proj", &mut a.k_proj),
+            ("attn.v_proj", &mut a.v_proj),
+            ("attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
     /// `x + attn(norm(x))`, then `+ mlp(norm(·))`.
     ///
     /// # Shapes
@@ -276,15 +314,7 @@ impl<B: Backend> Head<B> {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(lm_head) => lm_head.forward(x),
-            None => {
-                // A vocabulary-parallel table: each rank's columns add to the input's gradient.
-                let x = match &embed.shard {
-                    Some(shard) => copy_to_group(x, &shard.group),
-                    None => x,
-                };
-                // [hidden, vocab] view of the [vocab, hidden] table.
-                matmul_2d(x, embed.weight.val().transpose())
-            }
+            None => embed.project(x),
         }
     }
 }
@@ -463,16 +493,7 @@ impl<B: Backend> Llama<B> {
         padding: Option<&Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
         let x = self.forward_hidden(ids, padding);
-        self.whole_vocab(self.head.forward(x, &self.embed))
-    }
-
-    /// Logits over the whole vocabulary: under tensor parallelism every rank's columns gathered
-    /// (inference: generation and scoring read them; training losses stay vocabulary-parallel).
-    fn whole_vocab(&self, logits: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.embed.shard {
-            Some(shard) => collie_core::dist::gather_along(logits, 2, &shard.group),
-            None => logits,
-        }
+        self.embed.gather_vocab(self.head.forward(x, &self.embed))
     }
 
     /// Decode step: runs `ids` after the positions already in `cache`, appending their keys and
@@ -505,7 +526,7 @@ impl<B: Backend> Llama<B> {
         let [_, total, d] = x.dims();
         // [batch, n + s_new, hidden] -> [batch, s_new, hidden]
         let x = x.slice([0..b, total - s..total, 0..d]);
-        self.whole_vocab(self.head.forward(x, &self.embed))
+        self.embed.gather_vocab(self.head.forward(x, &self.embed))
     }
 
     /// Rows of the embedding (the model's vocabulary size).
@@ -548,7 +569,7 @@ impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
         let [b, s, d] = h.dims();
         // [batch, seq, hidden] -> [batch, tail, hidden]: the head runs only where it is read.
         let h = h.slice([0..b, s - tail.min(s)..s, 0..d]);
-        self.whole_vocab(self.head.forward(h, &self.embed))
+        self.embed.gather_vocab(self.head.forward(h, &self.embed))
     }
 
     fn logits_cached(
@@ -558,5 +579,100 @@ impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
         self.forward_cached(ids, padding, cache)
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> for Block<B> {
+    type Context = BlockContext<B>;
+
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &BlockContext<B>,
+        cache: Option<&mut KvSlot<B>>,
+    ) -> Tensor<B, 3> {
+        Block::forward(self, x, ctx, cache)
+    }
+}
+
+impl<B: Backend> LmHead<B> for Head<B> {
+    fn forward(&self, x: Tensor<B, 3>, embed: &Embedding<B>) -> Tensor<B, 3> {
+        Head::forward(self, x, embed)
+    }
+
+    fn is_tied(&self) -> bool {
+        self.lm_head.is_none()
+    }
+}
+
+impl<B: Backend> BlockModel<B> for Llama<B> {
+    type Config = LlamaConfig;
+    type Layer = Block<B>;
+    type Head = Head<B>;
+    type Context = BlockContext<B>;
+
+    fn embed(&self) -> &Embedding<B> {
+        &self.embed
+    }
+
+    fn embed_mut(&mut self) -> &mut Embedding<B> {
+        &mut self.embed
+    }
+
+    fn layers(&self) -> &[Block<B>] {
+        &self.layers
+    }
+
+    fn layers_mut(&mut self) -> &mut [Block<B>] {
+        &mut self.layers
+    }
+
+    fn head(&self) -> &Head<B> {
+        &self.head
+    }
+
+    fn head_mut(&mut self) -> &mut Head<B> {
+        &mut self.head
+    }
+
+    fn context(
+        &self,
+        batch: usize,
+        s_q: usize,
+        past: usize,
+        segments: Option<&Tensor<B, 2, Int>>,
+        positions: Option<Tensor<B, 2, Int>>,
+        device: &B::Device,
+    ) -> BlockContext<B> {
+        Llama::context(self, batch, s_q, past, segments, positions, device)
+    }
+
+    fn set_attention(&mut self, kind: AttentionKind) {
+        self.attention = kind;
+    }
+
+    fn tp_divisible(&self) -> Vec<(&'static str, usize)> {
+        let mut sizes = vec![("vocab_size", self.embed.weight.dims()[0])];
+        if let Some(l) = self.layers.first() {
+            sizes.push(("num_attention_heads", l.attn.n_heads));
+            sizes.push(("num_key_value_heads", l.attn.n_kv_heads));
+            sizes.push(("intermediate_size", l.mlp.up_proj.dims()[1]));
+        }
+        sizes
+    }
+
+    fn scale_heads(&mut self, tp: usize, split: bool) {
+        // Heads split by kv-head groups: rank r holds kv heads r·kv/tp.. and the query heads
+        // that read them.
+        for layer in &mut self.layers {
+            let a = &mut layer.attn;
+            if split {
+                a.n_heads /= tp;
+                a.n_kv_heads /= tp;
+            } else {
+                a.n_heads *= tp;
+                a.n_kv_heads *= tp;
+            }
+        }
     }
 }

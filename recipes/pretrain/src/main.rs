@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use collie_data::dataset::{holdout_split, write_jsonl};
+use collie_io::family::TrainModel;
 use collie_train::cli::Recipe;
 use collie_train::generate::GenerationConfig;
 use collie_train::{TrainConfig, Trainer};
@@ -112,7 +113,11 @@ impl Recipe for Pretrain {
         Ok(())
     }
 
-    fn report<B: AutodiffBackend>(&self, trainer: &Trainer<B>, before: bool) -> Result<()> {
+    fn report<B: AutodiffBackend, M: TrainModel<B>>(
+        &self,
+        trainer: &Trainer<B, M>,
+        before: bool,
+    ) -> Result<()> {
         let options: Options = trainer.config.recipe_options()?;
         let cfg = GenerationConfig {
             max_new_tokens: options.sample_tokens,
@@ -133,5 +138,5 @@ impl Recipe for Pretrain {
 }
 
 fn main() -> ExitCode {
-    collie_train::cli::main(Pretrain)
+    collie_train::cli::main::<_, collie_models::Registry>(Pretrain)
 }

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use collie_data::dataset::{holdout_split, write_jsonl};
+use collie_io::family::TrainModel;
 use collie_train::cli::Recipe;
 use collie_train::generate::GenerationConfig;
 use collie_train::{TrainConfig, Trainer};
@@ -86,7 +87,11 @@ impl Recipe for Sft {
         Ok(())
     }
 
-    fn report<B: AutodiffBackend>(&self, trainer: &Trainer<B>, before: bool) -> Result<()> {
+    fn report<B: AutodiffBackend, M: TrainModel<B>>(
+        &self,
+        trainer: &Trainer<B, M>,
+        before: bool,
+    ) -> Result<()> {
         let options: Options = trainer.config.recipe_options()?;
         let cfg = GenerationConfig {
             max_new_tokens: options.sample_tokens,
@@ -106,5 +111,5 @@ impl Recipe for Sft {
 }
 
 fn main() -> ExitCode {
-    collie_train::cli::main(Sft)
+    collie_train::cli::main::<_, collie_models::Registry>(Sft)
 }

@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
+use collie_io::family::TrainModel;
 use collie_train::cli::Recipe;
 use collie_train::{TrainConfig, Trainer};
 
@@ -16,11 +17,15 @@ impl Recipe for Plain {
         Ok(())
     }
 
-    fn report<B: AutodiffBackend>(&self, _trainer: &Trainer<B>, _before: bool) -> Result<()> {
+    fn report<B: AutodiffBackend, M: TrainModel<B>>(
+        &self,
+        _trainer: &Trainer<B, M>,
+        _before: bool,
+    ) -> Result<()> {
         Ok(())
     }
 }
 
 fn main() -> std::process::ExitCode {
-    collie_train::cli::main(Plain)
+    collie_train::cli::main::<_, collie_models::Registry>(Plain)
 }

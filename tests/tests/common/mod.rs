@@ -7,11 +7,17 @@ pub use collie_tests::golden::*;
 /// The test backend: Flex on CPU.
 pub type B = collie_core::device::Cpu;
 
+/// The trainer of the test backend's LLaMA.
+pub type LlamaTrainer = collie_train::Trainer<
+    burn::backend::Autodiff<B>,
+    collie_llama::Llama<burn::backend::Autodiff<B>>,
+>;
+
 /// [`collie_tests::train_run`] on the test backend.
 pub fn train_run(
     config: collie_train::TrainConfig,
     resume: Option<String>,
-) -> (collie_train::Trainer<burn::backend::Autodiff<B>>, Vec<f64>) {
+) -> (LlamaTrainer, Vec<f64>) {
     collie_tests::train_run(config, resume, &Default::default())
 }
 

@@ -5,7 +5,8 @@ use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use crate::dist::{reduce_from_group, Group};
+use super::linear::matmul_2d;
+use crate::dist::{copy_to_group, gather_along, reduce_from_group, Group};
 
 /// This rank's rows of a vocabulary-parallel table: ids `start .. start + rows` of the full
 /// vocabulary, over a tensor-parallel group.
@@ -74,5 +75,31 @@ impl<B: Backend> Embedding<B> {
         // [batch, seq] -> [batch, seq, 1]
         let keep = outside.bool_not().float().unsqueeze_dim::<3>(2);
         reduce_from_group(found * keep, &shard.group)
+    }
+
+    /// The tied LM head: `x · tableᵀ`. Under vocabulary parallelism this rank's columns of the
+    /// logits; every rank's product adds to the replicated input's gradient (Megatron's `f`).
+    ///
+    /// # Shapes
+    /// - x: `[..., d_model]` → `[..., n_embedding]`
+    pub fn project<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match &self.shard {
+            Some(shard) => copy_to_group(x, &shard.group),
+            None => x,
+        };
+        // [d_model, vocab] view of the [vocab, d_model] table.
+        matmul_2d(x, self.weight.val().transpose())
+    }
+
+    /// Logits over the whole vocabulary from this rank's columns (every rank's gathered under
+    /// vocabulary parallelism; inference reads them, training losses stay vocabulary-parallel).
+    ///
+    /// # Shapes
+    /// - logits: `[batch, seq, local vocab]` → `[batch, seq, vocab]`
+    pub fn gather_vocab(&self, logits: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.shard {
+            Some(shard) => gather_along(logits, 2, &shard.group),
+            None => logits,
+        }
     }
 }

@@ -10,7 +10,7 @@ use crate::dist::{copy_to_group, reduce_from_group, Group};
 
 /// How a [`Linear`]'s weight is laid out across a tensor-parallel group.
 ///
-/// The model code always builds `Full` layers; `collie_dist::parallelize` switches the layers its
+/// The model code always builds `Full` layers; `collie_core::tp::shard` switches the layers its
 /// plan names to `Column` or `Row` and shards their weights. The math of one shard is the plain
 /// matmul below; the collectives around it are added by that transform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -2,7 +2,7 @@
 //!
 //! Models use these instead of `burn::nn` equivalents because PEFT and tensor parallelism transform
 //! them from outside: a [`Linear`] carries an optional [`Adapter`] (LoRA pair or IA3 vector) and a
-//! [`ParallelMode`], so `collie_peft::apply` and `collie_dist::parallelize` never touch model code.
+//! [`ParallelMode`], so `collie_peft::apply` and `collie_core::tp` never touch model code.
 //! A model exposes those slots through [`Adaptable`]; its optional [`VirtualTokens`] are the slot
 //! of the prompt-learning methods.
 
@@ -48,12 +48,32 @@ pub struct ModelDims {
     pub vocab: usize,
 }
 
+/// One linear layer of a model as its linear-layer table lists it.
+pub struct LinearSlot<'a, B: Backend> {
+    /// HF module name (`model.layers.0.self_attn.q_proj`, `lm_head`).
+    pub name: String,
+    /// Layout under tensor parallelism (Megatron's plan; `Full`: replicated on every rank).
+    pub parallel: ParallelMode,
+    /// The layer.
+    pub linear: &'a mut Linear<B>,
+}
+
 /// A model whose layers PEFT (and tensor parallelism) address from outside, by the module names
 /// of its HF checkpoint, so the transforms never touch model code.
 pub trait Adaptable<B: Backend> {
-    /// Every linear layer under its HF module name (`model.layers.0.self_attn.q_proj`,
-    /// `lm_head`), in model order. A tied LM head is not a layer and is not listed.
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)>;
+    /// The linear-layer table: every linear layer under its HF module name
+    /// (`model.layers.0.self_attn.q_proj`, `lm_head`) with its tensor-parallel layout, in model
+    /// order. A tied LM head is not a layer and is not listed. PEFT targeting, tensor-parallel
+    /// sharding and HF naming all read this one table.
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_, B>>;
+
+    /// [`Adaptable::linears_mut`] as `(HF module name, layer)` pairs.
+    fn named_linears(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        self.linears_mut()
+            .into_iter()
+            .map(|s| (s.name, s.linear))
+            .collect()
+    }
 
     /// HF module name of the output layer (peft's `all-linear` leaves it out).
     fn output_layer_name(&self) -> &'static str {

@@ -1,42 +1,31 @@
-//! Tensor parallelism for LLaMA: the plan (which layer splits which way) and the two transforms
-//! that apply it — [`shard`] (a whole model → this rank's shard) and [`gather`] (shards → the
-//! whole model again, e.g. to save an HF checkpoint).
+//! Tensor parallelism as a transform of any [`BlockModel`]: [`shard`] (a whole model → this
+//! rank's shard) and [`gather`] (shards → the whole model again, e.g. to save an HF checkpoint),
+//! driven by the model's linear-layer table ([`Adaptable::linears_mut`]).
 //!
-//! Megatron's layout: q/k/v and gate/up are column-parallel (output features split, so each rank
-//! holds whole attention heads and a slice of the MLP), o and down are row-parallel (input
-//! features split, outputs summed), the embedding and the LM head are split by vocabulary (the
-//! loss is vocabulary-parallel, logits are never gathered). Norms stay whole on every rank.
-//! Heads split by kv-head groups: rank r holds kv heads `r·kv/tp ..` and the query heads that
-//! read them. LoRA and IA3 adapters split with their base layer.
+//! Megatron's layout: layers marked `Column` split their output features (q/k/v and gate/up: each
+//! rank holds whole attention heads and a slice of the MLP), `Row` layers their input features
+//! (o and down: outputs summed); the embedding and an untied LM head are split by vocabulary (the
+//! loss is vocabulary-parallel, logits are never gathered in training). Norms stay whole on every
+//! rank. LoRA and IA3 adapters split with their base layer.
 
 use burn::module::{Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use collie_core::dist::{gather_along, Group};
-use collie_core::nn::{Adapter, Linear, ParallelMode, VocabShard};
 
-use crate::error::{LlamaError, Result};
-use crate::model::{Block, Llama};
+use crate::dist::{gather_along, Group};
+use crate::model::BlockModel;
+use crate::nn::{Adapter, Linear, ParallelMode, VocabShard};
+use crate::{CoreError, Result};
 
-/// The plan: module paths (as `collie_peft` and checkpoints name them) and their layout.
-pub const PLAN: &[(&str, ParallelMode)] = &[
-    ("layers.*.attn.q_proj", ParallelMode::Column),
-    ("layers.*.attn.k_proj", ParallelMode::Column),
-    ("layers.*.attn.v_proj", ParallelMode::Column),
-    ("layers.*.attn.o_proj", ParallelMode::Row),
-    ("layers.*.mlp.gate_proj", ParallelMode::Column),
-    ("layers.*.mlp.up_proj", ParallelMode::Column),
-    ("layers.*.mlp.down_proj", ParallelMode::Row),
-    // Vocabulary-parallel: embedding rows, LM head columns.
-    ("embed", ParallelMode::Row),
-    ("head.lm_head", ParallelMode::Column),
-];
-
-/// The layout [`PLAN`] gives the module at `key`.
-fn plan(key: &str) -> ParallelMode {
-    PLAN.iter()
-        .find(|(k, _)| *k == key)
-        .map_or(ParallelMode::Full, |(_, m)| *m)
+/// What a [`shard`] did to the parameters.
+#[derive(Debug, Clone, Default)]
+pub struct Split {
+    /// Parameters split across the group, with the dimension each was split along.
+    pub split: Vec<(ParamId, usize)>,
+    /// Whole parameters inside the tensor-parallel region (LoRA's A of a column layer, B of a
+    /// row layer, IA3 on a column layer's input): every rank's gradient is a partial sum, to be
+    /// all-reduced over the group. The remaining parameters get identical gradients everywhere.
+    pub partial: Vec<ParamId>,
 }
 
 /// Rows (dim 0) or columns (dim 1) `rank`/`tp` of `t`.
@@ -156,101 +145,62 @@ fn join_linear<B: Backend>(mut l: Linear<B>, group: &Group) -> Linear<B> {
     l
 }
 
-/// Replaces every linear layer of `layer` that [`PLAN`] names by `f(plan key, layer)`.
-fn map_planned<B: Backend>(layer: &mut Block<B>, mut f: impl FnMut(&str, Linear<B>) -> Linear<B>) {
-    let (a, m) = (&mut layer.attn, &mut layer.mlp);
-    let slots: [(&str, &mut Linear<B>); 7] = [
-        ("layers.*.attn.q_proj", &mut a.q_proj),
-        ("layers.*.attn.k_proj", &mut a.k_proj),
-        ("layers.*.attn.v_proj", &mut a.v_proj),
-        ("layers.*.attn.o_proj", &mut a.o_proj),
-        ("layers.*.mlp.gate_proj", &mut m.gate_proj),
-        ("layers.*.mlp.up_proj", &mut m.up_proj),
-        ("layers.*.mlp.down_proj", &mut m.down_proj),
-    ];
-    for (key, slot) in slots {
-        *slot = f(key, slot.clone());
-    }
-}
-
-/// Checks that `group.size()` divides what it must split, naming the config key at fault.
-fn check<B: Backend>(model: &Llama<B>, tp: usize) -> Result<()> {
-    let layer = model.layers.first();
-    let mut sizes = vec![("vocab_size", model.embed.weight.dims()[0])];
-    if let Some(l) = layer {
-        sizes.push(("num_attention_heads", l.attn.n_heads));
-        sizes.push(("num_key_value_heads", l.attn.n_kv_heads));
-        sizes.push(("intermediate_size", l.mlp.up_proj.dims()[1]));
-    }
-    for (key, n) in sizes {
+/// Checks that `tp` divides what it must split, naming the config key at fault.
+pub fn check<B: Backend, M: BlockModel<B>>(model: &M, tp: usize) -> Result<()> {
+    for (key, n) in model.tp_divisible() {
         if n % tp != 0 {
-            return Err(LlamaError::Config(format!(
+            return Err(CoreError::Config(format!(
                 "parallel.tp = {tp} does not divide {key} = {n}"
             )));
         }
     }
-    if model.virtual_tokens.is_some() {
-        return Err(LlamaError::Config(format!(
+    if model.virtual_tokens().is_some() {
+        return Err(CoreError::Config(format!(
             "parallel.tp = {tp}: prompt learning (virtual tokens) is not split across tensor-parallel ranks; use LoRA or IA3"
         )));
     }
     Ok(())
 }
 
-/// What a [`shard`] did to the parameters.
-#[derive(Debug, Clone, Default)]
-pub struct Split {
-    /// Parameters split across the group, with the dimension each was split along.
-    pub split: Vec<(ParamId, usize)>,
-    /// Whole parameters inside the tensor-parallel region (LoRA's A of a column layer, B of a
-    /// row layer, IA3 on a column layer's input): every rank's gradient is a partial sum, to be
-    /// all-reduced over the group. The remaining parameters get identical gradients everywhere.
-    pub partial: Vec<ParamId>,
-}
-
 /// This rank's tensor-parallel shard of a whole `model` (the same model on every rank of
 /// `group`), and which parameters were split.
-pub fn shard<B: Backend>(mut model: Llama<B>, group: &Group) -> Result<(Llama<B>, Split)> {
+pub fn shard<B: Backend, M: BlockModel<B>>(mut model: M, group: &Group) -> Result<(M, Split)> {
     let (rank, tp) = (group.rank(), group.size());
     let mut sharded = Split::default();
     if tp == 1 {
         return Ok((model, sharded));
     }
     check(&model, tp)?;
-    for layer in &mut model.layers {
-        map_planned(layer, |key, l| {
-            shard_linear(l, plan(key), group, &mut sharded)
-        });
-        layer.attn.n_heads /= tp;
-        layer.attn.n_kv_heads /= tp;
+    for slot in model.linears_mut() {
+        if slot.parallel != ParallelMode::Full {
+            *slot.linear = shard_linear(slot.linear.clone(), slot.parallel, group, &mut sharded);
+        }
     }
-    let vocab = model.embed.weight.dims()[0];
-    model.embed.weight = shard_param(model.embed.weight, 0, rank, tp, &mut sharded);
-    model.embed.shard = Some(VocabShard {
+    model.scale_heads(tp, true);
+    let embed = model.embed_mut();
+    let vocab = embed.weight.dims()[0];
+    embed.weight = shard_param(embed.weight.clone(), 0, rank, tp, &mut sharded);
+    embed.shard = Some(VocabShard {
         group: group.clone(),
         start: rank * vocab / tp,
     });
-    model.head.lm_head = model
-        .head
-        .lm_head
-        .map(|l| shard_linear(l, plan("head.lm_head"), group, &mut sharded));
     Ok((model, sharded))
 }
 
 /// The whole model from every rank's shard (collective over `group`; every rank gets it).
-pub fn gather<B: Backend>(model: &Llama<B>, group: &Group) -> Llama<B> {
+pub fn gather<B: Backend, M: BlockModel<B>>(model: &M, group: &Group) -> M {
     let mut model = model.clone();
-    if model.embed.shard.is_none() {
+    if model.embed().shard.is_none() {
         return model;
     }
-    let tp = group.size();
-    for layer in &mut model.layers {
-        map_planned(layer, |_, l| join_linear(l, group));
-        layer.attn.n_heads *= tp;
-        layer.attn.n_kv_heads *= tp;
+    for slot in model.linears_mut() {
+        if slot.linear.parallel != ParallelMode::Full {
+            *slot.linear = join_linear(slot.linear.clone(), group);
+        }
     }
-    model.embed.weight = join_param(model.embed.weight, 0, group);
-    model.embed.shard = None;
-    model.head.lm_head = model.head.lm_head.map(|l| join_linear(l, group));
+    model.scale_heads(group.size(), false);
+    let embed = model.embed_mut();
+    embed.weight = join_param(embed.weight.clone(), 0, group);
+    embed.shard = None;
     model
 }
