@@ -97,7 +97,7 @@ fn lomo_updates_only_the_adapter() {
     for case in ["lora", "prefix"] {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = peft_steps_config(case, "", tmp.path());
-        c.optim.name = "lomo".into();
+        c.optim.name = collie_train::config::OptimName::Lomo;
         c.optim.lr = 0.05;
         c.optim.weight_decay = Some(0.0);
         let (trainer, losses) = train_run(c, None);
@@ -306,7 +306,7 @@ fn every_optimizer_trains_only_the_adapter() {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = peft_steps_config("lora", "", tmp.path());
         c.train.max_steps = 3;
-        c.optim.name = optim.into();
+        c.optim.name = optim.parse().unwrap();
         c.optim.lr = if optim == "lion" { 1e-4 } else { 1e-3 };
         c.optim.hessian_interval = 1;
         let (trainer, losses) = train_run(c, None);
@@ -355,7 +355,7 @@ fn reduced_precision_trains_adapters_and_virtual_tokens() {
         let (_, f32_losses) = train_run(peft_steps_config(case, "", a.path()), None);
         for dtype in ["bf16", "f16"] {
             let mut c = peft_steps_config(case, "", b.path());
-            c.model.dtype = dtype.into();
+            c.model.dtype = dtype.parse().unwrap();
             c.output.dir = b.path().join(dtype);
             let (trainer, losses) = train_run(c, None);
             assert_within(

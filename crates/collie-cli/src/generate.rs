@@ -2,10 +2,12 @@
 
 use std::io::Write;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
-use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_core::device::DeviceSpec;
+use collie_core::model::ModelConfig;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
+use collie_io::family::TrainModel;
 use collie_train::generate::{generate, GenerationConfig};
 
 /// Arguments of `collie generate`.
@@ -51,12 +53,16 @@ pub struct Args {
 
 struct Task(Args);
 
-impl BackendTask for Task {
-    type Output = Result<()>;
+impl crate::model::WithModel for Task {
+    type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn model_spec(&self) -> &str {
+        &self.0.model
+    }
+
+    fn run<B: AutodiffBackend, M: TrainModel<B>>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let loaded = crate::model::load_adapted::<B::InnerBackend>(
+        let loaded = crate::model::load_adapted::<B::InnerBackend, M::Inner>(
             &args.model,
             args.adapter.as_deref(),
             &device,
@@ -87,10 +93,10 @@ impl BackendTask for Task {
             bail!("the prompt encodes to no tokens");
         }
         let eos_ids = crate::model::eos_ids(&loaded)?;
-        let pad_id = collie_llama::config::token_ids(loaded.config.pad_token_id.as_ref())
-            .first()
-            .or(eos_ids.first())
-            .copied()
+        let pad_id = loaded
+            .config
+            .pad_id()
+            .or(eos_ids.first().copied())
             .unwrap_or(0);
         let cfg = GenerationConfig {
             max_new_tokens: args.max_new_tokens,
@@ -145,5 +151,5 @@ impl BackendTask for Task {
 
 /// Runs `collie generate`.
 pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
-    dispatch(device, Task(args)).context("selecting the device")?
+    crate::model::run(device, Task(args))
 }

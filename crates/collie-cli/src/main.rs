@@ -56,13 +56,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COLLIE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    collie_train::cli::init_logging();
     let cli = Cli::parse();
     match run(cli).context("collie") {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_core::device::DeviceSpec;
+use collie_io::family::{ModelFiles, TrainModel};
 
 /// Arguments of `collie merge`.
 #[derive(clap::Args, Debug)]
@@ -26,10 +27,14 @@ pub struct Args {
 
 struct Task(Args);
 
-impl BackendTask for Task {
-    type Output = Result<()>;
+impl crate::model::WithModel for Task {
+    type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn model_spec(&self) -> &str {
+        &self.0.model
+    }
+
+    fn run<B: AutodiffBackend, M: TrainModel<B>>(self, device: B::Device) -> Result<()> {
         let args = self.0;
         let dtype = crate::model::save_dtype(&args.dtype)?;
         let kind = collie_peft::adapter_io::read_config(&args.adapter)?.kind;
@@ -41,20 +46,21 @@ impl BackendTask for Task {
                 kind.peft_type()
             );
         }
-        let mut loaded = crate::model::load_adapted::<B::InnerBackend>(
+        let mut loaded = crate::model::load_adapted::<B::InnerBackend, M::Inner>(
             &args.model,
             Some(&args.adapter),
             &device,
         )?;
         collie_peft::lora::merge_and_unload(&mut loaded.model);
-        collie_llama::hf::save_hf_dir(
-            &loaded.model,
-            &loaded.config,
-            loaded.tokenizer.as_ref(),
-            &args.output,
-            dtype,
-        )
-        .with_context(|| format!("writing {}", args.output.display()))?;
+        loaded
+            .model
+            .save_hf_dir(
+                &loaded.config,
+                loaded.tokenizer.as_ref(),
+                &args.output,
+                dtype,
+            )
+            .with_context(|| format!("writing {}", args.output.display()))?;
         eprintln!("wrote {}", args.output.display());
         Ok(())
     }
@@ -62,5 +68,5 @@ impl BackendTask for Task {
 
 /// Runs `collie merge`.
 pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
-    dispatch(device, Task(args)).context("selecting the device")?
+    crate::model::run(device, Task(args))
 }

@@ -1,24 +1,79 @@
-//! Loading a model for the CLI commands.
+//! Loading a model for the CLI commands, with whichever family the checkpoint needs: a command is
+//! a [`WithModel`] task, [`run`] selects the backend, reads the checkpoint's `model_type` and runs
+//! the task with that family through the registry (`collie_models::Registry`).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
-use collie_llama::LoadedModel;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use collie_core::device::{dispatch, BackendTask, DeviceSpec};
+use collie_core::model::ModelConfig;
+use collie_io::family::{token_ids, Families, Loaded, ModelFiles, ModelTask, TrainModel};
+use collie_models::Registry;
 use serde_json::Value;
 
+/// A command's work on the model at [`WithModel::model_spec`], written once for every family.
+pub trait WithModel {
+    /// What the command returns.
+    type Output;
+
+    /// The model the command runs (HF directory, GGUF file or asset spec).
+    fn model_spec(&self) -> &str;
+
+    /// The work, with backend `B` and family `M` (inference uses `M::Inner`).
+    fn run<B: AutodiffBackend, M: TrainModel<B>>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+struct OnDevice<T>(T);
+
+struct WithFamily<B: AutodiffBackend, T> {
+    task: T,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend, T: WithModel> ModelTask<B> for WithFamily<B, T> {
+    type Output = Result<T::Output>;
+
+    fn run<M: TrainModel<B>>(self) -> Result<T::Output> {
+        self.task.run::<B, M>(self.device)
+    }
+}
+
+impl<T: WithModel> BackendTask for OnDevice<T> {
+    type Output = Result<T::Output>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<T::Output> {
+        let spec = self.0.model_spec().to_string();
+        let model_type =
+            Registry::model_type_of(&spec).with_context(|| format!("loading model `{spec}`"))?;
+        Registry::run::<B, _>(
+            &model_type,
+            WithFamily {
+                task: self.0,
+                device,
+            },
+        )
+        .with_context(|| format!("loading model `{spec}`"))?
+    }
+}
+
+/// Runs `task` on `device` with the family of its model.
+pub fn run<T: WithModel>(device: DeviceSpec, task: T) -> Result<T::Output> {
+    dispatch(device, OnDevice(task)).context("selecting the device")?
+}
+
 /// Loads `spec` (HF directory, GGUF file or asset) onto `device`.
-pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
-    collie_llama::load::<B>(spec, device).with_context(|| format!("loading model `{spec}`"))
+pub fn load<B: Backend, M: ModelFiles<B>>(spec: &str, device: &B::Device) -> Result<Loaded<B, M>> {
+    M::load(spec, device).with_context(|| format!("loading model `{spec}`"))
 }
 
 /// Loads `spec` and applies the PEFT adapter in `adapter`, if any.
-pub fn load_adapted<B: Backend>(
+pub fn load_adapted<B: Backend, M: ModelFiles<B>>(
     spec: &str,
     adapter: Option<&Path>,
     device: &B::Device,
-) -> Result<LoadedModel<B>> {
-    let mut loaded = load::<B>(spec, device)?;
+) -> Result<Loaded<B, M>> {
+    let mut loaded = load::<B, M>(spec, device)?;
     if let Some(dir) = adapter {
         let (model, config) = collie_peft::adapter_io::load(loaded.model, dir, device)
             .with_context(|| format!("applying adapter {}", dir.display()))?;
@@ -34,11 +89,11 @@ pub fn load_adapted<B: Backend>(
 
 /// EOS ids generation stops at: `generation_config.json` when the directory has one (HF's
 /// `generate` prefers it), else the model config.
-pub fn eos_ids<B: Backend>(loaded: &LoadedModel<B>) -> Result<Vec<u32>> {
+pub fn eos_ids<B: Backend, M: ModelFiles<B>>(loaded: &Loaded<B, M>) -> Result<Vec<u32>> {
     let path = loaded.path.join("generation_config.json");
     if loaded.path.is_dir() && path.is_file() {
         let v: Value = collie_io::json::read_json(&path)?;
-        let ids = collie_llama::config::token_ids(v.get("eos_token_id"));
+        let ids = token_ids(v.get("eos_token_id"));
         if !ids.is_empty() {
             return Ok(ids);
         }

@@ -197,3 +197,17 @@ pub fn load_tokenizer(path_or_spec: &str) -> ModelResult<TokenizerBundle> {
         .into())
     }
 }
+
+/// Reads a token id or a list of them (HF writes either for `eos_token_id`).
+pub fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    use serde_json::Value;
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|i| i as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}

@@ -53,11 +53,18 @@ impl Families for Registry {
                 );
             }
             let value: serde_json::Value = collie_io::json::read_json(&config)?;
-            return Ok(value
+            let model_type = value
                 .get("model_type")
                 .and_then(|v| v.as_str())
-                .unwrap_or("llama")
-                .to_string());
+                .unwrap_or("llama");
+            if !model_types().contains(&model_type) {
+                return Err(ModelError::UnknownArchitecture(format!(
+                    "{}: model_type `{model_type}` (supported: {})",
+                    config.display(),
+                    model_types().join(", ")
+                )));
+            }
+            return Ok(model_type.to_string());
         }
         if collie_io::family::is_gguf(&path) {
             let src = GgufSource::open(&path)?;

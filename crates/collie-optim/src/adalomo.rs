@@ -81,6 +81,11 @@ pub struct AdaLomo<B: Backend> {
 }
 
 impl<B: Backend> AdaLomo<B> {
+    /// The static loss scale `S` the backward pass sees the loss multiplied by.
+    pub fn static_loss_scale(&self) -> f64 {
+        self.config.loss_scale
+    }
+
     /// A fresh optimizer.
     pub fn new(config: AdaLomoConfig) -> Self {
         AdaLomo {
@@ -102,6 +107,12 @@ fn rms<B: Backend>(t: &Tensor<B, 1>) -> f64 {
 }
 
 impl<B: Backend> Optimizer<B> for AdaLomo<B> {
+    /// AdaLomo clips inside the block-wise backward, like LOMO.
+    fn prepare(&mut self, step: &crate::StepInfo) -> Option<f64> {
+        self.fused.clip_coef = self.fused.coefficient(step);
+        None
+    }
+
     fn update<const D: usize>(
         &mut self,
         path: &str,

@@ -78,7 +78,7 @@ impl<B: Backend> Adan<B> {
     /// `min(1, max_grad_norm / (norm + ε))`, or 1 when `max_grad_norm` is 0.
     pub fn clip_coefficient(&self, norm: f64) -> f64 {
         if self.config.max_grad_norm > 0.0 {
-            (self.config.max_grad_norm / (norm + self.config.eps)).min(1.0)
+            crate::clip::clip_coefficient(norm, self.config.max_grad_norm, self.config.eps)
         } else {
             1.0
         }
@@ -91,6 +91,13 @@ impl<B: Backend> Adan<B> {
 }
 
 impl<B: Backend> Optimizer<B> for Adan<B> {
+    /// Adan clips inside its update with its own coefficient (ε instead of 1e-6), as the
+    /// reference does.
+    fn prepare(&mut self, step: &crate::StepInfo) -> Option<f64> {
+        self.clip = self.clip_coefficient(step.grad_norm);
+        None
+    }
+
     fn update<const D: usize>(
         &mut self,
         path: &str,

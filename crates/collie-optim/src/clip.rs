@@ -32,18 +32,24 @@ pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     v.sum.map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt())
 }
 
-/// `(total_norm, coefficient)`: the pre-clipping norm and the factor PyTorch multiplies every
-/// gradient by, `min(1, max_norm / (total_norm + 1e-6))`. `max_norm <= 0` disables clipping
-/// (coefficient `None`).
+/// The ε of `torch.nn.utils.clip_grad_norm_` (and lomo-optim's clipping).
+pub const TORCH_CLIP_EPS: f64 = 1e-6;
+
+/// The factor every gradient is multiplied by when their global norm is `norm`:
+/// `min(1, max_norm / (norm + eps))` (`eps` = [`TORCH_CLIP_EPS`] for PyTorch; Adan uses its own).
+/// The one clipping coefficient of the project.
+pub fn clip_coefficient(norm: f64, max_norm: f64, eps: f64) -> f64 {
+    (max_norm / (norm + eps)).min(1.0)
+}
+
+/// `(total_norm, coefficient)`: the pre-clipping norm and PyTorch's [`clip_coefficient`].
+/// `max_norm <= 0` disables clipping (coefficient `None`).
 pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: &GradientsParams,
     max_norm: f64,
 ) -> (f64, Option<f64>) {
     let norm = global_norm(model, grads);
-    if max_norm <= 0.0 {
-        return (norm, None);
-    }
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
-    (norm, Some(coef))
+    let coef = (max_norm > 0.0).then(|| clip_coefficient(norm, max_norm, TORCH_CLIP_EPS));
+    (norm, coef)
 }

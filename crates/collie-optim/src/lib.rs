@@ -57,8 +57,29 @@ impl DecayFilter {
     }
 }
 
+/// What an optimizer learns about a step before its updates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// Global norm of the (unscaled) gradients.
+    pub grad_norm: f64,
+    /// Global-norm clipping threshold (`0` = off).
+    pub max_grad_norm: f64,
+    /// Tokens of the step's batch (SophiaG's `bs`).
+    pub batch_tokens: f64,
+}
+
 /// An optimizer over named parameters.
 pub trait Optimizer<B: Backend> {
+    /// Prepares this step's updates; returns the factor the caller multiplies every gradient by
+    /// before [`Optimizer::update`] (PyTorch's clipping coefficient, `None` when not clipping).
+    /// Optimizers that clip their own way (Adan's ε, the fused optimizers inside the backward
+    /// pass) take the norm here and return `None`.
+    fn prepare(&mut self, step: &StepInfo) -> Option<f64> {
+        (step.max_grad_norm > 0.0).then(|| {
+            clip::clip_coefficient(step.grad_norm, step.max_grad_norm, clip::TORCH_CLIP_EPS)
+        })
+    }
+
     /// Returns the updated parameter. `path` identifies it (e.g. `layers.0.attn.q_proj.weight`);
     /// `lr` is this step's learning rate.
     fn update<const D: usize>(
@@ -197,6 +218,15 @@ impl<B: Backend> AnyOptimizer<B> {
         }
     }
 
+    /// The loss scale an optimizer applies whatever the compute dtype (AdaLomo's static `S`; the
+    /// trainer's f16 dynamic scale otherwise).
+    pub fn static_loss_scale(&self) -> Option<f64> {
+        match self {
+            AnyOptimizer::AdaLomo(o) => Some(o.static_loss_scale()),
+            _ => None,
+        }
+    }
+
     /// Whether this optimizer updates inside the backward pass.
     pub fn is_fused(&self) -> bool {
         matches!(self, AnyOptimizer::Lomo(_) | AnyOptimizer::AdaLomo(_))
@@ -204,6 +234,10 @@ impl<B: Backend> AnyOptimizer<B> {
 }
 
 impl<B: Backend> Optimizer<B> for AnyOptimizer<B> {
+    fn prepare(&mut self, step: &StepInfo) -> Option<f64> {
+        each!(self, o => Optimizer::<B>::prepare(o, step))
+    }
+
     fn update<const D: usize>(
         &mut self,
         path: &str,

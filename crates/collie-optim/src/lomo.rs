@@ -53,6 +53,17 @@ impl Default for FusedGrad {
 }
 
 impl FusedGrad {
+    /// The global-norm clipping coefficient of a step (`None` when not clipping by norm).
+    pub fn coefficient(&self, step: &crate::StepInfo) -> Option<f64> {
+        (step.max_grad_norm > 0.0).then(|| {
+            crate::clip::clip_coefficient(
+                step.grad_norm,
+                step.max_grad_norm,
+                crate::clip::TORCH_CLIP_EPS,
+            )
+        })
+    }
+
     /// The gradient LOMO/AdaLomo update with: unscaled, value-clipped, norm-clipped, in that order.
     pub fn apply<B: Backend, const D: usize>(&self, g: Tensor<B, D>) -> Tensor<B, D> {
         let mut g = if self.loss_scale != 1.0 {
@@ -68,11 +79,6 @@ impl FusedGrad {
         }
         g
     }
-}
-
-/// lomo-optim's clipping coefficient for a global gradient norm: `min(1, max_norm / (norm + 1e-6))`.
-pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
-    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 /// LOMO: SGD applied during the backward pass.
@@ -96,6 +102,12 @@ impl Lomo {
 }
 
 impl<B: Backend> Optimizer<B> for Lomo {
+    /// LOMO clips inside the block-wise backward: the coefficient of the measuring pass's norm.
+    fn prepare(&mut self, step: &crate::StepInfo) -> Option<f64> {
+        self.fused.clip_coef = self.fused.coefficient(step);
+        None
+    }
+
     fn update<const D: usize>(
         &mut self,
         _path: &str,

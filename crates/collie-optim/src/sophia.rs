@@ -90,6 +90,18 @@ impl<B: Backend> Sophia<B> {
 }
 
 impl<B: Backend> Optimizer<B> for Sophia<B> {
+    /// SophiaG's clipping of the update depends on the batch's token count.
+    fn prepare(&mut self, step: &crate::StepInfo) -> Option<f64> {
+        self.bs = step.batch_tokens;
+        (step.max_grad_norm > 0.0).then(|| {
+            crate::clip::clip_coefficient(
+                step.grad_norm,
+                step.max_grad_norm,
+                crate::clip::TORCH_CLIP_EPS,
+            )
+        })
+    }
+
     fn update<const D: usize>(
         &mut self,
         path: &str,

@@ -43,6 +43,15 @@ pub enum RetrievalError {
     /// Reading or writing tensors or tokenizers.
     #[error(transparent)]
     Io(#[from] collie_io::IoError),
+    /// The training machinery: optimizer state, checkpoints, metrics.
+    #[error(transparent)]
+    Train(Box<collie_train::TrainError>),
+}
+
+impl From<collie_train::TrainError> for RetrievalError {
+    fn from(e: collie_train::TrainError) -> Self {
+        RetrievalError::Train(Box::new(e))
+    }
 }
 
 impl RetrievalError {

@@ -1,20 +1,32 @@
 //! The UDR retriever: two BERT towers (queries, demonstrations), pooled vectors (position 0,
 //! `[CLS]`, as UDR; or the token mean, the pooling a sentence-transformers encoder was trained
-//! with), dot-product similarity, trained on LM-ranked candidate lists with [`crate::loss::udr_loss`]
-//! (AdamW, linear warm-up and decay, global-norm clipping at 2.0 as UDR's scripts), one task per
-//! batch with tasks drawn ∝ √size.
+//! with), dot-product similarity, trained on LM-ranked candidate lists with [`crate::loss::udr_loss`],
+//! one task per batch with tasks drawn ∝ √size.
+//!
+//! Training runs on the trainer's machinery ([`collie_train::update::Update`]): the optimizer
+//! `[optim]` names (UDR's AdamW without decay by default), the `[sched]` schedule (linear warm-up
+//! and decay), global-norm clipping (2.0 as UDR's scripts), `metrics.jsonl` + `loss.png`, and
+//! atomic `checkpoints/step-N` (both towers as HF directories, optimizer state, trainer state)
+//! from which a run resumes exactly.
 
-use burn::module::Module;
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
-use collie_bert::{collate, encode, Bert, Pooling};
+use collie_bert::{collate, encode, Bert, BertConfig, Pooling};
 use collie_io::tokenizer::TokenizerBundle;
-use collie_optim::clip::clip_global_norm;
-use collie_optim::schedule::{Schedule, ScheduleKind};
-use collie_optim::{AdamW, AdamWConfig};
+use collie_optim::clip::global_norm;
+use collie_optim::schedule::ScheduleKind;
+use collie_train::checkpoint::{self, TrainerState};
+use collie_train::config::{OptimName, OptimSection, SchedSection};
+use collie_train::metrics::{truncate_metrics, MetricsLog};
+use collie_train::update::Update;
+use collie_train::TrainError;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde_json::json;
 
 use crate::index::DenseIndex;
 use crate::loss::{udr_loss, LossWeights};
@@ -105,10 +117,10 @@ pub struct RankedQuery {
 /// Training options (UDR's values where the scale allows).
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Linear warm-up steps.
-    pub warmup_steps: u64,
+    /// Optimizer and peak learning rate (default AdamW at 1e-4 without weight decay).
+    pub optim: OptimSection,
+    /// Learning-rate schedule (default: linear decay after 20 warm-up steps).
+    pub sched: SchedSection,
     /// Passes over the schedule of batches.
     pub epochs: usize,
     /// Queries per batch.
@@ -121,17 +133,31 @@ pub struct TrainOptions {
     pub sampling: CandidateSampling,
     /// Loss weights.
     pub loss: LossWeights,
-    /// Global-norm clipping.
+    /// Global-norm clipping (0 = off).
     pub max_grad_norm: f64,
     /// Seed of batching and sampling.
     pub seed: u64,
+    /// Run directory for `metrics.jsonl`, `loss.png` and `checkpoints/` (none: nothing written).
+    pub output: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0 = only at the end); needs `output`.
+    pub save_every: u64,
+    /// Keep the last K checkpoints (0 = all).
+    pub keep_last: usize,
+    /// Resume from `latest` (the newest checkpoint under `output`) or a checkpoint directory.
+    pub resume: Option<String>,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
-            lr: 1e-4,
-            warmup_steps: 20,
+            optim: OptimSection {
+                weight_decay: Some(0.0),
+                ..OptimSection::named(OptimName::AdamW, 1e-4)
+            },
+            sched: SchedSection {
+                kind: ScheduleKind::Linear,
+                warmup_steps: 20,
+            },
             epochs: 2,
             batch_queries: 8,
             max_len: 256,
@@ -140,6 +166,10 @@ impl Default for TrainOptions {
             loss: LossWeights::default(),
             max_grad_norm: 2.0,
             seed: 1208,
+            output: None,
+            save_every: 0,
+            keep_last: 0,
+            resume: None,
         }
     }
 }
@@ -147,25 +177,42 @@ impl Default for TrainOptions {
 /// What a training run did.
 #[derive(Debug, Clone, Default)]
 pub struct TrainReport {
-    /// `(step, total, rank, in_batch)` per step.
+    /// `(step, total, rank, in_batch)` per step run by this call (a resumed run starts after its
+    /// checkpoint).
     pub losses: Vec<(u64, f64, f64, f64)>,
     /// Queries trained on per second.
     pub queries_per_sec: f64,
     /// Wall time of the steps.
     pub seconds: f64,
+    /// The last checkpoint written (with `output`).
+    pub checkpoint: Option<PathBuf>,
 }
 
-/// Trains `model` on `tasks` (each a list of ranked queries). Batches hold one task's queries;
-/// each epoch has `Σ_t ⌊n_t / B⌋` batches split among tasks ∝ √n_t.
+/// Trains `model` (towers of `config`) on `tasks` (each a list of ranked queries). Batches hold
+/// one task's queries; each epoch has `Σ_t ⌊n_t / B⌋` batches split among tasks ∝ √n_t.
+/// `on_step(step, total, loss)` follows each step.
+#[allow(clippy::too_many_arguments)]
 pub fn train<B: AutodiffBackend>(
     mut model: BiEncoder<B>,
+    config: &BertConfig,
     tok: &TokenizerBundle,
-    pad_id: u32,
     tasks: &[Vec<RankedQuery>],
     opts: &TrainOptions,
     device: &B::Device,
     mut on_step: impl FnMut(u64, u64, f64),
 ) -> Result<(BiEncoder<B>, TrainReport), RetrievalError> {
+    if opts.optim.is_fused() {
+        return Err(RetrievalError::Config(format!(
+            "retriever optim.name = \"{}\": it updates inside a block-wise backward pass, which \
+             the two-tower retriever does not walk; use adamw, sgd, lion, adan or sophiag",
+            opts.optim.name
+        )));
+    }
+    if opts.output.is_none() && (opts.resume.is_some() || opts.save_every > 0) {
+        return Err(RetrievalError::Config(
+            "retriever checkpoints (save_every, resume) need an output directory".into(),
+        ));
+    }
     let sizes: Vec<usize> = tasks.iter().map(Vec::len).collect();
     let bq = opts.batch_queries.max(1);
     let per_epoch: usize = sizes.iter().map(|n| n / bq).sum::<usize>().max(1);
@@ -174,15 +221,30 @@ pub fn train<B: AutodiffBackend>(
         .map(|_| batch_schedule(&sizes, per_epoch, &mut rng))
         .collect();
     let total: u64 = schedules.iter().map(|s| s.len() as u64).sum();
-    let sched = Schedule {
-        kind: ScheduleKind::Linear,
-        warmup_steps: opts.warmup_steps,
-        total_steps: total,
+    let mut update =
+        Update::<B::InnerBackend>::new(&opts.optim, &opts.sched, opts.max_grad_norm, total);
+    let mut state = TrainerState::default();
+    if let (Some(spec), Some(root)) = (&opts.resume, &opts.output) {
+        let dir = checkpoint::resolve_resume(root, spec)?;
+        let (optimizer, saved) = checkpoint::load_state(&dir)?;
+        model = load_towers(&dir, device)?;
+        update.load_state(optimizer, device)?;
+        state = saved;
+    }
+    let mut log = match &opts.output {
+        Some(root) => {
+            std::fs::create_dir_all(root).map_err(|e| RetrievalError::io(root, e))?;
+            truncate_metrics(root, state.step)?;
+            Some(MetricsLog::open(root)?)
+        }
+        None => None,
     };
-    let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig {
-        weight_decay: 0.0,
-        ..Default::default()
-    });
+    let resumed_at = state.step;
+    let enc = TextEncoding {
+        max_len: opts.max_len,
+        pad_id: config.pad_token_id,
+        pooling: opts.pooling,
+    };
     // Per task, a cursor over a per-epoch permutation of its queries.
     let mut orders: Vec<Vec<usize>> = sizes.iter().map(|&n| (0..n).collect()).collect();
     let mut cursors = vec![usize::MAX; tasks.len()];
@@ -190,60 +252,131 @@ pub fn train<B: AutodiffBackend>(
     let start = std::time::Instant::now();
     let mut step = 0u64;
     let mut queries = 0usize;
-    for schedule in &schedules {
-        for &t in schedule {
-            let mut batch = Vec::with_capacity(bq);
-            while batch.len() < bq.min(sizes[t]) {
-                if cursors[t] >= sizes[t] {
-                    orders[t].shuffle(&mut rng);
-                    cursors[t] = 0;
-                }
-                batch.push(&tasks[t][orders[t][cursors[t]]]);
-                cursors[t] += 1;
+    for &t in schedules.iter().flatten() {
+        // The batch and its candidates are drawn whether or not the step runs, so a resumed run
+        // replays the random stream up to its checkpoint and continues exactly.
+        let mut batch = Vec::with_capacity(bq);
+        while batch.len() < bq.min(sizes[t]) {
+            if cursors[t] >= sizes[t] {
+                orders[t].shuffle(&mut rng);
+                cursors[t] = 0;
             }
-            // Every query contributes the same number of candidates (the shortest list decides).
-            let l = batch
-                .iter()
-                .map(|q| q.candidates.len().min(opts.sampling.per_query))
-                .min()
-                .unwrap_or(0);
-            if l < 2 {
-                continue;
+            batch.push(&tasks[t][orders[t][cursors[t]]]);
+            cursors[t] += 1;
+        }
+        // Every query contributes the same number of candidates (the shortest list decides).
+        let l = batch
+            .iter()
+            .map(|q| q.candidates.len().min(opts.sampling.per_query))
+            .min()
+            .unwrap_or(0);
+        if l < 2 {
+            continue;
+        }
+        let sampling = CandidateSampling {
+            per_query: l,
+            ..opts.sampling
+        };
+        let mut q_texts = Vec::with_capacity(batch.len());
+        let mut c_texts = Vec::with_capacity(batch.len() * l);
+        for q in &batch {
+            q_texts.push(q.query.clone());
+            for p in sampling.sample(q.candidates.len(), &mut rng) {
+                c_texts.push(q.candidates[p].clone());
             }
-            let sampling = CandidateSampling {
-                per_query: l,
-                ..opts.sampling
-            };
-            let mut q_texts = Vec::with_capacity(batch.len());
-            let mut c_texts = Vec::with_capacity(batch.len() * l);
-            for q in &batch {
-                q_texts.push(q.query.clone());
-                for p in sampling.sample(q.candidates.len(), &mut rng) {
-                    c_texts.push(q.candidates[p].clone());
-                }
-            }
-            let enc = TextEncoding {
-                max_len: opts.max_len,
-                pad_id,
-                pooling: opts.pooling,
-            };
-            let qv = encode_texts(&model.query, tok, &q_texts, enc, device)?;
-            let cv = encode_texts(&model.demo, tok, &c_texts, enc, device)?;
-            let loss = udr_loss(qv, cv, l, opts.loss);
-            let total_v = loss.total.clone().into_scalar().elem::<f64>();
-            let mut grads = GradientsParams::from_grads(loss.total.backward(), &model);
-            let (_, coef) = clip_global_norm(&model, &grads, opts.max_grad_norm);
-            let lr = sched.lr(opts.lr, step);
-            model = collie_optim::apply(model, &mut grads, &mut optim, lr, coef);
+        }
+        if step < resumed_at {
             step += 1;
-            queries += batch.len();
-            report
-                .losses
-                .push((step, total_v, loss.rank, loss.in_batch));
-            on_step(step, total, total_v);
+            continue;
+        }
+        let qv = encode_texts(&model.query, tok, &q_texts, enc, device)?;
+        let cv = encode_texts(&model.demo, tok, &c_texts, enc, device)?;
+        let loss = udr_loss(qv, cv, l, opts.loss);
+        let total_v = loss.total.clone().into_scalar().elem::<f64>();
+        let mut grads = GradientsParams::from_grads(loss.total.backward(), &model);
+        let grad_norm = global_norm(&model, &grads);
+        let lr = update.lr(step);
+        model = update.apply(model, &mut grads, grad_norm, 1.0, batch.len(), lr);
+        step += 1;
+        queries += batch.len();
+        state.step = step;
+        state.consumed += batch.len() as u64;
+        report
+            .losses
+            .push((step, total_v, loss.rank, loss.in_batch));
+        if let Some(log) = &mut log {
+            let line = json!({"step": step, "loss": total_v, "rank_loss": loss.rank,
+                              "in_batch_loss": loss.in_batch, "lr": lr, "grad_norm": grad_norm,
+                              "queries": batch.len()});
+            log.write(line.as_object().expect("object"))?;
+        }
+        on_step(step, total, total_v);
+        let save_now = opts.save_every > 0 && step.is_multiple_of(opts.save_every);
+        if let (Some(root), true) = (&opts.output, save_now || step == total) {
+            report.checkpoint = Some(save(root, &model, config, tok, &update, &state, opts)?);
         }
     }
     report.seconds = start.elapsed().as_secs_f64();
     report.queries_per_sec = queries as f64 / report.seconds.max(1e-9);
+    if let Some(root) = &opts.output {
+        if let Err(e) = collie_train::trainer::plot_metrics(root) {
+            eprintln!(
+                "warning: could not draw {}: {e}",
+                root.join("loss.png").display()
+            );
+        }
+    }
     Ok((model, report))
+}
+
+/// Writes checkpoint `state.step` under `root`: `query/` and `demo/` as HF encoder directories
+/// beside the trainer's optimizer and state files.
+// The weight writer returns collie-train's error type, as `checkpoint::save` requires.
+#[allow(clippy::result_large_err)]
+fn save<B: AutodiffBackend>(
+    root: &Path,
+    model: &BiEncoder<B>,
+    config: &BertConfig,
+    tok: &TokenizerBundle,
+    update: &Update<B::InnerBackend>,
+    state: &TrainerState,
+    opts: &TrainOptions,
+) -> Result<PathBuf, RetrievalError> {
+    let model = model.clone().valid();
+    let resolved = format!(
+        "# retriever training\n[optim]\n{}\n[sched]\n{}\n",
+        toml::to_string(&opts.optim).expect("toml"),
+        toml::to_string(&opts.sched).expect("toml")
+    );
+    let dir = checkpoint::save(
+        root,
+        |dir| {
+            for (name, tower) in [("query", &model.query), ("demo", &model.demo)] {
+                collie_bert::hf::save_hf_dir(tower, config, Some(tok), &dir.join(name))
+                    .map_err(|e| TrainError::Invalid(format!("{}: {e}", dir.display())))?;
+            }
+            Ok(())
+        },
+        &update.state(),
+        state,
+        &resolved,
+    )?;
+    checkpoint::prune(root, opts.keep_last, &[])?;
+    Ok(dir)
+}
+
+/// The towers of a retriever checkpoint (or a trained retriever's directory).
+pub fn load_towers<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<BiEncoder<B>, RetrievalError> {
+    let tower = |name: &str| {
+        collie_bert::hf::load_hf_dir::<B>(&dir.join(name), device)
+            .map(|(_, model)| model)
+            .map_err(|e| RetrievalError::Data(format!("{}: {e}", dir.join(name).display())))
+    };
+    Ok(BiEncoder {
+        query: tower("query")?,
+        demo: tower("demo")?,
+    })
 }

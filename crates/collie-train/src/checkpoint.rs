@@ -92,10 +92,32 @@ pub enum Weights<'a, M, C> {
     },
 }
 
-/// Writes checkpoint `state.step` atomically.
-pub fn save<B: Backend, M: ModelFiles<B>>(
+impl<M, C> Weights<'_, M, C> {
+    /// Writes the weights into the checkpoint directory `dir`.
+    pub fn write<B: Backend>(self, dir: &Path) -> Result<(), TrainError>
+    where
+        M: ModelFiles<B, Config = C>,
+    {
+        match self {
+            Weights::Model {
+                model,
+                config,
+                tokenizer,
+            } => model.save_hf_dir(config, tokenizer, dir, SaveDtype::F32)?,
+            Weights::Adapter { model, peft, base } => {
+                collie_peft::adapter_io::save(&mut model.clone(), peft, base, dir)?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes checkpoint `state.step` atomically: `write_weights` fills the directory with the
+/// model's files (an HF directory, an adapter, or any model's own layout), then the optimizer
+/// tensors, trainer state and resolved config go beside them.
+pub fn save(
     root: &Path,
-    weights: Weights<'_, M, M::Config>,
+    write_weights: impl FnOnce(&Path) -> Result<(), TrainError>,
     optimizer: &OptimizerState,
     state: &TrainerState,
     resolved_config: &str,
@@ -105,16 +127,8 @@ pub fn save<B: Backend, M: ModelFiles<B>>(
     std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
     let partial = parent.join(format!(".step-{}.partial", state.step));
     let _ = std::fs::remove_dir_all(&partial);
-    match weights {
-        Weights::Model {
-            model,
-            config,
-            tokenizer,
-        } => model.save_hf_dir(config, tokenizer, &partial, SaveDtype::F32)?,
-        Weights::Adapter { model, peft, base } => {
-            collie_peft::adapter_io::save(&mut model.clone(), peft, base, &partial)?
-        }
-    }
+    std::fs::create_dir_all(&partial).map_err(|e| TrainError::io(&partial, e))?;
+    write_weights(&partial)?;
     let tensors: Vec<(String, collie_io::HostTensor)> =
         optimizer.tensors.clone().into_iter().collect();
     save_safetensors(

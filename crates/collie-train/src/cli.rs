@@ -59,8 +59,8 @@ pub trait Recipe: Send {
 /// The `model_type` the run's model has: `[model.config]`'s for a model built from scratch,
 /// else the checkpoint's (`config.json`, or a GGUF file's architecture).
 pub fn model_type<F: Families>(config: &TrainConfig) -> Result<String> {
-    match (&config.model.init[..], &config.model.config) {
-        ("scratch", Some(table)) => Ok(table
+    match (config.model.init, &config.model.config) {
+        (crate::config::ModelInit::Scratch, Some(table)) => Ok(table
             .get("model_type")
             .and_then(|v| v.as_str())
             .unwrap_or("llama")
@@ -103,13 +103,19 @@ impl<R: Recipe, F: Families> BackendTask for Task<R, F> {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Summary> {
         let model_type = model_type::<F>(&self.config)?;
+        let scratch = self.config.model.init == crate::config::ModelInit::Scratch;
         let train = Train::<B, R> {
             recipe: self.recipe,
             config: self.config,
             options: self.options,
             device,
         };
-        F::run::<B, _>(&model_type, train)?
+        let run = F::run::<B, _>(&model_type, train);
+        if scratch {
+            run.context("model.config")?
+        } else {
+            run?
+        }
     }
 }
 
@@ -199,11 +205,46 @@ pub fn append_samples(dir: &std::path::Path, lines: &[serde_json::Value]) -> Res
 }
 
 fn tracing_subscriber_init() {
+    init_logging();
+}
+
+/// Log lines on stderr as `warning: …` / `info: …` (the CLI's `error: …` style), filtered by
+/// `COLLIE_LOG` (default `warn`).
+pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COLLIE_LOG")
                 .unwrap_or_else(|_| "warn".into()),
         )
+        .event_format(Plain)
         .try_init();
+}
+
+/// `level: message`, nothing else.
+struct Plain;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing::Level;
+        let level = match *event.metadata().level() {
+            Level::ERROR => "error",
+            Level::WARN => "warning",
+            Level::INFO => "info",
+            Level::DEBUG => "debug",
+            Level::TRACE => "trace",
+        };
+        write!(writer, "{level}: ")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }

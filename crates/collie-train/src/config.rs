@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use collie_data::dataset::DataFormat;
-use collie_optim::schedule::ScheduleKind;
+pub use collie_optim::schedule::ScheduleKind;
 use collie_optim::DecayFilter;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,104 @@ fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Defines a config enum of lower-case names: serde (an unknown name is an error listing the
+/// names), `FromStr`, `Display` and `as_str`.
+macro_rules! names {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every name, in order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            /// The config name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "unknown `{other}` (expected one of {})",
+                        Self::NAMES.join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names! {
+    /// `[optim] name`.
+    OptimName {
+        /// `torch.optim.AdamW`.
+        AdamW = "adamw",
+        /// `torch.optim.SGD`.
+        Sgd = "sgd",
+        /// Lion.
+        Lion = "lion",
+        /// Adan.
+        Adan = "adan",
+        /// SophiaG.
+        SophiaG = "sophiag",
+        /// LOMO (fused into the backward pass).
+        Lomo = "lomo",
+        /// AdaLomo (fused into the backward pass).
+        AdaLomo = "adalomo",
+    }
+}
+
+names! {
+    /// `[model] dtype`: the compute dtype (parameters, optimizer state, norms, softmax and loss
+    /// stay f32).
+    ComputeDtype {
+        /// f32 throughout.
+        F32 = "f32",
+        /// bfloat16 compute.
+        Bf16 = "bf16",
+        /// IEEE half compute, with dynamic loss scaling.
+        F16 = "f16",
+    }
+}
+
+names! {
+    /// `[model] init`.
+    ModelInit {
+        /// Weights from `model.path`.
+        Pretrained = "pretrained",
+        /// Random weights for `[model.config]`.
+        Scratch = "scratch",
+    }
+}
+
+impl ComputeDtype {
+    /// Burn's dtype.
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            ComputeDtype::F32 => burn::tensor::DType::F32,
+            ComputeDtype::Bf16 => burn::tensor::DType::BF16,
+            ComputeDtype::F16 => burn::tensor::DType::F16,
+        }
+    }
+}
+
 /// `[model]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -63,10 +161,10 @@ pub struct ModelSection {
     pub path: String,
     /// Compute dtype: `f32`, `bf16` or `f16` (master weights stay `f32`).
     #[serde(default = "default_dtype")]
-    pub dtype: String,
+    pub dtype: ComputeDtype,
     /// `pretrained` (load weights from `path`) or `scratch` (random init from `[model.config]`).
     #[serde(default = "default_init")]
-    pub init: String,
+    pub init: ModelInit,
     /// The architecture for `init = "scratch"`: HF `config.json` keys of the family its
     /// `model_type` names (checked when the model is built).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,7 +255,7 @@ pub struct TrainSection {
 pub struct OptimSection {
     /// `adamw`, `sgd`, `lion`, `adan`, `sophiag`, `lomo` or `adalomo`.
     #[serde(default = "default_optim")]
-    pub name: String,
+    pub name: OptimName,
     /// Peak learning rate.
     pub lr: f64,
     /// Weight decay (decoupled for AdamW/Lion/SophiaG/LOMO/AdaLomo, proximal for Adan, L2 for
@@ -202,37 +300,48 @@ pub struct OptimSection {
     pub loss_scale: Option<f64>,
 }
 
-/// The optimizers `[optim] name` accepts.
-pub const OPTIMIZERS: [&str; 7] = ["adamw", "sgd", "lion", "adan", "sophiag", "lomo", "adalomo"];
-
 impl OptimSection {
+    /// Optimizer `name` at peak learning rate `lr`, every other hyper-parameter at its default
+    /// (as a `[optim]` table with only these two keys).
+    pub fn named(name: OptimName, lr: f64) -> Self {
+        let mut table = toml::Table::new();
+        table.insert("name".into(), name.as_str().into());
+        table.insert("lr".into(), lr.into());
+        table.try_into().expect("[optim] defaults")
+    }
+
     /// Whether the optimizer updates inside the backward pass (LOMO, AdaLomo).
     pub fn is_fused(&self) -> bool {
-        matches!(self.name.as_str(), "lomo" | "adalomo")
+        matches!(self.name, OptimName::Lomo | OptimName::AdaLomo)
     }
 
     /// Whether `betas` means anything to the named optimizer (SGD, LOMO and AdaLomo have none; the
     /// trainer warns when they are given).
     pub fn takes_betas(&self) -> bool {
-        matches!(self.name.as_str(), "adamw" | "lion" | "adan" | "sophiag")
+        matches!(
+            self.name,
+            OptimName::AdamW | OptimName::Lion | OptimName::Adan | OptimName::SophiaG
+        )
     }
 
     /// The configured betas, or the optimizer's defaults.
     pub fn betas_or_default(&self) -> Vec<f64> {
-        self.betas
-            .clone()
-            .unwrap_or_else(|| match self.name.as_str() {
-                "lion" => vec![0.9, 0.99],
-                "adan" => vec![0.98, 0.92, 0.99],
-                "sophiag" => vec![0.965, 0.99],
-                _ => vec![0.9, 0.999],
-            })
+        self.betas.clone().unwrap_or_else(|| match self.name {
+            OptimName::Lion => vec![0.9, 0.99],
+            OptimName::Adan => vec![0.98, 0.92, 0.99],
+            OptimName::SophiaG => vec![0.965, 0.99],
+            _ => vec![0.9, 0.999],
+        })
     }
 
     /// The configured weight decay, or the optimizer's default.
     pub fn weight_decay_or_default(&self) -> f64 {
         self.weight_decay
-            .unwrap_or(if self.name == "sophiag" { 0.1 } else { 0.0 })
+            .unwrap_or(if self.name == OptimName::SophiaG {
+                0.1
+            } else {
+                0.0
+            })
     }
 }
 
@@ -361,11 +470,11 @@ fn peft_disabled(p: &collie_peft::PeftConfig) -> bool {
     !p.enabled() && p.adapter.is_none()
 }
 
-fn default_dtype() -> String {
-    "f32".into()
+fn default_dtype() -> ComputeDtype {
+    ComputeDtype::F32
 }
-fn default_init() -> String {
-    "pretrained".into()
+fn default_init() -> ModelInit {
+    ModelInit::Pretrained
 }
 fn default_seq_len() -> usize {
     512
@@ -391,8 +500,8 @@ fn default_best_metric() -> String {
 fn default_log_every() -> u64 {
     10
 }
-fn default_optim() -> String {
-    "adamw".into()
+fn default_optim() -> OptimName {
+    OptimName::AdamW
 }
 fn default_rho() -> f64 {
     0.04
@@ -499,30 +608,14 @@ impl TrainConfig {
 
     /// Range checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !["f32", "bf16", "f16"].contains(&self.model.dtype.as_str()) {
+        if self.model.init == ModelInit::Scratch && self.model.config.is_none() {
             return Err(key_error(
-                "model.dtype",
-                format!("`{}` (expected f32, bf16 or f16)", self.model.dtype),
+                "model.config",
+                "`init = \"scratch\"` needs a [model.config] table",
             ));
         }
-        match self.model.init.as_str() {
-            "pretrained" => {}
-            "scratch" if self.model.config.is_none() => {
-                return Err(key_error(
-                    "model.config",
-                    "`init = \"scratch\"` needs a [model.config] table",
-                ))
-            }
-            "scratch" => {}
-            other => {
-                return Err(key_error(
-                    "model.init",
-                    format!("`{other}` (expected pretrained or scratch)"),
-                ))
-            }
-        }
         if self.model.path.is_empty()
-            && (self.model.init != "scratch" || self.data.format != DataFormat::Tokens)
+            && (self.model.init != ModelInit::Scratch || self.data.format != DataFormat::Tokens)
         {
             return Err(key_error(
                 "model.path",
@@ -557,16 +650,6 @@ impl TrainConfig {
             ));
         }
         let optim = &self.optim;
-        if !OPTIMIZERS.contains(&optim.name.as_str()) {
-            return Err(key_error(
-                "optim.name",
-                format!(
-                    "`{}` (expected one of {})",
-                    optim.name,
-                    OPTIMIZERS.join(", ")
-                ),
-            ));
-        }
         if optim.lr.is_nan() || optim.lr < 0.0 {
             return Err(key_error(
                 "optim.lr",
@@ -574,7 +657,7 @@ impl TrainConfig {
             ));
         }
         if let Some(betas) = optim.betas.as_ref().filter(|_| optim.takes_betas()) {
-            let want = if optim.name == "adan" { 3 } else { 2 };
+            let want = if optim.name == OptimName::Adan { 3 } else { 2 };
             if betas.len() != want {
                 return Err(key_error(
                     "optim.betas",
@@ -630,7 +713,7 @@ impl TrainConfig {
                 ),
             ));
         }
-        if !peft_disabled(&self.peft) && self.model.init == "scratch" {
+        if !peft_disabled(&self.peft) && self.model.init == ModelInit::Scratch {
             return Err(key_error(
                 "peft.kind",
                 "PEFT adapts a pretrained model; `model.init = \"scratch\"` has no base to adapt",

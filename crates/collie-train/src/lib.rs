@@ -3,6 +3,7 @@
 //! - [`config`]: the TOML run configuration with `--set` overrides.
 //! - [`trainer`]: the step loop — gradient accumulation, clipping, schedules, evaluation,
 //!   checkpoints, exact resume, monitors.
+//! - [`update`]: optimizer, schedule and clipping — the update every training loop shares.
 //! - [`blockwise`]: the reverse block walk behind activation checkpointing and LOMO/AdaLomo.
 //! - [`cli`]: the command line shared by the recipe binaries.
 //! - [`checkpoint`]: atomic `step-N` checkpoints (HF weights + optimizer + trainer state).
@@ -18,11 +19,15 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod metrics;
+pub mod optimizer;
 pub mod parallel;
 pub mod pipeline;
 pub mod plot;
+pub mod scaler;
+mod step;
 pub mod textmetrics;
 pub mod trainer;
+pub mod update;
 
 pub use config::TrainConfig;
 pub use error::TrainError;

@@ -135,3 +135,23 @@ impl Progress {
         }
     }
 }
+
+/// Keeps the metric lines of steps up to `step` when resuming (dropping those a killed run wrote
+/// after its last checkpoint); a fresh run (`step == 0`) starts an empty file.
+pub fn truncate_metrics(dir: &Path, step: u64) -> Result<(), TrainError> {
+    let path = dir.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| step > 0 && s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, kept).map_err(|e| TrainError::io(&path, e))
+}

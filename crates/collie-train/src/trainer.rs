@@ -12,12 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
-use collie_core::loss::cross_entropy_sum;
+use burn::tensor::{DType, ElementConversion, Tensor};
 use collie_core::model::{block_params, LmHead, ModelConfig};
-use collie_core::nn::to_dtype;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
@@ -27,22 +25,19 @@ use collie_dist::Dist;
 use collie_io::family::TrainModel;
 use collie_io::tokenizer::TokenizerBundle;
 use collie_optim::clip::global_norm;
-use collie_optim::lomo::clip_coefficient;
-use collie_optim::schedule::Schedule;
-use collie_optim::{
-    AdaLomo, AdaLomoConfig, AdamW, AdamWConfig, Adan, AdanConfig, AnyOptimizer, Lion, LionConfig,
-    Lomo, LomoConfig, Optimizer, Sgd, SgdConfig, Sophia, SophiaConfig,
-};
 use serde_json::{json, Map, Value};
 
-use crate::blockwise::{backward_blockwise, in_dtype, BlockId, GradHook, Walk};
+use crate::blockwise::{in_dtype, BlockId, GradHook};
 use crate::checkpoint::{self, TrainerState};
-use crate::config::TrainConfig;
+use crate::config::{ComputeDtype, ModelInit, OptimName, TrainConfig};
 use crate::error::TrainError;
-use crate::eval::{batch_nll, classification, corpus_nll, generation, shifted_logits};
+use crate::eval::{classification, corpus_nll, generation};
 use crate::generate::GenerationConfig;
 use crate::metrics::{flops_per_token, peak_rss_bytes, MetricsLog, Progress};
 use crate::plot;
+use crate::scaler::LossScaler;
+use crate::step::Strategy;
+use crate::update::Update;
 
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -113,88 +108,30 @@ pub struct Trainer<B: AutodiffBackend, M: TrainModel<B>> {
     pub model: M,
     /// Progress counters, saved in checkpoints.
     pub state: TrainerState,
-    optimizer: AnyOptimizer<B::InnerBackend>,
-    schedule: Schedule,
-    loader: DataLoader,
-    eval_examples: Vec<Example>,
-    device: B::Device,
+    /// Optimizer, learning-rate schedule and clipping.
+    pub(crate) update: Update<B::InnerBackend>,
+    pub(crate) loader: DataLoader,
+    pub(crate) eval_examples: Vec<Example>,
+    pub(crate) device: B::Device,
     /// Compute dtype (`f32`, `bf16`, `f16`); parameters stay `f32`.
-    compute: DType,
-    grad_hook: Option<GradHook>,
+    pub(crate) compute: DType,
+    /// How a step turns its batches into an update.
+    pub(crate) strategy: Strategy,
+    /// Dynamic loss scaling (f16 compute only).
+    pub(crate) scaler: Option<LossScaler>,
+    pub(crate) grad_hook: Option<GradHook>,
     /// This process's place in a parallel run.
-    dist: Arc<Dist>,
+    pub(crate) dist: Arc<Dist>,
     /// Which replica owns which parameter under ZeRO (`parallel.zero` ≥ 1 with dp > 1).
-    zero: Option<ZeroPlan>,
+    pub(crate) zero: Option<ZeroPlan>,
     /// Parameters split across the tensor-parallel group, with the split dimension.
-    tp_split: HashMap<ParamId, usize>,
+    pub(crate) tp_split: HashMap<ParamId, usize>,
     /// Whole parameters whose gradients are partial sums over the tensor-parallel group.
-    tp_partial: std::collections::HashSet<ParamId>,
+    pub(crate) tp_partial: std::collections::HashSet<ParamId>,
     /// This rank's pipeline stage and every stage's layers (`parallel.pp` > 1).
-    pipeline: Option<(crate::pipeline::Stage, Vec<std::ops::Range<usize>>)>,
+    pub(crate) pipeline: Option<(crate::pipeline::Stage, Vec<std::ops::Range<usize>>)>,
     /// Seconds the last step waited for pipeline neighbours.
-    pp_wait: f64,
-}
-
-/// Dynamic loss scaling for f16: initial scale and good steps before it doubles. PyTorch's
-/// GradScaler defaults, and lomo-optim's DynamicLossScaler defaults for LOMO.
-const INITIAL_LOSS_SCALE: f64 = 65536.0;
-const SCALE_GROWTH_INTERVAL: u64 = 2000;
-const LOMO_INITIAL_LOSS_SCALE: f64 = 4294967296.0;
-const LOMO_SCALE_WINDOW: u64 = 1000;
-
-/// The optimizer `config` names, with its reference defaults where the config is silent.
-fn build_optimizer<B: burn::tensor::backend::Backend>(config: &TrainConfig) -> AnyOptimizer<B> {
-    let o = &config.optim;
-    let betas = o.betas_or_default();
-    let weight_decay = o.weight_decay_or_default();
-    let decay_filter = o.decay_filter;
-    match o.name.as_str() {
-        "sgd" => AnyOptimizer::Sgd(Sgd::new(SgdConfig {
-            momentum: o.momentum,
-            dampening: o.dampening,
-            weight_decay,
-            nesterov: o.nesterov,
-            decay_filter,
-        })),
-        "lion" => AnyOptimizer::Lion(Lion::new(LionConfig {
-            betas: (betas[0], betas[1]),
-            weight_decay,
-            decay_filter,
-        })),
-        "adan" => AnyOptimizer::Adan(Adan::new(AdanConfig {
-            betas: (betas[0], betas[1], betas[2]),
-            eps: o.eps.unwrap_or(1e-8),
-            weight_decay,
-            no_prox: o.no_prox,
-            // Adan clips with its own coefficient (ε instead of 1e-6), as the reference does.
-            max_grad_norm: config.train.max_grad_norm,
-            decay_filter,
-        })),
-        "sophiag" => AnyOptimizer::Sophia(Sophia::new(SophiaConfig {
-            betas: (betas[0], betas[1]),
-            rho: o.rho,
-            weight_decay,
-            decay_filter,
-        })),
-        "lomo" => AnyOptimizer::Lomo(Lomo::new(LomoConfig {
-            clip_grad_value: o.clip_grad_value,
-            weight_decay,
-            decay_filter,
-        })),
-        "adalomo" => AnyOptimizer::AdaLomo(AdaLomo::new(AdaLomoConfig {
-            loss_scale: o.loss_scale.unwrap_or(1024.0),
-            clip_grad_value: o.clip_grad_value,
-            weight_decay,
-            decay_filter,
-            ..Default::default()
-        })),
-        _ => AnyOptimizer::AdamW(AdamW::new(AdamWConfig {
-            betas: (betas[0], betas[1]),
-            eps: o.eps.unwrap_or(1e-8),
-            weight_decay,
-            decay_filter,
-        })),
-    }
+    pub(crate) pp_wait: f64,
 }
 
 /// Applies `[peft]` to the freshly loaded base: a new adapter (seeded by `train.seed`), or the
@@ -254,34 +191,28 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         if config.optim.is_fused() && config.train.grad_accum_steps > 1 {
             // As CoLLiE: the update happens inside the backward pass, so there is nothing to
             // accumulate into.
-            if !options.quiet {
-                eprintln!(
-                    "warning: {} updates during the backward pass; train.grad_accum_steps = {} forced to 1",
-                    config.optim.name, config.train.grad_accum_steps
-                );
-            }
+            tracing::warn!(
+                "{} updates during the backward pass; train.grad_accum_steps = {} forced to 1",
+                config.optim.name,
+                config.train.grad_accum_steps
+            );
             config.train.grad_accum_steps = 1;
         }
-        if config.optim.betas.is_some() && !config.optim.takes_betas() && !options.quiet {
-            eprintln!(
-                "warning: {} takes no betas; optim.betas is ignored",
+        if config.optim.betas.is_some() && !config.optim.takes_betas() {
+            tracing::warn!(
+                "{} takes no betas; optim.betas is ignored",
                 config.optim.name
             );
         }
-        if config.optim.name == "lomo"
-            && config.model.dtype == "f16"
-            && config.train.max_grad_norm == 0.0
-        {
+        let lomo_f16 =
+            config.optim.name == OptimName::Lomo && config.model.dtype == ComputeDtype::F16;
+        if lomo_f16 && config.train.max_grad_norm == 0.0 {
             // lomo-optim: loss scaling needs the measuring pass, which clips at 1.0 by default.
-            if !options.quiet {
-                eprintln!(
-                    "warning: lomo with f16 loss scaling: train.max_grad_norm = 0 set to 1.0"
-                );
-            }
+            tracing::warn!("lomo with f16 loss scaling: train.max_grad_norm = 0 set to 1.0");
             config.train.max_grad_norm = 1.0;
         }
-        let (model_config, mut model, tokenizer) = match config.model.init.as_str() {
-            "scratch" => {
+        let (model_config, mut model, tokenizer) = match config.model.init {
+            ModelInit::Scratch => {
                 let table = config.model.config.clone().expect("validated");
                 let model_config: M::Config = serde_json::from_value(table.into())
                     .map_err(|e| TrainError::Invalid(format!("model.config: {e}")))?;
@@ -297,7 +228,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 let model = M::init(&model_config, device)?;
                 (model_config, model, tokenizer)
             }
-            _ => {
+            ModelInit::Pretrained => {
                 let loaded = M::load(&config.model.path, device)?;
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
@@ -381,7 +312,12 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             }
             None => Vec::new(),
         };
-        let optimizer = build_optimizer(&config);
+        let update = Update::new(
+            &config.optim,
+            &config.sched,
+            config.train.max_grad_norm,
+            config.train.max_steps,
+        );
         let zero = match config.parallel.zero {
             0 => None,
             _ if config.optim.is_fused() => {
@@ -394,15 +330,19 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             _ if dist.dims.dp == 1 => None,
             stage => Some(ZeroPlan::new(&model, stage, &*dist.dp)),
         };
-        let schedule = Schedule {
-            kind: config.sched.kind,
-            warmup_steps: config.sched.warmup_steps,
-            total_steps: config.train.max_steps,
-        };
-        let compute = match config.model.dtype.as_str() {
-            "bf16" => DType::BF16,
-            "f16" => DType::F16,
-            _ => DType::F32,
+        let compute = config.model.dtype.dtype();
+        let scaler = (config.model.dtype == ComputeDtype::F16).then(|| {
+            if lomo_f16 {
+                LossScaler::lomo()
+            } else {
+                LossScaler::torch()
+            }
+        });
+        let strategy = match (config.optim.is_fused(), dist.dims.pp > 1) {
+            (false, false) => Strategy::PostBackward,
+            (true, false) => Strategy::Fused,
+            (false, true) => Strategy::Pipeline,
+            (true, true) => Strategy::FusedPipeline,
         };
         let mut trainer = Trainer {
             config,
@@ -410,12 +350,13 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             tokenizer,
             model,
             state: TrainerState::default(),
-            optimizer,
-            schedule,
+            update,
             loader,
             eval_examples,
             device: device.clone(),
             compute,
+            strategy,
+            scaler,
             grad_hook: None,
             dist,
             zero,
@@ -424,12 +365,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             pipeline,
             pp_wait: 0.0,
         };
-        if compute == DType::F16 {
-            trainer.state.loss_scale = if trainer.config.optim.name == "lomo" {
-                LOMO_INITIAL_LOSS_SCALE
-            } else {
-                INITIAL_LOSS_SCALE
-            };
+        if let Some(scaler) = &trainer.scaler {
+            scaler.start(&mut trainer.state);
         }
         if let Some(spec) = &options.resume {
             trainer.resume(spec)?;
@@ -488,7 +425,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             opt_state = collie_dist::zero::shard_state(plan, opt_state);
         }
         self.model = model;
-        self.optimizer.load_state(opt_state, &self.device)?;
+        self.update.load_state(opt_state, &self.device)?;
         // Replica r of w reads examples r, r + w, ...: `consumed` per replica converts between
         // degrees as long as every replica read as many (no packing).
         let (saved, dp) = (state.data_parallel.max(1) as u64, self.dist.dims.dp as u64);
@@ -522,7 +459,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     }
 
     /// `module` in the compute dtype: a cast copy whose gradients land on the f32 masters.
-    fn in_compute_dtype<T: Module<B>>(&self, module: T) -> T {
+    pub(crate) fn in_compute_dtype<T: Module<B>>(&self, module: T) -> T {
         in_dtype(module, self.compute)
     }
 
@@ -532,47 +469,10 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         self.grad_hook = Some(hook);
     }
 
-    /// Summed NLL and gradients of one micro-batch; the backward pass sees `nll · scale`.
-    fn micro_step(&self, batch: &Batch, scale: f64, acc: &mut GradientsAccumulator<M>) -> f64 {
-        if self.config.train.activation_checkpointing {
-            return self.micro_step_checkpointed(batch, scale, acc);
-        }
-        let model = self.in_compute_dtype(self.model.clone());
-        let (sum, _) = batch_nll(&model, batch, &self.device);
-        let nll = sum.clone().inner().into_scalar().elem::<f64>();
-        let grads = sum.mul_scalar(scale).backward();
-        // Gradients are read off the f32 masters (the casts' backward brings them there).
-        acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
-        nll
-    }
-
-    /// [`Trainer::micro_step`] keeping only block inputs: the block-wise backward with
-    /// recomputation, accumulating each block's gradients.
-    fn micro_step_checkpointed(
-        &self,
-        batch: &Batch,
-        scale: f64,
-        acc: &mut GradientsAccumulator<M>,
-    ) -> f64 {
-        let model = &self.model;
-        backward_blockwise(
-            model.clone(),
-            batch,
-            Walk {
-                compute: self.compute,
-                scale,
-                recompute: true,
-            },
-            &self.device,
-            None,
-            |_, grads| acc.accumulate(model, grads),
-        )
-    }
-
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
-        let lr = self.schedule.lr(self.config.optim.lr, self.state.step);
+        let lr = self.update.lr(self.state.step);
         let batches = (0..self.config.train.grad_accum_steps)
             .map(|_| self.loader.next_batch())
             .collect::<Result<Vec<_>, _>>()?;
@@ -599,112 +499,13 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 skipped: true,
             });
         }
-        if self.optimizer.is_fused() {
-            let (nll, grad_norm, skipped) = match self.pipeline {
-                Some(_) => self.fused_pipeline_step(&batches, targets, lr),
-                None => self.fused_step(&batches[0], targets, lr),
-            };
-            return Ok(StepMetrics {
-                loss: nll / targets as f64,
-                lr,
-                grad_norm,
-                tokens,
-                target_tokens: targets,
-                seconds: start.elapsed().as_secs_f64(),
-                skipped,
-            });
-        }
-        // f16 multiplies the loss by the dynamic scale so small gradients survive the half range.
-        let loss_scale = if self.compute == DType::F16 {
-            self.state.loss_scale
-        } else {
-            1.0
+        let (nll, grad_norm, skipped) = match self.strategy {
+            Strategy::PostBackward | Strategy::Pipeline => {
+                self.post_backward_step(&batches, targets, lr)
+            }
+            Strategy::Fused => self.fused_step(&batches[0], targets, lr),
+            Strategy::FusedPipeline => self.fused_pipeline_step(&batches, targets, lr),
         };
-        let scale = loss_scale / targets as f64;
-        let (mut nll, mut grads) = match &self.pipeline {
-            None => {
-                let mut acc = GradientsAccumulator::new();
-                let nll: f64 = batches
-                    .iter()
-                    .map(|b| self.micro_step(b, scale, &mut acc))
-                    .sum();
-                (nll, acc.grads())
-            }
-            Some(_) => self.pipeline_grads(&batches, scale),
-        };
-        nll = self.dp_sum(nll);
-        if !self.tp_partial.is_empty() {
-            collie_dist::dp::all_reduce_grads_of(
-                &self.model,
-                &mut grads,
-                &self.tp_partial,
-                &*self.dist.tp,
-                &self.device,
-            );
-        }
-        match &self.zero {
-            None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
-            Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
-        }
-        let scaled_norm = self.grad_norm(&grads);
-        if !scaled_norm.is_finite() {
-            // Overflow: skip the update and back off, as torch.cuda.amp.GradScaler does.
-            self.state.skipped_steps += 1;
-            self.state.loss_scale *= 0.5;
-            self.state.scale_good_steps = 0;
-            return Ok(StepMetrics {
-                loss: nll / targets as f64,
-                lr,
-                grad_norm: scaled_norm,
-                tokens,
-                target_tokens: targets,
-                seconds: start.elapsed().as_secs_f64(),
-                skipped: true,
-            });
-        }
-        // The clipping coefficient of torch's clip_grad_norm_, on the unscaled norm.
-        let grad_norm = scaled_norm / loss_scale;
-        let max_norm = self.config.train.max_grad_norm;
-        let mut clip = (max_norm > 0.0).then(|| (max_norm / (grad_norm + 1e-6)).min(1.0));
-        match &mut self.optimizer {
-            // Adan clips inside its update with its own coefficient.
-            AnyOptimizer::Adan(adan) => {
-                adan.set_clip(adan.clip_coefficient(grad_norm));
-                clip = None;
-            }
-            AnyOptimizer::Sophia(sophia) => {
-                sophia.set_batch_tokens(self.config.optim.bs.unwrap_or(targets as f64))
-            }
-            _ => {}
-        }
-        let factor = match clip {
-            None if loss_scale == 1.0 => None,
-            c => Some(c.unwrap_or(1.0) / loss_scale),
-        };
-        self.model = collie_optim::apply(
-            self.model.clone(),
-            &mut grads,
-            &mut self.optimizer,
-            lr,
-            factor,
-        );
-        if let Some(plan) = &self.zero {
-            self.model = plan.gather_params(self.model.clone(), &*self.dist.dp, &self.device);
-        }
-        if self.compute == DType::F16 {
-            self.state.scale_good_steps += 1;
-            if self.state.scale_good_steps >= SCALE_GROWTH_INTERVAL {
-                self.state.loss_scale *= 2.0;
-                self.state.scale_good_steps = 0;
-            }
-        }
-        let interval = self.config.optim.hessian_interval;
-        if matches!(self.optimizer, AnyOptimizer::Sophia(_))
-            && interval > 0
-            && self.state.step.is_multiple_of(interval)
-        {
-            self.refresh_hessian(&batches);
-        }
         Ok(StepMetrics {
             loss: nll / targets as f64,
             lr,
@@ -712,14 +513,19 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             tokens,
             target_tokens: targets,
             seconds: start.elapsed().as_secs_f64(),
-            skipped: false,
+            skipped,
         })
+    }
+
+    /// The loss scale of this step (1 without f16 dynamic scaling).
+    pub(crate) fn loss_scale(&self) -> f64 {
+        self.scaler.map_or(1.0, |_| self.state.loss_scale)
     }
 
     /// The gradient norm of the whole model from this rank's gradients: the squares of
     /// tensor-parallel shards are summed over the tp group (replicated parameters counted once),
     /// and under ZeRO, where each replica holds its own parameters' gradients, over the replicas.
-    fn grad_norm(&self, grads: &GradientsParams) -> f64 {
+    pub(crate) fn grad_norm(&self, grads: &GradientsParams) -> f64 {
         if self.tp_split.is_empty() && self.pipeline.is_none() {
             let local = global_norm(&self.model, grads);
             return match self.zero {
@@ -749,73 +555,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         total.sqrt()
     }
 
-    /// This stage's gradients of one pipelined step (1F1B over `batches`, each micro-batch's NLL
-    /// scaled by `scale`) and the step's summed NLL (from the last stage).
-    fn pipeline_grads(&mut self, batches: &[Batch], scale: f64) -> (f64, GradientsParams) {
-        let (stage, _) = self.pipeline.as_ref().expect("a pipeline");
-        let (nll, mut grads, waited) = crate::pipeline::step(
-            &self.model,
-            stage,
-            batches,
-            self.compute,
-            scale,
-            &*self.dist.pp,
-            &self.device,
-        );
-        self.pp_wait = waited;
-        if self.model.head().is_tied() {
-            // A tied table is used by the first stage (lookup) and the last (head): both copies
-            // get the sum of the two gradients.
-            let id = self.model.embed().weight.id;
-            if grads.get::<B::InnerBackend, 2>(id).is_none() {
-                grads.register(id, self.model.embed().weight.val().inner().zeros_like());
-            }
-            collie_dist::dp::all_reduce_grads_of(
-                &self.model,
-                &mut grads,
-                &[id].into_iter().collect(),
-                &*self.dist.pp,
-                &self.device,
-            );
-        }
-        // Only the last stage computed the loss.
-        let mut v = [nll];
-        self.dist.pp.all_reduce_sum_f64(&mut v);
-        (v[0], grads)
-    }
-
-    /// LOMO / AdaLomo under pipeline parallelism: the stage's gradients of the pipelined step,
-    /// then the fused update of every parameter with the clipping coefficient of the global norm
-    /// (the same update as the block-wise walk of one process, with a stage's gradients alive at
-    /// once instead of a block's). Returns `(summed NLL, gradient norm, skipped)`.
-    fn fused_pipeline_step(
-        &mut self,
-        batches: &[Batch],
-        targets: usize,
-        lr: f64,
-    ) -> (f64, f64, bool) {
-        let loss_scale = match &self.optimizer {
-            AnyOptimizer::AdaLomo(_) => self.config.optim.loss_scale.unwrap_or(1024.0),
-            _ => 1.0,
-        };
-        let (nll, mut grads) = self.pipeline_grads(batches, loss_scale / targets as f64);
-        let nll = self.dp_sum(nll);
-        all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
-        let norm = self.grad_norm(&grads) / loss_scale;
-        let max_norm = self.config.train.max_grad_norm;
-        let fused = self.optimizer.fused().expect("fused optimizer");
-        fused.loss_scale = loss_scale;
-        fused.clip_coef = (max_norm > 0.0).then(|| clip_coefficient(norm, max_norm));
-        self.model = collie_optim::apply(
-            self.model.clone(),
-            &mut grads,
-            &mut self.optimizer,
-            lr,
-            None,
-        );
-        (nll, norm, false)
-    }
-
     /// Under pipeline parallelism: every block brought up to date from its stage, so that an
     /// evaluation or a checkpoint sees the whole trained model.
     fn sync_pipeline(&mut self) {
@@ -825,7 +564,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     }
 
     /// `value` summed over the data-parallel replicas.
-    fn dp_sum(&self, value: f64) -> f64 {
+    pub(crate) fn dp_sum(&self, value: f64) -> f64 {
         let mut v = [value];
         all_reduce_scalars(&*self.dist.dp, &mut v);
         v[0]
@@ -834,185 +573,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// This process's place in a parallel run.
     pub fn dist(&self) -> &Dist {
         &self.dist
-    }
-
-    /// One LOMO/AdaLomo step on `batch`: an optional measuring pass (global gradient norm for
-    /// clipping, overflow check under f16 loss scaling), then the updating pass, both block-wise,
-    /// so no more than one block's gradients (plus a tied embedding's head share) exist at a time;
-    /// a tied embedding is updated once, with the sum of its two shares (see `blockwise`).
-    /// Returns `(summed NLL, gradient norm or NaN when not measured, skipped)`.
-    fn fused_step(&mut self, batch: &Batch, targets: usize, lr: f64) -> (f64, f64, bool) {
-        let lomo_f16 = self.compute == DType::F16 && self.config.optim.name == "lomo";
-        let loss_scale = match &self.optimizer {
-            AnyOptimizer::AdaLomo(_) => self.config.optim.loss_scale.unwrap_or(1024.0),
-            _ if lomo_f16 => self.state.loss_scale,
-            _ => 1.0,
-        };
-        let fused = self.optimizer.fused().expect("fused optimizer");
-        fused.loss_scale = loss_scale;
-        fused.clip_coef = None;
-        let scale = loss_scale / targets as f64;
-        let device = self.device.clone();
-        let walk = Walk {
-            compute: self.compute,
-            scale,
-            recompute: self.config.train.activation_checkpointing,
-        };
-        let max_norm = self.config.train.max_grad_norm;
-        let mut grad_norm = f64::NAN;
-        if max_norm > 0.0 || lomo_f16 {
-            // Measuring pass: the norm of every parameter's gradient, nothing updated.
-            let mut squares = 0.0f64;
-            let (hook, model, dp) = (&mut self.grad_hook, &self.model, &*self.dist.dp);
-            backward_blockwise(
-                model.clone(),
-                batch,
-                walk,
-                &device,
-                hook.as_mut(),
-                |block, mut grads| {
-                    reduce_block(model, block, &mut grads, dp, &device);
-                    let norm = match block {
-                        BlockId::Head => global_norm(model.head(), &grads),
-                        BlockId::Layer(i) => global_norm(&model.layers()[i], &grads),
-                        BlockId::Embed => global_norm(model.embed(), &grads)
-                            .hypot(global_norm(&model.virtual_tokens().cloned(), &grads)),
-                    };
-                    squares += norm * norm;
-                },
-            );
-            let norm = squares.sqrt() / loss_scale;
-            if !norm.is_finite() {
-                // Overflow under f16: skip the step and halve the scale (lomo-optim's scaler).
-                self.state.skipped_steps += 1;
-                self.state.loss_scale = (self.state.loss_scale / 2.0).max(1.0);
-                self.state.scale_good_steps = 0;
-                return (f64::NAN, norm, true);
-            }
-            grad_norm = norm;
-            if max_norm > 0.0 {
-                self.optimizer.fused().expect("fused optimizer").clip_coef =
-                    Some(clip_coefficient(norm, max_norm));
-            }
-        }
-        // Updating pass: each block is updated as soon as its gradients exist.
-        let (optimizer, hook, target) = (&mut self.optimizer, &mut self.grad_hook, &mut self.model);
-        let dp = &*self.dist.dp;
-        let nll = backward_blockwise(
-            target.clone(),
-            batch,
-            walk,
-            &device,
-            hook.as_mut(),
-            |block, mut grads| {
-                reduce_block(target, block, &mut grads, dp, &device);
-                let path = block.path();
-                match block {
-                    BlockId::Head => {
-                        *target.head_mut() = collie_optim::apply_at(
-                            &path,
-                            target.head().clone(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                    }
-                    BlockId::Layer(i) => {
-                        target.layers_mut()[i] = collie_optim::apply_at(
-                            &path,
-                            target.layers()[i].clone(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                    }
-                    BlockId::Embed => {
-                        *target.embed_mut() = collie_optim::apply_at(
-                            &path,
-                            target.embed().clone(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                        // Prompt learning's virtual tokens belong to the embedding stage.
-                        *target.virtual_tokens_mut() = collie_optim::apply_at(
-                            "virtual_tokens",
-                            target.virtual_tokens().cloned(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                    }
-                }
-            },
-        );
-        let nll = self.dp_sum(nll);
-        if lomo_f16 {
-            self.state.scale_good_steps += 1;
-            if self.state.scale_good_steps >= LOMO_SCALE_WINDOW {
-                self.state.loss_scale *= 2.0;
-                self.state.scale_good_steps = 0;
-            }
-        }
-        (nll, grad_norm, false)
-    }
-
-    /// SophiaG's Hessian refresh (the official training loop's Gauss-Newton-Bartlett estimator):
-    /// labels sampled from the model's own softmax at every target position of `batches`
-    /// (Gumbel-max, seeded by `train.seed` and the step), the mean NLL of those labels
-    /// back-propagated, and its gradient fed to `update_hessian`.
-    fn refresh_hessian(&mut self, batches: &[Batch]) {
-        let device = self.device.clone();
-        // Each replica samples its own labels (a different stream per data-parallel rank).
-        let stream = (self.dist.coords.dp as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        B::seed(
-            &device,
-            self.config.train.seed.wrapping_add(self.state.step) ^ stream,
-        );
-        let local: usize = batches.iter().map(Batch::target_tokens).sum();
-        let count = self.dp_sum(local as f64);
-        let mut acc = GradientsAccumulator::new();
-        for batch in batches {
-            let model = self.in_compute_dtype(self.model.clone());
-            let logits = shifted_logits(&model, batch, &device);
-            let [n, vocab] = logits.dims();
-            let noise = Tensor::<B::InnerBackend, 2>::random(
-                [n, vocab],
-                Distribution::Uniform(1e-20, 1.0),
-                &device,
-            );
-            let gumbel = noise.log().neg().log().neg();
-            let sampled = (to_dtype(logits.clone().inner(), DType::F32) + gumbel)
-                .argmax(1)
-                .into_data()
-                .convert::<i64>()
-                .into_vec::<i64>()
-                .expect("sampled ids");
-            let labels: Vec<i64> = batch
-                .shifted_labels()
-                .zip(sampled)
-                .map(|(l, y)| if l == -100 { -100 } else { y })
-                .collect();
-            let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [n]), &device);
-            let (sum, _) = cross_entropy_sum(logits, labels);
-            let grads = sum.div_scalar(count).backward();
-            acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
-        }
-        let mut grads = acc.grads();
-        match &self.zero {
-            None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device),
-            Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device),
-        }
-        let AnyOptimizer::Sophia(sophia) = &mut self.optimizer else {
-            return;
-        };
-        sophia.set_hessian_refresh(true);
-        self.model = collie_optim::apply(self.model.clone(), &mut grads, sophia, 0.0, None);
-        sophia.set_hessian_refresh(false);
     }
 
     /// Evaluation metrics (`eval_loss`, `eval_ppl`, `eval_accuracy`, `eval_exact_match`,
@@ -1121,7 +681,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let root = &self.config.output.dir;
         // Under ZeRO each replica holds its own parameters' state; the checkpoint holds all of it.
         let c = self.dist.coords;
-        let mut optimizer_state = self.optimizer.state();
+        let mut optimizer_state = self.update.state();
         if self.pipeline.is_some() {
             // Each stage holds its blocks' state; the first stage collects it.
             let tag = format!("pp-dp{}-tp{}", c.dp, c.tp);
@@ -1162,7 +722,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         };
         let dir = checkpoint::save(
             root,
-            weights,
+            |dir| weights.write::<B>(dir),
             &optimizer_state,
             &self.state,
             &self.config.to_toml(),
@@ -1234,7 +794,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let mut log = if main {
             std::fs::write(dir.join("config.resolved.toml"), self.config.to_toml())
                 .map_err(|e| TrainError::io(&dir, e))?;
-            truncate_metrics(&dir, self.state.step)?;
+            crate::metrics::truncate_metrics(&dir, self.state.step)?;
             Some(MetricsLog::open(&dir)?)
         } else {
             None
@@ -1363,7 +923,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         }
         if self.dist.size() > 1 {
             // What ZeRO saves: this replica's optimizer state.
-            let state = self.optimizer.state();
+            let state = self.update.state();
             let bytes: usize = state.tensors.values().map(|t| t.data.len() * 4).sum();
             rank_log.line(&format!(
                 "optimizer_state_bytes {bytes} tensors {}",
@@ -1456,13 +1016,13 @@ fn check_pipeline(config: &TrainConfig) -> Result<(), TrainError> {
             "parallel.pp = {pp} with {key}: {what}"
         )))
     };
-    if config.optim.name == "lomo" && config.model.dtype == "f16" {
+    if config.optim.name == OptimName::Lomo && config.model.dtype == ComputeDtype::F16 {
         return refuse(
             "model.dtype",
             "LOMO's f16 loss scaling under pipeline parallelism is not available yet; use bf16",
         );
     }
-    if config.optim.name == "sophiag" {
+    if config.optim.name == OptimName::SophiaG {
         return refuse(
             "optim.name",
             "SophiaG's Hessian refresh runs the whole model",
@@ -1506,7 +1066,7 @@ fn check_tensor_parallel(config: &TrainConfig) -> Result<(), TrainError> {
             ),
         );
     }
-    if config.optim.name == "sophiag" {
+    if config.optim.name == OptimName::SophiaG {
         return refuse(
             "optim.name",
             "SophiaG's Hessian sampling needs whole-vocabulary logits",
@@ -1528,7 +1088,7 @@ fn check_tensor_parallel(config: &TrainConfig) -> Result<(), TrainError> {
 }
 
 /// Sums one block's gradients over the data-parallel replicas (block-wise walks: LOMO, AdaLomo).
-fn reduce_block<B: AutodiffBackend, M: TrainModel<B>>(
+pub(crate) fn reduce_block<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     block: BlockId,
     grads: &mut GradientsParams,
@@ -1621,26 +1181,6 @@ fn eval_line(step: u64, m: &BTreeMap<String, f64>) -> Map<String, Value> {
         line.insert(k.clone(), json!(v));
     }
     line
-}
-
-/// Keeps the metric lines of steps up to `step` when resuming (dropping those a killed run wrote
-/// after its last checkpoint); a fresh run (`step == 0`) starts an empty file.
-fn truncate_metrics(dir: &Path, step: u64) -> Result<(), TrainError> {
-    let path = dir.join("metrics.jsonl");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(Value::as_u64))
-                .is_some_and(|s| step > 0 && s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&path, kept).map_err(|e| TrainError::io(&path, e))
 }
 
 fn summary_text(s: &Summary) -> String {

@@ -104,17 +104,7 @@ fn default_init() -> f64 {
     0.02
 }
 
-/// Reads a token id or a list of them (HF writes either for `eos_token_id`).
-pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|i| i as u32))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
+pub use collie_io::family::token_ids;
 
 impl LlamaConfig {
     /// A config with LLaMA defaults for the given shape (used by tests and benchmarks).

@@ -84,6 +84,14 @@ pub struct RetrieverSection {
     pub in_batch_weight: f64,
     /// Seed of sampling and batching.
     pub seed: u64,
+    /// Checkpoint a training round every N steps (0 = only at its end), so an interrupted
+    /// round resumes where it stopped.
+    #[serde(default = "default_save_every")]
+    pub save_every: u64,
+}
+
+fn default_save_every() -> u64 {
+    50
 }
 
 impl RetrieverSection {

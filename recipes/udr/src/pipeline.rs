@@ -307,7 +307,6 @@ impl<B: AutodiffBackend> Run<'_, B> {
         let r = &self.config.retriever;
         let encoder = collie_bert::load::<B>(&r.model, &self.device)
             .with_context(|| format!("loading retriever.model `{}`", r.model))?;
-        let pad = encoder.config.pad_token_id;
         let mut data = Vec::new();
         for task in tasks {
             let s = self.splits(task)?;
@@ -326,9 +325,22 @@ impl<B: AutodiffBackend> Run<'_, B> {
                     .collect::<Vec<_>>(),
             );
         }
+        // The round's run directory: metrics, loss.png and checkpoints, resumed when a previous
+        // attempt was interrupted.
+        let run = out.with_extension("run");
+        let resume = (!collie_train::checkpoint::list(&run).is_empty()).then(|| "latest".into());
         let opts = TrainOptions {
-            lr: r.lr,
-            warmup_steps: r.warmup_steps,
+            optim: collie_train::config::OptimSection {
+                weight_decay: Some(0.0),
+                ..collie_train::config::OptimSection::named(
+                    collie_train::config::OptimName::AdamW,
+                    r.lr,
+                )
+            },
+            sched: collie_train::config::SchedSection {
+                kind: collie_train::config::ScheduleKind::Linear,
+                warmup_steps: r.warmup_steps,
+            },
             epochs: r.epochs,
             batch_queries: r.batch_queries,
             max_len: r.max_len,
@@ -340,6 +352,10 @@ impl<B: AutodiffBackend> Run<'_, B> {
             loss,
             max_grad_norm: 2.0,
             seed: r.seed + iter as u64,
+            output: Some(run.clone()),
+            save_every: r.save_every,
+            keep_last: 1,
+            resume,
         };
         let model = BiEncoder {
             query: encoder.model.clone(),
@@ -348,8 +364,8 @@ impl<B: AutodiffBackend> Run<'_, B> {
         let quiet = self.quiet;
         let (model, report) = retriever::train(
             model,
+            &encoder.config,
             &encoder.tokenizer,
-            pad,
             &data,
             &opts,
             &self.device,
@@ -386,10 +402,17 @@ impl<B: AutodiffBackend> Run<'_, B> {
             &staging.join(RETRIEVER_FILE),
             &json!({"pooling": r.pooling, "max_len": r.max_len}),
         )?;
+        for file in ["metrics.jsonl", "loss.png"] {
+            if run.join(file).is_file() {
+                std::fs::copy(run.join(file), staging.join(file))?;
+            }
+        }
         if out.exists() {
             std::fs::remove_dir_all(&out)?;
         }
         std::fs::rename(&staging, &out).with_context(|| format!("writing {}", out.display()))?;
+        // The towers are in place: the round's checkpoints are no longer needed.
+        std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
         Ok(())
     }
 
@@ -786,8 +809,8 @@ impl<B: AutodiffBackend> Run<'_, B> {
         };
         let (_, report) = retriever::train(
             model,
+            &encoder.config,
             &encoder.tokenizer,
-            encoder.config.pad_token_id,
             std::slice::from_ref(&queries),
             &opts,
             &self.device,

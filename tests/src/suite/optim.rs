@@ -8,8 +8,8 @@ use burn::tensor::Tensor;
 use collie_io::module::TensorSource;
 use collie_io::safetensors::SafetensorsSource;
 use collie_io::HostTensor;
-use collie_optim::lomo::clip_coefficient;
 use collie_optim::*;
+use collie_optim::{Optimizer, StepInfo};
 use serde_json::Value;
 
 use super::Check;
@@ -127,23 +127,23 @@ fn run_case<B: Backend>(
             .map(|n| read(format!("{name}.{step}.grad.{n}")))
             .collect();
         let norm = grads.iter().map(P::sq_norm).sum::<f64>().sqrt();
-        if let AnyOptimizer::Adan(a) = &mut opt {
-            let clip = a.clip_coefficient(norm);
-            a.set_clip(clip);
-        }
+        // The optimizer's own preparation: Adan's clipping, the fused optimizers' coefficient.
+        let info = StepInfo {
+            grad_norm: norm,
+            max_grad_norm: clip_norm,
+            batch_tokens: f(c, "bs", 5120.0),
+        };
+        let factor = opt.prepare(&info).unwrap_or(1.0);
         // The fused optimizers see the gradient of the scaled loss and divide it back.
         let loss_scale = match &mut opt {
             AnyOptimizer::AdaLomo(_) => 1024.0,
             _ => 1.0,
         };
-        if let Some(fused) = opt.fused() {
-            fused.clip_coef = (clip_norm > 0.0).then(|| clip_coefficient(norm, clip_norm));
-        }
         params = params
             .into_iter()
             .zip(grads)
             .zip(names)
-            .map(|((p, g), n)| update(&mut opt, n, p, g.scaled(loss_scale), lr))
+            .map(|((p, g), n)| update(&mut opt, n, p, g.scaled(loss_scale * factor), lr))
             .collect();
         if refresh.contains(&step) {
             let AnyOptimizer::Sophia(s) = &mut opt else {

@@ -1,0 +1,402 @@
+//! The step strategies of the trainer, one per way a step turns its batches into an update:
+//! post-backward (accumulate every micro-batch's gradients, or this pipeline stage's, then update
+//! once) and fused (LOMO / AdaLomo: each block updated inside the block-wise backward; under
+//! pipeline parallelism, the stage's gradients then the fused update). The trainer picks one when
+//! it is built ([`Strategy`]).
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
+use collie_core::loss::cross_entropy_sum;
+use collie_core::model::LmHead;
+use collie_core::nn::to_dtype;
+use collie_data::loader::Batch;
+use collie_dist::dp::all_reduce_grads;
+use collie_io::family::TrainModel;
+use collie_optim::clip::global_norm;
+use collie_optim::{AnyOptimizer, Optimizer};
+
+use crate::blockwise::{backward_blockwise, BlockId, Walk};
+use crate::eval::{batch_nll, shifted_logits};
+use crate::trainer::{reduce_block, Trainer};
+
+/// How a step turns its batches into an update, fixed when the trainer is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Strategy {
+    /// Backward over every micro-batch (accumulated), then one optimizer update.
+    PostBackward,
+    /// LOMO / AdaLomo: each block updated inside the block-wise backward pass.
+    Fused,
+    /// This rank's pipeline stage over the micro-batches (1F1B), then one update.
+    Pipeline,
+    /// LOMO / AdaLomo under pipeline parallelism: the stage's gradients, then the fused update.
+    FusedPipeline,
+}
+
+impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
+    /// A step that back-propagates every micro-batch (or this rank's pipeline stage over them),
+    /// reduces the gradients over the parallel groups, then updates once: the loss scaler's
+    /// overflow check, the optimizer's preparation (clipping coefficient, Adan's own clipping,
+    /// SophiaG's batch size), the update, ZeRO's gather, SophiaG's Hessian refresh.
+    /// Returns `(summed NLL, gradient norm, skipped)`.
+    pub(crate) fn post_backward_step(
+        &mut self,
+        batches: &[Batch],
+        targets: usize,
+        lr: f64,
+    ) -> (f64, f64, bool) {
+        // f16 multiplies the loss by the dynamic scale so small gradients survive the half range.
+        let loss_scale = self.loss_scale();
+        let scale = loss_scale / targets as f64;
+        let (nll, mut grads) = match &self.pipeline {
+            None => {
+                let mut acc = GradientsAccumulator::new();
+                let nll: f64 = batches
+                    .iter()
+                    .map(|b| self.micro_step(b, scale, &mut acc))
+                    .sum();
+                (nll, acc.grads())
+            }
+            Some(_) => self.pipeline_grads(batches, scale),
+        };
+        let nll = self.dp_sum(nll);
+        if !self.tp_partial.is_empty() {
+            collie_dist::dp::all_reduce_grads_of(
+                &self.model,
+                &mut grads,
+                &self.tp_partial,
+                &*self.dist.tp,
+                &self.device,
+            );
+        }
+        match &self.zero {
+            None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
+            Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
+        }
+        let scaled_norm = self.grad_norm(&grads);
+        if !scaled_norm.is_finite() {
+            // Overflow: skip the update and back off, as torch.cuda.amp.GradScaler does.
+            if let Some(scaler) = &self.scaler {
+                scaler.overflow(&mut self.state);
+            }
+            return (nll, scaled_norm, true);
+        }
+        let grad_norm = scaled_norm / loss_scale;
+        self.model = self.update.apply(
+            self.model.clone(),
+            &mut grads,
+            grad_norm,
+            loss_scale,
+            targets,
+            lr,
+        );
+        if let Some(plan) = &self.zero {
+            self.model = plan.gather_params(self.model.clone(), &*self.dist.dp, &self.device);
+        }
+        if let Some(scaler) = &self.scaler {
+            scaler.good_step(&mut self.state);
+        }
+        let interval = self.config.optim.hessian_interval;
+        if matches!(self.update.optimizer, AnyOptimizer::Sophia(_))
+            && interval > 0
+            && self.state.step.is_multiple_of(interval)
+        {
+            self.refresh_hessian(batches);
+        }
+        (nll, grad_norm, false)
+    }
+
+    /// Summed NLL and gradients of one micro-batch; the backward pass sees `nll · scale`.
+    pub(crate) fn micro_step(
+        &self,
+        batch: &Batch,
+        scale: f64,
+        acc: &mut GradientsAccumulator<M>,
+    ) -> f64 {
+        if self.config.train.activation_checkpointing {
+            return self.micro_step_checkpointed(batch, scale, acc);
+        }
+        let model = self.in_compute_dtype(self.model.clone());
+        let (sum, _) = batch_nll(&model, batch, &self.device);
+        let nll = sum.clone().inner().into_scalar().elem::<f64>();
+        let grads = sum.mul_scalar(scale).backward();
+        // Gradients are read off the f32 masters (the casts' backward brings them there).
+        acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        nll
+    }
+
+    /// [`Trainer::micro_step`] keeping only block inputs: the block-wise backward with
+    /// recomputation, accumulating each block's gradients.
+    pub(crate) fn micro_step_checkpointed(
+        &self,
+        batch: &Batch,
+        scale: f64,
+        acc: &mut GradientsAccumulator<M>,
+    ) -> f64 {
+        let model = &self.model;
+        backward_blockwise(
+            model.clone(),
+            batch,
+            Walk {
+                compute: self.compute,
+                scale,
+                recompute: true,
+            },
+            &self.device,
+            None,
+            |_, grads| acc.accumulate(model, grads),
+        )
+    }
+
+    /// SophiaG's Hessian refresh (the official training loop's Gauss-Newton-Bartlett estimator):
+    /// labels sampled from the model's own softmax at every target position of `batches`
+    /// (Gumbel-max, seeded by `train.seed` and the step), the mean NLL of those labels
+    /// back-propagated, and its gradient fed to `update_hessian`.
+    pub(crate) fn refresh_hessian(&mut self, batches: &[Batch]) {
+        let device = self.device.clone();
+        // Each replica samples its own labels (a different stream per data-parallel rank).
+        let stream = (self.dist.coords.dp as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        B::seed(
+            &device,
+            self.config.train.seed.wrapping_add(self.state.step) ^ stream,
+        );
+        let local: usize = batches.iter().map(Batch::target_tokens).sum();
+        let count = self.dp_sum(local as f64);
+        let mut acc = GradientsAccumulator::new();
+        for batch in batches {
+            let model = self.in_compute_dtype(self.model.clone());
+            let logits = shifted_logits(&model, batch, &device);
+            let [n, vocab] = logits.dims();
+            let noise = Tensor::<B::InnerBackend, 2>::random(
+                [n, vocab],
+                Distribution::Uniform(1e-20, 1.0),
+                &device,
+            );
+            let gumbel = noise.log().neg().log().neg();
+            let sampled = (to_dtype(logits.clone().inner(), DType::F32) + gumbel)
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .into_vec::<i64>()
+                .expect("sampled ids");
+            let labels: Vec<i64> = batch
+                .shifted_labels()
+                .zip(sampled)
+                .map(|(l, y)| if l == -100 { -100 } else { y })
+                .collect();
+            let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [n]), &device);
+            let (sum, _) = cross_entropy_sum(logits, labels);
+            let grads = sum.div_scalar(count).backward();
+            acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        }
+        let mut grads = acc.grads();
+        match &self.zero {
+            None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device),
+            Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &device),
+        }
+        let AnyOptimizer::Sophia(sophia) = &mut self.update.optimizer else {
+            return;
+        };
+        sophia.set_hessian_refresh(true);
+        self.model = collie_optim::apply(self.model.clone(), &mut grads, sophia, 0.0, None);
+        sophia.set_hessian_refresh(false);
+    }
+
+    /// This stage's gradients of one pipelined step (1F1B over `batches`, each micro-batch's NLL
+    /// scaled by `scale`) and the step's summed NLL (from the last stage).
+    pub(crate) fn pipeline_grads(
+        &mut self,
+        batches: &[Batch],
+        scale: f64,
+    ) -> (f64, GradientsParams) {
+        let (stage, _) = self.pipeline.as_ref().expect("a pipeline");
+        let (nll, mut grads, waited) = crate::pipeline::step(
+            &self.model,
+            stage,
+            batches,
+            self.compute,
+            scale,
+            &*self.dist.pp,
+            &self.device,
+        );
+        self.pp_wait = waited;
+        if self.model.head().is_tied() {
+            // A tied table is used by the first stage (lookup) and the last (head): both copies
+            // get the sum of the two gradients.
+            let id = self.model.embed().weight.id;
+            if grads.get::<B::InnerBackend, 2>(id).is_none() {
+                grads.register(id, self.model.embed().weight.val().inner().zeros_like());
+            }
+            collie_dist::dp::all_reduce_grads_of(
+                &self.model,
+                &mut grads,
+                &[id].into_iter().collect(),
+                &*self.dist.pp,
+                &self.device,
+            );
+        }
+        // Only the last stage computed the loss.
+        let mut v = [nll];
+        self.dist.pp.all_reduce_sum_f64(&mut v);
+        (v[0], grads)
+    }
+
+    /// One LOMO/AdaLomo step on `batch`: an optional measuring pass (global gradient norm for
+    /// clipping, overflow check under f16 loss scaling), then the updating pass, both block-wise,
+    /// so no more than one block's gradients (plus a tied embedding's head share) exist at a time;
+    /// a tied embedding is updated once, with the sum of its two shares (see `blockwise`).
+    /// Returns `(summed NLL, gradient norm or NaN when not measured, skipped)`.
+    pub(crate) fn fused_step(
+        &mut self,
+        batch: &Batch,
+        targets: usize,
+        lr: f64,
+    ) -> (f64, f64, bool) {
+        let loss_scale = self
+            .update
+            .optimizer
+            .static_loss_scale()
+            .unwrap_or_else(|| self.loss_scale());
+        let fused = self.update.optimizer.fused().expect("fused optimizer");
+        fused.loss_scale = loss_scale;
+        fused.clip_coef = None;
+        let scale = loss_scale / targets as f64;
+        let device = self.device.clone();
+        let walk = Walk {
+            compute: self.compute,
+            scale,
+            recompute: self.config.train.activation_checkpointing,
+        };
+        let max_norm = self.config.train.max_grad_norm;
+        let mut grad_norm = f64::NAN;
+        if max_norm > 0.0 || self.scaler.is_some() {
+            // Measuring pass: the norm of every parameter's gradient, nothing updated.
+            let mut squares = 0.0f64;
+            let (hook, model, dp) = (&mut self.grad_hook, &self.model, &*self.dist.dp);
+            backward_blockwise(
+                model.clone(),
+                batch,
+                walk,
+                &device,
+                hook.as_mut(),
+                |block, mut grads| {
+                    reduce_block(model, block, &mut grads, dp, &device);
+                    let norm = match block {
+                        BlockId::Head => global_norm(model.head(), &grads),
+                        BlockId::Layer(i) => global_norm(&model.layers()[i], &grads),
+                        BlockId::Embed => global_norm(model.embed(), &grads)
+                            .hypot(global_norm(&model.virtual_tokens().cloned(), &grads)),
+                    };
+                    squares += norm * norm;
+                },
+            );
+            let norm = squares.sqrt() / loss_scale;
+            if !norm.is_finite() {
+                // Overflow under f16: skip the step and back off (lomo-optim's scaler).
+                if let Some(scaler) = &self.scaler {
+                    scaler.overflow(&mut self.state);
+                }
+                return (f64::NAN, norm, true);
+            }
+            grad_norm = norm;
+            let info = self.update.info(norm, targets);
+            self.update.optimizer.prepare(&info);
+        }
+        // Updating pass: each block is updated as soon as its gradients exist.
+        let (optimizer, hook, target) = (
+            &mut self.update.optimizer,
+            &mut self.grad_hook,
+            &mut self.model,
+        );
+        let dp = &*self.dist.dp;
+        let nll = backward_blockwise(
+            target.clone(),
+            batch,
+            walk,
+            &device,
+            hook.as_mut(),
+            |block, mut grads| {
+                reduce_block(target, block, &mut grads, dp, &device);
+                let path = block.path();
+                match block {
+                    BlockId::Head => {
+                        *target.head_mut() = collie_optim::apply_at(
+                            &path,
+                            target.head().clone(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                    }
+                    BlockId::Layer(i) => {
+                        target.layers_mut()[i] = collie_optim::apply_at(
+                            &path,
+                            target.layers()[i].clone(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                    }
+                    BlockId::Embed => {
+                        *target.embed_mut() = collie_optim::apply_at(
+                            &path,
+                            target.embed().clone(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                        // Prompt learning's virtual tokens belong to the embedding stage.
+                        *target.virtual_tokens_mut() = collie_optim::apply_at(
+                            "virtual_tokens",
+                            target.virtual_tokens().cloned(),
+                            &mut grads,
+                            optimizer,
+                            lr,
+                            None,
+                        );
+                    }
+                }
+            },
+        );
+        let nll = self.dp_sum(nll);
+        if let Some(scaler) = &self.scaler {
+            scaler.good_step(&mut self.state);
+        }
+        (nll, grad_norm, false)
+    }
+
+    /// LOMO / AdaLomo under pipeline parallelism: the stage's gradients of the pipelined step,
+    /// then the fused update of every parameter with the clipping coefficient of the global norm
+    /// (the same update as the block-wise walk of one process, with a stage's gradients alive at
+    /// once instead of a block's). Returns `(summed NLL, gradient norm, skipped)`.
+    pub(crate) fn fused_pipeline_step(
+        &mut self,
+        batches: &[Batch],
+        targets: usize,
+        lr: f64,
+    ) -> (f64, f64, bool) {
+        let loss_scale = self.update.optimizer.static_loss_scale().unwrap_or(1.0);
+        let (nll, mut grads) = self.pipeline_grads(batches, loss_scale / targets as f64);
+        let nll = self.dp_sum(nll);
+        all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
+        let norm = self.grad_norm(&grads) / loss_scale;
+        self.update
+            .optimizer
+            .fused()
+            .expect("fused optimizer")
+            .loss_scale = loss_scale;
+        let info = self.update.info(norm, targets);
+        self.update.optimizer.prepare(&info);
+        self.model = collie_optim::apply(
+            self.model.clone(),
+            &mut grads,
+            &mut self.update.optimizer,
+            lr,
+            None,
+        );
+        (nll, norm, false)
+    }
+}
