@@ -15,6 +15,7 @@ pub const LLAMA_CASES: &[&str] = &[
     "llama_bias",
     "qwen2_bias",
     "mistral_window",
+    "qwen3_qknorm",
 ];
 
 /// `tests/fixtures/<rel>`; `COLLIE_FIXTURES` points elsewhere (a prebuilt binary run on another

@@ -730,3 +730,22 @@ fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_proc
         &["parallel.tp=2", "train.activation_checkpointing=true"],
     );
 }
+
+#[test]
+fn qwen3_under_tensor_and_pipeline_parallelism_matches_one_process() {
+    // Qwen3's per-head q/k norms are whole on every rank but see only the rank's heads under
+    // tensor parallelism: their gradients are summed over the group like LoRA's A.
+    let qwen3 = format!("model.path={}", fixture("families/qwen3/model").display());
+    assert_layout("qwen3 tp2", 2, 1, 2, 1, &["parallel.tp=2", &qwen3]);
+    assert_layout("qwen3 pp2", 2, 1, 1, 4, &["parallel.pp=2", &qwen3]);
+    let lomo = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
+    assert_equivalent_dp(
+        "qwen3 pp2 lomo",
+        2,
+        1,
+        2,
+        1,
+        lomo,
+        &["parallel.pp=2", &qwen3],
+    );
+}

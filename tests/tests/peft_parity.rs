@@ -18,7 +18,13 @@ use collie_tests::suite::{self, assert_all};
 
 /// Logits of `adapter` on the fixture batch vs peft's (CPU); returns max |Δ| over real positions.
 fn logits_diff(adapter: &Path, case: &str) -> f64 {
-    suite::peft::logits_diff::<B>(adapter, case, &Default::default())
+    let golden = fixture(&format!("peft/{case}/golden.safetensors"));
+    suite::peft::logits_diff::<B>(
+        &fixture("train/model"),
+        adapter,
+        &golden,
+        &Default::default(),
+    )
 }
 
 #[test]

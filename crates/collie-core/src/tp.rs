@@ -171,6 +171,7 @@ pub fn shard<B: Backend, M: BlockModel<B>>(mut model: M, group: &Group) -> Resul
         return Ok((model, sharded));
     }
     check(&model, tp)?;
+    sharded.partial.extend(model.head_local_params());
     for slot in model.linears_mut() {
         if slot.parallel != ParallelMode::Full {
             *slot.linear = shard_linear(slot.linear.clone(), slot.parallel, group, &mut sharded);

@@ -64,7 +64,7 @@ pub fn draw(path: &Path, curves: &Curves) -> Result<(), String> {
         chart
             .caption("loss", ("sans-serif", 20))
             .x_label_area_size(30)
-            .y_label_area_size(50);
+            .y_label_area_size(70);
     }
     let mut chart = chart
         .build_cartesian_2d(0.0..max_step, lo..hi)
@@ -73,12 +73,20 @@ pub fn draw(path: &Path, curves: &Curves) -> Result<(), String> {
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.2}"))
+            .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| e.to_string())?;
     }
-    chart
+    let train = chart
         .draw_series(LineSeries::new(curves.loss.iter().copied(), &BLUE))
         .map_err(|e| e.to_string())?;
+    if labels {
+        train
+            .label("train loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    }
     if !curves.eval_loss.is_empty() {
         chart
             .draw_series(PointSeries::of_element(
@@ -88,8 +96,21 @@ pub fn draw(path: &Path, curves: &Curves) -> Result<(), String> {
                 &|c, s, st| Circle::new(c, s, st.filled()),
             ))
             .map_err(|e| e.to_string())?;
-        chart
+        let eval = chart
             .draw_series(LineSeries::new(curves.eval_loss.iter().copied(), &RED))
+            .map_err(|e| e.to_string())?;
+        if labels {
+            eval.label("eval loss")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        }
+    }
+    if labels {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
             .map_err(|e| e.to_string())?;
     }
     let (lo, hi) = range(curves.lr.iter().map(|p| p.1));
@@ -99,7 +120,7 @@ pub fn draw(path: &Path, curves: &Curves) -> Result<(), String> {
         chart
             .caption("learning rate", ("sans-serif", 16))
             .x_label_area_size(30)
-            .y_label_area_size(50);
+            .y_label_area_size(70);
     }
     let mut chart = chart
         .build_cartesian_2d(0.0..max_step, lo..hi)
@@ -108,6 +129,10 @@ pub fn draw(path: &Path, curves: &Curves) -> Result<(), String> {
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_labels(4)
+            .y_label_formatter(&|y| format!("{y:.1e}"))
+            .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| e.to_string())?;
     }

@@ -6,8 +6,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{LlamaError, Result};
 
-/// Model types this crate runs. All share LLaMA's block; they differ in biases and defaults.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "internlm"];
+/// Model types this crate runs. All share LLaMA's block; they differ in biases and defaults, and
+/// Qwen3 adds per-head query/key norms.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "internlm"];
 
 /// Mirror of HF `config.json` for LLaMA-family decoders (LLaMA 1/2/3, Mistral, Qwen2, InternLM,
 /// SmolLM). Unknown keys are kept in `extra` and written back on save.
@@ -169,6 +170,11 @@ impl LlamaConfig {
         self.attention_bias.unwrap_or(false) || self.bias.unwrap_or(false)
     }
 
+    /// Whether each attention head's queries and keys pass an RMSNorm before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
+    }
+
     /// Whether the MLP projections carry a bias.
     pub fn mlp_bias(&self) -> bool {
         self.mlp_bias.unwrap_or(false)
@@ -177,7 +183,7 @@ impl LlamaConfig {
     /// The attention window, if the model limits how far back a token looks.
     pub fn window(&self) -> Option<usize> {
         match self.model_type.as_str() {
-            "qwen2" if !self.use_sliding_window.unwrap_or(false) => None,
+            "qwen2" | "qwen3" if !self.use_sliding_window.unwrap_or(false) => None,
             _ => self.sliding_window,
         }
     }
@@ -257,6 +263,7 @@ impl LlamaConfig {
                 "LlamaForCausalLM",
                 "MistralForCausalLM",
                 "Qwen2ForCausalLM",
+                "Qwen3ForCausalLM",
                 "InternLMForCausalLM",
             ];
             if !known.contains(&arch.as_str()) {

@@ -16,6 +16,7 @@ pub const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("llama", "llama", "LlamaForCausalLM"),
     ("mistral", "mistral", "MistralForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "qwen3", "Qwen3ForCausalLM"),
 ];
 
 /// Builds the HF config a GGUF file's metadata describes.

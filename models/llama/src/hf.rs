@@ -43,6 +43,15 @@ impl<B: Backend> Adaptable<B> for Llama<B> {
         out
     }
 
+    fn head_local_params(&self) -> Vec<burn::module::ParamId> {
+        let norms = self.layers.iter().map(|l| &l.attn);
+        norms
+            .flat_map(|a| [a.q_norm.as_ref(), a.k_norm.as_ref()])
+            .flatten()
+            .map(|n| n.weight.id)
+            .collect()
+    }
+
     fn virtual_tokens_mut(&mut self) -> &mut Option<VirtualTokens<B>> {
         &mut self.virtual_tokens
     }

@@ -38,6 +38,10 @@ pub struct Attention<B: Backend> {
     pub n_kv_heads: usize,
     /// Per-head width.
     pub head_dim: usize,
+    /// RMSNorm over each query head's `head_dim` features before RoPE (Qwen3).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// RMSNorm over each key head's `head_dim` features before RoPE (Qwen3).
+    pub k_norm: Option<RmsNorm<B>>,
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
@@ -55,11 +59,13 @@ pub struct Mlp<B: Backend> {
 /// llama.cpp's under `blk.N.`, and the tensor-parallel layout (Megatron's: q/k/v and gate/up
 /// split their outputs, o and down their inputs; norms stay whole). The one table that HF and
 /// GGUF naming, PEFT targeting and tensor parallelism read.
-pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 9] = [
+pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 11] = [
     ("attn_norm", "input_layernorm", "attn_norm", Full),
     ("attn.q_proj", "self_attn.q_proj", "attn_q", Column),
     ("attn.k_proj", "self_attn.k_proj", "attn_k", Column),
     ("attn.v_proj", "self_attn.v_proj", "attn_v", Column),
+    ("attn.q_norm", "self_attn.q_norm", "attn_q_norm", Full),
+    ("attn.k_norm", "self_attn.k_norm", "attn_k_norm", Full),
     ("attn.o_proj", "self_attn.o_proj", "attn_output", Row),
     ("mlp_norm", "post_attention_layernorm", "ffn_norm", Full),
     ("mlp.gate_proj", "mlp.gate_proj", "ffn_gate", Column),
@@ -175,11 +181,13 @@ impl LlamaConfig {
                 .with_init_std(std)
                 .init(device)
         };
-        let norm = || {
-            RmsNormConfig::new(d)
+        let norm_of = |width: usize| {
+            RmsNormConfig::new(width)
                 .with_eps(self.rms_norm_eps)
                 .init(device)
         };
+        let norm = || norm_of(d);
+        let head_norm = || self.qk_norm().then(|| norm_of(hd));
         let layers = (0..self.num_hidden_layers)
             .map(|_| Block {
                 attn_norm: norm(),
@@ -191,6 +199,8 @@ impl LlamaConfig {
                     n_heads: h,
                     n_kv_heads: kvh,
                     head_dim: hd,
+                    q_norm: head_norm(),
+                    k_norm: head_norm(),
                 },
                 mlp_norm: norm(),
                 mlp: Mlp {
@@ -229,17 +239,20 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        // [batch, s_q, heads · head_dim] -> [batch, heads, s_q, head_dim]
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, kvh, hd])
-            .swap_dims(1, 2);
+        // [batch, s_q, heads · head_dim] -> [batch, s_q, heads, head_dim]
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]);
+        // Per-head norms (Qwen3) act on each head's features, before RoPE.
+        let q = match &self.q_norm {
+            Some(n) => n.forward(q),
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(k),
+            None => k,
+        };
+        // [batch, s_q, heads, head_dim] -> [batch, heads, s_q, head_dim]
+        let (q, k) = (q.swap_dims(1, 2), k.swap_dims(1, 2));
         let v = self
             .v_proj
             .forward(x)

@@ -20,14 +20,20 @@ pub const CASES: &[&str] = &[
     "ptuning",
 ];
 
-/// Logits of the adapter in `adapter` on case `case`'s batch vs peft's: max |Δ| over real
-/// positions.
-pub fn logits_diff<B: Backend>(adapter: &std::path::Path, case: &str, device: &B::Device) -> f64 {
-    let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), device)
+/// Logits of the adapter in `adapter` on the model in `base`, on the batch of `golden` (peft's
+/// `input_ids`, `attention_mask`, `logits`) vs peft's: max |Δ| over real positions.
+pub fn logits_diff<B: Backend>(
+    base: &std::path::Path,
+    adapter: &std::path::Path,
+    golden: &std::path::Path,
+    device: &B::Device,
+) -> f64 {
+    let base = collie_llama::load::<B>(base.to_str().unwrap(), device)
         .unwrap()
         .model;
     let (model, _) = adapter_io::load(base, adapter, device).unwrap();
-    let g = read_golden(&fixture(&format!("peft/{case}/golden.safetensors")));
+    let g = read_golden(golden);
+    let case = adapter.display();
     let ids = g["input_ids"].int2::<B>(device);
     let mask = g["attention_mask"].int2::<B>(device);
     let logits = values(model.logits(ids, Some(&mask)));
@@ -46,7 +52,9 @@ pub fn logits<B: Backend>(device: &B::Device) -> Vec<Check> {
     CASES
         .iter()
         .map(|case| {
-            let d = logits_diff::<B>(&fixture(&format!("peft/{case}")), case, device);
+            let dir = fixture(&format!("peft/{case}"));
+            let golden = dir.join("golden.safetensors");
+            let d = logits_diff::<B>(&fixture("train/model"), &dir, &golden, device);
             Check::new("peft", case, "max |Δlogit| vs peft", d, LOGITS_TOL)
         })
         .collect()

@@ -80,6 +80,13 @@ pub trait Adaptable<B: Backend> {
         "lm_head"
     }
 
+    /// Whole (unsplit) parameters applied inside the tensor-parallel region, per attention head
+    /// (Qwen3's query/key norms): under tensor parallelism each rank sees only its heads, so
+    /// their gradients are partial sums over the group.
+    fn head_local_params(&self) -> Vec<burn::module::ParamId> {
+        Vec::new()
+    }
+
     /// The slot for virtual tokens (prompt learning).
     fn virtual_tokens_mut(&mut self) -> &mut Option<VirtualTokens<B>>;
 
