@@ -142,6 +142,31 @@ fn unknown_architecture() {
 }
 
 #[test]
+fn unsupported_gguf_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(fixtures().join("gguf/tiny_llama.gguf")).unwrap();
+    // The value of `general.architecture`: the key, its type (u32 8 = string), the length (u64 5),
+    // then `llama` — rewritten to another architecture llama.cpp knows and collie-rs does not.
+    let key = b"general.architecture";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the fixture names its architecture")
+        + key.len()
+        + 4
+        + 8;
+    assert_eq!(&bytes[at..at + 5], b"llama");
+    bytes[at..at + 5].copy_from_slice(b"bloom");
+    let path = tmp.path().join("bloom.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let line = run_generate(&path);
+    assert_mentions(
+        &line,
+        &["unknown architecture", "bloom", "bloom.gguf", "qwen3"],
+    );
+}
+
+#[test]
 fn malformed_config() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_hf(tmp.path());
