@@ -13,15 +13,17 @@ cd "$(dirname "$0")/.."
 #   libclang-dev pkg-config          the mpi crate's bindings (bindgen)
 #   python3-pip                      assets are fetched with `python3 -m pip download`
 packages=(mesa-vulkan-drivers libvulkan1 fonts-dejavu-core libopenmpi-dev openmpi-bin libclang-dev
-  pkg-config python3-pip)
+  pkg-config)
 missing=()
 if command -v dpkg >/dev/null 2>&1; then
   for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
+  # pip may come from elsewhere (a venv, ensurepip): only a python3 without it needs the package.
+  python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 else
-  # Not Debian: check for the programs and libraries themselves.
-  command -v mpirun >/dev/null 2>&1 || missing+=("Open MPI (mpirun, headers)")
+  # Not Debian: check for the programs themselves and name what is missing.
+  command -v mpirun >/dev/null 2>&1 || missing+=("Open MPI (mpirun and its headers)")
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
   python3 -m pip --version >/dev/null 2>&1 || missing+=("pip for python3")
 fi
