@@ -82,14 +82,7 @@ pub fn rel(a: f64, b: f64) -> f64 {
 
 /// The largest [`rel`] of two equally long lists (panics on a length mismatch).
 pub fn max_rel_list(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(
-        a.len(),
-        b.len(),
-        "length mismatch: {} vs {}",
-        a.len(),
-        b.len()
-    );
-    worst(a.iter().zip(b).map(|(x, y)| rel(*x, *y)))
+    worst(zip_eq("max_rel_list", a, b).map(|(x, y)| rel(*x, *y)))
 }
 
 /// Pairs of two lists of the same length (panics naming `what` otherwise).

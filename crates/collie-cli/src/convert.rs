@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use collie_core::device::DeviceSpec;
-use collie_io::family::{ModelFiles, TrainModel};
+use collie_io::family::TrainModel;
 
 /// Arguments of `collie convert`.
 #[derive(clap::Args, Debug)]
@@ -40,17 +40,7 @@ impl crate::model::WithModel for Task {
                 loaded.path.display()
             );
         }
-        loaded
-            .model
-            .save_hf_dir(
-                &loaded.config,
-                loaded.tokenizer.as_ref(),
-                &args.output,
-                dtype,
-            )
-            .with_context(|| format!("writing {}", args.output.display()))?;
-        eprintln!("wrote {}", args.output.display());
-        Ok(())
+        crate::model::write_hf_dir(&loaded, &args.output, dtype)
     }
 }
 

@@ -111,3 +111,17 @@ pub fn save_dtype(name: &str) -> Result<collie_io::safetensors::SaveDtype> {
         other => anyhow::bail!("--dtype `{other}`: expected f32, f16 or bf16"),
     })
 }
+
+/// Writes `loaded` as an HF directory at `output` in `dtype` (`convert`, `merge`) and says so.
+pub fn write_hf_dir<B: Backend, M: ModelFiles<B>>(
+    loaded: &Loaded<B, M>,
+    output: &Path,
+    dtype: collie_io::safetensors::SaveDtype,
+) -> Result<()> {
+    loaded
+        .model
+        .save_hf_dir(&loaded.config, loaded.tokenizer.as_ref(), output, dtype)
+        .with_context(|| format!("writing {}", output.display()))?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}

@@ -184,7 +184,7 @@ pub struct TrainReport {
     pub queries_per_sec: f64,
     /// Wall time of the steps.
     pub seconds: f64,
-    /// The last checkpoint written (with `output`).
+    /// The checkpoint of the final state (with `output`).
     pub checkpoint: Option<PathBuf>,
 }
 
@@ -311,14 +311,23 @@ pub fn train<B: AutodiffBackend>(
             log.write(line.as_object().expect("object"))?;
         }
         on_step(step, total, total_v);
-        let save_now = opts.save_every > 0 && step.is_multiple_of(opts.save_every);
-        if let (Some(root), true) = (&opts.output, save_now || step == total) {
-            report.checkpoint = Some(save(root, &model, config, tok, &update, &state, opts)?);
+        if let (Some(root), true) = (
+            &opts.output,
+            opts.save_every > 0 && step.is_multiple_of(opts.save_every),
+        ) {
+            save(root, &model, config, tok, &update, &state, opts)?;
         }
     }
     report.seconds = start.elapsed().as_secs_f64();
     report.queries_per_sec = queries as f64 / report.seconds.max(1e-9);
     if let Some(root) = &opts.output {
+        // The final state, unless a periodic save or the resumed checkpoint already holds it
+        // (the last scheduled batches may have been skipped, so this is not tied to a step).
+        let last = checkpoint::step_dir(root, state.step);
+        if !last.is_dir() {
+            save(root, &model, config, tok, &update, &state, opts)?;
+        }
+        report.checkpoint = Some(last);
         if let Err(e) = collie_train::trainer::plot_metrics(root) {
             eprintln!(
                 "warning: could not draw {}: {e}",

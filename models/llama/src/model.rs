@@ -354,78 +354,6 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// RoPE tables and mask for `s_q` new tokens after `past` slots already holding keys (the
-    /// cache, or prefix tuning's prefix).
-    ///
-    /// `segments` covers the real tokens of all `past + s_q` slots (not the virtual ones): an HF
-    /// attention mask (`1` = token, `0` = padding), or document ids `1, 2, …` of packed rows.
-    /// `positions` (of the `s_q` new tokens) default to counting real tokens only, so left
-    /// padding does not shift them; packed rows must pass theirs. Virtual tokens take positions
-    /// `0..n` and shift the real ones by `n`, as HF peft's cache positions do; a call that
-    /// starts a sequence under prompt tuning has `n` more queries, which come first.
-    ///
-    /// # Shapes
-    /// - segments: `[batch, past + s_q − n]`
-    /// - positions: `[batch, s_q]`
-    pub fn context(
-        &self,
-        batch: usize,
-        s_q: usize,
-        past: usize,
-        segments: Option<&Tensor<B, 2, Int>>,
-        positions: Option<Tensor<B, 2, Int>>,
-        device: &B::Device,
-    ) -> BlockContext<B> {
-        let n = self.n_virtual();
-        let extra = self.virtual_queries(past);
-        let s_q = s_q + extra;
-        let s_k = past + s_q;
-        // Virtual slots are real tokens of every document.
-        let segments = segments.map(|seg| {
-            if n == 0 {
-                return seg.clone();
-            }
-            let ones = Tensor::<B, 2, Int>::ones([batch, n], device);
-            Tensor::cat(vec![ones, seg.clone()], 1)
-        });
-        let positions = match (positions, &segments) {
-            (Some(p), _) if n == 0 => p,
-            (Some(p), _) => {
-                let p = p.add_scalar(n as i64);
-                if extra == 0 {
-                    p
-                } else {
-                    let v = Tensor::<B, 1, Int>::arange(0..n as i64, device)
-                        .reshape([1, n])
-                        .expand([batch, n]);
-                    Tensor::cat(vec![v, p], 1)
-                }
-            }
-            // [batch, s_k] -> the last s_q columns
-            (None, Some(p)) => positions_from_padding(p).slice([0..batch, past..s_k]),
-            (None, None) => Tensor::<B, 1, Int>::arange(past as i64..s_k as i64, device)
-                .reshape([1, s_q])
-                .expand([batch, s_q]),
-        };
-        let (cos, sin) = self.rope.cos_sin(positions);
-        // A single unsegmented query sees every key: no mask needed.
-        let needs_mask = segments.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
-        let attention = self.attention;
-        let mask = needs_mask.then(|| {
-            let m = AttnMask::new(batch, s_q, s_k, segments, self.window, n);
-            match attention {
-                AttentionKind::Naive => m.materialize(device),
-                AttentionKind::Flash => m,
-            }
-        });
-        BlockContext {
-            cos,
-            sin,
-            mask,
-            attention,
-        }
-    }
-
     /// Slots in front of a fresh sequence that already hold keys: prefix tuning's prefix.
     fn prefix_len(&self) -> usize {
         if self.has_prefix() {
@@ -648,6 +576,14 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
         &mut self.head
     }
 
+    /// `segments` excludes virtual tokens (prompt learning): they take positions `0..n` and
+    /// shift the real ones by `n`, as HF peft's cache positions do; a call that starts a
+    /// sequence under prompt tuning has `n` more queries, which come first. `positions` default
+    /// to counting real tokens only, so left padding does not shift them; packed rows pass theirs.
+    ///
+    /// # Shapes
+    /// - segments: `[batch, past + s_q − n]`
+    /// - positions: `[batch, s_q]`
     fn context(
         &self,
         batch: usize,
@@ -657,7 +593,54 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
         positions: Option<Tensor<B, 2, Int>>,
         device: &B::Device,
     ) -> BlockContext<B> {
-        Llama::context(self, batch, s_q, past, segments, positions, device)
+        let n = self.n_virtual();
+        let extra = self.virtual_queries(past);
+        let s_q = s_q + extra;
+        let s_k = past + s_q;
+        // Virtual slots are real tokens of every document.
+        let segments = segments.map(|seg| {
+            if n == 0 {
+                return seg.clone();
+            }
+            let ones = Tensor::<B, 2, Int>::ones([batch, n], device);
+            Tensor::cat(vec![ones, seg.clone()], 1)
+        });
+        let positions = match (positions, &segments) {
+            (Some(p), _) if n == 0 => p,
+            (Some(p), _) => {
+                let p = p.add_scalar(n as i64);
+                if extra == 0 {
+                    p
+                } else {
+                    let v = Tensor::<B, 1, Int>::arange(0..n as i64, device)
+                        .reshape([1, n])
+                        .expand([batch, n]);
+                    Tensor::cat(vec![v, p], 1)
+                }
+            }
+            // [batch, s_k] -> the last s_q columns
+            (None, Some(p)) => positions_from_padding(p).slice([0..batch, past..s_k]),
+            (None, None) => Tensor::<B, 1, Int>::arange(past as i64..s_k as i64, device)
+                .reshape([1, s_q])
+                .expand([batch, s_q]),
+        };
+        let (cos, sin) = self.rope.cos_sin(positions);
+        // A single unsegmented query sees every key: no mask needed.
+        let needs_mask = segments.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
+        let attention = self.attention;
+        let mask = needs_mask.then(|| {
+            let m = AttnMask::new(batch, s_q, s_k, segments, self.window, n);
+            match attention {
+                AttentionKind::Naive => m.materialize(device),
+                AttentionKind::Flash => m,
+            }
+        });
+        BlockContext {
+            cos,
+            sin,
+            mask,
+            attention,
+        }
     }
 
     fn set_attention(&mut self, kind: AttentionKind) {

@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use collie_bert::Pooling;
 use collie_core::lm::CausalLm;
@@ -362,7 +361,7 @@ impl<B: AutodiffBackend> Run<'_, B> {
             demo: encoder.model,
         };
         let quiet = self.quiet;
-        let (model, report) = retriever::train(
+        let (_, report) = retriever::train(
             model,
             &encoder.config,
             &encoder.tokenizer,
@@ -380,17 +379,18 @@ impl<B: AutodiffBackend> Run<'_, B> {
             report.losses.len(),
             report.queries_per_sec
         ));
-        let model = model.valid();
         let staging = out.with_extension("partial");
         let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)?;
         let out = out.to_path_buf();
-        for (name, tower) in [("query", &model.query), ("demo", &model.demo)] {
-            collie_bert::hf::save_hf_dir(
-                tower,
-                &encoder.config,
-                Some(&encoder.tokenizer),
-                &staging.join(name),
-            )?;
+        // The final checkpoint already holds both towers as HF directories: move them.
+        let last = report
+            .checkpoint
+            .as_ref()
+            .expect("a run with an output directory");
+        for name in ["query", "demo"] {
+            std::fs::rename(last.join(name), staging.join(name))
+                .with_context(|| format!("moving {}", last.join(name).display()))?;
         }
         write(
             &staging.join("report.json"),
