@@ -9,16 +9,16 @@ use collie_io::family::{Families, ModelError, ModelResult, ModelTask};
 use collie_io::gguf::GgufSource;
 use collie_io::IoError;
 
-/// A family of the registry: the `model_type`s it builds and the GGUF architectures it reads
-/// (architecture → `model_type`).
+/// A family of the registry: the `model_type`s it builds (with their HF classes) and the GGUF
+/// architectures it reads (architecture → `model_type`).
 struct Family {
-    model_types: &'static [&'static str],
-    gguf: &'static [(&'static str, &'static str, &'static str)],
+    model_types: &'static [(&'static str, &'static str)],
+    gguf: &'static [(&'static str, &'static str)],
 }
 
 /// Every family, in the order `model_type`s are listed in errors.
 const FAMILIES: &[Family] = &[Family {
-    model_types: collie_llama::config::SUPPORTED_MODEL_TYPES,
+    model_types: collie_llama::config::MODEL_TYPES,
     gguf: collie_llama::gguf::ARCHITECTURES,
 }];
 
@@ -30,7 +30,7 @@ pub struct Registry;
 pub fn model_types() -> Vec<&'static str> {
     FAMILIES
         .iter()
-        .flat_map(|f| f.model_types.iter().copied())
+        .flat_map(|f| f.model_types.iter().map(|t| t.0))
         .collect()
 }
 
@@ -100,7 +100,7 @@ impl Families for Registry {
         model_type: &str,
         task: T,
     ) -> ModelResult<T::Output> {
-        if collie_llama::config::SUPPORTED_MODEL_TYPES.contains(&model_type) {
+        if collie_llama::config::class_of(model_type).is_some() {
             return Ok(task.run::<collie_llama::Llama<B>>());
         }
         Err(ModelError::UnknownArchitecture(format!(

@@ -6,9 +6,21 @@ use serde_json::{Map, Value};
 
 use crate::error::{LlamaError, Result};
 
-/// Model types this crate runs. All share LLaMA's block; they differ in biases and defaults, and
-/// Qwen3 adds per-head query/key norms.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "internlm"];
+/// Model types this crate runs, with the HF class a checkpoint of each names
+/// (`architectures[0]`). All share LLaMA's block; they differ in biases and defaults, and Qwen3
+/// adds per-head query/key norms.
+pub const MODEL_TYPES: &[(&str, &str)] = &[
+    ("llama", "LlamaForCausalLM"),
+    ("mistral", "MistralForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+    ("internlm", "InternLMForCausalLM"),
+];
+
+/// The HF class of `model_type`, if this crate runs it.
+pub fn class_of(model_type: &str) -> Option<&'static str> {
+    MODEL_TYPES.iter().find(|t| t.0 == model_type).map(|t| t.1)
+}
 
 /// Mirror of HF `config.json` for LLaMA-family decoders (LLaMA 1/2/3, Mistral, Qwen2, InternLM,
 /// SmolLM). Unknown keys are kept in `extra` and written back on save.
@@ -251,25 +263,25 @@ impl LlamaConfig {
     /// Checks that the config describes a model this crate can build.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(LlamaError::Config(m));
-        if !SUPPORTED_MODEL_TYPES.contains(&self.model_type.as_str()) {
+        let list = |i: usize| {
+            let names: Vec<&str> = MODEL_TYPES
+                .iter()
+                .map(|t| if i == 0 { t.0 } else { t.1 })
+                .collect();
+            names.join(", ")
+        };
+        if class_of(&self.model_type).is_none() {
             return Err(LlamaError::UnknownArchitecture(format!(
                 "model_type `{}` (supported: {})",
                 self.model_type,
-                SUPPORTED_MODEL_TYPES.join(", ")
+                list(0)
             )));
         }
         if let Some(arch) = self.architectures.as_ref().and_then(|a| a.first()) {
-            let known = [
-                "LlamaForCausalLM",
-                "MistralForCausalLM",
-                "Qwen2ForCausalLM",
-                "Qwen3ForCausalLM",
-                "InternLMForCausalLM",
-            ];
-            if !known.contains(&arch.as_str()) {
+            if !MODEL_TYPES.iter().any(|t| t.1 == arch) {
                 return Err(LlamaError::UnknownArchitecture(format!(
                     "architecture `{arch}` (supported: {})",
-                    known.join(", ")
+                    list(1)
                 )));
             }
         }

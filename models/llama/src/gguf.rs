@@ -12,17 +12,17 @@ use crate::error::{LlamaError, Result};
 use crate::model::Llama;
 
 /// GGUF architectures this adapter reads, and the HF model type each becomes.
-pub const ARCHITECTURES: &[(&str, &str, &str)] = &[
-    ("llama", "llama", "LlamaForCausalLM"),
-    ("mistral", "mistral", "MistralForCausalLM"),
-    ("qwen2", "qwen2", "Qwen2ForCausalLM"),
-    ("qwen3", "qwen3", "Qwen3ForCausalLM"),
+pub const ARCHITECTURES: &[(&str, &str)] = &[
+    ("llama", "llama"),
+    ("mistral", "mistral"),
+    ("qwen2", "qwen2"),
+    ("qwen3", "qwen3"),
 ];
 
 /// Builds the HF config a GGUF file's metadata describes.
 pub fn config_from_gguf(src: &GgufSource) -> Result<LlamaConfig> {
     let arch = src.require_str("general.architecture")?;
-    let Some(&(_, model_type, class)) = ARCHITECTURES.iter().find(|(a, _, _)| *a == arch) else {
+    let Some(&(_, model_type)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
         return Err(LlamaError::UnknownArchitecture(format!(
             "{}: GGUF architecture `{arch}` (supported: {})",
             src.path().display(),
@@ -67,6 +67,7 @@ pub fn config_from_gguf(src: &GgufSource) -> Result<LlamaConfig> {
             .map_or(heads, |v| v as usize),
     );
     config.model_type = model_type.to_string();
+    let class = crate::config::class_of(model_type).expect("a GGUF architecture's model type");
     config.architectures = Some(vec![class.to_string()]);
     config.max_position_embeddings = src
         .get_u64(&key("context_length"))
