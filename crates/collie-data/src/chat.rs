@@ -37,7 +37,7 @@ pub enum ChatError {
     #[error("chat template: {0}")]
     Template(String),
     /// An unknown built-in template name.
-    #[error("unknown chat template `{0}` (built-in: chatml, llama2, alpaca)")]
+    #[error("unknown chat template `{0}` (built-in: chatml, llama2, alpaca, gemma)")]
     UnknownBuiltin(String),
 }
 
@@ -62,6 +62,9 @@ pub enum BuiltinTemplate {
     Llama2,
     /// `### Instruction:` / `### Response:` (Stanford Alpaca).
     Alpaca,
+    /// `<start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n` (Gemma's instruction-tuned
+    /// format; a system prompt opens the first user turn), for fine-tuning a Gemma base model.
+    Gemma,
 }
 
 impl FromStr for BuiltinTemplate {
@@ -72,6 +75,7 @@ impl FromStr for BuiltinTemplate {
             "chatml" => Ok(BuiltinTemplate::ChatMl),
             "llama2" | "llama-2" => Ok(BuiltinTemplate::Llama2),
             "alpaca" => Ok(BuiltinTemplate::Alpaca),
+            "gemma" => Ok(BuiltinTemplate::Gemma),
             other => Err(ChatError::UnknownBuiltin(other.to_string())),
         }
     }
@@ -108,6 +112,17 @@ impl BuiltinTemplate {
                 "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}",
                 "{% endfor %}",
                 "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+            ),
+            BuiltinTemplate::Gemma => concat!(
+                "{{ bos_token }}",
+                "{% if messages[0]['role'] == 'system' %}",
+                "{% set system = messages[0]['content'] + '\\n\\n' %}{% set messages = messages[1:] %}",
+                "{% else %}{% set system = '' %}{% endif %}",
+                "{% for message in messages %}",
+                "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}",
+                "{{ '<start_of_turn>' + role + '\\n' + (system if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}",
+                "{% endfor %}",
+                "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
             ),
         }
     }
@@ -287,6 +302,27 @@ fn strftime_now(fmt: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemma_builtin_renders_model_turns_with_the_system_prompt_first() {
+        let msgs = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", " Hi "),
+            ChatMessage::new("assistant", "Hello."),
+            ChatMessage::new("user", "Bye"),
+        ];
+        let tokens = TemplateTokens {
+            bos_token: Some("<bos>".into()),
+            eos_token: Some("<eos>".into()),
+        };
+        let text = render(BuiltinTemplate::Gemma.source(), &msgs, true, &tokens).unwrap();
+        assert_eq!(
+            text,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
 
     #[test]
     fn chatml_builtin_renders_a_generation_prompt() {

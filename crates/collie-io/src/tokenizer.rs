@@ -127,7 +127,8 @@ impl TokenizerBundle {
             err("no `tokenizer.ggml.model` metadata: the file carries no tokenizer".into())
         })?;
         let arch = gguf.get_str("general.architecture").unwrap_or("");
-        if model == "llama" && (arch.starts_with("gemma") || arch == "phi3") {
+        let gemma = matches!(arch, "gemma" | "gemma2" | "gemma3");
+        if model == "llama" && (arch.starts_with("gemma") && !gemma || arch == "phi3") {
             return Err(err(format!(
                 "the {arch} SentencePiece vocabulary needs model-specific rules that are not implemented; \
                  pass an HF directory with tokenizer.json instead"
@@ -175,6 +176,7 @@ impl TokenizerBundle {
                 let merges = merges.ok_or_else(|| err("`tokenizer.ggml.merges` is missing".into()))?;
                 byte_level_json(&vocab, &merges, gguf.get_str("tokenizer.ggml.pre"))
             }
+            "llama" if gemma => gemma_json(&vocab),
             "llama" => {
                 let scores = match &merges {
                     Some(_) => Vec::new(),
@@ -515,6 +517,60 @@ fn sentencepiece_json(v: &Vocab, merges: Option<&[&str]>, scores: &[f64]) -> Val
             "ignore_merges": false, "vocab": vocab, "merges": merges,
         }),
     )
+}
+
+/// `tokenizer.json` for a Gemma vocabulary (transformers' `GemmaTokenizer` from GGUF): spaces
+/// become `▁` with no prefix space, bytes fall back to `<0xNN>` tokens, and the merges come from
+/// the vocabulary in file order (Gemma's scores do not follow its merge order). A token of
+/// spaces only, which the file stores as real spaces, is looked up as `▁`s.
+fn gemma_json(v: &Vocab) -> Value {
+    let spelled: Vec<String> = v
+        .tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.to_string()
+            }
+        })
+        .collect();
+    let spelled_refs: Vec<&str> = spelled.iter().map(String::as_str).collect();
+    let index: HashMap<&str, usize> = spelled_refs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (*t, i))
+        .collect();
+    // Rank by position: the first token merges first.
+    let positions: Vec<f64> = (0..spelled_refs.len()).map(|i| -(i as f64)).collect();
+    let merges = merges_from_scores(&spelled_refs, &positions, &index);
+    let vocab: serde_json::Map<String, Value> = spelled_refs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    // Added tokens keep the file's spelling, and a user-defined one is added only if that
+    // spelling is in the (respelled) vocabulary, as transformers does.
+    let added = v.added_tokens(|t| index.contains_key(t), |_| true);
+    let post_processor = template_processing(v.add_bos, v.add_eos, &vocab);
+    let mut json = tokenizer_json(
+        added,
+        json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
+        post_processor,
+        json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]}),
+        json!({
+            "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        }),
+    );
+    json["normalizer"] =
+        json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    json
 }
 
 /// HF's post-processor: `[bos] $A [eos]` and `[bos] $A [eos] [bos] $B:1 [eos]:1`.

@@ -199,6 +199,11 @@ pub struct DataSection {
     /// Tokenize every line before training so a bad line fails at start-up.
     #[serde(default = "yes")]
     pub validate: bool,
+    /// Chat template for `chat` data and chat samples, by built-in name (`chatml`, `llama2`,
+    /// `alpaca`, `gemma`), instead of the tokenizer's own (ChatML when it has none). Checkpoints
+    /// carry it as their chat template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// `[train]`.
@@ -621,6 +626,11 @@ impl TrainConfig {
                 "model.path",
                 "empty (only `init = \"scratch\"` with `data.format = \"tokens\"` runs without a tokenizer)",
             ));
+        }
+        if let Some(name) = &self.data.template {
+            if let Err(e) = name.parse::<collie_data::chat::BuiltinTemplate>() {
+                return Err(key_error("data.template", e.to_string()));
+            }
         }
         if self.data.seq_len <= 1 {
             return Err(key_error(

@@ -233,6 +233,15 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
+        // A built-in template named in the config replaces the tokenizer's (and is saved with it).
+        let tokenizer = match (tokenizer, &config.data.template) {
+            (Some(mut tok), Some(name)) => {
+                let builtin: BuiltinTemplate = name.parse().expect("validated");
+                tok.chat_template = Some(builtin.source().to_string());
+                Some(tok)
+            }
+            (tok, _) => tok,
+        };
         model.set_attention(config.model.attention);
         let p = &config.parallel;
         let dist = match &options.dist {

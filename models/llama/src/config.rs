@@ -1,5 +1,6 @@
 //! `LlamaConfig`: HF's `config.json` for the LLaMA family, as serde sees it.
 
+use collie_core::nn::Activation;
 use collie_core::rope::RopeScaling;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -7,15 +8,22 @@ use serde_json::{Map, Value};
 use crate::error::{LlamaError, Result};
 
 /// Model types this crate runs, with the HF class a checkpoint of each names
-/// (`architectures[0]`). All share LLaMA's block; they differ in biases and defaults, and Qwen3
-/// adds per-head query/key norms.
+/// (`architectures[0]`). All share LLaMA's block; they differ in biases and defaults, Qwen3 adds
+/// per-head query/key norms, and Gemma 3 adds sandwich norms, `1 + w` norms, GeGLU, a scaled
+/// embedding and local layers with their own window and RoPE.
 pub const MODEL_TYPES: &[(&str, &str)] = &[
     ("llama", "LlamaForCausalLM"),
     ("mistral", "MistralForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("internlm", "InternLMForCausalLM"),
+    ("gemma3_text", "Gemma3ForCausalLM"),
 ];
+
+/// Gemma 3's name for a layer that attends within the sliding window with the local RoPE.
+const SLIDING: &str = "sliding_attention";
+/// Gemma 3's name for a layer that attends to everything with the global RoPE.
+const FULL: &str = "full_attention";
 
 /// The HF class of `model_type`, if this crate runs it.
 pub fn class_of(model_type: &str) -> Option<&'static str> {
@@ -48,9 +56,20 @@ pub struct LlamaConfig {
     /// Per-head width; defaults to `hidden_size / num_attention_heads`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
-    /// MLP activation; only `silu` is LLaMA's.
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
+    /// MLP activation (default `silu`, LLaMA's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// Gemma's name for the MLP activation (`gelu_pytorch_tanh`); wins over `hidden_act`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma 3: attention scores are scaled by `query_pre_attn_scalar^-½` instead of
+    /// `head_dim^-½`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: `sliding_attention` or `full_attention` for every layer (default: every sixth
+    /// layer full, or every `sliding_window_pattern`-th).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
     /// Longest context the model was trained for.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
@@ -104,9 +123,6 @@ pub struct LlamaConfig {
 fn default_model_type() -> String {
     "llama".into()
 }
-fn default_act() -> String {
-    "silu".into()
-}
 fn default_max_pos() -> usize {
     2048
 }
@@ -139,7 +155,10 @@ impl LlamaConfig {
             num_attention_heads,
             num_key_value_heads: Some(num_key_value_heads),
             head_dim: None,
-            hidden_act: default_act(),
+            hidden_act: Some("silu".into()),
+            hidden_activation: None,
+            query_pre_attn_scalar: None,
+            layer_types: None,
             max_position_embeddings: default_max_pos(),
             rms_norm_eps: 1e-5,
             rope_theta: Some(10000.0),
@@ -182,9 +201,89 @@ impl LlamaConfig {
         self.attention_bias.unwrap_or(false) || self.bias.unwrap_or(false)
     }
 
-    /// Whether each attention head's queries and keys pass an RMSNorm before RoPE (Qwen3).
+    /// Whether each attention head's queries and keys pass an RMSNorm before RoPE (Qwen3,
+    /// Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3"
+        self.model_type == "qwen3" || self.is_gemma3()
+    }
+
+    /// Gemma 3 (`gemma3_text`).
+    pub fn is_gemma3(&self) -> bool {
+        self.model_type == "gemma3_text"
+    }
+
+    /// Whether attention and MLP outputs pass their own norm before the residual add (Gemma 3's
+    /// sandwich: `x + norm(attn(norm(x)))`).
+    pub fn sandwich_norms(&self) -> bool {
+        self.is_gemma3()
+    }
+
+    /// What every RMSNorm adds to its stored weight (Gemma's `1 + w`).
+    pub fn norm_offset(&self) -> f64 {
+        if self.is_gemma3() {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The factor on input embeddings (Gemma's `√hidden_size`).
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.is_gemma3().then(|| (self.hidden_size as f64).sqrt())
+    }
+
+    /// The MLP activation.
+    pub fn activation(&self) -> Result<Activation> {
+        let name = (self.hidden_activation.as_deref())
+            .or(self.hidden_act.as_deref())
+            .unwrap_or("silu");
+        Activation::from_hf(name).ok_or_else(|| {
+            LlamaError::Config(format!(
+                "hidden_act `{name}` is not supported ({} are)",
+                Activation::NAMES.join(", ")
+            ))
+        })
+    }
+
+    /// The attention scale when it is not `head_dim^-½` (Gemma 3's `query_pre_attn_scalar`).
+    pub fn attention_scale(&self) -> Option<f64> {
+        let scalar = self
+            .query_pre_attn_scalar
+            .or(self.is_gemma3().then_some(256.0))?;
+        (scalar != self.head_dim() as f64).then(|| scalar.powf(-0.5))
+    }
+
+    /// For every layer, whether it is a local one (Gemma 3's sliding layers: their own window
+    /// and RoPE); all `false` for families whose layers are alike.
+    pub fn local_layers(&self) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        if !self.is_gemma3() {
+            return Ok(vec![false; n]);
+        }
+        let Some(types) = &self.layer_types else {
+            let pattern = self
+                .extra
+                .get("sliding_window_pattern")
+                .and_then(Value::as_u64)
+                .unwrap_or(6) as usize;
+            return Ok((0..n).map(|i| (i + 1) % pattern.max(1) != 0).collect());
+        };
+        if types.len() != n {
+            return Err(LlamaError::Config(format!(
+                "layer_types lists {} layers but num_hidden_layers is {n}",
+                types.len()
+            )));
+        }
+        types
+            .iter()
+            .map(|t| match t.as_str() {
+                SLIDING => Ok(true),
+                FULL => Ok(false),
+                other => Err(LlamaError::Config(format!(
+                    "layer type `{other}` is not supported ({SLIDING}, {FULL} are)"
+                ))),
+            })
+            .collect()
     }
 
     /// Whether the MLP projections carry a bias.
@@ -192,12 +291,26 @@ impl LlamaConfig {
         self.mlp_bias.unwrap_or(false)
     }
 
-    /// The attention window, if the model limits how far back a token looks.
+    /// The attention window of every layer (local layers aside), if the model limits how far
+    /// back a token looks.
     pub fn window(&self) -> Option<usize> {
         match self.model_type.as_str() {
             "qwen2" | "qwen3" if !self.use_sliding_window.unwrap_or(false) => None,
+            "gemma3_text" => None,
             _ => self.sliding_window,
         }
+    }
+
+    /// RoPE base, scaling and window of the local layers (Gemma 3), if the model has any.
+    pub fn local_attention(&self) -> Result<Option<(f64, RopeScaling, usize)>> {
+        if !self.local_layers()?.contains(&true) {
+            return Ok(None);
+        }
+        let window = self.sliding_window.ok_or_else(|| {
+            LlamaError::Config("sliding layers need a `sliding_window`".to_string())
+        })?;
+        let (theta, scaling) = self.rope_of(Some(SLIDING))?;
+        Ok(Some((theta, scaling, window)))
     }
 
     /// EOS ids (a config may list several).
@@ -210,16 +323,43 @@ impl LlamaConfig {
         token_ids(self.bos_token_id.as_ref()).first().copied()
     }
 
-    /// RoPE base and scaling, from `rope_parameters` (transformers 5) or `rope_theta` +
-    /// `rope_scaling` (earlier versions).
+    /// RoPE base and scaling (of the global layers), from `rope_parameters` (transformers 5) or
+    /// `rope_theta` + `rope_scaling` (earlier versions).
     pub fn rope(&self) -> Result<(f64, RopeScaling)> {
-        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
-        let obj = params.and_then(Value::as_object);
+        self.rope_of(self.is_gemma3().then_some(FULL))
+    }
+
+    /// RoPE of a layer type. Gemma 3 keeps one entry per type in `rope_parameters`; its older
+    /// layout has `rope_theta` (+ `rope_scaling`) for full layers and `rope_local_base_freq` for
+    /// sliding ones, which never scale.
+    fn rope_of(&self, layer_type: Option<&str>) -> Result<(f64, RopeScaling)> {
+        let nested = |v: &Value| match layer_type {
+            Some(t) => v.get(t).cloned(),
+            None => Some(v.clone()),
+        };
+        let local = layer_type == Some(SLIDING);
+        let params = match self.rope_parameters.as_ref() {
+            Some(p) => nested(p),
+            None if local => None,
+            None => self.rope_scaling.clone(),
+        };
+        let obj = params.as_ref().and_then(Value::as_object);
+        let legacy_theta = if local {
+            Some(
+                self.extra
+                    .get("rope_local_base_freq")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(10000.0),
+            )
+        } else {
+            self.rope_theta
+        };
+        let default_theta = if self.is_gemma3() { 1e6 } else { 10000.0 };
         let theta = obj
             .and_then(|o| o.get("rope_theta"))
             .and_then(Value::as_f64)
-            .or(self.rope_theta)
-            .unwrap_or(10000.0);
+            .or(legacy_theta)
+            .unwrap_or(default_theta);
         let Some(obj) = obj else {
             return Ok((theta, RopeScaling::None));
         };
@@ -316,12 +456,20 @@ impl LlamaConfig {
                 self.kv_heads()
             ));
         }
-        if self.hidden_act != "silu" {
-            return bad(format!(
-                "hidden_act `{}` is not supported (silu is)",
-                self.hidden_act
-            ));
+        self.activation()?;
+        for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if self.extra.get(key).is_some_and(|v| !v.is_null()) {
+                return bad(format!(
+                    "`{key}` (Gemma 2's logit soft-capping) is not supported"
+                ));
+            }
         }
+        if self.extra.get("use_bidirectional_attention") == Some(&Value::Bool(true)) {
+            return bad(
+                "`use_bidirectional_attention` is not supported (causal models only)".into(),
+            );
+        }
+        self.local_attention()?;
         self.rope().map(|_| ())
     }
 }

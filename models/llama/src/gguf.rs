@@ -17,6 +17,7 @@ pub const ARCHITECTURES: &[(&str, &str)] = &[
     ("mistral", "mistral"),
     ("qwen2", "qwen2"),
     ("qwen3", "qwen3"),
+    ("gemma3", "gemma3_text"),
 ];
 
 /// Builds the HF config a GGUF file's metadata describes.
@@ -95,6 +96,16 @@ pub fn config_from_gguf(src: &GgufSource) -> Result<LlamaConfig> {
         config.rope_scaling = Some(json!({"rope_type": "linear", "factor": factor}));
     }
     config.tie_word_embeddings = src.shape("output.weight").is_none();
+    if arch == "gemma3" {
+        // What transformers' GGUF loader assumes too: the file names neither the activation nor
+        // the layer pattern, so Gemma 3's defaults hold (GeGLU, every sixth layer global, local
+        // RoPE base 10000, query_pre_attn_scalar 256).
+        config.hidden_act = None;
+        config.hidden_activation = Some("gelu_pytorch_tanh".into());
+        config.sliding_window = src
+            .get_u64(&key("attention.sliding_window"))
+            .map(|v| v as usize);
+    }
     if arch == "llama" && src.shape("blk.0.attn_q.bias").is_some() {
         config.attention_bias = Some(true);
     }
@@ -163,6 +174,8 @@ pub fn load_gguf<B: Backend>(
     let model = config.init::<B>(device)?;
     // Only llama.cpp's `llama` architecture permutes q/k (it rotates interleaved pairs).
     let permuted = src.get_str("general.architecture") == Some("llama");
+    // llama.cpp stores Gemma's norms as `1 + w`; the model holds HF's `w`.
+    let shifted_norms = config.norm_offset();
     let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
     let bind = |info: &ParamInfo| -> Option<Binding> {
         let key = gguf_key(&info.path)?;
@@ -174,8 +187,16 @@ pub fn load_gguf<B: Backend>(
         } else {
             None
         };
+        let norm = info.path.ends_with("norm.weight") && shifted_norms != 0.0;
         let convert = match n.filter(|_| permuted) {
             Some(n) => Convert::Custom(Box::new(move |t| unpermute_rows(t, n)), linear),
+            None if norm => Convert::Custom(
+                Box::new(move |mut t| {
+                    t.data.iter_mut().for_each(|w| *w -= shifted_norms as f32);
+                    t
+                }),
+                false,
+            ),
             None if linear => Convert::Transpose,
             None => Convert::Identity,
         };

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
-use crate::model::{block_module, Llama};
+use crate::model::{block_module, hf_module, Llama};
 
 use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode, VirtualTokens};
 
@@ -77,9 +77,9 @@ impl<B: Backend> Adaptable<B> for Llama<B> {
     }
 }
 
-/// HF key of one of our parameter paths; `None` for parameters HF's base model does not have
-/// (adapters).
-pub fn hf_key(path: &str) -> Option<String> {
+/// HF key of one of our parameter paths in a model with or without sandwich norms (Gemma 3);
+/// `None` for parameters HF's base model does not have (adapters).
+pub fn hf_key(path: &str, sandwich: bool) -> Option<String> {
     if path.contains(".adapter.") {
         return None;
     }
@@ -91,15 +91,11 @@ pub fn hf_key(path: &str) -> Option<String> {
             let rest = path.strip_prefix("layers.")?;
             let (index, rest) = rest.split_once('.')?;
             let (module, param) = rest.rsplit_once('.')?;
-            let (_, hf, _, _) = block_module(module)?;
+            let hf = hf_module(module, sandwich)?;
             format!("model.layers.{index}.{hf}.{param}")
         }
     };
     Some(key)
-}
-
-fn binding(info: &ParamInfo) -> Option<Binding> {
-    Some(Binding::torch(info, hf_key(&info.path)?))
 }
 
 /// Reads `config.json` of an HF model directory.
@@ -124,13 +120,20 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaC
     let config = read_config(dir)?;
     let model = config.init::<B>(device)?;
     let source = SafetensorsSource::open(dir)?;
-    let model = load_module(model, &source, binding)?;
+    let sandwich = config.sandwich_norms();
+    let model = load_module(model, &source, |info: &ParamInfo| {
+        Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
+    })?;
     Ok((config, model))
 }
 
 /// Every parameter under its HF key, in PyTorch's layout.
 pub fn hf_state_dict<B: Backend>(model: &Llama<B>) -> Vec<(String, collie_io::HostTensor)> {
-    torch_state_dict(model, hf_key)
+    let sandwich = model
+        .layers
+        .first()
+        .is_some_and(|l| l.post_attn_norm.is_some());
+    torch_state_dict(model, |path| hf_key(path, sandwich))
 }
 
 /// Writes an HF model directory that `AutoModelForCausalLM.from_pretrained` loads:
@@ -159,7 +162,8 @@ fn write_into<B: Backend>(
 ) -> Result<()> {
     let mut config = config.clone();
     if config.architectures.is_none() {
-        config.architectures = Some(vec!["LlamaForCausalLM".into()]);
+        let class = crate::config::class_of(&config.model_type).unwrap_or("LlamaForCausalLM");
+        config.architectures = Some(vec![class.into()]);
     }
     config
         .extra
@@ -196,31 +200,60 @@ fn write_into<B: Backend>(
 mod tests {
     use super::*;
 
+    fn hf_key_plain(path: &str) -> Option<String> {
+        hf_key(path, false)
+    }
+
     #[test]
-    fn maps_paths_to_hf_keys() {
-        assert_eq!(hf_key("embed.weight").unwrap(), "model.embed_tokens.weight");
+    fn sandwich_blocks_rename_the_pre_mlp_norm() {
         assert_eq!(
-            hf_key("layers.3.attn.q_proj.weight").unwrap(),
-            "model.layers.3.self_attn.q_proj.weight"
+            hf_key("layers.0.mlp_norm.weight", true).unwrap(),
+            "model.layers.0.pre_feedforward_layernorm.weight"
         );
         assert_eq!(
-            hf_key("layers.3.attn.k_proj.bias").unwrap(),
-            "model.layers.3.self_attn.k_proj.bias"
-        );
-        assert_eq!(
-            hf_key("layers.0.attn_norm.weight").unwrap(),
-            "model.layers.0.input_layernorm.weight"
-        );
-        assert_eq!(
-            hf_key("layers.0.mlp_norm.weight").unwrap(),
+            hf_key("layers.0.post_attn_norm.weight", true).unwrap(),
             "model.layers.0.post_attention_layernorm.weight"
         );
         assert_eq!(
-            hf_key("layers.1.mlp.down_proj.weight").unwrap(),
+            hf_key("layers.0.post_mlp_norm.weight", true).unwrap(),
+            "model.layers.0.post_feedforward_layernorm.weight"
+        );
+    }
+
+    #[test]
+    fn maps_paths_to_hf_keys() {
+        assert_eq!(
+            hf_key_plain("embed.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(
+            hf_key_plain("layers.3.attn.q_proj.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_key_plain("layers.3.attn.k_proj.bias").unwrap(),
+            "model.layers.3.self_attn.k_proj.bias"
+        );
+        assert_eq!(
+            hf_key_plain("layers.0.attn_norm.weight").unwrap(),
+            "model.layers.0.input_layernorm.weight"
+        );
+        assert_eq!(
+            hf_key_plain("layers.0.mlp_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_key_plain("layers.1.mlp.down_proj.weight").unwrap(),
             "model.layers.1.mlp.down_proj.weight"
         );
-        assert_eq!(hf_key("head.norm.weight").unwrap(), "model.norm.weight");
-        assert_eq!(hf_key("head.lm_head.weight").unwrap(), "lm_head.weight");
-        assert!(hf_key("layers.1.attn.q_proj.adapter.a").is_none());
+        assert_eq!(
+            hf_key_plain("head.norm.weight").unwrap(),
+            "model.norm.weight"
+        );
+        assert_eq!(
+            hf_key_plain("head.lm_head.weight").unwrap(),
+            "lm_head.weight"
+        );
+        assert!(hf_key_plain("layers.1.attn.q_proj.adapter.a").is_none());
     }
 }

@@ -6,15 +6,14 @@
 //! activation checkpointing and pipeline stages can drive the blocks one at a time.
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use collie_core::attention::{attention, positions_from_padding, AttentionKind, AttnMask};
 use collie_core::model::{BlockModel, DecoderLayer, KvSlot, LmHead};
 use collie_core::nn::ParallelMode::{Column, Full, Row};
 use collie_core::nn::{
-    Embedding, EmbeddingConfig, Linear, LinearConfig, ParallelMode, RmsNorm, RmsNormConfig,
-    VirtualTarget, VirtualTokens,
+    Activation, Embedding, EmbeddingConfig, Linear, LinearConfig, ParallelMode, RmsNorm,
+    RmsNormConfig, VirtualTarget, VirtualTokens,
 };
 use collie_core::rope::{apply_rotary, Rope};
 
@@ -42,9 +41,12 @@ pub struct Attention<B: Backend> {
     pub q_norm: Option<RmsNorm<B>>,
     /// RMSNorm over each key head's `head_dim` features before RoPE (Qwen3).
     pub k_norm: Option<RmsNorm<B>>,
+    /// Factor on the scores other than `head_dim^-½` (Gemma 3's `query_pre_attn_scalar^-½`).
+    #[module(skip)]
+    pub scale: Option<f64>,
 }
 
-/// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
+/// Gated feed-forward: `down(act(gate(x)) · up(x))` (SwiGLU with `silu`, GeGLU with GELU).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// `[hidden, intermediate]`.
@@ -53,13 +55,19 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     /// `[intermediate, hidden]`.
     pub down_proj: Linear<B>,
+    /// The gate's activation.
+    #[module(skip)]
+    pub act: Activation,
 }
 
 /// Every module of a decoder block with weights: our path, HF's name under `model.layers.N.`,
 /// llama.cpp's under `blk.N.`, and the tensor-parallel layout (Megatron's: q/k/v and gate/up
 /// split their outputs, o and down their inputs; norms stay whole). The one table that HF and
 /// GGUF naming, PEFT targeting and tensor parallelism read.
-pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 11] = [
+///
+/// HF reuses one name: in a sandwich-norm block (Gemma 3) `post_attention_layernorm` is the norm
+/// after attention and the norm before the MLP is [`SANDWICH_MLP_NORM`]; [`hf_module`] knows.
+pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 13] = [
     ("attn_norm", "input_layernorm", "attn_norm", Full),
     ("attn.q_proj", "self_attn.q_proj", "attn_q", Column),
     ("attn.k_proj", "self_attn.k_proj", "attn_k", Column),
@@ -67,17 +75,40 @@ pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 11] = [
     ("attn.q_norm", "self_attn.q_norm", "attn_q_norm", Full),
     ("attn.k_norm", "self_attn.k_norm", "attn_k_norm", Full),
     ("attn.o_proj", "self_attn.o_proj", "attn_output", Row),
+    (
+        "post_attn_norm",
+        "post_attention_layernorm",
+        "post_attention_norm",
+        Full,
+    ),
     ("mlp_norm", "post_attention_layernorm", "ffn_norm", Full),
     ("mlp.gate_proj", "mlp.gate_proj", "ffn_gate", Column),
     ("mlp.up_proj", "mlp.up_proj", "ffn_up", Column),
     ("mlp.down_proj", "mlp.down_proj", "ffn_down", Row),
+    (
+        "post_mlp_norm",
+        "post_feedforward_layernorm",
+        "post_ffw_norm",
+        Full,
+    ),
 ];
+
+/// HF's name of the pre-MLP norm in a sandwich-norm block.
+pub const SANDWICH_MLP_NORM: &str = "pre_feedforward_layernorm";
 
 /// The row of [`BLOCK_MODULES`] for a module path inside a block (`attn.q_proj`).
 pub fn block_module(
     path: &str,
 ) -> Option<&'static (&'static str, &'static str, &'static str, ParallelMode)> {
     BLOCK_MODULES.iter().find(|m| m.0 == path)
+}
+
+/// HF's name of a module path inside a block, in a block with or without sandwich norms.
+pub fn hf_module(path: &str, sandwich: bool) -> Option<&'static str> {
+    match path {
+        "mlp_norm" if sandwich => Some(SANDWICH_MLP_NORM),
+        _ => block_module(path).map(|m| m.1),
+    }
 }
 
 /// One pre-norm decoder block.
@@ -87,10 +118,19 @@ pub struct Block<B: Backend> {
     pub attn_norm: RmsNorm<B>,
     /// Self-attention.
     pub attn: Attention<B>,
-    /// Norm before the MLP (HF `post_attention_layernorm`).
+    /// Norm of the attention output before the residual add (Gemma 3's sandwich).
+    pub post_attn_norm: Option<RmsNorm<B>>,
+    /// Norm before the MLP (HF `post_attention_layernorm`; `pre_feedforward_layernorm` in a
+    /// sandwich block).
     pub mlp_norm: RmsNorm<B>,
     /// Feed-forward.
     pub mlp: Mlp<B>,
+    /// Norm of the MLP output before the residual add (Gemma 3's sandwich).
+    pub post_mlp_norm: Option<RmsNorm<B>>,
+    /// Whether this layer attends through the context's local window and RoPE (Gemma 3's
+    /// sliding layers).
+    #[module(skip)]
+    pub local: bool,
 }
 
 /// Final norm and LM head.
@@ -115,6 +155,9 @@ pub struct Llama<B: Backend> {
     pub rope: Rope,
     /// Attention window (Mistral), if any.
     pub window: Option<usize>,
+    /// RoPE and window of the local layers (Gemma 3's sliding layers), if any.
+    #[module(skip)]
+    pub local: Option<(Rope, usize)>,
     /// Learned virtual tokens in front of every sequence; empty unless a prompt-learning
     /// transform (`collie-peft`) fills the slot.
     pub virtual_tokens: Option<VirtualTokens<B>>,
@@ -136,6 +179,8 @@ pub struct BlockContext<B: Backend> {
     pub mask: Option<AttnMask<B>>,
     /// The attention implementation every block runs.
     pub attention: AttentionKind,
+    /// The same for the local layers (their RoPE tables and window), if the model has any.
+    pub local: Option<Box<BlockContext<B>>>,
 }
 
 /// Keys and values of past positions, one entry per block.
@@ -184,12 +229,15 @@ impl LlamaConfig {
         let norm_of = |width: usize| {
             RmsNormConfig::new(width)
                 .with_eps(self.rms_norm_eps)
+                .with_offset(self.norm_offset())
                 .init(device)
         };
         let norm = || norm_of(d);
         let head_norm = || self.qk_norm().then(|| norm_of(hd));
-        let layers = (0..self.num_hidden_layers)
-            .map(|_| Block {
+        let sandwich_norm = || self.sandwich_norms().then(norm);
+        let act = self.activation()?;
+        let layers = (self.local_layers()?.into_iter())
+            .map(|local| Block {
                 attn_norm: norm(),
                 attn: Attention {
                     q_proj: linear(d, h * hd, self.qkv_bias()),
@@ -201,19 +249,27 @@ impl LlamaConfig {
                     head_dim: hd,
                     q_norm: head_norm(),
                     k_norm: head_norm(),
+                    scale: self.attention_scale(),
                 },
+                post_attn_norm: sandwich_norm(),
                 mlp_norm: norm(),
                 mlp: Mlp {
                     gate_proj: linear(d, self.intermediate_size, self.mlp_bias()),
                     up_proj: linear(d, self.intermediate_size, self.mlp_bias()),
                     down_proj: linear(self.intermediate_size, d, self.mlp_bias()),
+                    act,
                 },
+                post_mlp_norm: sandwich_norm(),
+                local,
             })
             .collect();
         let (theta, scaling) = self.rope()?;
+        let local = (self.local_attention()?)
+            .map(|(theta, scaling, window)| (Rope::new(hd, theta, &scaling), window));
         Ok(Llama {
             embed: EmbeddingConfig::new(self.vocab_size, d)
                 .with_init_std(std)
+                .with_scale(self.embed_scale())
                 .init(device),
             layers,
             head: Head {
@@ -222,6 +278,7 @@ impl LlamaConfig {
             },
             rope: Rope::new(hd, theta, &scaling),
             window: self.window(),
+            local,
             virtual_tokens: None,
             attention: AttentionKind::default(),
         })
@@ -258,6 +315,12 @@ impl<B: Backend> Attention<B> {
             .forward(x)
             .reshape([b, s, kvh, hd])
             .swap_dims(1, 2);
+        // HF scales the scores by `query_pre_attn_scalar^-½` where a family sets it; scaling the
+        // queries by the ratio to `head_dim^-½` gives those scores.
+        let q = match self.scale {
+            Some(scale) => q.mul_scalar(scale * (hd as f64).sqrt()),
+            None => q,
+        };
         let q = apply_rotary(q, &ctx.cos, &ctx.sin);
         let k = apply_rotary(k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
@@ -283,7 +346,7 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
+        let gate = self.act.forward(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 }
@@ -303,7 +366,8 @@ impl<B: Backend> Block<B> {
         ]
     }
 
-    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`; a sandwich block also norms each output
+    /// before its residual add.
     ///
     /// # Shapes
     /// - x: `[batch, s_q, hidden]` → same
@@ -313,8 +377,20 @@ impl<B: Backend> Block<B> {
         ctx: &BlockContext<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), ctx, cache);
-        x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+        let ctx = match (&ctx.local, self.local) {
+            (Some(local), true) => local,
+            _ => ctx,
+        };
+        let post = |norm: &Option<RmsNorm<B>>, y: Tensor<B, 3>| match norm {
+            Some(n) => n.forward(y),
+            None => y,
+        };
+        let a = self
+            .attn
+            .forward(self.attn_norm.forward(x.clone()), ctx, cache);
+        let x = x + post(&self.post_attn_norm, a);
+        let m = self.mlp.forward(self.mlp_norm.forward(x.clone()));
+        x + post(&self.post_mlp_norm, m)
     }
 }
 
@@ -476,6 +552,45 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+impl<B: Backend> Llama<B> {
+    /// RoPE tables and mask of one kind of layer (its RoPE and window), for queries at
+    /// `positions` over `s_k` key slots.
+    ///
+    /// # Shapes
+    /// - positions: `[batch, s_q]`, segments: `[batch, s_k]`
+    #[allow(clippy::too_many_arguments)]
+    fn positional(
+        &self,
+        rope: &Rope,
+        window: Option<usize>,
+        positions: Tensor<B, 2, Int>,
+        segments: &Option<Tensor<B, 2, Int>>,
+        n_virtual: usize,
+        s_k: usize,
+        device: &B::Device,
+    ) -> BlockContext<B> {
+        let [batch, s_q] = positions.dims();
+        let (cos, sin) = rope.cos_sin(positions);
+        // A single unsegmented query sees every key: no mask needed.
+        let needs_mask = segments.is_some() || s_q > 1 || window.is_some_and(|w| w < s_k);
+        let attention = self.attention;
+        let mask = needs_mask.then(|| {
+            let m = AttnMask::new(batch, s_q, s_k, segments.clone(), window, n_virtual);
+            match attention {
+                AttentionKind::Naive => m.materialize(device),
+                AttentionKind::Flash => m,
+            }
+        });
+        BlockContext {
+            cos,
+            sin,
+            mask,
+            attention,
+            local: None,
+        }
+    }
+}
+
 impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
     type Cache = KvCache<B>;
 
@@ -624,22 +739,29 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
                 .reshape([1, s_q])
                 .expand([batch, s_q]),
         };
-        let (cos, sin) = self.rope.cos_sin(positions);
-        // A single unsegmented query sees every key: no mask needed.
-        let needs_mask = segments.is_some() || s_q > 1 || self.window.is_some_and(|w| w < s_k);
-        let attention = self.attention;
-        let mask = needs_mask.then(|| {
-            let m = AttnMask::new(batch, s_q, s_k, segments, self.window, n);
-            match attention {
-                AttentionKind::Naive => m.materialize(device),
-                AttentionKind::Flash => m,
-            }
+        let local = self.local.as_ref().map(|(rope, window)| {
+            let ctx = self.positional(
+                rope,
+                Some(*window),
+                positions.clone(),
+                &segments,
+                n,
+                s_k,
+                device,
+            );
+            Box::new(ctx)
         });
         BlockContext {
-            cos,
-            sin,
-            mask,
-            attention,
+            local,
+            ..self.positional(
+                &self.rope,
+                self.window,
+                positions,
+                &segments,
+                n,
+                s_k,
+                device,
+            )
         }
     }
 

@@ -122,6 +122,15 @@ fn unknown_chat_role() {
 }
 
 #[test]
+fn unknown_chat_template() {
+    check(
+        &["data.template=\"vicuna\""],
+        &[GOOD],
+        &["data.template", "vicuna", "chatml", "gemma"],
+    );
+}
+
+#[test]
 fn missing_config_file() {
     let line = fails(Path::new("/nonexistent/config.toml"), &[]);
     assert!(line.contains("/nonexistent/config.toml"), "{line}");

@@ -28,6 +28,10 @@ pub struct EmbeddingConfig {
     /// Standard deviation of the normal initialization.
     #[config(default = 0.02)]
     pub init_std: f64,
+    /// Multiplies every looked-up row (Gemma's `√hidden`); the tied head's projection is not
+    /// scaled.
+    #[config(default = "None")]
+    pub scale: Option<f64>,
 }
 
 /// A lookup table `[n_embedding, d_model]`, in the same layout as PyTorch's `nn.Embedding`.
@@ -38,6 +42,9 @@ pub struct Embedding<B: Backend> {
     /// Which rows of the full vocabulary `weight` holds; `None` for the whole table.
     #[module(skip)]
     pub shard: Option<VocabShard>,
+    /// Factor on looked-up rows, if the family scales its input embeddings.
+    #[module(skip)]
+    pub scale: Option<f64>,
 }
 
 impl EmbeddingConfig {
@@ -51,6 +58,7 @@ impl EmbeddingConfig {
         Embedding {
             weight,
             shard: None,
+            scale: self.scale,
         }
     }
 }
@@ -59,6 +67,15 @@ impl<B: Backend> Embedding<B> {
     /// # Shapes
     /// - ids: `[batch, seq]` → `[batch, seq, d_model]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let rows = self.lookup(ids);
+        match self.scale {
+            Some(scale) => rows.mul_scalar(scale),
+            None => rows,
+        }
+    }
+
+    /// The rows of `ids`, unscaled.
+    fn lookup(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let Some(shard) = &self.shard else {
             return burn::tensor::module::embedding(self.weight.val(), ids);
         };

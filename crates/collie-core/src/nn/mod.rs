@@ -6,12 +6,14 @@
 //! A model exposes those slots through [`Adaptable`]; its optional [`VirtualTokens`] are the slot
 //! of the prompt-learning methods.
 
+mod activation;
 mod adapter;
 mod embedding;
 mod linear;
 mod norm;
 mod prompt;
 
+pub use activation::{gelu_tanh, Activation};
 pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
 pub use embedding::VocabShard;
 pub use embedding::{Embedding, EmbeddingConfig};

@@ -1,4 +1,4 @@
-//! RMSNorm as LLaMA defines it.
+//! RMSNorm as LLaMA defines it (and Gemma's `1 + w` variant), and LayerNorm.
 
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
@@ -13,26 +13,42 @@ pub struct RmsNormConfig {
     /// Added to the mean square before the square root (`rms_norm_eps`).
     #[config(default = 1e-6)]
     pub eps: f64,
+    /// Added to the stored weight before it scales: `0` for LLaMA, `1` for Gemma, whose
+    /// checkpoints store `w` and scale by `1 + w` (the weight then starts at zeros).
+    #[config(default = 0.0)]
+    pub offset: f64,
 }
 
-/// `y = x / sqrt(mean(x²) + eps) · weight`, over the last dimension (Zhang & Sennrich 2019).
+/// `y = x / sqrt(mean(x²) + eps) · (offset + weight)`, over the last dimension (Zhang & Sennrich
+/// 2019).
 ///
-/// As in HF's LLaMA, the normalization runs in f32 whatever the input dtype, and the result is
-/// cast back before the weight multiplies it.
+/// The normalization runs in f32 whatever the input dtype. As in HF's LLaMA the result is cast
+/// back before the weight multiplies it; with an offset (Gemma) the scale applies in f32 and the
+/// product is cast back, as HF's Gemma does.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
-    /// `[d_model]`, initialized to ones.
+    /// `[d_model]`, initialized to `1 − offset` (a unit scale).
     pub weight: Param<Tensor<B, 1>>,
     /// Epsilon.
     pub eps: f64,
+    /// Added to `weight` before it scales.
+    pub offset: f64,
 }
 
 impl RmsNormConfig {
     /// Builds the layer.
     pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+        let weight = if self.offset == 0.0 {
+            Initializer::Ones
+        } else {
+            Initializer::Constant {
+                value: 1.0 - self.offset,
+            }
+        };
         RmsNorm {
-            weight: Initializer::Ones.init([self.d_model], device),
+            weight: weight.init([self.d_model], device),
             eps: self.eps,
+            offset: self.offset,
         }
     }
 }
@@ -49,7 +65,11 @@ impl<B: Backend> RmsNorm<B> {
             .mean_dim(D - 1)
             .add_scalar(self.eps)
             .sqrt();
-        super::to_dtype(x / rms, dtype) * self.weight.val().unsqueeze::<D>()
+        if self.offset == 0.0 {
+            return super::to_dtype(x / rms, dtype) * self.weight.val().unsqueeze::<D>();
+        }
+        let scale = super::to_dtype(self.weight.val(), DType::F32).add_scalar(self.offset);
+        super::to_dtype(x / rms * scale.unsqueeze::<D>(), dtype)
     }
 }
 
