@@ -4,7 +4,11 @@
 
 mod common;
 
+use std::path::Path;
+
 use burn::tensor::{Int, Tensor};
+use collie_io::module::TensorSource;
+use collie_io::safetensors::SafetensorsSource;
 use collie_llama::Llama;
 use collie_tests::suite::{self, assert_all};
 use common::*;
@@ -65,21 +69,78 @@ fn internlm_with_bias_stored_as_f64_matches_transformers() {
     let layer = &loaded.model.layers[0];
     assert!(layer.attn.q_proj.bias.is_some() && layer.attn.o_proj.bias.is_some());
     assert!(layer.mlp.down_proj.bias.is_none());
+    assert_logits_like_golden("internlm f64", &loaded.model, &dir, 1.5e-5);
+}
+
+/// Right- and left-padded logits of `model` against `dir/golden.safetensors`, on real tokens.
+fn assert_logits_like_golden(name: &str, model: &collie_llama::Llama<B>, dir: &Path, bound: f64) {
+    let device = Default::default();
     let golden = read_golden(&dir.join("golden.safetensors"));
     for side in ["right", "left"] {
         let mask_g = &golden[&format!("mask_{side}")];
-        let logits = values(loaded.model.forward(
+        let logits = values(model.forward(
             golden[&format!("ids_{side}")].int2::<B>(&device),
             Some(&mask_g.int2::<B>(&device)),
         ));
         let expected = &golden[&format!("logits_{side}")];
         let vocab = expected.shape[2];
         assert_within(
-            &format!("internlm f64 ({side} padding): max |Δlogit| vs transformers"),
+            &format!("{name} ({side} padding): max |Δlogit| vs transformers"),
             max_abs_diff(&logits, &expected.values, |i| {
                 mask_g.values[i / vocab] == 1.0
             }),
-            1.5e-5,
+            bound,
+        );
+    }
+}
+
+#[test]
+fn internlm2_layout_and_dynamic_ntk_match_transformers_llama() {
+    // `scripts/fixtures/internlm2_hf.py`: a LLaMA with dynamic-NTK RoPE (factor 2, 6 positions,
+    // sequences of 10) in transformers, and the same weights in InternLM2's layout (fused
+    // grouped `wqkv`, `wo`, `w1/w3/w2`, `rope_scaling {"type": "dynamic"}`).
+    let device = Default::default();
+    let root = fixture("internlm2");
+    let load = |d: &str| collie_llama::load::<B>(root.join(d).to_str().unwrap(), &device).unwrap();
+    let (internlm2, llama) = (load("internlm2"), load("llama"));
+    assert_eq!(internlm2.config.model_type, "internlm2");
+    // The layout: the same parameters as the LLaMA they were written from, exactly.
+    let a = collie_llama::hf::hf_state_dict(&internlm2.model);
+    let b = collie_llama::hf::hf_state_dict(&llama.model);
+    assert_eq!(a.len(), b.len());
+    for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
+        assert_eq!((ka, &ta.shape), (kb, &tb.shape));
+        assert_eq!(ta.data, tb.data, "{ka}");
+    }
+    // Dynamic NTK (the base grows with the longest position of the call), from both layouts.
+    // Same bound as the other LLaMA-family cases.
+    assert_logits_like_golden("internlm2", &internlm2.model, &root, 2.5e-5);
+    assert_logits_like_golden("llama dynamic", &llama.model, &root, 2.5e-5);
+    // Saved in its own layout: the fixture's tensors, byte for byte, under the fixture's names.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("saved");
+    collie_llama::hf::save_hf_dir(
+        &internlm2.model,
+        &internlm2.config,
+        None,
+        &out,
+        collie_io::safetensors::SaveDtype::F32,
+    )
+    .unwrap();
+    let (want, got) = (
+        SafetensorsSource::open(&root.join("internlm2")).unwrap(),
+        SafetensorsSource::open(&out).unwrap(),
+    );
+    let mut keys = want.keys();
+    keys.sort();
+    let mut saved = got.keys();
+    saved.sort();
+    assert_eq!(keys, saved);
+    for k in keys {
+        assert_eq!(
+            want.read(&k).unwrap().data,
+            got.read(&k).unwrap().data,
+            "{k}"
         );
     }
 }

@@ -5,7 +5,7 @@
 //! `cos`/`sin` tables are then built on the device for the positions of each batch.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 /// Frequency scaling applied on top of the base RoPE frequencies (HF `rope_type`).
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +29,15 @@ pub enum RopeScaling {
         /// Context length of pre-training.
         original_max_position_embeddings: f32,
     },
+    /// `rope_type = "dynamic"` (dynamic NTK, InternLM2): a call whose longest position `L`
+    /// passes `max_position_embeddings` raises the base to
+    /// `θ · (factor · L / max − (factor − 1))^(d / (d − 2))`; shorter calls keep the base.
+    Dynamic {
+        /// How fast the base grows past `max_position_embeddings`.
+        factor: f32,
+        /// Positions the model was trained for.
+        max_position_embeddings: usize,
+    },
 }
 
 /// Rotary embedding tables for one head size.
@@ -38,6 +47,9 @@ pub struct Rope {
     pub inv_freq: Vec<f32>,
     /// Multiplier of `cos` and `sin` (1 for the types above).
     pub attention_scaling: f32,
+    /// Dynamic NTK: `(θ, head_dim, factor, max_position_embeddings)` to recompute the
+    /// frequencies of a longer call.
+    pub dynamic: Option<(f64, usize, f32, usize)>,
 }
 
 impl Rope {
@@ -49,8 +61,13 @@ impl Rope {
             .step_by(2)
             .map(|i| 1.0f32 / base.powf(i as f32 / head_dim as f32))
             .collect();
+        let mut dynamic = None;
         match *scaling {
             RopeScaling::None => {}
+            RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            } => dynamic = Some((theta, head_dim, factor, max_position_embeddings)),
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
             RopeScaling::Llama3 {
                 factor,
@@ -81,7 +98,25 @@ impl Rope {
         Rope {
             inv_freq,
             attention_scaling: 1.0,
+            dynamic,
         }
+    }
+
+    /// The frequencies of a call whose longest position is `seq_len − 1`: transformers'
+    /// `_compute_dynamic_ntk_parameters`, in `f32` as it computes them from a tensor length.
+    fn dynamic_inv_freq(&self, seq_len: usize) -> Option<Vec<f32>> {
+        let (theta, dim, factor, max) = self.dynamic?;
+        if seq_len <= max {
+            return None;
+        }
+        let grown = factor * seq_len as f32 / max as f32 - (factor - 1.0);
+        let base = theta as f32 * grown.powf((dim as f64 / (dim - 2) as f64) as f32);
+        Some(
+            (0..dim)
+                .step_by(2)
+                .map(|i| 1.0f32 / base.powf(i as f32 / dim as f32))
+                .collect(),
+        )
     }
 
     /// `cos` and `sin` tables for the given positions.
@@ -94,9 +129,14 @@ impl Rope {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let device = positions.device();
         let half = self.inv_freq.len();
-        let inv_freq =
-            Tensor::<B, 1>::from_data(TensorData::new(self.inv_freq.clone(), [half]), &device)
-                .reshape([1, 1, half]);
+        // Dynamic NTK reads the longest position of the call (one host read, only then).
+        let grown = self.dynamic.and_then(|_| {
+            let longest = positions.clone().max().into_scalar().elem::<i64>();
+            self.dynamic_inv_freq(longest.max(0) as usize + 1)
+        });
+        let inv_freq = grown.unwrap_or_else(|| self.inv_freq.clone());
+        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device)
+            .reshape([1, 1, half]);
         // [batch, seq, 1] * [1, 1, half] -> [batch, seq, half]
         let freqs = positions.float().unsqueeze_dim::<3>(2) * inv_freq;
         // [batch, seq, head_dim]: the same frequencies for both halves.

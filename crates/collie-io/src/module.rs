@@ -95,8 +95,8 @@ pub enum Convert {
     Identity,
     /// A 2-D transpose (PyTorch `[out, in]` ↔ our `[in, out]`).
     Transpose,
-    /// Any other shape-preserving rearrangement (e.g. undoing llama.cpp's q/k row permutation),
-    /// followed by an optional transpose.
+    /// Any other rearrangement (undoing llama.cpp's q/k row permutation, cutting one part out
+    /// of a fused tensor), followed by an optional transpose. Its result's shape is checked.
     Custom(Box<dyn Fn(HostTensor) -> HostTensor>, bool),
 }
 
@@ -177,7 +177,10 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
             });
             return param;
         };
-        if found != expected_in_file {
+        // A custom conversion may change the shape (a part of a fused tensor): its result is
+        // checked below instead.
+        let custom = matches!(binding.convert, Convert::Custom(..));
+        if found != expected_in_file && !custom {
             self.error = Some(IoError::ShapeMismatch {
                 key: binding.key,
                 param: info.path,
@@ -199,6 +202,16 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
             Convert::Transpose => host.transpose(),
             Convert::Custom(f, transpose) => {
                 let h = f(host);
+                if h.shape != expected_in_file {
+                    self.error = Some(IoError::ShapeMismatch {
+                        key: binding.key,
+                        param: info.path,
+                        expected: expected_in_file,
+                        found,
+                        source_desc: self.source.describe(),
+                    });
+                    return param;
+                }
                 if transpose {
                     h.transpose()
                 } else {

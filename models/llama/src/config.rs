@@ -18,6 +18,7 @@ pub const MODEL_TYPES: &[(&str, &str)] = &[
     ("qwen3", "Qwen3ForCausalLM"),
     ("internlm", "InternLMForCausalLM"),
     ("gemma3_text", "Gemma3ForCausalLM"),
+    ("internlm2", "InternLM2ForCausalLM"),
 ];
 
 /// Gemma 3's name for a layer that attends within the sliding window with the local RoPE.
@@ -391,9 +392,13 @@ impl LlamaConfig {
                     .unwrap_or(self.max_position_embeddings as f64)
                     as f32,
             },
+            "dynamic" => RopeScaling::Dynamic {
+                factor: num("factor")?,
+                max_position_embeddings: self.max_position_embeddings,
+            },
             other => {
                 return Err(LlamaError::Config(format!(
-                    "rope type `{other}` is not supported (default, linear, llama3 are)"
+                    "rope type `{other}` is not supported (default, linear, llama3, dynamic are)"
                 )))
             }
         };

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use collie_io::json::{read_json, write_json};
-use collie_io::module::{load_module, torch_state_dict, Binding, ParamInfo};
+use collie_io::module::{load_module, torch_state_dict, Binding, Convert, ParamInfo};
 use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_io::IoError;
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
+use crate::internlm2;
 use crate::model::{block_module, hf_module, Llama};
 
 use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode, VirtualTokens};
@@ -121,9 +122,26 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaC
     let model = config.init::<B>(device)?;
     let source = SafetensorsSource::open(dir)?;
     let sandwich = config.sandwich_norms();
-    let model = load_module(model, &source, |info: &ParamInfo| {
-        Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
-    })?;
+    let model = if config.model_type == "internlm2" {
+        let (heads, kv) = (config.num_attention_heads, config.kv_heads());
+        load_module(model, &source, |info: &ParamInfo| {
+            let (key, part) = internlm2::key(&info.path)?;
+            let linear = info.is_linear_weight();
+            let convert = match part {
+                Some(part) => Convert::Custom(
+                    Box::new(move |t| internlm2::cut(&t, part, heads, kv)),
+                    linear,
+                ),
+                None if linear => Convert::Transpose,
+                None => Convert::Identity,
+            };
+            Some(Binding { key, convert })
+        })?
+    } else {
+        load_module(model, &source, |info: &ParamInfo| {
+            Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
+        })?
+    };
     Ok((config, model))
 }
 
@@ -185,9 +203,14 @@ fn write_into<B: Backend>(
         &dir.join("generation_config.json"),
         &Value::Object(generation),
     )?;
+    let state = if config.model_type == "internlm2" {
+        internlm2::state_dict(model, config.kv_heads())
+    } else {
+        hf_state_dict(model)
+    };
     save_safetensors(
         &dir.join(collie_io::safetensors::SINGLE_FILE),
-        &hf_state_dict(model),
+        &state,
         dtype,
     )?;
     if let Some(tok) = tokenizer {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod hf;
+pub mod internlm2;
 pub mod model;
 
 use std::path::Path;
