@@ -125,6 +125,14 @@ impl Dist {
     }
 }
 
+/// Ends MPI after a start that failed on every rank alike ([`Dist::init`]'s error), once this
+/// rank has reported it (rank 0 prints, the others stay silent): a barrier first, so that no rank
+/// exits, and makes `mpirun` kill the job, before rank 0's message is out. Nothing to do otherwise.
+pub fn finish_failed_start() {
+    #[cfg(feature = "mpi")]
+    mpi_world::finish_failed_start();
+}
+
 /// Prints `message` naming `rank` and ends the job.
 fn abort_world(rank: usize, size: usize, message: &str, code: i32) -> ! {
     eprintln!("error: rank {rank} of {size}: {message}");
@@ -373,8 +381,16 @@ mod mpi_world {
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         install_panic_hook(rank, size);
-        // The layout is checked on every rank alike, so a bad one ends all of them cleanly.
-        let dims = ParallelDims::new(size, dp, tp, pp)?;
+        // The layout is checked on every rank alike, so a bad one ends all of them cleanly: MPI
+        // stays up until rank 0 has printed the error (see `finish_failed_start`), since a rank
+        // that exited first would make mpirun kill rank 0 before it says why.
+        let dims = match ParallelDims::new(size, dp, tp, pp) {
+            Ok(dims) => dims,
+            Err(e) => {
+                FAILED_START.with(|u| *u.borrow_mut() = Some(universe));
+                return Err(e.into());
+            }
+        };
         let c = dims.coords(rank);
         let dp_group = group(&world, c.pp * dims.tp + c.tp, c.dp);
         let tp_group = group(&world, c.pp * dims.dp + c.dp, c.tp);
@@ -398,6 +414,18 @@ mod mpi_world {
             pp: pp_group,
             _universe: Some(universe),
         })
+    }
+
+    thread_local! {
+        /// MPI of a start that failed on every rank alike, kept until the error is reported.
+        static FAILED_START: std::cell::RefCell<Option<mpi::environment::Universe>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    pub(super) fn finish_failed_start() {
+        if let Some(universe) = FAILED_START.with(|u| u.borrow_mut().take()) {
+            universe.world().barrier();
+        }
     }
 
     pub(super) fn abort(code: i32) -> ! {

@@ -181,6 +181,7 @@ pub fn main<R: Recipe, F: Families>(recipe: R) -> ExitCode {
                     if collie_dist::world::launcher_rank() == 0 {
                         eprintln!("error: {message}");
                     }
+                    collie_dist::world::finish_failed_start();
                     ExitCode::FAILURE
                 }
             }
