@@ -2,26 +2,9 @@
 //! peft) folded into its base gives the same greedy continuation and perplexity as the adapter
 //! applied at run time; prompt-learning adapters cannot be merged.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn collie(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(args)
-        .output()
-        .expect("run collie")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = collie(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "collie {args:?}: {stderr}");
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use common::{fixtures, ok, run as collie};
 
 #[test]
 fn merged_model_equals_the_adapter_applied_at_run_time() {

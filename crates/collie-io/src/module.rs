@@ -177,17 +177,19 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
             });
             return param;
         };
+        let source = self.source;
+        let mismatch = |found: Vec<usize>| IoError::ShapeMismatch {
+            key: binding.key.clone(),
+            param: info.path.clone(),
+            expected: expected_in_file.clone(),
+            found,
+            source_desc: source.describe(),
+        };
         // A custom conversion may change the shape (a part of a fused tensor): its result is
         // checked below instead.
         let custom = matches!(binding.convert, Convert::Custom(..));
         if found != expected_in_file && !custom {
-            self.error = Some(IoError::ShapeMismatch {
-                key: binding.key,
-                param: info.path,
-                expected: expected_in_file,
-                found,
-                source_desc: self.source.describe(),
-            });
+            self.error = Some(mismatch(found));
             return param;
         }
         let host = match self.source.read(&binding.key) {
@@ -203,13 +205,7 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
             Convert::Custom(f, transpose) => {
                 let h = f(host);
                 if h.shape != expected_in_file {
-                    self.error = Some(IoError::ShapeMismatch {
-                        key: binding.key,
-                        param: info.path,
-                        expected: expected_in_file,
-                        found,
-                        source_desc: self.source.describe(),
-                    });
+                    self.error = Some(mismatch(found));
                     return param;
                 }
                 if transpose {

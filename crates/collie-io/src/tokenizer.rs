@@ -493,29 +493,14 @@ fn sentencepiece_json(v: &Vocab, merges: Option<&[&str]>, scores: &[f64]) -> Val
             .collect(),
         None => merges_from_scores(v.tokens, scores, &index),
     };
-    let vocab: serde_json::Map<String, Value> = v
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
-    let added = v.added_tokens(|t| index.contains_key(t), |_| true);
-    let post_processor = template_processing(v.add_bos, v.add_eos, &vocab);
-    tokenizer_json(
-        added,
+    byte_fallback_json(
+        v,
+        v.tokens,
+        &index,
+        merges,
+        None,
         json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
-        post_processor,
-        json!({"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ]}),
-        json!({
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
-            "ignore_merges": false, "vocab": vocab, "merges": merges,
-        }),
+        true,
     )
 }
 
@@ -544,33 +529,61 @@ fn gemma_json(v: &Vocab) -> Value {
     // Rank by position: the first token merges first.
     let positions: Vec<f64> = (0..spelled_refs.len()).map(|i| -(i as f64)).collect();
     let merges = merges_from_scores(&spelled_refs, &positions, &index);
-    let vocab: serde_json::Map<String, Value> = spelled_refs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
     // Added tokens keep the file's spelling, and a user-defined one is added only if that
     // spelling is in the (respelled) vocabulary, as transformers does.
-    let added = v.added_tokens(|t| index.contains_key(t), |_| true);
-    let post_processor = template_processing(v.add_bos, v.add_eos, &vocab);
-    let mut json = tokenizer_json(
-        added,
+    let mut json = byte_fallback_json(
+        v,
+        &spelled_refs,
+        &index,
+        merges,
+        Some("<unk>"),
         json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
-        post_processor,
-        json!({"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-        ]}),
-        json!({
-            "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
-            "ignore_merges": false, "vocab": vocab, "merges": merges,
-        }),
+        false,
     );
     json["normalizer"] =
         json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
     json
+}
+
+/// What the SentencePiece-style vocabularies share: a byte-fallback BPE model over `tokens`
+/// (ids = positions) with `merges`, the added tokens found in `index`, HF's post-processor, and a
+/// decoder turning `▁` back into spaces (then stripping the prefix space the pre-tokenizer added,
+/// if `strip_prefix_space`).
+fn byte_fallback_json(
+    v: &Vocab,
+    tokens: &[&str],
+    index: &HashMap<&str, usize>,
+    merges: Vec<(String, String)>,
+    unk: Option<&str>,
+    pre_tokenizer: Value,
+    strip_prefix_space: bool,
+) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let added = v.added_tokens(|t| index.contains_key(t), |_| true);
+    let post_processor = template_processing(v.add_bos, v.add_eos, &vocab);
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if strip_prefix_space {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    tokenizer_json(
+        added,
+        pre_tokenizer,
+        post_processor,
+        json!({"type": "Sequence", "decoders": decoders}),
+        json!({
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        }),
+    )
 }
 
 /// HF's post-processor: `[bos] $A [eos]` and `[bos] $A [eos] [bos] $B:1 [eos]:1`.

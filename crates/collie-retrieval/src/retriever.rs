@@ -328,7 +328,7 @@ pub fn train<B: AutodiffBackend>(
             save(root, &model, config, tok, &update, &state, opts)?;
         }
         report.checkpoint = Some(last);
-        if let Err(e) = collie_train::trainer::plot_metrics(root) {
+        if let Err(e) = collie_train::plot::plot_metrics(root) {
             eprintln!(
                 "warning: could not draw {}: {e}",
                 root.join("loss.png").display()

@@ -1,14 +1,18 @@
-//! Monitors: `metrics.jsonl`, throughput, MFU, memory, and the progress display.
+//! Monitors: `metrics.jsonl`, per-rank logs, the run summary, throughput, MFU, memory, and the
+//! progress display.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use collie_dist::Dist;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::error::TrainError;
+use crate::trainer::{StepMetrics, Summary};
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -154,4 +158,123 @@ pub fn truncate_metrics(dir: &Path, step: u64) -> Result<(), TrainError> {
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&path, kept).map_err(|e| TrainError::io(&path, e))
+}
+
+/// Writes `line` to the metrics log where this rank keeps one.
+pub(crate) fn write_line(
+    log: &mut Option<MetricsLog>,
+    line: &Map<String, Value>,
+) -> Result<(), TrainError> {
+    log.as_mut().map_or(Ok(()), |l| l.write(line))
+}
+
+/// `output.dir/logs/rank-K.log` of a parallel run: one line per step from every rank, so a rank
+/// that fails or slows down can be told apart.
+pub(crate) struct RankLog(Option<(std::fs::File, PathBuf)>);
+
+impl RankLog {
+    pub(crate) fn open(dir: &Path, dist: &Dist) -> Result<Self, TrainError> {
+        if dist.size() == 1 {
+            return Ok(RankLog(None));
+        }
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| TrainError::io(&logs, e))?;
+        let path = logs.join(format!("rank-{}.log", dist.rank));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
+        let c = dist.coords;
+        writeln!(
+            file,
+            "rank {} of {} ({}): dp_rank {} tp_rank {} pp_rank {} pid {}",
+            dist.rank,
+            dist.size(),
+            dist.dims,
+            c.dp,
+            c.tp,
+            c.pp,
+            std::process::id()
+        )
+        .map_err(|e| TrainError::io(&path, e))?;
+        Ok(RankLog(Some((file, path))))
+    }
+
+    pub(crate) fn line(&mut self, text: &str) -> Result<(), TrainError> {
+        if let Some((file, path)) = &mut self.0 {
+            writeln!(file, "{text}").map_err(|e| TrainError::io(&*path, e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn step(
+        &mut self,
+        step: u64,
+        m: &StepMetrics,
+        wait: Option<f64>,
+    ) -> Result<(), TrainError> {
+        if let Some((file, path)) = &mut self.0 {
+            let wait = wait.map_or(String::new(), |w| format!(" pipeline_wait {w:.3}"));
+            writeln!(
+                file,
+                "step {step} loss {:.6} grad_norm {:.6} seconds {:.3}{wait}",
+                m.loss, m.grad_norm, m.seconds
+            )
+            .map_err(|e| TrainError::io(&*path, e))?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn fmt_metrics(m: &BTreeMap<String, f64>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(crate) fn eval_line(step: u64, m: &BTreeMap<String, f64>) -> Map<String, Value> {
+    let mut line = Map::new();
+    line.insert("step".into(), json!(step));
+    for (k, v) in m {
+        line.insert(k.clone(), json!(v));
+    }
+    line
+}
+
+pub(crate) fn summary_text(s: &Summary) -> String {
+    let mut out = format!(
+        "done: {} steps, final loss {:.4}, {} tokens in {:.1} s ({:.0} tokens/s)",
+        s.steps, s.final_loss, s.tokens, s.train_seconds, s.tokens_per_sec
+    );
+    if let (Some(a), Some(b)) = (&s.eval_first, &s.eval_last) {
+        if let (Some(x), Some(y)) = (a.get("eval_loss"), b.get("eval_loss")) {
+            out.push_str(&format!(", eval_loss {x:.4} -> {y:.4}"));
+        }
+    }
+    if let Some(rss) = s.peak_rss_bytes {
+        out.push_str(&format!(
+            ", peak RSS {:.0} MiB",
+            rss as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    out.push_str(&format!("\ncheckpoint: {}", s.checkpoint.display()));
+    out
+}
+
+pub(crate) fn write_summary(dir: &Path, s: &Summary) -> Result<(), TrainError> {
+    let v = json!({
+        "steps": s.steps,
+        "final_loss": s.final_loss,
+        "eval_first": s.eval_first,
+        "eval_last": s.eval_last,
+        "tokens": s.tokens,
+        "train_seconds": s.train_seconds,
+        "tokens_per_sec": s.tokens_per_sec,
+        "peak_rss_bytes": s.peak_rss_bytes,
+        "checkpoint": s.checkpoint,
+        "stopped_early": s.stopped_early,
+    });
+    collie_io::json::write_json(&dir.join("summary.json"), &v).map_err(TrainError::from)
 }

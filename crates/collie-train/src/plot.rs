@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
+use serde_json::Value;
 
 /// Series to draw.
 pub struct Curves<'a> {
@@ -222,4 +223,33 @@ pub fn draw_memory(path: &Path, title: &str, series: &[Series]) -> Result<(), St
             .map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
+}
+
+/// Draws `loss.png` from `metrics.jsonl`.
+pub fn plot_metrics(dir: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).map_err(|e| e.to_string())?;
+    let (mut loss, mut eval, mut lr) = (Vec::new(), Vec::new(), Vec::new());
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        let step = v.get("step").and_then(Value::as_f64).unwrap_or(0.0);
+        if let Some(l) = v.get("loss").and_then(Value::as_f64) {
+            loss.push((step, l));
+        }
+        if let Some(l) = v.get("lr").and_then(Value::as_f64) {
+            lr.push((step, l));
+        }
+        if let Some(l) = v.get("eval_loss").and_then(Value::as_f64) {
+            eval.push((step, l));
+        }
+    }
+    draw(
+        &dir.join("loss.png"),
+        &Curves {
+            loss: &loss,
+            eval_loss: &eval,
+            lr: &lr,
+        },
+    )
 }

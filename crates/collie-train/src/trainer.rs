@@ -7,7 +7,7 @@
 //! `lr · λ(k)`; metrics count steps from 1, after the update.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,8 +33,11 @@ use crate::config::{ComputeDtype, ModelInit, OptimName, TrainConfig};
 use crate::error::TrainError;
 use crate::eval::{classification, corpus_nll, generation};
 use crate::generate::GenerationConfig;
-use crate::metrics::{flops_per_token, peak_rss_bytes, MetricsLog, Progress};
-use crate::plot;
+use crate::metrics::{
+    eval_line, flops_per_token, fmt_metrics, peak_rss_bytes, summary_text, write_line,
+    write_summary, MetricsLog, Progress, RankLog,
+};
+use crate::plot::plot_metrics;
 use crate::scaler::LossScaler;
 use crate::step::Strategy;
 use crate::update::Update;
@@ -1112,147 +1115,4 @@ pub(crate) fn reduce_block<B: AutodiffBackend, M: TrainModel<B>>(
             all_reduce_grads(&model.virtual_tokens().cloned(), grads, dp, device);
         }
     }
-}
-
-/// Writes `line` to the metrics log where this rank keeps one.
-fn write_line(log: &mut Option<MetricsLog>, line: &Map<String, Value>) -> Result<(), TrainError> {
-    log.as_mut().map_or(Ok(()), |l| l.write(line))
-}
-
-/// `output.dir/logs/rank-K.log` of a parallel run: one line per step from every rank, so a rank
-/// that fails or slows down can be told apart.
-struct RankLog(Option<(std::fs::File, PathBuf)>);
-
-impl RankLog {
-    fn open(dir: &Path, dist: &Dist) -> Result<Self, TrainError> {
-        if dist.size() == 1 {
-            return Ok(RankLog(None));
-        }
-        let logs = dir.join("logs");
-        std::fs::create_dir_all(&logs).map_err(|e| TrainError::io(&logs, e))?;
-        let path = logs.join(format!("rank-{}.log", dist.rank));
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| TrainError::io(&path, e))?;
-        let c = dist.coords;
-        use std::io::Write;
-        writeln!(
-            file,
-            "rank {} of {} ({}): dp_rank {} tp_rank {} pp_rank {} pid {}",
-            dist.rank,
-            dist.size(),
-            dist.dims,
-            c.dp,
-            c.tp,
-            c.pp,
-            std::process::id()
-        )
-        .map_err(|e| TrainError::io(&path, e))?;
-        Ok(RankLog(Some((file, path))))
-    }
-
-    fn line(&mut self, text: &str) -> Result<(), TrainError> {
-        use std::io::Write;
-        if let Some((file, path)) = &mut self.0 {
-            writeln!(file, "{text}").map_err(|e| TrainError::io(&*path, e))?;
-        }
-        Ok(())
-    }
-
-    fn step(&mut self, step: u64, m: &StepMetrics, wait: Option<f64>) -> Result<(), TrainError> {
-        use std::io::Write;
-        if let Some((file, path)) = &mut self.0 {
-            let wait = wait.map_or(String::new(), |w| format!(" pipeline_wait {w:.3}"));
-            writeln!(
-                file,
-                "step {step} loss {:.6} grad_norm {:.6} seconds {:.3}{wait}",
-                m.loss, m.grad_norm, m.seconds
-            )
-            .map_err(|e| TrainError::io(&*path, e))?;
-        }
-        Ok(())
-    }
-}
-
-fn fmt_metrics(m: &BTreeMap<String, f64>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn eval_line(step: u64, m: &BTreeMap<String, f64>) -> Map<String, Value> {
-    let mut line = Map::new();
-    line.insert("step".into(), json!(step));
-    for (k, v) in m {
-        line.insert(k.clone(), json!(v));
-    }
-    line
-}
-
-fn summary_text(s: &Summary) -> String {
-    let mut out = format!(
-        "done: {} steps, final loss {:.4}, {} tokens in {:.1} s ({:.0} tokens/s)",
-        s.steps, s.final_loss, s.tokens, s.train_seconds, s.tokens_per_sec
-    );
-    if let (Some(a), Some(b)) = (&s.eval_first, &s.eval_last) {
-        if let (Some(x), Some(y)) = (a.get("eval_loss"), b.get("eval_loss")) {
-            out.push_str(&format!(", eval_loss {x:.4} -> {y:.4}"));
-        }
-    }
-    if let Some(rss) = s.peak_rss_bytes {
-        out.push_str(&format!(
-            ", peak RSS {:.0} MiB",
-            rss as f64 / (1024.0 * 1024.0)
-        ));
-    }
-    out.push_str(&format!("\ncheckpoint: {}", s.checkpoint.display()));
-    out
-}
-
-fn write_summary(dir: &Path, s: &Summary) -> Result<(), TrainError> {
-    let v = json!({
-        "steps": s.steps,
-        "final_loss": s.final_loss,
-        "eval_first": s.eval_first,
-        "eval_last": s.eval_last,
-        "tokens": s.tokens,
-        "train_seconds": s.train_seconds,
-        "tokens_per_sec": s.tokens_per_sec,
-        "peak_rss_bytes": s.peak_rss_bytes,
-        "checkpoint": s.checkpoint,
-        "stopped_early": s.stopped_early,
-    });
-    collie_io::json::write_json(&dir.join("summary.json"), &v).map_err(TrainError::from)
-}
-
-/// Draws `loss.png` from `metrics.jsonl`.
-pub fn plot_metrics(dir: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).map_err(|e| e.to_string())?;
-    let (mut loss, mut eval, mut lr) = (Vec::new(), Vec::new(), Vec::new());
-    for v in text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-    {
-        let step = v.get("step").and_then(Value::as_f64).unwrap_or(0.0);
-        if let Some(l) = v.get("loss").and_then(Value::as_f64) {
-            loss.push((step, l));
-        }
-        if let Some(l) = v.get("lr").and_then(Value::as_f64) {
-            lr.push((step, l));
-        }
-        if let Some(l) = v.get("eval_loss").and_then(Value::as_f64) {
-            eval.push((step, l));
-        }
-    }
-    plot::draw(
-        &dir.join("loss.png"),
-        &plot::Curves {
-            loss: &loss,
-            eval_loss: &eval,
-            lr: &lr,
-        },
-    )
 }
