@@ -178,3 +178,41 @@ mod tests {
         assert!((rel(1.1, 1.0) - 0.1).abs() < 1e-12);
     }
 }
+
+/// The elements of a checkpoint's parameters whose gradient is zero in exact arithmetic, so that
+/// AdamW's update of them (`m / (√v + ε)`, scale-free) is rounding noise grown to a full step,
+/// different on each side of a comparison: GLM's key bias on the features RoPE leaves unrotated
+/// adds the same `q · b` to every score of a query, which softmax cancels. Read from the
+/// checkpoint's `config.json`; nothing for other models.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZeroGradient {
+    /// `(head_dim, rotary_dim)` of a GLM checkpoint.
+    glm: Option<(usize, usize)>,
+}
+
+impl ZeroGradient {
+    /// What the checkpoint directory `dir` (with its `config.json`) has of them.
+    pub fn of(dir: &std::path::Path) -> Self {
+        let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+            return Self::default();
+        };
+        let config: serde_json::Value = serde_json::from_str(&text).expect("config.json");
+        if config["model_type"] != "glm" {
+            return Self::default();
+        }
+        let head_dim = config["head_dim"].as_u64().expect("GLM head_dim") as usize;
+        let factor = config["rope_parameters"]["partial_rotary_factor"]
+            .as_f64()
+            .unwrap_or(0.5);
+        ZeroGradient {
+            glm: Some((head_dim, (head_dim as f64 * factor) as usize)),
+        }
+    }
+
+    /// Whether element `i` of the parameter saved as `key` (HF's name) is one of them.
+    pub fn contains(&self, key: &str, i: usize) -> bool {
+        self.glm.is_some_and(|(head_dim, rotary)| {
+            key.ends_with("self_attn.k_proj.bias") && i % head_dim >= rotary
+        })
+    }
+}

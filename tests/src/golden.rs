@@ -17,6 +17,7 @@ pub const LLAMA_CASES: &[&str] = &[
     "mistral_window",
     "qwen3_qknorm",
     "gemma3_local",
+    "glm_partial_rotary",
 ];
 
 /// `tests/fixtures/<rel>`; `COLLIE_FIXTURES` points elsewhere (a prebuilt binary run on another

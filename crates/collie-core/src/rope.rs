@@ -1,4 +1,5 @@
-//! Rotary position embeddings in HF's `rotate_half` convention (Su et al. 2021).
+//! Rotary position embeddings in HF's `rotate_half` convention (Su et al. 2021), or on interleaved
+//! pairs (GLM), over a whole head or its first `rotary_dim` features.
 //!
 //! The inverse frequencies are computed on the host in `f32` with the same operations as
 //! transformers' rope init functions, so positions map to the same angles bit for bit; the
@@ -50,6 +51,9 @@ pub struct Rope {
     /// Dynamic NTK: `(θ, head_dim, factor, max_position_embeddings)` to recompute the
     /// frequencies of a longer call.
     pub dynamic: Option<(f64, usize, f32, usize)>,
+    /// Whether pairs `(2i, 2i + 1)` rotate together (GLM) rather than `(i, i + d/2)`: the tables
+    /// then repeat each angle twice in a row.
+    pub interleaved: bool,
 }
 
 impl Rope {
@@ -99,6 +103,15 @@ impl Rope {
             inv_freq,
             attention_scaling: 1.0,
             dynamic,
+            interleaved: false,
+        }
+    }
+
+    /// The same frequencies rotating interleaved pairs (GLM).
+    pub fn interleaved(self) -> Self {
+        Rope {
+            interleaved: true,
+            ..self
         }
     }
 
@@ -139,8 +152,15 @@ impl Rope {
             .reshape([1, 1, half]);
         // [batch, seq, 1] * [1, 1, half] -> [batch, seq, half]
         let freqs = positions.float().unsqueeze_dim::<3>(2) * inv_freq;
-        // [batch, seq, head_dim]: the same frequencies for both halves.
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2);
+        let [b, s, _] = freqs.dims();
+        let emb = if self.interleaved {
+            // [batch, seq, half, 2] -> [batch, seq, rotary_dim]: each angle twice in a row.
+            let f = freqs.unsqueeze_dim::<4>(3);
+            Tensor::cat(vec![f.clone(), f], 3).reshape([b, s, 2 * half])
+        } else {
+            // [batch, seq, rotary_dim]: the same frequencies for both halves.
+            Tensor::cat(vec![freqs.clone(), freqs], 2)
+        };
         let (cos, sin) = (emb.clone().cos(), emb.sin());
         if self.attention_scaling == 1.0 {
             (cos, sin)
@@ -151,22 +171,39 @@ impl Rope {
     }
 }
 
-/// Rotates `x` by the angles in `cos`/`sin`: `x·cos + rotate_half(x)·sin`.
+/// Rotates `x` by the angles in `cos`/`sin`: `x·cos + rotate(x)·sin`, where `rotate` pairs
+/// feature `i` with `i + d/2` (`rotate_half`) or, `interleaved`, `2i` with `2i + 1`. Tables
+/// narrower than the head rotate its first features only; the rest pass through (partial rotary).
 ///
 /// # Shapes
 /// - x: `[batch, heads, seq, head_dim]`
-/// - cos, sin: `[batch, seq, head_dim]`
+/// - cos, sin: `[batch, seq, rotary_dim]` (`rotary_dim ≤ head_dim`)
 pub fn apply_rotary<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
+    interleaved: bool,
 ) -> Tensor<B, 4> {
     let [b, h, s, d] = x.dims();
+    let rd = cos.dims()[2];
+    if rd < d {
+        let rot = x.clone().slice([0..b, 0..h, 0..s, 0..rd]);
+        let pass = x.slice([0..b, 0..h, 0..s, rd..d]);
+        return Tensor::cat(vec![apply_rotary(rot, cos, sin, interleaved), pass], 3);
+    }
     let half = d / 2;
-    // rotate_half: cat(-x[..., half:], x[..., :half])
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let rotated = if interleaved {
+        // [.., d] -> [.., d/2, 2]: (x₂ᵢ, x₂ᵢ₊₁) -> (−x₂ᵢ₊₁, x₂ᵢ), back to [.., d].
+        let pairs = x.clone().reshape([b, h, s, half, 2]);
+        let even = pairs.clone().slice([0..b, 0..h, 0..s, 0..half, 0..1]);
+        let odd = pairs.slice([0..b, 0..h, 0..s, 0..half, 1..2]);
+        Tensor::cat(vec![odd.neg(), even], 4).reshape([b, h, s, d])
+    } else {
+        // rotate_half: cat(-x[..., half:], x[..., :half])
+        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
+        Tensor::cat(vec![x2.neg(), x1], 3)
+    };
     // [batch, 1, seq, head_dim] broadcasts over heads; the tables follow x's dtype (bf16/f16 compute).
     let dtype = x.dtype();
     let cos = crate::nn::to_dtype(cos.clone(), dtype).unsqueeze_dim::<4>(1);

@@ -19,6 +19,7 @@ pub const MODEL_TYPES: &[(&str, &str)] = &[
     ("internlm", "InternLMForCausalLM"),
     ("gemma3_text", "Gemma3ForCausalLM"),
     ("internlm2", "InternLM2ForCausalLM"),
+    ("glm", "GlmForCausalLM"),
 ];
 
 /// Gemma 3's name for a layer that attends within the sliding window with the local RoPE.
@@ -192,14 +193,36 @@ impl LlamaConfig {
 
     /// Whether q/k/v carry a bias.
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias.unwrap_or(false)
+        // GLM's `attention_bias` defaults to true.
+        self.attention_bias.unwrap_or(self.is_glm())
             || self.bias.unwrap_or(false)
             || self.model_type == "qwen2"
     }
 
-    /// Whether the output projection carries a bias (Qwen2 has q/k/v biases only).
+    /// Whether the output projection carries a bias (Qwen2 and GLM have q/k/v biases only).
     pub fn o_bias(&self) -> bool {
-        self.attention_bias.unwrap_or(false) || self.bias.unwrap_or(false)
+        (self.attention_bias.unwrap_or(false) && !self.is_glm()) || self.bias.unwrap_or(false)
+    }
+
+    /// GLM (`glm`, the ChatGLM line).
+    pub fn is_glm(&self) -> bool {
+        self.model_type == "glm"
+    }
+
+    /// Features of each head that RoPE rotates, and whether it rotates interleaved pairs rather
+    /// than halves. GLM rotates `partial_rotary_factor` (default ½) of `head_dim` on interleaved
+    /// pairs; the other families rotate the whole head by halves (their HF attention has no
+    /// partial rotary).
+    pub fn rotary(&self) -> (usize, bool) {
+        if !self.is_glm() {
+            return (self.head_dim(), false);
+        }
+        let factor = (self.rope_parameters.as_ref())
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .or_else(|| self.extra.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .unwrap_or(0.5);
+        ((self.head_dim() as f64 * factor) as usize, true)
     }
 
     /// Whether each attention head's queries and keys pass an RMSNorm before RoPE (Qwen3,
@@ -448,9 +471,11 @@ impl LlamaConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if !self.head_dim().is_multiple_of(2) {
+        let (rotary_dim, _) = self.rotary();
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > self.head_dim() {
             return bad(format!(
-                "head_dim {} must be even for RoPE",
+                "RoPE rotates {rotary_dim} features of head_dim {} (partial_rotary_factor): they \
+                 must be even, at least 2 and at most head_dim",
                 self.head_dim()
             ));
         }

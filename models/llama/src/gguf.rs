@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
-use crate::model::Llama;
+use crate::model::{Llama, ParamPath};
 
 /// GGUF architectures this adapter reads, and the HF model type each becomes.
 pub const ARCHITECTURES: &[(&str, &str)] = &[
@@ -123,22 +123,19 @@ pub fn config_from_gguf(src: &GgufSource) -> Result<LlamaConfig> {
 
 /// GGUF tensor name of one of our parameter paths.
 pub fn gguf_key(path: &str) -> Option<String> {
-    if path.contains(".adapter.") {
-        return None;
-    }
-    let key = match path {
-        "embed.weight" => "token_embd.weight".to_string(),
-        "head.norm.weight" => "output_norm.weight".to_string(),
-        "head.lm_head.weight" => "output.weight".to_string(),
-        _ => {
-            let rest = path.strip_prefix("layers.")?;
-            let (index, rest) = rest.split_once('.')?;
-            let (module, param) = rest.rsplit_once('.')?;
+    Some(match ParamPath::parse(path)? {
+        ParamPath::Embed => "token_embd.weight".into(),
+        ParamPath::FinalNorm => "output_norm.weight".into(),
+        ParamPath::LmHead => "output.weight".into(),
+        ParamPath::Block {
+            index,
+            module,
+            param,
+        } => {
             let (_, _, name, _) = crate::model::block_module(module)?;
             format!("blk.{index}.{name}.{param}")
         }
-    };
-    Some(key)
+    })
 }
 
 /// Undoes llama.cpp's q/k permutation, which reorders each head's rows from HF's

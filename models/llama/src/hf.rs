@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use collie_io::json::{read_json, write_json};
-use collie_io::module::{load_module, torch_state_dict, Binding, Convert, ParamInfo};
+use collie_io::module::{load_module, torch_state_dict, Binding, ParamInfo};
 use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_io::IoError;
@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
-use crate::internlm2;
-use crate::model::{block_module, hf_module, Llama};
+use crate::fused::{self, Glm};
+use crate::internlm2::InternLm2;
+use crate::model::{block_module, hf_module, Llama, ParamPath};
 
 use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode, VirtualTokens};
 
@@ -42,6 +43,18 @@ impl<B: Backend> Adaptable<B> for Llama<B> {
             });
         }
         out
+    }
+
+    fn unadaptable(&self, name: &str) -> Option<String> {
+        let fused = self.layers.first().is_some_and(|l| l.mlp.fused_gate_up);
+        let part = name.ends_with(".mlp.gate_proj") || name.ends_with(".mlp.up_proj");
+        (fused && part).then(|| {
+            "this model's checkpoint fuses with its twin into `mlp.gate_up_proj` (GLM): an \
+             adapter on either alone fits no module of the HF model. Target the attention \
+             projections and `down_proj` instead (e.g. [\"q_proj\", \"k_proj\", \"v_proj\", \
+             \"o_proj\", \"down_proj\"])"
+                .to_string()
+        })
     }
 
     fn head_local_params(&self) -> Vec<burn::module::ParamId> {
@@ -81,22 +94,19 @@ impl<B: Backend> Adaptable<B> for Llama<B> {
 /// HF key of one of our parameter paths in a model with or without sandwich norms (Gemma 3);
 /// `None` for parameters HF's base model does not have (adapters).
 pub fn hf_key(path: &str, sandwich: bool) -> Option<String> {
-    if path.contains(".adapter.") {
-        return None;
-    }
-    let key = match path {
-        "embed.weight" => "model.embed_tokens.weight".to_string(),
-        "head.norm.weight" => "model.norm.weight".to_string(),
-        "head.lm_head.weight" => "lm_head.weight".to_string(),
-        _ => {
-            let rest = path.strip_prefix("layers.")?;
-            let (index, rest) = rest.split_once('.')?;
-            let (module, param) = rest.rsplit_once('.')?;
-            let hf = hf_module(module, sandwich)?;
-            format!("model.layers.{index}.{hf}.{param}")
-        }
-    };
-    Some(key)
+    Some(match ParamPath::parse(path)? {
+        ParamPath::Embed => "model.embed_tokens.weight".into(),
+        ParamPath::FinalNorm => "model.norm.weight".into(),
+        ParamPath::LmHead => "lm_head.weight".into(),
+        ParamPath::Block {
+            index,
+            module,
+            param,
+        } => format!(
+            "model.layers.{index}.{}.{param}",
+            hf_module(module, sandwich)?
+        ),
+    })
 }
 
 /// Reads `config.json` of an HF model directory.
@@ -122,27 +132,21 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaC
     let model = config.init::<B>(device)?;
     let source = SafetensorsSource::open(dir)?;
     let sandwich = config.sandwich_norms();
-    let model = if config.model_type == "internlm2" {
-        let (heads, kv) = (config.num_attention_heads, config.kv_heads());
-        load_module(model, &source, |info: &ParamInfo| {
-            let (key, part) = internlm2::key(&info.path)?;
-            let linear = info.is_linear_weight();
-            let convert = match part {
-                Some(part) => Convert::Custom(
-                    Box::new(move |t| internlm2::cut(&t, part, heads, kv)),
-                    linear,
-                ),
-                None if linear => Convert::Transpose,
-                None => Convert::Identity,
-            };
-            Some(Binding { key, convert })
-        })?
-    } else {
-        load_module(model, &source, |info: &ParamInfo| {
+    let model = match config.model_type.as_str() {
+        "internlm2" => fused::load(model, &source, &internlm2_layout(&config))?,
+        "glm" => fused::load(model, &source, &Glm)?,
+        _ => load_module(model, &source, |info: &ParamInfo| {
             Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
-        })?
+        })?,
     };
     Ok((config, model))
+}
+
+fn internlm2_layout(config: &LlamaConfig) -> InternLm2 {
+    InternLm2 {
+        heads: config.num_attention_heads,
+        kv_heads: config.kv_heads(),
+    }
 }
 
 /// Every parameter under its HF key, in PyTorch's layout.
@@ -203,10 +207,10 @@ fn write_into<B: Backend>(
         &dir.join("generation_config.json"),
         &Value::Object(generation),
     )?;
-    let state = if config.model_type == "internlm2" {
-        internlm2::state_dict(model, config.kv_heads())
-    } else {
-        hf_state_dict(model)
+    let state = match config.model_type.as_str() {
+        "internlm2" => fused::state_dict(model, &internlm2_layout(&config)),
+        "glm" => fused::state_dict(model, &Glm),
+        _ => hf_state_dict(model),
     };
     save_safetensors(
         &dir.join(collie_io::safetensors::SINGLE_FILE),

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod internlm2;

@@ -58,6 +58,10 @@ pub struct Mlp<B: Backend> {
     /// The gate's activation.
     #[module(skip)]
     pub act: Activation,
+    /// Whether the checkpoint stores gate and up as one `gate_up_proj` (GLM): PEFT cannot
+    /// address them apart.
+    #[module(skip)]
+    pub fused_gate_up: bool,
 }
 
 /// Every module of a decoder block with weights: our path, HF's name under `model.layers.N.`,
@@ -108,6 +112,51 @@ pub fn hf_module(path: &str, sandwich: bool) -> Option<&'static str> {
     match path {
         "mlp_norm" if sandwich => Some(SANDWICH_MLP_NORM),
         _ => block_module(path).map(|m| m.1),
+    }
+}
+
+/// Where one of our parameter paths lies, for the checkpoint-name adapters (HF, GGUF,
+/// InternLM2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamPath<'a> {
+    /// `embed.weight`.
+    Embed,
+    /// `head.norm.weight`.
+    FinalNorm,
+    /// `head.lm_head.weight`.
+    LmHead,
+    /// `layers.{index}.{module}.{param}` (`layers.3.attn.q_proj.weight`).
+    Block {
+        /// The block's index, as written.
+        index: &'a str,
+        /// The module path inside the block (a [`BLOCK_MODULES`] row).
+        module: &'a str,
+        /// `weight` or `bias`.
+        param: &'a str,
+    },
+}
+
+impl<'a> ParamPath<'a> {
+    /// Parses `path`; `None` for parameters no base checkpoint holds (adapters, virtual
+    /// tokens).
+    pub fn parse(path: &'a str) -> Option<Self> {
+        if path.contains(".adapter.") {
+            return None;
+        }
+        Some(match path {
+            "embed.weight" => ParamPath::Embed,
+            "head.norm.weight" => ParamPath::FinalNorm,
+            "head.lm_head.weight" => ParamPath::LmHead,
+            _ => {
+                let (index, rest) = path.strip_prefix("layers.")?.split_once('.')?;
+                let (module, param) = rest.rsplit_once('.')?;
+                ParamPath::Block {
+                    index,
+                    module,
+                    param,
+                }
+            }
+        })
     }
 }
 
@@ -170,10 +219,13 @@ pub struct Llama<B: Backend> {
 /// Per-call inputs every block shares.
 #[derive(Debug, Clone)]
 pub struct BlockContext<B: Backend> {
-    /// `[batch, s_q, head_dim]`.
+    /// `[batch, s_q, rotary_dim]` (`rotary_dim ≤ head_dim`: partial rotary rotates the first
+    /// features of each head).
     pub cos: Tensor<B, 3>,
-    /// `[batch, s_q, head_dim]`.
+    /// `[batch, s_q, rotary_dim]`.
     pub sin: Tensor<B, 3>,
+    /// Whether RoPE rotates interleaved pairs (GLM) rather than halves.
+    pub interleaved: bool,
     /// Which keys each query sees (materialized for the naive path); `None` when nothing is
     /// hidden.
     pub mask: Option<AttnMask<B>>,
@@ -258,14 +310,24 @@ impl LlamaConfig {
                     up_proj: linear(d, self.intermediate_size, self.mlp_bias()),
                     down_proj: linear(self.intermediate_size, d, self.mlp_bias()),
                     act,
+                    fused_gate_up: self.is_glm(),
                 },
                 post_mlp_norm: sandwich_norm(),
                 local,
             })
             .collect();
         let (theta, scaling) = self.rope()?;
+        let (rotary_dim, interleaved) = self.rotary();
+        let rope = |theta: f64, scaling: &_| {
+            let rope = Rope::new(rotary_dim, theta, scaling);
+            if interleaved {
+                rope.interleaved()
+            } else {
+                rope
+            }
+        };
         let local = (self.local_attention()?)
-            .map(|(theta, scaling, window)| (Rope::new(hd, theta, &scaling), window));
+            .map(|(theta, scaling, window)| (rope(theta, &scaling), window));
         Ok(Llama {
             embed: EmbeddingConfig::new(self.vocab_size, d)
                 .with_init_std(std)
@@ -276,7 +338,7 @@ impl LlamaConfig {
                 norm: norm(),
                 lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
             },
-            rope: Rope::new(hd, theta, &scaling),
+            rope: rope(theta, &scaling),
             window: self.window(),
             local,
             virtual_tokens: None,
@@ -321,8 +383,8 @@ impl<B: Backend> Attention<B> {
             Some(scale) => q.mul_scalar(scale * (hd as f64).sqrt()),
             None => q,
         };
-        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
-        let k = apply_rotary(k, &ctx.cos, &ctx.sin);
+        let q = apply_rotary(q, &ctx.cos, &ctx.sin, ctx.interleaved);
+        let k = apply_rotary(k, &ctx.cos, &ctx.sin, ctx.interleaved);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -584,6 +646,7 @@ impl<B: Backend> Llama<B> {
         BlockContext {
             cos,
             sin,
+            interleaved: rope.interleaved,
             mask,
             attention,
             local: None,

@@ -1,0 +1,147 @@
+//! Checkpoint layouts that store some of our layers fused into one tensor: InternLM2's grouped
+//! `wqkv` ([`crate::internlm2`]), GLM's `gate_up_proj` ([`Glm`]). The model keeps the layers
+//! apart, so tensor parallelism and PEFT see LLaMA's table; loading cuts each fused tensor into
+//! its parts, saving fuses them back.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::backend::Backend;
+use collie_io::module::{load_module, torch_state_dict, Binding, Convert, ParamInfo};
+use collie_io::safetensors::SafetensorsSource;
+use collie_io::HostTensor;
+
+use crate::error::Result;
+use crate::hf::hf_key;
+use crate::model::{Llama, ParamPath};
+
+/// How a checkpoint names our parameters and which of them it fuses.
+pub trait FusedLayout: Clone + 'static {
+    /// The checkpoint key of one of our parameter paths, with the index of the part it is when
+    /// the key names a fused tensor; `None` for parameters the checkpoint does not hold
+    /// (adapters).
+    fn key(&self, path: &str) -> Option<(String, Option<usize>)>;
+    /// Part `part` of a fused tensor (PyTorch's layout: outputs are rows).
+    fn cut(&self, fused: &HostTensor, part: usize) -> HostTensor;
+    /// The fused tensor from all its parts, in part order.
+    fn fuse(&self, parts: &[HostTensor]) -> HostTensor;
+    /// How many parts a fused tensor has.
+    fn parts(&self) -> usize;
+}
+
+/// Loads `model`'s parameters from a checkpoint in `layout`.
+pub fn load<B: Backend, L: FusedLayout>(
+    model: Llama<B>,
+    source: &SafetensorsSource,
+    layout: &L,
+) -> Result<Llama<B>> {
+    Ok(load_module(model, source, |info: &ParamInfo| {
+        let (key, part) = layout.key(&info.path)?;
+        let linear = info.is_linear_weight();
+        let convert = match part {
+            Some(part) => {
+                let layout = layout.clone();
+                Convert::Custom(Box::new(move |t| layout.cut(&t, part)), linear)
+            }
+            None if linear => Convert::Transpose,
+            None => Convert::Identity,
+        };
+        Some(Binding { key, convert })
+    })?)
+}
+
+/// Every parameter of `model` under its key in `layout`, in PyTorch's layout, parts fused.
+pub fn state_dict<B: Backend, L: FusedLayout>(
+    model: &Llama<B>,
+    layout: &L,
+) -> Vec<(String, HostTensor)> {
+    // Parts first get distinct keys (`…wqkv.weight#1`), then are fused in model order.
+    let state = torch_state_dict(model, |path| {
+        layout.key(path).map(|(k, part)| match part {
+            Some(part) => format!("{k}#{part}"),
+            None => k,
+        })
+    });
+    let mut out = Vec::with_capacity(state.len());
+    let mut pending: BTreeMap<String, BTreeMap<usize, HostTensor>> = BTreeMap::new();
+    for (k, t) in state {
+        let Some((fused, part)) = k.split_once('#') else {
+            out.push((k, t));
+            continue;
+        };
+        let part: usize = part.parse().expect("a part index written above");
+        let slot = pending.entry(fused.to_string()).or_default();
+        slot.insert(part, t);
+        if slot.len() == layout.parts() {
+            let parts: Vec<HostTensor> = (pending.remove(fused).expect("just filled"))
+                .into_values()
+                .collect();
+            out.push((fused.to_string(), layout.fuse(&parts)));
+        }
+    }
+    out
+}
+
+/// GLM (`model_type = "glm"`): LLaMA's names, with gate and up fused into one
+/// `mlp.gate_up_proj` whose first half of rows is the gate, the second the up projection.
+#[derive(Debug, Clone, Copy)]
+pub struct Glm;
+
+impl FusedLayout for Glm {
+    fn key(&self, path: &str) -> Option<(String, Option<usize>)> {
+        if let ParamPath::Block {
+            index,
+            module,
+            param,
+        } = ParamPath::parse(path)?
+        {
+            if let Some(part) = ["mlp.gate_proj", "mlp.up_proj"]
+                .iter()
+                .position(|m| *m == module)
+            {
+                let key = format!("model.layers.{index}.mlp.gate_up_proj.{param}");
+                return Some((key, Some(part)));
+            }
+        }
+        Some((hf_key(path, false)?, None))
+    }
+
+    fn cut(&self, fused: &HostTensor, part: usize) -> HostTensor {
+        // [2 · intermediate, …] -> rows of one half.
+        let len = fused.data.len() / 2;
+        let mut shape = fused.shape.clone();
+        shape[0] /= 2;
+        HostTensor::new(shape, fused.data[part * len..(part + 1) * len].to_vec())
+    }
+
+    fn fuse(&self, parts: &[HostTensor]) -> HostTensor {
+        let mut shape = parts[0].shape.clone();
+        shape[0] *= 2;
+        HostTensor::new(shape, [&parts[0].data[..], &parts[1].data[..]].concat())
+    }
+
+    fn parts(&self) -> usize {
+        2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glm_fuses_gate_over_up() {
+        assert_eq!(
+            Glm.key("layers.3.mlp.up_proj.weight").unwrap(),
+            ("model.layers.3.mlp.gate_up_proj.weight".into(), Some(1))
+        );
+        assert_eq!(
+            Glm.key("layers.0.attn.q_proj.bias").unwrap(),
+            ("model.layers.0.self_attn.q_proj.bias".into(), None)
+        );
+        assert_eq!(Glm.key("layers.0.mlp.gate_proj.adapter.a"), None);
+        let fused = HostTensor::new(vec![4, 3], (0..12).map(|v| v as f32).collect());
+        let (gate, up) = (Glm.cut(&fused, 0), Glm.cut(&fused, 1));
+        assert_eq!((gate.shape.clone(), up.data[0]), (vec![2, 3], 6.0));
+        assert_eq!(Glm.fuse(&[gate, up]).data, fused.data);
+    }
+}
