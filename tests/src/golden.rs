@@ -18,6 +18,8 @@ pub const LLAMA_CASES: &[&str] = &[
     "qwen3_qknorm",
     "gemma3_local",
     "glm_partial_rotary",
+    "mixtral_moe",
+    "qwen3_moe_sparse",
 ];
 
 /// `tests/fixtures/<rel>`; `COLLIE_FIXTURES` points elsewhere (a prebuilt binary run on another

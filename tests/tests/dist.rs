@@ -735,6 +735,8 @@ fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_proc
 }
 
 /// Families beyond LLaMA with fixtures under `tests/fixtures/families/`.
+// Mixtral and Qwen3-MoE are not here yet: under tp2 AdamW, Mixtral's final weights sit 1.3e-4
+// from one process (losses 5.4e-7), above the float-order floor the dense families meet.
 const FAMILIES: &[&str] = &["qwen3", "gemma3", "glm"];
 
 #[test]

@@ -68,7 +68,7 @@ fn internlm_with_bias_stored_as_f64_matches_transformers() {
     assert_eq!(loaded.config.model_type, "internlm");
     let layer = &loaded.model.layers[0];
     assert!(layer.attn.q_proj.bias.is_some() && layer.attn.o_proj.bias.is_some());
-    assert!(layer.mlp.down_proj.bias.is_none());
+    assert!(layer.mlp.as_ref().unwrap().down_proj.bias.is_none());
     assert_logits_like_golden("internlm f64", &loaded.model, &dir, 1.5e-5);
 }
 

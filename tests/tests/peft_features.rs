@@ -104,11 +104,27 @@ fn lomo_updates_only_the_adapter() {
         assert!(losses.last().unwrap().is_finite());
         // The base stays the pretrained one.
         let original = base();
-        let a = values(trainer.model.layers[1].mlp.up_proj.weight.val());
-        let b: Vec<f64> = values(original.layers[1].mlp.up_proj.weight.val())
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let a = values(
+            trainer.model.layers[1]
+                .mlp
+                .as_ref()
+                .unwrap()
+                .up_proj
+                .weight
+                .val(),
+        );
+        let b: Vec<f64> = values(
+            original.layers[1]
+                .mlp
+                .as_ref()
+                .unwrap()
+                .up_proj
+                .weight
+                .val(),
+        )
+        .into_iter()
+        .map(f64::from)
+        .collect();
         assert_eq!(
             max_abs_diff(&a, &b, |_| true),
             0.0,
@@ -252,6 +268,20 @@ fn bad_peft_input_gets_clear_errors() {
         .to_string();
     assert!(
         e.contains("adapter_config.json") && e.contains("LOHA") && e.contains("not supported"),
+        "{e}"
+    );
+
+    // LoRA on parameters (peft's target_parameters, e.g. stacked MoE experts).
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"LOHA\"", "\"LORA\"")
+        .replacen('{', "{\"target_parameters\": [\"gate_up_proj\"],", 1);
+    std::fs::write(&cfg, text).unwrap();
+    let e = adapter_io::load(base(), tmp.path(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("target_parameters") && e.contains("gate_up_proj"),
         "{e}"
     );
 

@@ -79,7 +79,16 @@ dir = "{}"
 /// [`train`]'s losses and one weight matrix after it.
 fn losses(checkpointing: bool, out: &std::path::Path) -> (Vec<f64>, Vec<f32>) {
     let (trainer, losses) = train(checkpointing, false, out);
-    let weights = values(trainer.model.layers[0].mlp.down_proj.weight.val().inner());
+    let weights = values(
+        trainer.model.layers[0]
+            .mlp
+            .as_ref()
+            .unwrap()
+            .down_proj
+            .weight
+            .val()
+            .inner(),
+    );
     (losses, weights)
 }
 

@@ -269,6 +269,14 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig> {
             return Err(bad(format!("`{k}` is set: not supported")));
         }
     }
+    if let Some(params) = v.get("target_parameters").and_then(Value::as_array) {
+        if !params.is_empty() {
+            return Err(bad(format!(
+                "target_parameters = {params:?} (LoRA on parameters, such as a mixture of \
+                 experts' stacked expert tensors) is set: not supported; adapters on modules are"
+            )));
+        }
+    }
     if get_u("num_transformer_submodules").is_some_and(|n| n != 1) {
         return Err(bad(
             "num_transformer_submodules must be 1 (decoder-only)".into()

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{LlamaError, Result};
+use crate::moe::MoeSpec;
 
 /// Model types this crate runs, with the HF class a checkpoint of each names
 /// (`architectures[0]`). All share LLaMA's block; they differ in biases and defaults, Qwen3 adds
@@ -20,6 +21,8 @@ pub const MODEL_TYPES: &[(&str, &str)] = &[
     ("gemma3_text", "Gemma3ForCausalLM"),
     ("internlm2", "InternLM2ForCausalLM"),
     ("glm", "GlmForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
 ];
 
 /// Gemma 3's name for a layer that attends within the sliding window with the local RoPE.
@@ -228,7 +231,87 @@ impl LlamaConfig {
     /// Whether each attention head's queries and keys pass an RMSNorm before RoPE (Qwen3,
     /// Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3" || self.is_gemma3()
+        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe") || self.is_gemma3()
+    }
+
+    /// The sparse mixture-of-experts block of Mixtral and Qwen3-MoE, if the model has one.
+    pub fn moe(&self) -> Result<Option<MoeSpec>> {
+        let int = |key: &str| {
+            self.extra
+                .get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+        };
+        let flag = |key: &str| self.extra.get(key).and_then(Value::as_bool);
+        let (experts, intermediate, normalize) = match self.model_type.as_str() {
+            "mixtral" => (
+                int("num_local_experts").unwrap_or(8),
+                self.intermediate_size,
+                true,
+            ),
+            "qwen3_moe" => (
+                // transformers 5 writes `num_local_experts`, earlier versions `num_experts`.
+                int("num_local_experts")
+                    .or(int("num_experts"))
+                    .unwrap_or(128),
+                int("moe_intermediate_size").unwrap_or(768),
+                flag("norm_topk_prob").unwrap_or(false),
+            ),
+            _ => return Ok(None),
+        };
+        let top_k = int("num_experts_per_tok").unwrap_or(2);
+        if top_k == 0 || top_k > experts {
+            return Err(LlamaError::Config(format!(
+                "num_experts_per_tok {top_k} must be between 1 and the {experts} experts"
+            )));
+        }
+        if flag("output_router_logits") == Some(true) {
+            return Err(LlamaError::Config(
+                "`output_router_logits = true` asks for the load-balancing auxiliary loss, which \
+                 collie-rs does not add yet; set it to false (transformers' default) to train \
+                 on the language-model loss alone"
+                    .into(),
+            ));
+        }
+        let jitter = self
+            .extra
+            .get("router_jitter_noise")
+            .and_then(Value::as_f64);
+        if jitter.is_some_and(|j| j > 0.0) {
+            return Err(LlamaError::Config(
+                "`router_jitter_noise` > 0 (random routing noise in training) is not supported"
+                    .into(),
+            ));
+        }
+        Ok(Some(MoeSpec {
+            experts,
+            top_k,
+            intermediate,
+            normalize,
+        }))
+    }
+
+    /// For every layer, whether its feed-forward is the sparse MoE block (Qwen3-MoE keeps
+    /// `mlp_only_layers` and the layers off its `decoder_sparse_step` dense).
+    pub fn moe_layers(&self) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        if self.moe()?.is_none() {
+            return Ok(vec![false; n]);
+        }
+        if self.model_type != "qwen3_moe" {
+            return Ok(vec![true; n]);
+        }
+        let step = (self.extra.get("decoder_sparse_step"))
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .max(1) as usize;
+        let dense: Vec<u64> = (self.extra.get("mlp_only_layers"))
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        Ok((0..n)
+            .map(|i| !dense.contains(&(i as u64)) && (i + 1) % step == 0)
+            .collect())
     }
 
     /// Gemma 3 (`gemma3_text`).
@@ -319,7 +402,7 @@ impl LlamaConfig {
     /// back a token looks.
     pub fn window(&self) -> Option<usize> {
         match self.model_type.as_str() {
-            "qwen2" | "qwen3" if !self.use_sliding_window.unwrap_or(false) => None,
+            "qwen2" | "qwen3" | "qwen3_moe" if !self.use_sliding_window.unwrap_or(false) => None,
             "gemma3_text" => None,
             _ => self.sliding_window,
         }
@@ -500,6 +583,7 @@ impl LlamaConfig {
             );
         }
         self.local_attention()?;
+        self.moe_layers()?;
         self.rope().map(|_| ())
     }
 }

@@ -42,6 +42,13 @@ pub fn config_from_gguf(src: &GgufSource) -> Result<LlamaConfig> {
         )));
     }
     let key = |k: &str| format!("{arch}.{k}");
+    if src.get_u64(&key("expert_count")).is_some_and(|n| n > 0) {
+        return Err(LlamaError::Config(format!(
+            "{}: a mixture of experts (`{arch}.expert_count`) in GGUF is not supported; load the \
+             HF checkpoint instead",
+            src.path().display()
+        )));
+    }
     let u = |k: &str| src.require_u64(&key(k)).map(|v| v as usize);
     let heads = u("attention.head_count")?;
     let hidden = u("embedding_length")?;
@@ -133,6 +140,9 @@ pub fn gguf_key(path: &str) -> Option<String> {
             param,
         } => {
             let (_, _, name, _) = crate::model::block_module(module)?;
+            if name.is_empty() {
+                return None;
+            }
             format!("blk.{index}.{name}.{param}")
         }
     })

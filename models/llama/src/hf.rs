@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
-use crate::fused::{self, Glm};
 use crate::internlm2::InternLm2;
+use crate::layout::{self, Glm, Mixtral};
 use crate::model::{block_module, hf_module, Llama, ParamPath};
 
 use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode, VirtualTokens};
@@ -46,7 +46,7 @@ impl<B: Backend> Adaptable<B> for Llama<B> {
     }
 
     fn unadaptable(&self, name: &str) -> Option<String> {
-        let fused = self.layers.first().is_some_and(|l| l.mlp.fused_gate_up);
+        let fused = (self.layers.iter().filter_map(|l| l.mlp.as_ref())).any(|m| m.fused_gate_up);
         let part = name.ends_with(".mlp.gate_proj") || name.ends_with(".mlp.up_proj");
         (fused && part).then(|| {
             "this model's checkpoint fuses with its twin into `mlp.gate_up_proj` (GLM): an \
@@ -102,10 +102,14 @@ pub fn hf_key(path: &str, sandwich: bool) -> Option<String> {
             index,
             module,
             param,
-        } => format!(
-            "model.layers.{index}.{}.{param}",
-            hf_module(module, sandwich)?
-        ),
+        } => match module.strip_prefix("moe.experts.") {
+            // Each expert's projections (Qwen3-MoE): `mlp.experts.N.gate_proj.weight`.
+            Some(n) => format!("model.layers.{index}.mlp.experts.{n}.{param}.weight"),
+            None => format!(
+                "model.layers.{index}.{}.{param}",
+                hf_module(module, sandwich)?
+            ),
+        },
     })
 }
 
@@ -133,8 +137,9 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaC
     let source = SafetensorsSource::open(dir)?;
     let sandwich = config.sandwich_norms();
     let model = match config.model_type.as_str() {
-        "internlm2" => fused::load(model, &source, &internlm2_layout(&config))?,
-        "glm" => fused::load(model, &source, &Glm)?,
+        "internlm2" => layout::load(model, &source, &internlm2_layout(&config))?,
+        "glm" => layout::load(model, &source, &Glm)?,
+        "mixtral" => layout::load(model, &source, &Mixtral)?,
         _ => load_module(model, &source, |info: &ParamInfo| {
             Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
         })?,
@@ -208,8 +213,9 @@ fn write_into<B: Backend>(
         &Value::Object(generation),
     )?;
     let state = match config.model_type.as_str() {
-        "internlm2" => fused::state_dict(model, &internlm2_layout(&config)),
-        "glm" => fused::state_dict(model, &Glm),
+        "internlm2" => layout::state_dict(model, &internlm2_layout(&config)),
+        "glm" => layout::state_dict(model, &Glm),
+        "mixtral" => layout::state_dict(model, &Mixtral),
         _ => hf_state_dict(model),
     };
     save_safetensors(

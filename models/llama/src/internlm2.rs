@@ -1,11 +1,11 @@
 //! InternLM2's checkpoint layout (`model_type = "internlm2"`): LLaMA's block under other names,
 //! with q, k and v fused into one grouped `attention.wqkv` — for every key/value head, the rows
 //! of its query heads, then its key head, then its value head. Loaded and saved through
-//! [`FusedLayout`].
+//! [`CheckpointLayout`].
 
 use collie_io::HostTensor;
 
-use crate::fused::FusedLayout;
+use crate::layout::CheckpointLayout;
 use crate::model::ParamPath;
 
 /// InternLM2's names for our module paths inside a block (q/k/v are fused into `wqkv`).
@@ -30,7 +30,7 @@ pub struct InternLm2 {
     pub kv_heads: usize,
 }
 
-impl FusedLayout for InternLm2 {
+impl CheckpointLayout for InternLm2 {
     fn key(&self, path: &str) -> Option<(String, Option<usize>)> {
         let key = match ParamPath::parse(path)? {
             ParamPath::Embed => "model.tok_embeddings.weight".into(),

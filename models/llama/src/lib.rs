@@ -10,11 +10,12 @@
 
 pub mod config;
 pub mod error;
-pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod internlm2;
+pub mod layout;
 pub mod model;
+pub mod moe;
 
 use std::path::Path;
 

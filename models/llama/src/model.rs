@@ -19,6 +19,7 @@ use collie_core::rope::{apply_rotary, Rope};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::moe::SparseMoe;
 
 /// Self-attention with RoPE and grouped-query heads.
 #[derive(Module, Debug)]
@@ -71,7 +72,7 @@ pub struct Mlp<B: Backend> {
 ///
 /// HF reuses one name: in a sandwich-norm block (Gemma 3) `post_attention_layernorm` is the norm
 /// after attention and the norm before the MLP is [`SANDWICH_MLP_NORM`]; [`hf_module`] knows.
-pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 13] = [
+pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 14] = [
     ("attn_norm", "input_layernorm", "attn_norm", Full),
     ("attn.q_proj", "self_attn.q_proj", "attn_q", Column),
     ("attn.k_proj", "self_attn.k_proj", "attn_k", Column),
@@ -95,6 +96,9 @@ pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 13] = [
         "post_ffw_norm",
         Full,
     ),
+    // A mixture of experts' router (its experts, `moe.experts.N`, are named by `hf_module`;
+    // not linear layers; llama.cpp's MoE tensors are not read, so no GGUF name).
+    ("moe.gate", "mlp.gate", "", Full),
 ];
 
 /// HF's name of the pre-MLP norm in a sandwich-norm block.
@@ -172,8 +176,10 @@ pub struct Block<B: Backend> {
     /// Norm before the MLP (HF `post_attention_layernorm`; `pre_feedforward_layernorm` in a
     /// sandwich block).
     pub mlp_norm: RmsNorm<B>,
-    /// Feed-forward.
-    pub mlp: Mlp<B>,
+    /// Dense feed-forward (absent where the block has a mixture of experts).
+    pub mlp: Option<Mlp<B>>,
+    /// Sparse mixture-of-experts feed-forward (Mixtral, Qwen3-MoE), in place of `mlp`.
+    pub moe: Option<SparseMoe<B>>,
     /// Norm of the MLP output before the residual add (Gemma 3's sandwich).
     pub post_mlp_norm: Option<RmsNorm<B>>,
     /// Whether this layer attends through the context's local window and RoPE (Gemma 3's
@@ -288,8 +294,10 @@ impl LlamaConfig {
         let head_norm = || self.qk_norm().then(|| norm_of(hd));
         let sandwich_norm = || self.sandwich_norms().then(norm);
         let act = self.activation()?;
+        let moe = self.moe()?;
         let layers = (self.local_layers()?.into_iter())
-            .map(|local| Block {
+            .zip(self.moe_layers()?)
+            .map(|(local, sparse)| Block {
                 attn_norm: norm(),
                 attn: Attention {
                     q_proj: linear(d, h * hd, self.qkv_bias()),
@@ -305,13 +313,16 @@ impl LlamaConfig {
                 },
                 post_attn_norm: sandwich_norm(),
                 mlp_norm: norm(),
-                mlp: Mlp {
+                mlp: (!sparse).then(|| Mlp {
                     gate_proj: linear(d, self.intermediate_size, self.mlp_bias()),
                     up_proj: linear(d, self.intermediate_size, self.mlp_bias()),
                     down_proj: linear(self.intermediate_size, d, self.mlp_bias()),
                     act,
                     fused_gate_up: self.is_glm(),
-                },
+                }),
+                moe: moe
+                    .filter(|_| sparse)
+                    .map(|spec| spec.init(d, act, std, device)),
                 post_mlp_norm: sandwich_norm(),
                 local,
             })
@@ -414,18 +425,22 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: Backend> Block<B> {
-    /// The block's linear layers under their paths in [`BLOCK_MODULES`], in table order.
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear<B>); 7] {
-        let (a, m) = (&mut self.attn, &mut self.mlp);
-        [
+    /// The block's linear layers under their paths in [`BLOCK_MODULES`], in table order (a
+    /// mixture of experts holds none: its experts are stacked tensors).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
+        let a = &mut self.attn;
+        let mut out: Vec<(&'static str, &mut Linear<B>)> = vec![
             ("attn.q_proj", &mut a.q_proj),
             ("attn.k_proj", &mut a.k_proj),
             ("attn.v_proj", &mut a.v_proj),
             ("attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ]
+        ];
+        if let Some(m) = &mut self.mlp {
+            out.push(("mlp.gate_proj", &mut m.gate_proj));
+            out.push(("mlp.up_proj", &mut m.up_proj));
+            out.push(("mlp.down_proj", &mut m.down_proj));
+        }
+        out
     }
 
     /// `x + attn(norm(x))`, then `+ mlp(norm(·))`; a sandwich block also norms each output
@@ -451,7 +466,12 @@ impl<B: Backend> Block<B> {
             .attn
             .forward(self.attn_norm.forward(x.clone()), ctx, cache);
         let x = x + post(&self.post_attn_norm, a);
-        let m = self.mlp.forward(self.mlp_norm.forward(x.clone()));
+        let h = self.mlp_norm.forward(x.clone());
+        let m = match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => mlp.forward(h),
+            (None, Some(moe)) => moe.forward(h),
+            (None, None) => unreachable!("a block has a dense or a sparse feed-forward"),
+        };
         x + post(&self.post_mlp_norm, m)
     }
 }
@@ -837,7 +857,10 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
         if let Some(l) = self.layers.first() {
             sizes.push(("num_attention_heads", l.attn.n_heads));
             sizes.push(("num_key_value_heads", l.attn.n_kv_heads));
-            sizes.push(("intermediate_size", l.mlp.up_proj.dims()[1]));
+            // Experts stay whole on every rank; dense MLPs split their intermediate width.
+            if let Some(mlp) = self.layers.iter().find_map(|l| l.mlp.as_ref()) {
+                sizes.push(("intermediate_size", mlp.up_proj.dims()[1]));
+            }
         }
         sizes
     }

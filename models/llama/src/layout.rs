@@ -1,5 +1,6 @@
-//! Checkpoint layouts that store some of our layers fused into one tensor: InternLM2's grouped
-//! `wqkv` ([`crate::internlm2`]), GLM's `gate_up_proj` ([`Glm`]). The model keeps the layers
+//! Checkpoint layouts other than HF's LLaMA naming: their own names (Mixtral's
+//! `block_sparse_moe`, [`Mixtral`]) and layers stored fused into one tensor (InternLM2's grouped
+//! `wqkv`, [`crate::internlm2`]; GLM's `gate_up_proj`, [`Glm`]). The model keeps fused layers
 //! apart, so tensor parallelism and PEFT see LLaMA's table; loading cuts each fused tensor into
 //! its parts, saving fuses them back.
 
@@ -15,21 +16,27 @@ use crate::hf::hf_key;
 use crate::model::{Llama, ParamPath};
 
 /// How a checkpoint names our parameters and which of them it fuses.
-pub trait FusedLayout: Clone + 'static {
+pub trait CheckpointLayout: Clone + 'static {
     /// The checkpoint key of one of our parameter paths, with the index of the part it is when
     /// the key names a fused tensor; `None` for parameters the checkpoint does not hold
     /// (adapters).
     fn key(&self, path: &str) -> Option<(String, Option<usize>)>;
     /// Part `part` of a fused tensor (PyTorch's layout: outputs are rows).
-    fn cut(&self, fused: &HostTensor, part: usize) -> HostTensor;
+    fn cut(&self, fused: &HostTensor, _part: usize) -> HostTensor {
+        fused.clone()
+    }
     /// The fused tensor from all its parts, in part order.
-    fn fuse(&self, parts: &[HostTensor]) -> HostTensor;
+    fn fuse(&self, parts: &[HostTensor]) -> HostTensor {
+        parts[0].clone()
+    }
     /// How many parts a fused tensor has.
-    fn parts(&self) -> usize;
+    fn parts(&self) -> usize {
+        1
+    }
 }
 
 /// Loads `model`'s parameters from a checkpoint in `layout`.
-pub fn load<B: Backend, L: FusedLayout>(
+pub fn load<B: Backend, L: CheckpointLayout>(
     model: Llama<B>,
     source: &SafetensorsSource,
     layout: &L,
@@ -50,7 +57,7 @@ pub fn load<B: Backend, L: FusedLayout>(
 }
 
 /// Every parameter of `model` under its key in `layout`, in PyTorch's layout, parts fused.
-pub fn state_dict<B: Backend, L: FusedLayout>(
+pub fn state_dict<B: Backend, L: CheckpointLayout>(
     model: &Llama<B>,
     layout: &L,
 ) -> Vec<(String, HostTensor)> {
@@ -86,7 +93,7 @@ pub fn state_dict<B: Backend, L: FusedLayout>(
 #[derive(Debug, Clone, Copy)]
 pub struct Glm;
 
-impl FusedLayout for Glm {
+impl CheckpointLayout for Glm {
     fn key(&self, path: &str) -> Option<(String, Option<usize>)> {
         if let ParamPath::Block {
             index,
@@ -124,6 +131,37 @@ impl FusedLayout for Glm {
     }
 }
 
+/// Mixtral (`model_type = "mixtral"`): HF's names, with the mixture of experts under
+/// `block_sparse_moe` and each expert's gate, up and down as `w1`, `w3` and `w2`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mixtral;
+
+impl CheckpointLayout for Mixtral {
+    fn key(&self, path: &str) -> Option<(String, Option<usize>)> {
+        if let ParamPath::Block {
+            index,
+            module,
+            param,
+        } = ParamPath::parse(path)?
+        {
+            let moe = format!("model.layers.{index}.block_sparse_moe");
+            if module == "moe.gate" {
+                return Some((format!("{moe}.gate.{param}"), None));
+            }
+            if let Some(n) = module.strip_prefix("moe.experts.") {
+                let w = match param {
+                    "gate_proj" => "w1",
+                    "up_proj" => "w3",
+                    "down_proj" => "w2",
+                    _ => return None,
+                };
+                return Some((format!("{moe}.experts.{n}.{w}.weight"), None));
+            }
+        }
+        Some((hf_key(path, false)?, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +181,21 @@ mod tests {
         let (gate, up) = (Glm.cut(&fused, 0), Glm.cut(&fused, 1));
         assert_eq!((gate.shape.clone(), up.data[0]), (vec![2, 3], 6.0));
         assert_eq!(Glm.fuse(&[gate, up]).data, fused.data);
+    }
+
+    #[test]
+    fn mixtral_names_its_experts_w1_w3_w2() {
+        assert_eq!(
+            Mixtral.key("layers.1.moe.experts.3.up_proj").unwrap().0,
+            "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+        );
+        assert_eq!(
+            Mixtral.key("layers.0.moe.gate.weight").unwrap().0,
+            "model.layers.0.block_sparse_moe.gate.weight"
+        );
+        assert_eq!(
+            Mixtral.key("layers.0.attn.o_proj.weight").unwrap().0,
+            "model.layers.0.self_attn.o_proj.weight"
+        );
     }
 }
