@@ -110,6 +110,8 @@ fn lomo_updates_only_the_adapter() {
                 .as_ref()
                 .unwrap()
                 .up_proj
+                .as_ref()
+                .unwrap()
                 .weight
                 .val(),
         );
@@ -119,6 +121,8 @@ fn lomo_updates_only_the_adapter() {
                 .as_ref()
                 .unwrap()
                 .up_proj
+                .as_ref()
+                .unwrap()
                 .weight
                 .val(),
         )
@@ -275,7 +279,14 @@ fn bad_peft_input_gets_clear_errors() {
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("\"LOHA\"", "\"LORA\"")
-        .replacen('{', "{\"target_parameters\": [\"gate_up_proj\"],", 1);
+        .replace(
+            "\"target_parameters\": null",
+            "\"target_parameters\": [\"gate_up_proj\"]",
+        );
+    assert!(
+        text.contains("[\"gate_up_proj\"]"),
+        "peft writes target_parameters"
+    );
     std::fs::write(&cfg, text).unwrap();
     let e = adapter_io::load(base(), tmp.path(), &device)
         .unwrap_err()

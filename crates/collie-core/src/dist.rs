@@ -202,11 +202,12 @@ pub fn reduce_from_group<B: Backend, const D: usize>(
     }
 }
 
-/// `t` split along `dim` over the ranks of `group` → the whole tensor on every rank (a host
-/// all-gather, outside the autodiff graph: for inference and checkpoints).
+/// `t` split along `dim` over the ranks of `group` (each of `parts` equal parts of `dim` split on
+/// its own, see `ParallelMode::ColumnParts`; 1 for a plain split) → the whole tensor on every
+/// rank (a host all-gather, outside the autodiff graph: for inference and checkpoints).
 pub fn gather_along<B: Backend, const D: usize>(
     t: Tensor<B, D>,
-    dim: usize,
+    (dim, parts): (usize, usize),
     group: &Group,
 ) -> Tensor<B, D> {
     let tp = group.size();
@@ -220,22 +221,77 @@ pub fn gather_along<B: Backend, const D: usize>(
     group.all_gather(&send, &mut all);
     let mut whole = local;
     whole[dim] *= tp;
-    let out = join_blocks(&all, &local, dim, tp);
+    let out = join_blocks(&all, &local, (dim, parts), tp);
     Tensor::<B, D>::from_data(TensorData::new(out, whole), &device).cast(dtype)
 }
 
-/// Rank-major blocks (`tp` copies of a `local`-shaped part, as an all-gather returns them) → the
-/// whole row-major tensor split along `dim`: block r's slices land at `r · local[dim]` of `dim`.
-pub fn join_blocks(all: &[f32], local: &[usize], dim: usize, tp: usize) -> Vec<f32> {
-    let n: usize = local.iter().product();
+/// Where rank `rank`'s block of a tensor split along `dim` (in `parts` parts, each split over the
+/// `tp` ranks) lies in the whole row-major tensor: `(offset in the block, offset in the whole,
+/// length)` runs, in block order.
+fn block_runs(
+    local: &[usize],
+    (dim, parts): (usize, usize),
+    rank: usize,
+    tp: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
     let outer: usize = local[..dim].iter().product();
     let inner: usize = local[dim..].iter().product();
+    let s = inner / parts;
+    (0..outer).flat_map(move |o| {
+        (0..parts).map(move |k| (o * inner + k * s, o * inner * tp + (k * tp + rank) * s, s))
+    })
+}
+
+/// Rank-major blocks (`tp` copies of a `local`-shaped part, as an all-gather returns them) → the
+/// whole row-major tensor split along `dim`: with one part, block r's slices land at
+/// `r · local[dim]` of `dim`; with `parts`, dim is `parts` equal parts each split over the ranks,
+/// and block r's k-th part lands at `(k · tp + r) · local[dim] / parts`.
+pub fn join_blocks(all: &[f32], local: &[usize], split: (usize, usize), tp: usize) -> Vec<f32> {
+    let n: usize = local.iter().product();
     let mut out = vec![0.0f32; n * tp];
     for r in 0..tp {
-        for o in 0..outer {
-            let (src, dst) = (r * n + o * inner, o * inner * tp + r * inner);
-            out[dst..dst + inner].copy_from_slice(&all[src..src + inner]);
+        for (at, to, len) in block_runs(local, split, r, tp) {
+            out[to..to + len].copy_from_slice(&all[r * n + at..][..len]);
         }
     }
     out
+}
+
+/// This rank's block of a whole row-major tensor: the inverse of [`join_blocks`] for `rank`.
+pub fn split_block(
+    whole: &[f32],
+    local: &[usize],
+    split: (usize, usize),
+    rank: usize,
+    tp: usize,
+) -> Vec<f32> {
+    let mut part = vec![0.0f32; local.iter().product()];
+    for (at, from, len) in block_runs(local, split, rank, tp) {
+        part[at..at + len].copy_from_slice(&whole[from..from + len]);
+    }
+    part
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_split_and_join_per_part() {
+        // A [2, 8] tensor whose columns are two parts of 4 (gate | up), over 2 ranks.
+        let whole: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let local = [2, 4];
+        let r0 = split_block(&whole, &local, (1, 2), 0, 2);
+        let r1 = split_block(&whole, &local, (1, 2), 1, 2);
+        // Rank 0 holds columns 0-1 of each part, rank 1 columns 2-3.
+        assert_eq!(r0, [0., 1., 4., 5., 8., 9., 12., 13.]);
+        assert_eq!(r1, [2., 3., 6., 7., 10., 11., 14., 15.]);
+        let all = [r0, r1].concat();
+        assert_eq!(join_blocks(&all, &local, (1, 2), 2), whole);
+        // One part: plain halves.
+        let r1 = split_block(&whole, &local, (1, 1), 1, 2);
+        assert_eq!(r1, [4., 5., 6., 7., 12., 13., 14., 15.]);
+        let all = [split_block(&whole, &local, (1, 1), 0, 2), r1].concat();
+        assert_eq!(join_blocks(&all, &local, (1, 1), 2), whole);
+    }
 }

@@ -3,7 +3,8 @@
 //! driven by the model's linear-layer table ([`Adaptable::linears_mut`]).
 //!
 //! Megatron's layout: layers marked `Column` split their output features (q/k/v and gate/up: each
-//! rank holds whole attention heads and a slice of the MLP), `Row` layers their input features
+//! rank holds whole attention heads and a slice of the MLP; `ColumnParts` splits each part of a
+//! fused layer, GLM's gate/up, so a rank's slice is again a gate and an up), `Row` layers their input features
 //! (o and down: outputs summed); the embedding and an untied LM head are split by vocabulary (the
 //! loss is vocabulary-parallel, logits are never gathered in training). Norms stay whole on every
 //! rank. LoRA and IA3 adapters split with their base layer.
@@ -20,29 +21,34 @@ use crate::{CoreError, Result};
 /// What a [`shard`] did to the parameters.
 #[derive(Debug, Clone, Default)]
 pub struct Split {
-    /// Parameters split across the group, with the dimension each was split along.
-    pub split: Vec<(ParamId, usize)>,
+    /// Parameters split across the group, with the dimension each was split along and the
+    /// number of parts of that dimension split each on its own (1, or `ColumnParts`' n).
+    pub split: Vec<(ParamId, (usize, usize))>,
     /// Whole parameters inside the tensor-parallel region (LoRA's A of a column layer, B of a
     /// row layer, IA3 on a column layer's input): every rank's gradient is a partial sum, to be
     /// all-reduced over the group. The remaining parameters get identical gradients everywhere.
     pub partial: Vec<ParamId>,
 }
 
-/// Rows (dim 0) or columns (dim 1) `rank`/`tp` of `t`.
+/// Slice `rank`/`tp` of each of the `parts` equal consecutive parts of `t` along `dim` (rows:
+/// dim 0, columns: dim 1), concatenated in part order.
 fn split<B: Backend, const D: usize>(
     t: Tensor<B, D>,
     dim: usize,
+    parts: usize,
     rank: usize,
     tp: usize,
 ) -> Tensor<B, D> {
-    let n = t.dims()[dim] / tp;
-    t.narrow(dim, rank * n, n)
+    let part = t.dims()[dim] / parts;
+    let n = part / tp;
+    let slices = (0..parts).map(|k| t.clone().narrow(dim, k * part + rank * n, n));
+    Tensor::cat(slices.collect(), dim)
 }
 
-/// `p` replaced by its part (same id, same trainability).
+/// `p` replaced by its slice of each of `parts` parts (same id, same trainability).
 fn shard_param<B: Backend, const D: usize>(
     p: Param<Tensor<B, D>>,
-    dim: usize,
+    (dim, parts): (usize, usize),
     rank: usize,
     tp: usize,
     sharded: &mut Split,
@@ -50,23 +56,23 @@ fn shard_param<B: Backend, const D: usize>(
     let (id, t, mapper) = p.consume();
     let trainable = t.is_require_grad();
     // A fresh leaf (the slice of a detached tensor is still an op output).
-    let mut part = split(t.detach(), dim, rank, tp).detach();
+    let mut part = split(t.detach(), dim, parts, rank, tp).detach();
     if trainable {
         part = part.require_grad();
     }
-    sharded.split.push((id, dim));
+    sharded.split.push((id, (dim, parts)));
     Param::from_mapped_value(id, part, mapper)
 }
 
-/// `p` whole again (same id, same trainability).
+/// `p` whole again (same id, same trainability): the inverse of [`shard_param`].
 fn join_param<B: Backend, const D: usize>(
     p: Param<Tensor<B, D>>,
-    dim: usize,
+    (dim, parts): (usize, usize),
     group: &Group,
 ) -> Param<Tensor<B, D>> {
     let (id, t, mapper) = p.consume();
     let trainable = t.is_require_grad();
-    let mut whole = gather_along(t.detach(), dim, group);
+    let mut whole = gather_along(t.detach(), (dim, parts), group);
     if trainable {
         whole = whole.require_grad();
     }
@@ -81,30 +87,35 @@ fn shard_linear<B: Backend>(
     sharded: &mut Split,
 ) -> Linear<B> {
     let (rank, tp) = (group.rank(), group.size());
-    // Weights are [d_in, d_out]: column = split dim 1, row = split dim 0.
-    let dim = if mode == ParallelMode::Column { 1 } else { 0 };
-    l.weight = shard_param(l.weight, dim, rank, tp, sharded);
-    if mode == ParallelMode::Column {
-        l.bias = l.bias.map(|b| shard_param(b, 0, rank, tp, sharded));
+    // Weights are [d_in, d_out]: a column layer splits dim 1 (per part), a row layer dim 0.
+    // Vectors over the outputs (bias, IA3 after a column layer) split like the columns.
+    let columns = mode.output_parts();
+    let (w, outputs) = match columns {
+        Some(parts) => ((1, parts), (0, parts)),
+        None => ((0, 1), (0, 1)),
+    };
+    l.weight = shard_param(l.weight, w, rank, tp, sharded);
+    if columns.is_some() {
+        l.bias = l.bias.map(|b| shard_param(b, outputs, rank, tp, sharded));
     }
     l.adapter = l.adapter.map(|a| match a {
         // x·A·B: a column layer splits B's columns, a row layer A's rows.
         Adapter::Lora(mut lora) => {
-            if mode == ParallelMode::Column {
-                lora.b = shard_param(lora.b, 1, rank, tp, sharded);
+            if columns.is_some() {
+                lora.b = shard_param(lora.b, w, rank, tp, sharded);
                 sharded.partial.push(lora.a.id);
             } else {
-                lora.a = shard_param(lora.a, 0, rank, tp, sharded);
+                lora.a = shard_param(lora.a, (0, 1), rank, tp, sharded);
                 sharded.partial.push(lora.b.id);
             }
             Adapter::Lora(lora)
         }
         // The scale vector follows the features it multiplies when those are split.
         Adapter::Ia3(mut ia3) => {
-            let split_features = (mode == ParallelMode::Column) != ia3.on_input;
+            let split_features = columns.is_some() != ia3.on_input;
             if split_features {
-                ia3.scale = shard_param(ia3.scale, 0, rank, tp, sharded);
-            } else if mode == ParallelMode::Column {
+                ia3.scale = shard_param(ia3.scale, outputs, rank, tp, sharded);
+            } else if columns.is_some() {
                 // Scales the replicated input of a split product.
                 sharded.partial.push(ia3.scale.id);
             }
@@ -118,24 +129,27 @@ fn shard_linear<B: Backend>(
 
 /// The inverse of [`shard_linear`].
 fn join_linear<B: Backend>(mut l: Linear<B>, group: &Group) -> Linear<B> {
-    let mode = l.parallel;
-    let dim = if mode == ParallelMode::Column { 1 } else { 0 };
-    l.weight = join_param(l.weight, dim, group);
-    if mode == ParallelMode::Column {
-        l.bias = l.bias.map(|b| join_param(b, 0, group));
+    let columns = l.parallel.output_parts();
+    let (w, outputs) = match columns {
+        Some(parts) => ((1, parts), (0, parts)),
+        None => ((0, 1), (0, 1)),
+    };
+    l.weight = join_param(l.weight, w, group);
+    if columns.is_some() {
+        l.bias = l.bias.map(|b| join_param(b, outputs, group));
     }
     l.adapter = l.adapter.map(|a| match a {
         Adapter::Lora(mut lora) => {
-            if mode == ParallelMode::Column {
-                lora.b = join_param(lora.b, 1, group);
+            if columns.is_some() {
+                lora.b = join_param(lora.b, w, group);
             } else {
-                lora.a = join_param(lora.a, 0, group);
+                lora.a = join_param(lora.a, (0, 1), group);
             }
             Adapter::Lora(lora)
         }
         Adapter::Ia3(mut ia3) => {
-            if (mode == ParallelMode::Column) != ia3.on_input {
-                ia3.scale = join_param(ia3.scale, 0, group);
+            if columns.is_some() != ia3.on_input {
+                ia3.scale = join_param(ia3.scale, outputs, group);
             }
             Adapter::Ia3(ia3)
         }
@@ -180,7 +194,7 @@ pub fn shard<B: Backend, M: BlockModel<B>>(mut model: M, group: &Group) -> Resul
     model.scale_heads(tp, true);
     let embed = model.embed_mut();
     let vocab = embed.weight.dims()[0];
-    embed.weight = shard_param(embed.weight.clone(), 0, rank, tp, &mut sharded);
+    embed.weight = shard_param(embed.weight.clone(), (0, 1), rank, tp, &mut sharded);
     embed.shard = Some(VocabShard {
         group: group.clone(),
         start: rank * vocab / tp,
@@ -201,7 +215,7 @@ pub fn gather<B: Backend, M: BlockModel<B>>(model: &M, group: &Group) -> M {
     }
     model.scale_heads(group.size(), false);
     let embed = model.embed_mut();
-    embed.weight = join_param(embed.weight.clone(), 0, group);
+    embed.weight = join_param(embed.weight.clone(), (0, 1), group);
     embed.shard = None;
     model
 }

@@ -83,15 +83,6 @@ pub(crate) fn select_targets<'a, B: Backend, M: Adaptable<B>>(
     targets: &TargetModules,
 ) -> Result<Vec<(String, &'a mut Linear<B>)>> {
     let output = model.output_layer_name();
-    let names: Vec<String> = model.named_linears().into_iter().map(|(n, _)| n).collect();
-    for name in names.iter().filter(|n| is_target(targets, n, output)) {
-        if let Some(why) = model.unadaptable(name) {
-            return Err(PeftError::Config(format!(
-                "peft.target_modules = {} selects `{name}`, which {why}",
-                describe(targets)
-            )));
-        }
-    }
     let all = model.named_linears();
     let mut suffixes: Vec<String> = all
         .iter()

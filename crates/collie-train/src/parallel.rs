@@ -13,16 +13,20 @@ use collie_optim::OptimizerState;
 
 use crate::error::TrainError;
 
-/// Path (as optimizer state names it) → (split dimension, this rank's shape) of every split
-/// parameter of `model`.
+/// How a parameter is split across tensor-parallel ranks: the dimension, and the number of
+/// parts of it that are split each on its own (`collie_core::tp::Split`).
+pub type SplitDim = (usize, usize);
+
+/// Path (as optimizer state names it) → (split, this rank's shape) of every split parameter of
+/// `model`.
 pub fn split_paths<B: Backend, M: Module<B>>(
     model: &M,
-    split: &HashMap<ParamId, usize>,
-) -> HashMap<String, (usize, Vec<usize>)> {
+    split: &HashMap<ParamId, SplitDim>,
+) -> HashMap<String, (SplitDim, Vec<usize>)> {
     struct Paths<'a> {
         stack: Vec<String>,
-        split: &'a HashMap<ParamId, usize>,
-        out: HashMap<String, (usize, Vec<usize>)>,
+        split: &'a HashMap<ParamId, SplitDim>,
+        out: HashMap<String, (SplitDim, Vec<usize>)>,
     }
     impl<B: Backend> ModuleVisitor<B> for Paths<'_> {
         fn enter_module(&mut self, name: &str, _: &str) {
@@ -53,15 +57,10 @@ fn param_of<'a, T>(key: &'a str, paths: &'a HashMap<String, T>) -> Option<&'a T>
     paths.get(path)
 }
 
-/// Row-major blocks: `local` shape, split along `dim` into `parts` → (outer, inner) strides.
-fn strides(local: &[usize], dim: usize) -> (usize, usize) {
-    (local[..dim].iter().product(), local[dim..].iter().product())
-}
-
 /// Every tp rank's state → the whole state (collective over `group`, in key order).
 pub fn gather_state(
     state: OptimizerState,
-    paths: &HashMap<String, (usize, Vec<usize>)>,
+    paths: &HashMap<String, (SplitDim, Vec<usize>)>,
     group: &dyn Collectives,
 ) -> Result<OptimizerState, TrainError> {
     let tp = group.size();
@@ -93,7 +92,7 @@ pub fn gather_state(
 /// The whole state → this tp rank's part (the inverse of [`gather_state`]).
 pub fn split_state(
     state: OptimizerState,
-    paths: &HashMap<String, (usize, Vec<usize>)>,
+    paths: &HashMap<String, (SplitDim, Vec<usize>)>,
     rank: usize,
     tp: usize,
 ) -> Result<OptimizerState, TrainError> {
@@ -111,12 +110,7 @@ pub fn split_state(
                 n * tp
             )));
         }
-        let (outer, inner) = strides(local, *dim);
-        let mut part = vec![0.0f32; n];
-        for o in 0..outer {
-            let src = o * inner * tp + rank * inner;
-            part[o * inner..(o + 1) * inner].copy_from_slice(&t.data[src..src + inner]);
-        }
+        let part = collie_core::dist::split_block(&t.data, local, *dim, rank, tp);
         tensors.insert(key, HostTensor::new(vec![n], part));
     }
     Ok(OptimizerState {

@@ -128,7 +128,7 @@ pub struct Trainer<B: AutodiffBackend, M: TrainModel<B>> {
     /// Which replica owns which parameter under ZeRO (`parallel.zero` ≥ 1 with dp > 1).
     pub(crate) zero: Option<ZeroPlan>,
     /// Parameters split across the tensor-parallel group, with the split dimension.
-    pub(crate) tp_split: HashMap<ParamId, usize>,
+    pub(crate) tp_split: HashMap<ParamId, crate::parallel::SplitDim>,
     /// Whole parameters whose gradients are partial sums over the tensor-parallel group.
     pub(crate) tp_partial: std::collections::HashSet<ParamId>,
     /// This rank's pipeline stage and every stage's layers (`parallel.pp` > 1).
@@ -986,12 +986,12 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
 fn squared_norms<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     grads: &GradientsParams,
-    split: &HashMap<ParamId, usize>,
+    split: &HashMap<ParamId, crate::parallel::SplitDim>,
     skip: Option<ParamId>,
 ) -> (f64, f64) {
     struct Squares<'a> {
         grads: &'a GradientsParams,
-        split: &'a HashMap<ParamId, usize>,
+        split: &'a HashMap<ParamId, crate::parallel::SplitDim>,
         skip: Option<ParamId>,
         sums: (f64, f64),
     }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 use crate::internlm2::InternLm2;
-use crate::layout::{self, Glm, Mixtral};
+use crate::layout::{self, Mixtral};
 use crate::model::{block_module, hf_module, Llama, ParamPath};
 
 use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode, VirtualTokens};
@@ -43,18 +43,6 @@ impl<B: Backend> Adaptable<B> for Llama<B> {
             });
         }
         out
-    }
-
-    fn unadaptable(&self, name: &str) -> Option<String> {
-        let fused = (self.layers.iter().filter_map(|l| l.mlp.as_ref())).any(|m| m.fused_gate_up);
-        let part = name.ends_with(".mlp.gate_proj") || name.ends_with(".mlp.up_proj");
-        (fused && part).then(|| {
-            "this model's checkpoint fuses with its twin into `mlp.gate_up_proj` (GLM): an \
-             adapter on either alone fits no module of the HF model. Target the attention \
-             projections and `down_proj` instead (e.g. [\"q_proj\", \"k_proj\", \"v_proj\", \
-             \"o_proj\", \"down_proj\"])"
-                .to_string()
-        })
     }
 
     fn head_local_params(&self) -> Vec<burn::module::ParamId> {
@@ -104,7 +92,7 @@ pub fn hf_key(path: &str, sandwich: bool) -> Option<String> {
             param,
         } => match module.strip_prefix("moe.experts.") {
             // Each expert's projections (Qwen3-MoE): `mlp.experts.N.gate_proj.weight`.
-            Some(n) => format!("model.layers.{index}.mlp.experts.{n}.{param}.weight"),
+            Some(expert) => format!("model.layers.{index}.mlp.experts.{expert}.{param}"),
             None => format!(
                 "model.layers.{index}.{}.{param}",
                 hf_module(module, sandwich)?
@@ -138,7 +126,6 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaC
     let sandwich = config.sandwich_norms();
     let model = match config.model_type.as_str() {
         "internlm2" => layout::load(model, &source, &internlm2_layout(&config))?,
-        "glm" => layout::load(model, &source, &Glm)?,
         "mixtral" => layout::load(model, &source, &Mixtral)?,
         _ => load_module(model, &source, |info: &ParamInfo| {
             Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
@@ -214,7 +201,6 @@ fn write_into<B: Backend>(
     )?;
     let state = match config.model_type.as_str() {
         "internlm2" => layout::state_dict(model, &internlm2_layout(&config)),
-        "glm" => layout::state_dict(model, &Glm),
         "mixtral" => layout::state_dict(model, &Mixtral),
         _ => hf_state_dict(model),
     };

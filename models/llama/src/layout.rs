@@ -1,8 +1,8 @@
 //! Checkpoint layouts other than HF's LLaMA naming: their own names (Mixtral's
 //! `block_sparse_moe`, [`Mixtral`]) and layers stored fused into one tensor (InternLM2's grouped
-//! `wqkv`, [`crate::internlm2`]; GLM's `gate_up_proj`, [`Glm`]). The model keeps fused layers
-//! apart, so tensor parallelism and PEFT see LLaMA's table; loading cuts each fused tensor into
-//! its parts, saving fuses them back.
+//! `wqkv`, [`crate::internlm2`]), which the model keeps apart: loading cuts each fused tensor into
+//! its parts, saving fuses them back. (GLM's `gate_up_proj` is a layer of its own in the model,
+//! so it needs no layout.)
 
 use std::collections::BTreeMap;
 
@@ -88,49 +88,6 @@ pub fn state_dict<B: Backend, L: CheckpointLayout>(
     out
 }
 
-/// GLM (`model_type = "glm"`): LLaMA's names, with gate and up fused into one
-/// `mlp.gate_up_proj` whose first half of rows is the gate, the second the up projection.
-#[derive(Debug, Clone, Copy)]
-pub struct Glm;
-
-impl CheckpointLayout for Glm {
-    fn key(&self, path: &str) -> Option<(String, Option<usize>)> {
-        if let ParamPath::Block {
-            index,
-            module,
-            param,
-        } = ParamPath::parse(path)?
-        {
-            if let Some(part) = ["mlp.gate_proj", "mlp.up_proj"]
-                .iter()
-                .position(|m| *m == module)
-            {
-                let key = format!("model.layers.{index}.mlp.gate_up_proj.{param}");
-                return Some((key, Some(part)));
-            }
-        }
-        Some((hf_key(path, false)?, None))
-    }
-
-    fn cut(&self, fused: &HostTensor, part: usize) -> HostTensor {
-        // [2 · intermediate, …] -> rows of one half.
-        let len = fused.data.len() / 2;
-        let mut shape = fused.shape.clone();
-        shape[0] /= 2;
-        HostTensor::new(shape, fused.data[part * len..(part + 1) * len].to_vec())
-    }
-
-    fn fuse(&self, parts: &[HostTensor]) -> HostTensor {
-        let mut shape = parts[0].shape.clone();
-        shape[0] *= 2;
-        HostTensor::new(shape, [&parts[0].data[..], &parts[1].data[..]].concat())
-    }
-
-    fn parts(&self) -> usize {
-        2
-    }
-}
-
 /// Mixtral (`model_type = "mixtral"`): HF's names, with the mixture of experts under
 /// `block_sparse_moe` and each expert's gate, up and down as `w1`, `w3` and `w2`.
 #[derive(Debug, Clone, Copy)]
@@ -148,14 +105,16 @@ impl CheckpointLayout for Mixtral {
             if module == "moe.gate" {
                 return Some((format!("{moe}.gate.{param}"), None));
             }
-            if let Some(n) = module.strip_prefix("moe.experts.") {
-                let w = match param {
+            if let Some(expert) = module.strip_prefix("moe.experts.") {
+                // `N.gate_proj` -> `N.w1`.
+                let (n, proj) = expert.split_once('.')?;
+                let w = match proj {
                     "gate_proj" => "w1",
                     "up_proj" => "w3",
                     "down_proj" => "w2",
                     _ => return None,
                 };
-                return Some((format!("{moe}.experts.{n}.{w}.weight"), None));
+                return Some((format!("{moe}.experts.{n}.{w}.{param}"), None));
             }
         }
         Some((hf_key(path, false)?, None))
@@ -167,26 +126,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn glm_fuses_gate_over_up() {
-        assert_eq!(
-            Glm.key("layers.3.mlp.up_proj.weight").unwrap(),
-            ("model.layers.3.mlp.gate_up_proj.weight".into(), Some(1))
-        );
-        assert_eq!(
-            Glm.key("layers.0.attn.q_proj.bias").unwrap(),
-            ("model.layers.0.self_attn.q_proj.bias".into(), None)
-        );
-        assert_eq!(Glm.key("layers.0.mlp.gate_proj.adapter.a"), None);
-        let fused = HostTensor::new(vec![4, 3], (0..12).map(|v| v as f32).collect());
-        let (gate, up) = (Glm.cut(&fused, 0), Glm.cut(&fused, 1));
-        assert_eq!((gate.shape.clone(), up.data[0]), (vec![2, 3], 6.0));
-        assert_eq!(Glm.fuse(&[gate, up]).data, fused.data);
-    }
-
-    #[test]
     fn mixtral_names_its_experts_w1_w3_w2() {
         assert_eq!(
-            Mixtral.key("layers.1.moe.experts.3.up_proj").unwrap().0,
+            Mixtral
+                .key("layers.1.moe.experts.3.up_proj.weight")
+                .unwrap()
+                .0,
             "model.layers.1.block_sparse_moe.experts.3.w3.weight"
         );
         assert_eq!(

@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use collie_core::attention::{attention, positions_from_padding, AttentionKind, AttnMask};
 use collie_core::model::{BlockModel, DecoderLayer, KvSlot, LmHead};
-use collie_core::nn::ParallelMode::{Column, Full, Row};
+use collie_core::nn::ParallelMode::{Column, ColumnParts, Full, Row};
 use collie_core::nn::{
     Activation, Embedding, EmbeddingConfig, Linear, LinearConfig, ParallelMode, RmsNorm,
     RmsNormConfig, VirtualTarget, VirtualTokens,
@@ -48,21 +48,23 @@ pub struct Attention<B: Backend> {
 }
 
 /// Gated feed-forward: `down(act(gate(x)) · up(x))` (SwiGLU with `silu`, GeGLU with GELU).
+///
+/// Gate and up are two layers, or one (`gate_up_proj`) where the checkpoint fuses them (GLM):
+/// kept fused, that layer is what PEFT adapts under the checkpoint's own module name.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// `[hidden, intermediate]`.
-    pub gate_proj: Linear<B>,
-    /// `[hidden, intermediate]`.
-    pub up_proj: Linear<B>,
+    /// `[hidden, intermediate]`; `None` in a fused MLP.
+    pub gate_proj: Option<Linear<B>>,
+    /// `[hidden, intermediate]`; `None` in a fused MLP.
+    pub up_proj: Option<Linear<B>>,
+    /// `[hidden, 2 · intermediate]`: the gate's outputs, then the up projection's (GLM);
+    /// tensor parallelism splits each half on its own (`ColumnParts(2)`).
+    pub gate_up_proj: Option<Linear<B>>,
     /// `[intermediate, hidden]`.
     pub down_proj: Linear<B>,
     /// The gate's activation.
     #[module(skip)]
     pub act: Activation,
-    /// Whether the checkpoint stores gate and up as one `gate_up_proj` (GLM): PEFT cannot
-    /// address them apart.
-    #[module(skip)]
-    pub fused_gate_up: bool,
 }
 
 /// Every module of a decoder block with weights: our path, HF's name under `model.layers.N.`,
@@ -72,7 +74,7 @@ pub struct Mlp<B: Backend> {
 ///
 /// HF reuses one name: in a sandwich-norm block (Gemma 3) `post_attention_layernorm` is the norm
 /// after attention and the norm before the MLP is [`SANDWICH_MLP_NORM`]; [`hf_module`] knows.
-pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 14] = [
+pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 15] = [
     ("attn_norm", "input_layernorm", "attn_norm", Full),
     ("attn.q_proj", "self_attn.q_proj", "attn_q", Column),
     ("attn.k_proj", "self_attn.k_proj", "attn_k", Column),
@@ -89,6 +91,8 @@ pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 14] = [
     ("mlp_norm", "post_attention_layernorm", "ffn_norm", Full),
     ("mlp.gate_proj", "mlp.gate_proj", "ffn_gate", Column),
     ("mlp.up_proj", "mlp.up_proj", "ffn_up", Column),
+    // GLM's fused gate and up (no GGUF file of this family is read).
+    ("mlp.gate_up_proj", "mlp.gate_up_proj", "", ColumnParts(2)),
     ("mlp.down_proj", "mlp.down_proj", "ffn_down", Row),
     (
         "post_mlp_norm",
@@ -313,12 +317,16 @@ impl LlamaConfig {
                 },
                 post_attn_norm: sandwich_norm(),
                 mlp_norm: norm(),
-                mlp: (!sparse).then(|| Mlp {
-                    gate_proj: linear(d, self.intermediate_size, self.mlp_bias()),
-                    up_proj: linear(d, self.intermediate_size, self.mlp_bias()),
-                    down_proj: linear(self.intermediate_size, d, self.mlp_bias()),
-                    act,
-                    fused_gate_up: self.is_glm(),
+                mlp: (!sparse).then(|| {
+                    let (i, bias) = (self.intermediate_size, self.mlp_bias());
+                    let fused = self.is_glm();
+                    Mlp {
+                        gate_proj: (!fused).then(|| linear(d, i, bias)),
+                        up_proj: (!fused).then(|| linear(d, i, bias)),
+                        gate_up_proj: fused.then(|| linear(d, 2 * i, bias)),
+                        down_proj: linear(i, d, bias),
+                        act,
+                    }
                 }),
                 moe: moe
                     .filter(|_| sparse)
@@ -419,14 +427,25 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.act.forward(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
+            (Some(fused), _, _) => {
+                // [batch, seq, 2 · intermediate] -> gate and up halves (this rank's halves
+                // under tensor parallelism).
+                let y = fused.forward(x);
+                let i = y.dims()[2] / 2;
+                (y.clone().narrow(2, 0, i), y.narrow(2, i, i))
+            }
+            (None, Some(gate), Some(up)) => (gate.forward(x.clone()), up.forward(x)),
+            _ => unreachable!("an MLP is built with gate and up, apart or fused"),
+        };
+        self.down_proj.forward(self.act.forward(gate) * up)
     }
 }
 
 impl<B: Backend> Block<B> {
-    /// The block's linear layers under their paths in [`BLOCK_MODULES`], in table order (a
-    /// mixture of experts holds none: its experts are stacked tensors).
+    /// The block's adaptable linear layers under their paths in [`BLOCK_MODULES`], in table
+    /// order (a mixture of experts' router and experts are not among them: transformers holds
+    /// its experts as stacked tensors, not linear layers).
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
         let a = &mut self.attn;
         let mut out: Vec<(&'static str, &mut Linear<B>)> = vec![
@@ -436,8 +455,16 @@ impl<B: Backend> Block<B> {
             ("attn.o_proj", &mut a.o_proj),
         ];
         if let Some(m) = &mut self.mlp {
-            out.push(("mlp.gate_proj", &mut m.gate_proj));
-            out.push(("mlp.up_proj", &mut m.up_proj));
+            let gate_up = [
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.gate_up_proj", &mut m.gate_up_proj),
+            ];
+            out.extend(
+                gate_up
+                    .into_iter()
+                    .filter_map(|(p, l)| Some((p, l.as_mut()?))),
+            );
             out.push(("mlp.down_proj", &mut m.down_proj));
         }
         out
@@ -859,7 +886,7 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
             sizes.push(("num_key_value_heads", l.attn.n_kv_heads));
             // Experts stay whole on every rank; dense MLPs split their intermediate width.
             if let Some(mlp) = self.layers.iter().find_map(|l| l.mlp.as_ref()) {
-                sizes.push(("intermediate_size", mlp.up_proj.dims()[1]));
+                sizes.push(("intermediate_size", mlp.down_proj.dims()[0]));
             }
         }
         sizes

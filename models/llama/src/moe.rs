@@ -2,12 +2,12 @@
 //! for each token, the `top_k` best run on it (SwiGLU experts), and their outputs are summed with
 //! the routing weights.
 //!
-//! Parameters are stored as transformers' checkpoints hold them (PyTorch's layout): the router as
-//! `[experts, hidden]`, each expert's gate and up as `[intermediate, hidden]` and its down as
-//! `[hidden, intermediate]`. They are not linear layers — transformers holds the experts as
-//! stacked tensors — so PEFT's `all-linear` leaves them out as peft does, and tensor parallelism
-//! keeps them whole on every rank (every rank computes the same experts on the same, all-reduced,
-//! input).
+//! The router and each expert's gate, up and down projections are [`Linear`] layers (weights
+//! `[in, out]`, transposed from transformers' `[out, in]` at load as every linear weight is).
+//! Transformers holds the experts as stacked tensors rather than linear layers, so they are not
+//! among the block's adaptable linears: PEFT's `all-linear` leaves them out as peft does, and
+//! tensor parallelism keeps them whole on every rank (every rank computes the same experts on
+//! the same, all-reduced, input).
 //!
 //! Routing is discrete: the top-k choice is made on the host from the router's probabilities
 //! (ties to the lower expert, as `torch.topk` on the CPU), then the chosen probabilities are
@@ -15,35 +15,28 @@
 //! transformers. Each expert runs on its tokens only and adds its weighted output in expert
 //! order, as transformers' expert loop does.
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
-use collie_core::nn::{to_dtype, Activation};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use collie_core::nn::{to_dtype, Activation, Linear, LinearConfig};
 
-/// The router: one score per expert, `x · Wᵀ`.
-#[derive(Module, Debug)]
-pub struct Router<B: Backend> {
-    /// `[experts, hidden]`.
-    pub weight: Param<Tensor<B, 2>>,
-}
-
-/// One expert: `down(act(gate(x)) · up(x))`.
+/// One expert: `down(act(gate(x)) · up(x))`, without biases.
 #[derive(Module, Debug)]
 pub struct Expert<B: Backend> {
-    /// `[intermediate, hidden]`.
-    pub gate_proj: Param<Tensor<B, 2>>,
-    /// `[intermediate, hidden]`.
-    pub up_proj: Param<Tensor<B, 2>>,
-    /// `[hidden, intermediate]`.
-    pub down_proj: Param<Tensor<B, 2>>,
+    /// `hidden → intermediate`.
+    pub gate_proj: Linear<B>,
+    /// `hidden → intermediate`.
+    pub up_proj: Linear<B>,
+    /// `intermediate → hidden`.
+    pub down_proj: Linear<B>,
 }
 
 /// A sparse mixture-of-experts block in place of the dense MLP.
 #[derive(Module, Debug)]
 pub struct SparseMoe<B: Backend> {
-    /// The router (HF `mlp.gate`).
-    pub gate: Router<B>,
+    /// The router, `hidden → experts` (HF `mlp.gate`).
+    pub gate: Linear<B>,
     /// The experts (HF `mlp.experts.N`).
     pub experts: Vec<Expert<B>>,
     /// Experts per token.
@@ -72,7 +65,8 @@ pub struct MoeSpec {
 }
 
 impl MoeSpec {
-    /// A block with weights drawn from `normal(0, std)` (HF's init), on `hidden` features.
+    /// A block with weights drawn from `normal(0, std)` (HF's init, lazily as every
+    /// [`Linear`]), on `hidden` features.
     pub fn init<B: Backend>(
         &self,
         hidden: usize,
@@ -80,18 +74,19 @@ impl MoeSpec {
         std: f64,
         device: &B::Device,
     ) -> SparseMoe<B> {
-        let normal = Distribution::Normal(0.0, std);
+        let linear = |d_in, d_out| {
+            LinearConfig::new(d_in, d_out)
+                .with_init_std(std)
+                .init(device)
+        };
         let i = self.intermediate;
-        let param = |shape: [usize; 2]| Param::from_tensor(Tensor::random(shape, normal, device));
         SparseMoe {
-            gate: Router {
-                weight: param([self.experts, hidden]),
-            },
+            gate: linear(hidden, self.experts),
             experts: (0..self.experts)
                 .map(|_| Expert {
-                    gate_proj: param([i, hidden]),
-                    up_proj: param([i, hidden]),
-                    down_proj: param([hidden, i]),
+                    gate_proj: linear(hidden, i),
+                    up_proj: linear(hidden, i),
+                    down_proj: linear(i, hidden),
                 })
                 .collect(),
             top_k: self.top_k,
@@ -112,8 +107,8 @@ impl<B: Backend> SparseMoe<B> {
         // [batch, seq, hidden] -> [tokens, hidden]
         let x = x.reshape([n, d]);
         // [tokens, experts], probabilities in f32 whatever the compute dtype (as transformers).
-        let logits = x.clone().matmul(self.gate.weight.val().transpose());
-        let probs = softmax(to_dtype(logits, DType::F32), 1);
+        let logits = to_dtype(self.gate.forward(x.clone()), DType::F32);
+        let probs = softmax(logits.clone(), 1);
         let e = probs.dims()[1];
         let host: Vec<f32> = probs
             .clone()
@@ -130,10 +125,15 @@ impl<B: Backend> SparseMoe<B> {
         }
         let index =
             Tensor::<B, 2, Int>::from_data(TensorData::new(chosen.clone(), [n, k]), &device);
-        let mut weights = probs.gather(1, index);
-        if self.normalize {
-            weights = weights.clone() / weights.sum_dim(1);
-        }
+        // The chosen probabilities renormalized are the softmax of the chosen logits alone.
+        // Written so, the other experts' logits get an exactly zero gradient, as the math says;
+        // dividing the gathered probabilities by their sum (transformers) leaves them rounding
+        // noise, which AdamW grows into full steps of the router rows of unchosen experts.
+        let weights = if self.normalize {
+            softmax(logits.gather(1, index), 1)
+        } else {
+            probs.gather(1, index)
+        };
         // [tokens · k]: slot `t·k + j` is token t's j-th choice.
         let weights = to_dtype(weights.reshape([n * k]), dtype);
         // Slots grouped by expert (in slot order within each): one gather of the rows and
@@ -152,9 +152,11 @@ impl<B: Backend> SparseMoe<B> {
         let rows = x.select(0, tokens.clone());
         let weights = weights.select(0, order);
         let mut outputs = Vec::with_capacity(e);
+        let mut idle = Vec::new();
         let mut start = 0;
         for (expert, m) in self.experts.iter().zip(counts) {
             if m == 0 {
+                idle.push(expert);
                 continue;
             }
             let run = start..start + m;
@@ -162,9 +164,9 @@ impl<B: Backend> SparseMoe<B> {
             // [m, hidden] -> [m, intermediate] -> [m, hidden], weighted by each token's
             // routing weight.
             let rows = rows.clone().slice([run.clone(), 0..d]);
-            let gate = rows.clone().matmul(expert.gate_proj.val().transpose());
-            let up = rows.matmul(expert.up_proj.val().transpose());
-            let y = (self.act.forward(gate) * up).matmul(expert.down_proj.val().transpose());
+            let gate = expert.gate_proj.forward(rows.clone());
+            let up = expert.up_proj.forward(rows);
+            let y = expert.down_proj.forward(self.act.forward(gate) * up);
             outputs.push(y * weights.clone().slice([run]).unsqueeze_dim(1));
         }
         // Each token's expert outputs added in expert order, as transformers' expert loop adds.
@@ -174,6 +176,18 @@ impl<B: Backend> SparseMoe<B> {
             Tensor::cat(outputs, 0),
             burn::tensor::IndexingUpdateOp::Add,
         );
+        // Experts no token chose still join the graph, times zero: transformers stacks the
+        // experts into one parameter, so every expert gets a gradient (zero for these) each
+        // step and AdamW moves it by its momentum and decay; an expert left out of the graph
+        // would get no gradient and skip the update.
+        let idle = idle
+            .into_iter()
+            .flat_map(|e| [&e.gate_proj, &e.up_proj, &e.down_proj].map(|l| l.weight.val().mean()));
+        let idle: Vec<_> = idle.collect();
+        let out = match idle.is_empty() {
+            true => out,
+            false => out + Tensor::cat(idle, 0).sum().mul_scalar(0.0).unsqueeze(),
+        };
         out.reshape([b, s, d])
     }
 }

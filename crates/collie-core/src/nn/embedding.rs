@@ -115,7 +115,7 @@ impl<B: Backend> Embedding<B> {
     /// - logits: `[batch, seq, local vocab]` → `[batch, seq, vocab]`
     pub fn gather_vocab(&self, logits: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.shard {
-            Some(shard) => gather_along(logits, 2, &shard.group),
+            Some(shard) => gather_along(logits, (2, 1), &shard.group),
             None => logits,
         }
     }

@@ -20,8 +20,24 @@ pub enum ParallelMode {
     Full,
     /// Output features split across ranks (q/k/v, gate/up projections).
     Column,
+    /// Output features in `n` equal consecutive parts, each split across ranks, so that every
+    /// rank holds its slice of every part, in part order (GLM's one `gate_up_proj`: the gate's
+    /// outputs, then the up projection's).
+    ColumnParts(usize),
     /// Input features split across ranks (o, down projections); outputs are summed.
     Row,
+}
+
+impl ParallelMode {
+    /// Into how many parts a layer that splits its output features cuts them before splitting
+    /// each (1 for `Column`); `None` for a layer that does not split its outputs.
+    pub fn output_parts(self) -> Option<usize> {
+        match self {
+            ParallelMode::Column => Some(1),
+            ParallelMode::ColumnParts(n) => Some(n),
+            ParallelMode::Full | ParallelMode::Row => None,
+        }
+    }
 }
 
 /// Configuration of a [`Linear`].
@@ -87,8 +103,8 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = match (&self.tp, self.parallel) {
             // Every rank's shard adds its part to the replicated input's gradient.
-            (Some(group), ParallelMode::Column) => copy_to_group(x, group),
             (Some(group), ParallelMode::Row) => return self.forward_row(x, group),
+            (Some(group), mode) if mode.output_parts().is_some() => copy_to_group(x, group),
             _ => x,
         };
         let adapter = self.adapter.as_ref().filter(|a| !a.is_merged());

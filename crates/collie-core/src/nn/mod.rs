@@ -82,13 +82,6 @@ pub trait Adaptable<B: Backend> {
         "lm_head"
     }
 
-    /// Why PEFT cannot adapt the layer `name` (completing "`name`, which …"), if it cannot: a
-    /// layer the checkpoint stores fused with another (GLM's gate and up in `gate_up_proj`)
-    /// would get an adapter under a module name the HF model does not have.
-    fn unadaptable(&self, _name: &str) -> Option<String> {
-        None
-    }
-
     /// Whole (unsplit) parameters applied inside the tensor-parallel region, per attention head
     /// (Qwen3's query/key norms): under tensor parallelism each rank sees only its heads, so
     /// their gradients are partial sums over the group.
