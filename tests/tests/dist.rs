@@ -428,6 +428,56 @@ fn glm_fused_gate_up_state_resumes_across_tensor_parallel_layouts() {
 }
 
 #[test]
+fn mixtral_load_balancing_loss_under_data_parallelism_matches_one_process() {
+    // The auxiliary loss is per micro-batch (not additive over rows), averaged over the global
+    // batch's micro-batches: dp2 with one row per micro-batch against one process with the same
+    // micro-batches accumulated.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = format!(
+        "model.path={}",
+        fixture("families/mixtral_aux/model").display()
+    );
+    let micro = ["train.micro_batch_size=1", path.as_str()];
+    let (want, single) = train(
+        1,
+        &tmp.path().join("single"),
+        SGD,
+        &[&micro[..], &["train.grad_accum_steps=4"]].concat(),
+    );
+    let (got, parallel) = train(
+        2,
+        &tmp.path().join("parallel"),
+        SGD,
+        &[&micro[..], &["train.grad_accum_steps=2", "parallel.dp=2"]].concat(),
+    );
+    assert_within(
+        "dist mixtral aux dp2: loss max rel Δ vs one process",
+        max_rel_list(&got, &want),
+        LOSS_TOL,
+    );
+    let aux = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["aux_loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (aux(&parallel), aux(&single));
+    assert_eq!(a.len(), 5, "an aux_loss per step");
+    assert_within(
+        "dist mixtral aux dp2: aux_loss max rel Δ vs one process",
+        max_rel_list(&a, &b),
+        LOSS_TOL,
+    );
+    let ckpt = |run: &Path| run.join("checkpoints").join("step-5");
+    assert_within(
+        "dist mixtral aux dp2: final weights max |Δ| vs one process",
+        weight_diff(&ckpt(&parallel), &ckpt(&single)),
+        WEIGHT_TOL,
+    );
+}
+
+#[test]
 fn data_parallel_lomo_matches_one_process() {
     let body = r#"
 [train]

@@ -53,6 +53,26 @@ pub trait CausalLm<B: Backend> {
         positions: Tensor<B, 2, Int>,
     ) -> Tensor<B, 3>;
 
+    /// The weight with which training adds the model's auxiliary loss to the language-model
+    /// loss (a mixture of experts' load balancing), if it has one.
+    fn router_aux_loss_coef(&self) -> Option<f64> {
+        None
+    }
+
+    /// [`CausalLm::logits_packed`] and, where [`CausalLm::router_aux_loss_coef`] is set, the
+    /// auxiliary loss of the same pass (unweighted).
+    ///
+    /// # Shapes
+    /// - ids, segments, positions: `[batch, seq]` → `[batch, seq, vocab]`, `[1]`
+    fn logits_packed_aux(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        segments: &Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        (self.logits_packed(ids, segments, positions), None)
+    }
+
     /// Logits for `ids` placed after the positions in `cache`, which it extends.
     ///
     /// # Shapes

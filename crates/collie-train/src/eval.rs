@@ -34,12 +34,60 @@ pub fn batch_nll<B: Backend, M: CausalLm<B>>(
     device: &B::Device,
 ) -> (Tensor<B, 1>, usize) {
     let logits = shifted_logits(model, batch, device);
+    (
+        target_nll(model, logits, batch, device),
+        batch.target_tokens(),
+    )
+}
+
+/// [`batch_nll`]'s sum and the model's auxiliary loss of the same pass
+/// ([`CausalLm::logits_packed_aux`]), unweighted.
+pub fn batch_nll_aux<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
+    let (ids, segments, positions) = packed_inputs::<B>(batch, device);
+    let (logits, aux) = model.logits_packed_aux(ids, &segments, positions);
+    let logits = shift(logits, batch);
+    (target_nll(model, logits, batch, device), aux)
+}
+
+/// Summed NLL of the shifted labels under `logits` (`[rows · (cols − 1), vocab]`; under tensor
+/// parallelism this rank's vocabulary columns).
+fn target_nll<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    logits: Tensor<B, 2>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let n = logits.dims()[0];
     let targets: Vec<i64> = batch.shifted_labels().collect();
     let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
-    // Under tensor parallelism the logits are this rank's vocabulary columns.
-    let (sum, _) = cross_entropy_sum_sharded(logits, targets, model.vocab_shard());
-    (sum, batch.target_tokens())
+    cross_entropy_sum_sharded(logits, targets, model.vocab_shard()).0
+}
+
+/// The ids, segments and positions of a batch as `[rows, cols]` tensors.
+fn packed_inputs<B: Backend>(
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let (r, c) = (batch.rows, batch.cols);
+    (
+        int2::<B>(&batch.input_ids, r, c, device),
+        int2::<B>(&batch.segments, r, c, device),
+        int2::<B>(&batch.positions, r, c, device),
+    )
+}
+
+/// The logits of the positions that predict a label.
+///
+/// # Shapes
+/// - logits: `[rows, cols, vocab]` → `[rows · (cols − 1), vocab]`
+fn shift<B: Backend>(logits: Tensor<B, 3>, batch: &Batch) -> Tensor<B, 2> {
+    let (r, c) = (batch.rows, batch.cols);
+    let vocab = logits.dims()[2];
+    logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab])
 }
 
 /// The logits of every position that predicts a label of [`Batch::shifted_labels`].
@@ -51,14 +99,8 @@ pub fn shifted_logits<B: Backend, M: CausalLm<B>>(
     batch: &Batch,
     device: &B::Device,
 ) -> Tensor<B, 2> {
-    let (r, c) = (batch.rows, batch.cols);
-    let ids = int2::<B>(&batch.input_ids, r, c, device);
-    let segments = int2::<B>(&batch.segments, r, c, device);
-    let positions = int2::<B>(&batch.positions, r, c, device);
-    let logits = model.logits_packed(ids, &segments, positions);
-    let vocab = logits.dims()[2];
-    // [r, c, vocab] -> [r·(c-1), vocab]
-    logits.slice([0..r, 0..c - 1]).reshape([r * (c - 1), vocab])
+    let (ids, segments, positions) = packed_inputs::<B>(batch, device);
+    shift(model.logits_packed(ids, &segments, positions), batch)
 }
 
 /// Summed NLL of every token after the first in each sequence, and how many tokens that is.

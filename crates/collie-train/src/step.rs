@@ -17,7 +17,7 @@ use collie_optim::clip::global_norm;
 use collie_optim::{AnyOptimizer, Optimizer};
 
 use crate::blockwise::{backward_blockwise, BlockId, Walk};
-use crate::eval::{batch_nll, shifted_logits};
+use crate::eval::{batch_nll_aux, shifted_logits};
 use crate::trainer::{reduce_block, Trainer};
 
 /// How a step turns its batches into an update, fixed when the trainer is built.
@@ -48,13 +48,24 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         // f16 multiplies the loss by the dynamic scale so small gradients survive the half range.
         let loss_scale = self.loss_scale();
         let scale = loss_scale / targets as f64;
+        // The auxiliary loss is averaged over the global batch's micro-batches.
+        let micro = (batches.len() * self.dist.dims.dp) as f64;
+        let aux_scale = self
+            .model
+            .router_aux_loss_coef()
+            .map(|c| c * loss_scale / micro);
         let (nll, mut grads) = match &self.pipeline {
             None => {
                 let mut acc = GradientsAccumulator::new();
-                let nll: f64 = batches
-                    .iter()
-                    .map(|b| self.micro_step(b, scale, &mut acc))
-                    .sum();
+                let (mut nll, mut aux) = (0.0, 0.0);
+                for b in batches {
+                    let (n, a) = self.micro_step(b, scale, aux_scale, &mut acc);
+                    nll += n;
+                    aux += a;
+                }
+                if aux_scale.is_some() {
+                    self.step_aux = Some(self.dp_sum(aux) / micro);
+                }
                 (nll, acc.grads())
             }
             Some(_) => self.pipeline_grads(batches, scale),
@@ -106,23 +117,31 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         (nll, grad_norm, false)
     }
 
-    /// Summed NLL and gradients of one micro-batch; the backward pass sees `nll · scale`.
+    /// Summed NLL, auxiliary loss (0 without one) and gradients of one micro-batch; the
+    /// backward pass sees `nll · scale + aux · aux_scale`.
     pub(crate) fn micro_step(
         &self,
         batch: &Batch,
         scale: f64,
+        aux_scale: Option<f64>,
         acc: &mut GradientsAccumulator<M>,
-    ) -> f64 {
+    ) -> (f64, f64) {
         if self.config.train.activation_checkpointing {
-            return self.micro_step_checkpointed(batch, scale, acc);
+            return (self.micro_step_checkpointed(batch, scale, acc), 0.0);
         }
         let model = self.in_compute_dtype(self.model.clone());
-        let (sum, _) = batch_nll(&model, batch, &self.device);
+        let (sum, aux) = batch_nll_aux(&model, batch, &self.device);
         let nll = sum.clone().inner().into_scalar().elem::<f64>();
-        let grads = sum.mul_scalar(scale).backward();
+        let mut loss = sum.mul_scalar(scale);
+        let mut aux_value = 0.0;
+        if let (Some(aux), Some(aux_scale)) = (aux, aux_scale) {
+            aux_value = aux.clone().inner().into_scalar().elem::<f64>();
+            loss = loss + aux.mul_scalar(aux_scale);
+        }
+        let grads = loss.backward();
         // Gradients are read off the f32 masters (the casts' backward brings them there).
         acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
-        nll
+        (nll, aux_value)
     }
 
     /// [`Trainer::micro_step`] keeping only block inputs: the block-wise backward with

@@ -97,6 +97,9 @@ pub struct StepMetrics {
     pub seconds: f64,
     /// Whether the update was skipped.
     pub skipped: bool,
+    /// The load-balancing auxiliary loss, averaged over the step's micro-batches (unweighted,
+    /// as transformers reports `aux_loss`), where the model adds one.
+    pub aux_loss: Option<f64>,
 }
 
 /// A training run in progress.
@@ -129,6 +132,8 @@ pub struct Trainer<B: AutodiffBackend, M: TrainModel<B>> {
     pub(crate) zero: Option<ZeroPlan>,
     /// Parameters split across the tensor-parallel group, with the split dimension.
     pub(crate) tp_split: HashMap<ParamId, crate::parallel::SplitDim>,
+    /// The auxiliary loss of the step in progress ([`StepMetrics::aux_loss`]).
+    pub(crate) step_aux: Option<f64>,
     /// Whole parameters whose gradients are partial sums over the tensor-parallel group.
     pub(crate) tp_partial: std::collections::HashSet<ParamId>,
     /// This rank's pipeline stage and every stage's layers (`parallel.pp` > 1).
@@ -257,6 +262,9 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         if dist.dims.tp > 1 {
             check_tensor_parallel(&config)?;
         }
+        if model.router_aux_loss_coef().is_some() {
+            check_router_aux_loss(&config, &dist.dims)?;
+        }
         let model = setup_peft(
             &mut config,
             model,
@@ -373,6 +381,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             dist,
             zero,
             tp_split: tp_split.split.into_iter().collect(),
+            step_aux: None,
             tp_partial: tp_split.partial.into_iter().collect(),
             pipeline,
             pp_wait: 0.0,
@@ -509,8 +518,10 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 target_tokens: 0,
                 seconds: start.elapsed().as_secs_f64(),
                 skipped: true,
+                aux_loss: None,
             });
         }
+        self.step_aux = None;
         let (nll, grad_norm, skipped) = match self.strategy {
             Strategy::PostBackward | Strategy::Pipeline => {
                 self.post_backward_step(&batches, targets, lr)
@@ -526,6 +537,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             target_tokens: targets,
             seconds: start.elapsed().as_secs_f64(),
             skipped,
+            aux_loss: self.step_aux,
         })
     }
 
@@ -870,6 +882,9 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             );
             line.insert("lr".into(), json!(m.lr));
             line.insert("grad_norm".into(), json!(m.grad_norm));
+            if let Some(aux) = m.aux_loss {
+                line.insert("aux_loss".into(), json!(aux));
+            }
             line.insert("tokens".into(), json!(m.tokens));
             line.insert("target_tokens".into(), json!(m.target_tokens));
             line.insert("tokens_per_sec".into(), json!(tps));
@@ -1018,6 +1033,34 @@ fn squared_norms<B: AutodiffBackend, M: TrainModel<B>>(
     };
     model.visit(&mut v);
     v.sums
+}
+
+/// Where the load-balancing auxiliary loss (a mixture of experts with `output_router_logits`)
+/// is not added yet, as config errors: it is added in the plain step, over data parallelism.
+fn check_router_aux_loss(
+    config: &TrainConfig,
+    dims: &collie_dist::dims::ParallelDims,
+) -> Result<(), TrainError> {
+    let what = if config.optim.is_fused() {
+        Some(format!("optim.name = {}", config.optim.name))
+    } else if config.train.activation_checkpointing {
+        Some("train.activation_checkpointing = true".to_string())
+    } else if dims.pp > 1 {
+        Some(format!("parallel.pp = {}", dims.pp))
+    } else if dims.tp > 1 {
+        Some(format!("parallel.tp = {}", dims.tp))
+    } else {
+        None
+    };
+    match what {
+        Some(what) => Err(TrainError::Invalid(format!(
+            "{what}: the model's config.json sets output_router_logits, whose load-balancing \
+             loss collie-rs adds only in the plain step (data parallelism included); set \
+             output_router_logits to false in config.json to train on the language-model loss \
+             alone"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// What pipeline parallelism does not combine with yet, as config errors.

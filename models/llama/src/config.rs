@@ -265,14 +265,6 @@ impl LlamaConfig {
                 "num_experts_per_tok {top_k} must be between 1 and the {experts} experts"
             )));
         }
-        if flag("output_router_logits") == Some(true) {
-            return Err(LlamaError::Config(
-                "`output_router_logits = true` asks for the load-balancing auxiliary loss, which \
-                 collie-rs does not add yet; set it to false (transformers' default) to train \
-                 on the language-model loss alone"
-                    .into(),
-            ));
-        }
         let jitter = self
             .extra
             .get("router_jitter_noise")
@@ -289,6 +281,25 @@ impl LlamaConfig {
             intermediate,
             normalize,
         }))
+    }
+
+    /// The weight of the load-balancing auxiliary loss that training adds (transformers'
+    /// `router_aux_loss_coef`, default 0.001), where a mixture of experts sets
+    /// `output_router_logits`; `None` otherwise (transformers then adds none).
+    pub fn router_aux_loss_coef(&self) -> Result<Option<f64>> {
+        let on = self
+            .extra
+            .get("output_router_logits")
+            .and_then(Value::as_bool)
+            == Some(true);
+        if !on || self.moe()?.is_none() {
+            return Ok(None);
+        }
+        let coef = self
+            .extra
+            .get("router_aux_loss_coef")
+            .and_then(Value::as_f64);
+        Ok(Some(coef.unwrap_or(0.001)))
     }
 
     /// For every layer, whether its feed-forward is the sparse MoE block (Qwen3-MoE keeps

@@ -19,7 +19,7 @@ use collie_core::rope::{apply_rotary, Rope};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::moe::SparseMoe;
+use crate::moe::{RouterLog, SparseMoe};
 
 /// Self-attention with RoPE and grouped-query heads.
 #[derive(Module, Debug)]
@@ -224,6 +224,10 @@ pub struct Llama<B: Backend> {
     /// memory-efficient kernels; not a weight, not saved.
     #[module(skip)]
     pub attention: AttentionKind,
+    /// The weight of the mixture of experts' load-balancing loss in training
+    /// (`router_aux_loss_coef` where `output_router_logits` is set), if it is added.
+    #[module(skip)]
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 /// Per-call inputs every block shares.
@@ -243,6 +247,9 @@ pub struct BlockContext<B: Backend> {
     pub attention: AttentionKind,
     /// The same for the local layers (their RoPE tables and window), if the model has any.
     pub local: Option<Box<BlockContext<B>>>,
+    /// Where the mixture-of-experts blocks record their routing for the auxiliary loss, when
+    /// the call computes it.
+    pub router: Option<std::sync::Arc<RouterLog<B>>>,
 }
 
 /// Keys and values of past positions, one entry per block.
@@ -362,6 +369,7 @@ impl LlamaConfig {
             local,
             virtual_tokens: None,
             attention: AttentionKind::default(),
+            router_aux_loss_coef: self.router_aux_loss_coef()?,
         })
     }
 }
@@ -481,6 +489,7 @@ impl<B: Backend> Block<B> {
         ctx: &BlockContext<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
+        let router = ctx.router.clone();
         let ctx = match (&ctx.local, self.local) {
             (Some(local), true) => local,
             _ => ctx,
@@ -496,7 +505,7 @@ impl<B: Backend> Block<B> {
         let h = self.mlp_norm.forward(x.clone());
         let m = match (&self.mlp, &self.moe) {
             (Some(mlp), _) => mlp.forward(h),
-            (None, Some(moe)) => moe.forward(h),
+            (None, Some(moe)) => moe.forward(h, router.as_deref()),
             (None, None) => unreachable!("a block has a dense or a sparse feed-forward"),
         };
         x + post(&self.post_mlp_norm, m)
@@ -609,6 +618,40 @@ impl<B: Backend> Llama<B> {
         self.head.forward(x, &self.embed)
     }
 
+    /// [`Llama::forward_packed`] and the load-balancing auxiliary loss of its routing (`None`
+    /// unless the model adds it: a mixture of experts with `output_router_logits`). Real tokens
+    /// are the non-padding ones, and prompt tuning's virtual tokens (peft's attention mask
+    /// covers them).
+    pub fn forward_packed_aux(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        segments: &Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        if self.router_aux_loss_coef.is_none() {
+            return (self.forward_packed(ids, segments, positions), None);
+        }
+        let [b, s] = ids.dims();
+        let device = ids.device();
+        let mut ctx = self.context(
+            b,
+            s,
+            self.prefix_len(),
+            Some(segments),
+            Some(positions),
+            &device,
+        );
+        let mut mask = segments.clone().not_equal_elem(0).float();
+        let n = self.virtual_queries(0);
+        if n > 0 {
+            mask = Tensor::cat(vec![Tensor::ones([b, n], &device), mask], 1);
+        }
+        let log = std::sync::Arc::new(RouterLog::new(mask));
+        ctx.router = Some(log.clone());
+        let x = self.blocks(ids, &ctx);
+        (self.head.forward(x, &self.embed), log.aux_loss())
+    }
+
     /// Cache-free forward pass for training and scoring.
     ///
     /// # Shapes
@@ -697,6 +740,7 @@ impl<B: Backend> Llama<B> {
             mask,
             attention,
             local: None,
+            router: None,
         }
     }
 }
@@ -723,6 +767,19 @@ impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
         positions: Tensor<B, 2, Int>,
     ) -> Tensor<B, 3> {
         self.forward_packed(ids, segments, positions)
+    }
+
+    fn router_aux_loss_coef(&self) -> Option<f64> {
+        self.router_aux_loss_coef
+    }
+
+    fn logits_packed_aux(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        segments: &Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        self.forward_packed_aux(ids, segments, positions)
     }
 
     fn logits_tail(

@@ -51,6 +51,85 @@ pub struct SparseMoe<B: Backend> {
     pub act: Activation,
 }
 
+/// What every sparse MoE block of one forward pass records for the load-balancing auxiliary
+/// loss (transformers' `load_balancing_loss_func`, the Switch Transformer's): per layer, the
+/// summed router probabilities of the real tokens and how often each expert was chosen.
+#[derive(Debug)]
+pub struct RouterLog<B: Backend> {
+    /// `[batch · seq]`: 1 for a real token, 0 for padding (f32).
+    mask: Tensor<B, 1>,
+    /// The same on the host.
+    host_mask: Vec<f32>,
+    /// What each MoE layer of the call recorded.
+    layers: std::sync::Mutex<Vec<LayerRouting<B>>>,
+}
+
+/// One MoE layer's routing of the real tokens of a call.
+#[derive(Debug)]
+struct LayerRouting<B: Backend> {
+    /// `[experts]`: router probabilities summed over the real tokens.
+    probs: Tensor<B, 1>,
+    /// How many times each expert was chosen.
+    counts: Vec<f64>,
+    /// Real tokens.
+    tokens: f64,
+}
+
+impl<B: Backend> RouterLog<B> {
+    /// A log for a call whose real tokens are the non-zero entries of `mask` (`[batch, seq]`).
+    pub fn new(mask: Tensor<B, 2>) -> Self {
+        let [b, s] = mask.dims();
+        let mask = to_dtype(mask, DType::F32).reshape([b * s]);
+        let host_mask = mask
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 mask");
+        RouterLog {
+            mask,
+            host_mask,
+            layers: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The auxiliary loss of everything logged (`None` if no MoE layer ran): with `P_e` the
+    /// probability of expert `e` and `C_e` how many times it was chosen, summed over the real
+    /// tokens of every layer, and `N` those tokens counted once per layer,
+    /// `experts · Σ_e (C_e / N) · (P_e / N)`. The counts are constants; the loss reaches the
+    /// routers through the probabilities.
+    pub fn aux_loss(&self) -> Option<Tensor<B, 1>> {
+        let layers = self.layers.lock().expect("router log");
+        let (probs, counts, tokens) = layers.iter().fold(
+            (None::<Tensor<B, 1>>, Vec::new(), 0.0),
+            |(p, mut c, n),
+             LayerRouting {
+                 probs,
+                 counts,
+                 tokens,
+             }| {
+                c.resize(counts.len(), 0.0);
+                c.iter_mut().zip(counts).for_each(|(a, b)| *a += b);
+                let p = Some(match p {
+                    Some(p) => p + probs.clone(),
+                    None => probs.clone(),
+                });
+                (p, c, n + tokens)
+            },
+        );
+        let probs = probs?;
+        let experts = counts.len() as f64;
+        let counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+        let counts =
+            Tensor::<B, 1>::from_data(TensorData::new(counts, [experts as usize]), &probs.device());
+        Some(
+            (probs * counts)
+                .sum()
+                .mul_scalar(experts / (tokens * tokens)),
+        )
+    }
+}
+
 /// The shape of a sparse MoE block.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeSpec {
@@ -97,9 +176,11 @@ impl MoeSpec {
 }
 
 impl<B: Backend> SparseMoe<B> {
+    /// The block on `x`; with a `log`, its routing is recorded for the auxiliary loss.
+    ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]` → same
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, log: Option<&RouterLog<B>>) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let (n, k) = (b * s, self.top_k);
         let dtype = x.dtype();
@@ -122,6 +203,22 @@ impl<B: Backend> SparseMoe<B> {
             let mut order: Vec<usize> = (0..e).collect();
             order.sort_by(|&a, &c| row[c].total_cmp(&row[a]).then(a.cmp(&c)));
             chosen.extend(order[..k].iter().map(|&i| i as i64));
+        }
+        if let Some(log) = log {
+            // [tokens, experts] -> [experts]: probabilities summed over the real tokens.
+            let probs = (probs.clone() * log.mask.clone().unsqueeze_dim(1)).sum_dim(0);
+            let mut counts = vec![0.0; e];
+            let mut tokens = 0.0;
+            for (row, &m) in chosen.chunks(k).zip(&log.host_mask) {
+                row.iter().for_each(|&c| counts[c as usize] += m as f64);
+                tokens += m as f64;
+            }
+            let mut layers = log.layers.lock().expect("router log");
+            layers.push(LayerRouting {
+                probs: probs.reshape([e]),
+                counts,
+                tokens,
+            });
         }
         let index =
             Tensor::<B, 2, Int>::from_data(TensorData::new(chosen.clone(), [n, k]), &device);
