@@ -428,10 +428,11 @@ fn glm_fused_gate_up_state_resumes_across_tensor_parallel_layouts() {
 }
 
 #[test]
-fn mixtral_load_balancing_loss_under_data_parallelism_matches_one_process() {
+fn mixtral_load_balancing_loss_under_data_and_tensor_parallelism_matches_one_process() {
     // The auxiliary loss is per micro-batch (not additive over rows), averaged over the global
     // batch's micro-batches: dp2 with one row per micro-batch against one process with the same
-    // micro-batches accumulated.
+    // micro-batches accumulated; under tp2 every rank routes the same all-reduced input (the
+    // same loss, whole routers).
     let tmp = tempfile::tempdir().unwrap();
     let path = format!(
         "model.path={}",
@@ -444,17 +445,6 @@ fn mixtral_load_balancing_loss_under_data_parallelism_matches_one_process() {
         SGD,
         &[&micro[..], &["train.grad_accum_steps=4"]].concat(),
     );
-    let (got, parallel) = train(
-        2,
-        &tmp.path().join("parallel"),
-        SGD,
-        &[&micro[..], &["train.grad_accum_steps=2", "parallel.dp=2"]].concat(),
-    );
-    assert_within(
-        "dist mixtral aux dp2: loss max rel Δ vs one process",
-        max_rel_list(&got, &want),
-        LOSS_TOL,
-    );
     let aux = |run: &Path| -> Vec<f64> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -462,19 +452,41 @@ fn mixtral_load_balancing_loss_under_data_parallelism_matches_one_process() {
             .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["aux_loss"].as_f64())
             .collect()
     };
-    let (a, b) = (aux(&parallel), aux(&single));
-    assert_eq!(a.len(), 5, "an aux_loss per step");
-    assert_within(
-        "dist mixtral aux dp2: aux_loss max rel Δ vs one process",
-        max_rel_list(&a, &b),
-        LOSS_TOL,
-    );
+    let want_aux = aux(&single);
+    assert_eq!(want_aux.len(), 5, "an aux_loss per step");
     let ckpt = |run: &Path| run.join("checkpoints").join("step-5");
-    assert_within(
-        "dist mixtral aux dp2: final weights max |Δ| vs one process",
-        weight_diff(&ckpt(&parallel), &ckpt(&single)),
-        WEIGHT_TOL,
-    );
+    let layouts: [(&str, [&str; 2]); 2] = [
+        ("dp2", ["train.grad_accum_steps=2", "parallel.dp=2"]),
+        ("tp2", ["train.grad_accum_steps=4", "parallel.tp=2"]),
+    ];
+    for (name, sets) in layouts {
+        let (got, run) = train(
+            2,
+            &tmp.path().join(name),
+            SGD,
+            &[&micro[..], &sets].concat(),
+        );
+        let checks = [
+            ("loss max rel Δ", max_rel_list(&got, &want), LOSS_TOL),
+            (
+                "aux_loss max rel Δ",
+                max_rel_list(&aux(&run), &want_aux),
+                LOSS_TOL,
+            ),
+            (
+                "final weights max |Δ|",
+                weight_diff(&ckpt(&run), &ckpt(&single)),
+                WEIGHT_TOL,
+            ),
+        ];
+        for (what, value, tol) in checks {
+            assert_within(
+                &format!("dist mixtral aux {name}: {what} vs one process"),
+                value,
+                tol,
+            );
+        }
+    }
 }
 
 #[test]

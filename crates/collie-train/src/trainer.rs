@@ -1036,7 +1036,9 @@ fn squared_norms<B: AutodiffBackend, M: TrainModel<B>>(
 }
 
 /// Where the load-balancing auxiliary loss (a mixture of experts with `output_router_logits`)
-/// is not added yet, as config errors: it is added in the plain step, over data parallelism.
+/// is not added yet, as config errors: it is added in the plain step, over data and tensor
+/// parallelism (every tensor-parallel rank routes the same all-reduced input, so it computes the
+/// same loss and the same router gradients).
 fn check_router_aux_loss(
     config: &TrainConfig,
     dims: &collie_dist::dims::ParallelDims,
@@ -1047,15 +1049,13 @@ fn check_router_aux_loss(
         Some("train.activation_checkpointing = true".to_string())
     } else if dims.pp > 1 {
         Some(format!("parallel.pp = {}", dims.pp))
-    } else if dims.tp > 1 {
-        Some(format!("parallel.tp = {}", dims.tp))
     } else {
         None
     };
     match what {
         Some(what) => Err(TrainError::Invalid(format!(
             "{what}: the model's config.json sets output_router_logits, whose load-balancing \
-             loss collie-rs adds only in the plain step (data parallelism included); set \
+             loss collie-rs adds only in the plain step (data and tensor parallelism included); set \
              output_router_logits to false in config.json to train on the language-model loss \
              alone"
         ))),
