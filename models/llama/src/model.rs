@@ -605,17 +605,7 @@ impl<B: Backend> Llama<B> {
         segments: &Tensor<B, 2, Int>,
         positions: Tensor<B, 2, Int>,
     ) -> Tensor<B, 3> {
-        let [b, s] = ids.dims();
-        let ctx = self.context(
-            b,
-            s,
-            self.prefix_len(),
-            Some(segments),
-            Some(positions),
-            &ids.device(),
-        );
-        let x = self.blocks(ids, &ctx);
-        self.head.forward(x, &self.embed)
+        self.forward_packed_aux(ids, segments, positions).0
     }
 
     /// [`Llama::forward_packed`] and the load-balancing auxiliary loss of its routing (`None`
@@ -628,9 +618,6 @@ impl<B: Backend> Llama<B> {
         segments: &Tensor<B, 2, Int>,
         positions: Tensor<B, 2, Int>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
-        if self.router_aux_loss_coef.is_none() {
-            return (self.forward_packed(ids, segments, positions), None);
-        }
         let [b, s] = ids.dims();
         let device = ids.device();
         let mut ctx = self.context(
@@ -641,15 +628,18 @@ impl<B: Backend> Llama<B> {
             Some(positions),
             &device,
         );
-        let mut mask = segments.clone().not_equal_elem(0).float();
-        let n = self.virtual_queries(0);
-        if n > 0 {
-            mask = Tensor::cat(vec![Tensor::ones([b, n], &device), mask], 1);
-        }
-        let log = std::sync::Arc::new(RouterLog::new(mask));
-        ctx.router = Some(log.clone());
+        let log = self.router_aux_loss_coef.map(|_| {
+            let mut mask = segments.clone().not_equal_elem(0).float();
+            let n = self.virtual_queries(0);
+            if n > 0 {
+                mask = Tensor::cat(vec![Tensor::ones([b, n], &device), mask], 1);
+            }
+            std::sync::Arc::new(RouterLog::new(mask))
+        });
+        ctx.router = log.clone();
         let x = self.blocks(ids, &ctx);
-        (self.head.forward(x, &self.embed), log.aux_loss())
+        let aux = log.and_then(|log| log.aux_loss());
+        (self.head.forward(x, &self.embed), aux)
     }
 
     /// Cache-free forward pass for training and scoring.

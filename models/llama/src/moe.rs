@@ -60,6 +60,8 @@ pub struct RouterLog<B: Backend> {
     mask: Tensor<B, 1>,
     /// The same on the host.
     host_mask: Vec<f32>,
+    /// Real tokens of the call (every MoE layer routes them all).
+    tokens: f64,
     /// What each MoE layer of the call recorded.
     layers: std::sync::Mutex<Vec<LayerRouting<B>>>,
 }
@@ -71,8 +73,6 @@ struct LayerRouting<B: Backend> {
     probs: Tensor<B, 1>,
     /// How many times each expert was chosen.
     counts: Vec<f64>,
-    /// Real tokens.
-    tokens: f64,
 }
 
 impl<B: Backend> RouterLog<B> {
@@ -88,6 +88,7 @@ impl<B: Backend> RouterLog<B> {
             .expect("f32 mask");
         RouterLog {
             mask,
+            tokens: host_mask.iter().map(|&m| m as f64).sum(),
             host_mask,
             layers: std::sync::Mutex::new(Vec::new()),
         }
@@ -100,24 +101,17 @@ impl<B: Backend> RouterLog<B> {
     /// routers through the probabilities.
     pub fn aux_loss(&self) -> Option<Tensor<B, 1>> {
         let layers = self.layers.lock().expect("router log");
-        let (probs, counts, tokens) = layers.iter().fold(
-            (None::<Tensor<B, 1>>, Vec::new(), 0.0),
-            |(p, mut c, n),
-             LayerRouting {
-                 probs,
-                 counts,
-                 tokens,
-             }| {
-                c.resize(counts.len(), 0.0);
-                c.iter_mut().zip(counts).for_each(|(a, b)| *a += b);
-                let p = Some(match p {
-                    Some(p) => p + probs.clone(),
-                    None => probs.clone(),
-                });
-                (p, c, n + tokens)
-            },
-        );
-        let probs = probs?;
+        let (first, rest) = layers.split_first()?;
+        let mut probs = first.probs.clone();
+        let mut counts = first.counts.clone();
+        for layer in rest {
+            probs = probs + layer.probs.clone();
+            counts
+                .iter_mut()
+                .zip(&layer.counts)
+                .for_each(|(a, b)| *a += b);
+        }
+        let tokens = self.tokens * layers.len() as f64;
         let experts = counts.len() as f64;
         let counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
         let counts =
@@ -208,16 +202,13 @@ impl<B: Backend> SparseMoe<B> {
             // [tokens, experts] -> [experts]: probabilities summed over the real tokens.
             let probs = (probs.clone() * log.mask.clone().unsqueeze_dim(1)).sum_dim(0);
             let mut counts = vec![0.0; e];
-            let mut tokens = 0.0;
             for (row, &m) in chosen.chunks(k).zip(&log.host_mask) {
                 row.iter().for_each(|&c| counts[c as usize] += m as f64);
-                tokens += m as f64;
             }
             let mut layers = log.layers.lock().expect("router log");
             layers.push(LayerRouting {
                 probs: probs.reshape([e]),
                 counts,
-                tokens,
             });
         }
         let index =
