@@ -20,6 +20,7 @@ pub const LLAMA_CASES: &[&str] = &[
     "glm_partial_rotary",
     "mixtral_moe",
     "qwen3_moe_sparse",
+    "codegen_parallel",
 ];
 
 /// `tests/fixtures/<rel>`; `COLLIE_FIXTURES` points elsewhere (a prebuilt binary run on another

@@ -815,7 +815,7 @@ fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_proc
 }
 
 /// Dense families beyond LLaMA with fixtures under `tests/fixtures/families/`.
-const FAMILIES: &[&str] = &["qwen3", "gemma3", "glm"];
+const FAMILIES: &[&str] = &["qwen3", "gemma3", "glm", "codegen"];
 
 /// Mixtures of experts (experts and router whole on every tensor-parallel rank). Their tp2 runs
 /// use SGD only: the weights there agree to 4.5e-8, but under AdamW one element of Qwen3-MoE's
@@ -863,9 +863,23 @@ fn families_under_tensor_and_pipeline_parallelism_match_one_process() {
         );
     }
     // GLM's one gate_up_proj splits each half on its own under tp2 (`ColumnParts`), and LoRA's B
-    // on it with it; all-linear targets it as peft does.
+    // on it with it; CodeGen's one qkv_proj splits as a column layer (whole mp_num groups per
+    // rank). all-linear targets both as peft does.
     let lora = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = \"all-linear\"\n";
-    let glm = format!("model.path={}", fixture("families/glm/model").display());
-    assert_equivalent_dp("glm tp2 lora", 2, 1, 2, 1, lora, &["parallel.tp=2", &glm]);
+    for family in ["glm", "codegen"] {
+        let path = format!(
+            "model.path={}",
+            fixture(&format!("families/{family}/model")).display()
+        );
+        assert_equivalent_dp(
+            &format!("{family} tp2 lora"),
+            2,
+            1,
+            2,
+            1,
+            lora,
+            &["parallel.tp=2", &path],
+        );
+    }
 }

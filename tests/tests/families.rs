@@ -19,7 +19,7 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_collie-train-run");
 
 /// Families with fixtures under `tests/fixtures/families/`.
-const FAMILIES: &[&str] = &["qwen3", "gemma3", "glm", "mixtral", "qwen3_moe"];
+const FAMILIES: &[&str] = &["qwen3", "gemma3", "glm", "mixtral", "qwen3_moe", "codegen"];
 
 /// The `model_type` (and GGUF architecture's model type) of a family's fixture.
 fn model_type(family: &str) -> &str {

@@ -63,6 +63,15 @@ fn saved_tensors_equal_the_transformers_checkpoint() {
             "mlp_bias",
             "sliding_window",
             "architectures",
+            // CodeGen's own names.
+            "n_embd",
+            "n_inner",
+            "n_layer",
+            "n_head",
+            "n_positions",
+            "layer_norm_epsilon",
+            "activation_function",
+            "rotary_dim",
         ] {
             // `null` and an absent key mean the same to transformers.
             let get = |v: &Value| v.get(key).filter(|x| !x.is_null()).cloned();

@@ -67,7 +67,7 @@ fn internlm_with_bias_stored_as_f64_matches_transformers() {
     let loaded = collie_llama::load::<B>(dir.to_str().unwrap(), &device).unwrap();
     assert_eq!(loaded.config.model_type, "internlm");
     let layer = &loaded.model.layers[0];
-    assert!(layer.attn.q_proj.bias.is_some() && layer.attn.o_proj.bias.is_some());
+    assert!(layer.attn.q_proj.as_ref().unwrap().bias.is_some() && layer.attn.o_proj.bias.is_some());
     assert!(layer.mlp.as_ref().unwrap().down_proj.bias.is_none());
     assert_logits_like_golden("internlm f64", &loaded.model, &dir, 1.5e-5);
 }

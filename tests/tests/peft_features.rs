@@ -42,7 +42,7 @@ fn merge_folds_lora_and_ia3_into_the_weights_and_unmerge_restores_them() {
         let (mut model, _) =
             adapter_io::load(base(), &fixture(&format!("peft/{case}")), &device).unwrap();
         let before = values(model.logits(ids.clone(), Some(&mask)));
-        let weights = values(model.layers[0].attn.v_proj.weight.val());
+        let weights = values(model.layers[0].attn.v_proj.as_ref().unwrap().weight.val());
         lora::merge(&mut model);
         let merged = values(model.logits(ids.clone(), Some(&mask)));
         assert_within(
@@ -50,9 +50,12 @@ fn merge_folds_lora_and_ia3_into_the_weights_and_unmerge_restores_them() {
             max_abs_diff(&merged, &before, |_| true),
             2.5e-5,
         );
-        assert_ne!(values(model.layers[0].attn.v_proj.weight.val()), weights);
+        assert_ne!(
+            values(model.layers[0].attn.v_proj.as_ref().unwrap().weight.val()),
+            weights
+        );
         lora::unmerge(&mut model);
-        let back = values(model.layers[0].attn.v_proj.weight.val());
+        let back = values(model.layers[0].attn.v_proj.as_ref().unwrap().weight.val());
         assert_within(
             &format!("peft {case}: unmerged weight max |Δ| vs the original"),
             max_abs_diff(&back, &weights, |_| true),
@@ -339,8 +342,8 @@ fn every_optimizer_trains_only_the_adapter() {
         let original = base();
         for (a, b) in [
             (
-                &trainer.model.layers[0].attn.q_proj.weight,
-                &original.layers[0].attn.q_proj.weight,
+                &trainer.model.layers[0].attn.q_proj.as_ref().unwrap().weight,
+                &original.layers[0].attn.q_proj.as_ref().unwrap().weight,
             ),
             (&trainer.model.embed.weight, &original.embed.weight),
         ] {
@@ -391,7 +394,14 @@ fn reduced_precision_trains_adapters_and_virtual_tokens() {
             let v = trainer.model.virtual_tokens.as_ref();
             let dt = match v {
                 Some(v) => v.embedding.val().dtype(),
-                None => trainer.model.layers[0].attn.q_proj.weight.val().dtype(),
+                None => trainer.model.layers[0]
+                    .attn
+                    .q_proj
+                    .as_ref()
+                    .unwrap()
+                    .weight
+                    .val()
+                    .dtype(),
             };
             assert_eq!(dt, burn::tensor::DType::F32, "{case} {dtype}");
         }

@@ -3,7 +3,7 @@
 //! Everything a model, a loader or a binary needs to agree on lives here: which Burn backends are
 //! compiled in and how a `--device` string selects one ([`device`]), the layers every model is
 //! built from ([`nn`]: a [`nn::Linear`] with an adapter slot and a parallel mode, [`nn::Embedding`],
-//! [`nn::RmsNorm`]), rotary position embeddings ([`rope`]), attention ([`attention`], and its memory-efficient
+//! [`nn::Norm`]: RMSNorm and LayerNorm), rotary position embeddings ([`rope`]), attention ([`attention`], and its memory-efficient
 //! kernels in [`flash`]), losses
 //! ([`loss`]) and the asset resolver that turns `pypi:NAME==VERSION/path` into a local file
 //! ([`asset`]); the collectives a parallel run calls ([`dist`]).

@@ -11,9 +11,7 @@ use burn::nn::DropoutConfig;
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use collie_core::nn::{
-    Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use collie_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig};
 
 use crate::config::BertConfig;
 use crate::error::Result;
@@ -28,7 +26,7 @@ pub struct Embeddings<B: Backend> {
     /// `[type_vocab, hidden]`.
     pub token_type: Embedding<B>,
     /// LayerNorm after the sum.
-    pub norm: LayerNorm<B>,
+    pub norm: Norm<B>,
 }
 
 /// Multi-head self-attention with its output projection and post-LN residual.
@@ -43,7 +41,7 @@ pub struct SelfAttention<B: Backend> {
     /// `[hidden, hidden]` (HF `attention.output.dense`).
     pub output: Linear<B>,
     /// HF `attention.output.LayerNorm`.
-    pub norm: LayerNorm<B>,
+    pub norm: Norm<B>,
     /// Heads.
     pub n_heads: usize,
 }
@@ -58,7 +56,7 @@ pub struct EncoderLayer<B: Backend> {
     /// `[intermediate, hidden]` (HF `output.dense`).
     pub output: Linear<B>,
     /// HF `output.LayerNorm`.
-    pub norm: LayerNorm<B>,
+    pub norm: Norm<B>,
 }
 
 /// A BERT-family encoder (no pooler: UDR and sentence-transformers pool the hidden states).
@@ -109,7 +107,8 @@ impl BertConfig {
                 .init(device)
         };
         let norm = || {
-            LayerNormConfig::new(d)
+            NormConfig::new(d)
+                .with_layer_norm(true)
                 .with_eps(self.layer_norm_eps)
                 .init(device)
         };

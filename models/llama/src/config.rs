@@ -11,7 +11,8 @@ use crate::moe::MoeSpec;
 /// Model types this crate runs, with the HF class a checkpoint of each names
 /// (`architectures[0]`). All share LLaMA's block; they differ in biases and defaults, Qwen3 adds
 /// per-head query/key norms, and Gemma 3 adds sandwich norms, `1 + w` norms, GeGLU, a scaled
-/// embedding and local layers with their own window and RoPE.
+/// embedding and local layers with their own window and RoPE; CodeGen has LayerNorms, a parallel
+/// block with an ungated MLP, and q/v/k fused in one layer.
 pub const MODEL_TYPES: &[(&str, &str)] = &[
     ("llama", "LlamaForCausalLM"),
     ("mistral", "MistralForCausalLM"),
@@ -23,6 +24,21 @@ pub const MODEL_TYPES: &[(&str, &str)] = &[
     ("glm", "GlmForCausalLM"),
     ("mixtral", "MixtralForCausalLM"),
     ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("codegen", "CodeGenForCausalLM"),
+];
+
+/// CodeGen's `mp_num`: the groups its fused `qkv_proj` is laid out in (fixed in transformers).
+pub const CODEGEN_QKV_GROUPS: usize = 4;
+
+/// Our keys and CodeGen's (GPT-2 style) names for them in `config.json`.
+const CODEGEN_KEYS: [(&str, &str); 7] = [
+    ("hidden_size", "n_embd"),
+    ("num_hidden_layers", "n_layer"),
+    ("num_attention_heads", "n_head"),
+    ("max_position_embeddings", "n_positions"),
+    ("intermediate_size", "n_inner"),
+    ("rms_norm_eps", "layer_norm_epsilon"),
+    ("hidden_act", "activation_function"),
 ];
 
 /// Gemma 3's name for a layer that attends within the sliding window with the local RoPE.
@@ -47,13 +63,18 @@ pub struct LlamaConfig {
     pub model_type: String,
     /// Rows of the embedding and LM head.
     pub vocab_size: usize,
-    /// Model width.
+    /// Model width (CodeGen's `n_embd`).
+    #[serde(alias = "n_embd")]
     pub hidden_size: usize,
-    /// Width of the SwiGLU MLP.
+    /// Width of the MLP (CodeGen's `n_inner`, where `null`, read as 0, means 4 · hidden_size:
+    /// see [`LlamaConfig::ffn_width`]).
+    #[serde(alias = "n_inner", deserialize_with = "null_as_zero")]
     pub intermediate_size: usize,
-    /// Number of decoder blocks.
+    /// Number of decoder blocks (CodeGen's `n_layer`).
+    #[serde(alias = "n_layer")]
     pub num_hidden_layers: usize,
-    /// Query heads.
+    /// Query heads (CodeGen's `n_head`).
+    #[serde(alias = "n_head")]
     pub num_attention_heads: usize,
     /// Key/value heads (GQA/MQA); defaults to `num_attention_heads`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,8 +82,12 @@ pub struct LlamaConfig {
     /// Per-head width; defaults to `hidden_size / num_attention_heads`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
-    /// MLP activation (default `silu`, LLaMA's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// MLP activation (default `silu`, LLaMA's; CodeGen's `activation_function`).
+    #[serde(
+        default,
+        alias = "activation_function",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hidden_act: Option<String>,
     /// Gemma's name for the MLP activation (`gelu_pytorch_tanh`); wins over `hidden_act`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,11 +100,11 @@ pub struct LlamaConfig {
     /// layer full, or every `sliding_window_pattern`-th).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_types: Option<Vec<String>>,
-    /// Longest context the model was trained for.
-    #[serde(default = "default_max_pos")]
+    /// Longest context the model was trained for (CodeGen's `n_positions`).
+    #[serde(default = "default_max_pos", alias = "n_positions")]
     pub max_position_embeddings: usize,
-    /// RMSNorm epsilon.
-    #[serde(default = "default_eps")]
+    /// The norms' epsilon (CodeGen's `layer_norm_epsilon`).
+    #[serde(default = "default_eps", alias = "layer_norm_epsilon")]
     pub rms_norm_eps: f64,
     /// RoPE base (transformers < 5 layout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,6 +161,9 @@ fn default_eps() -> f64 {
 }
 fn default_init() -> f64 {
     0.02
+}
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    Ok(Option::<usize>::deserialize(d)?.unwrap_or(0))
 }
 
 pub use collie_io::family::token_ids;
@@ -194,6 +222,74 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// `config.json` as the family writes it: CodeGen's own key names (transformers maps only
+    /// some of ours to them), LLaMA's for the others.
+    pub fn to_json(&self) -> Result<Value> {
+        let mut value = serde_json::to_value(self)
+            .map_err(|e| LlamaError::Config(format!("config does not serialize: {e}")))?;
+        if let (true, Some(map)) = (self.is_codegen(), value.as_object_mut()) {
+            for (ours, theirs) in CODEGEN_KEYS {
+                let v = map.remove(ours).unwrap_or(Value::Null);
+                // n_inner 0 was `null` (4 · hidden).
+                let v = if v == 0 { Value::Null } else { v };
+                map.insert(theirs.into(), v);
+            }
+        }
+        Ok(value)
+    }
+
+    /// CodeGen (`codegen`; MOSS-MOON-003 is one).
+    pub fn is_codegen(&self) -> bool {
+        self.model_type == "codegen"
+    }
+
+    /// Width of the MLP (CodeGen's `n_inner: null` is 4 · hidden_size).
+    pub fn ffn_width(&self) -> usize {
+        match self.intermediate_size {
+            0 if self.is_codegen() => 4 * self.hidden_size,
+            i => i,
+        }
+    }
+
+    /// Whether the norms are LayerNorms (centered, with a bias) rather than RMSNorms (CodeGen).
+    pub fn layer_norm(&self) -> bool {
+        self.is_codegen()
+    }
+
+    /// Whether attention and MLP both read the block's one norm and add to the residual
+    /// together (CodeGen), rather than one after the other.
+    pub fn parallel_block(&self) -> bool {
+        self.is_codegen()
+    }
+
+    /// Whether the MLP is gated (`down(act(gate(x)) · up(x))`); CodeGen's is `fc_out(act(fc_in(x)))`.
+    pub fn gated_mlp(&self) -> bool {
+        !self.is_codegen()
+    }
+
+    /// Groups of a fused `qkv_proj` (CodeGen's `mp_num`); 0 where q, k and v are apart.
+    pub fn qkv_groups(&self) -> usize {
+        if self.is_codegen() {
+            CODEGEN_QKV_GROUPS
+        } else {
+            0
+        }
+    }
+
+    /// Whether the untied LM head has a bias (CodeGen).
+    pub fn lm_head_bias(&self) -> bool {
+        self.is_codegen()
+    }
+
+    /// Whose module names the model's adapters and tensor-parallel plan use.
+    pub fn names(&self) -> crate::layout::Names {
+        if self.is_codegen() {
+            crate::layout::Names::CodeGen
+        } else {
+            crate::layout::Names::Llama
+        }
+    }
+
     /// Whether q/k/v carry a bias.
     pub fn qkv_bias(&self) -> bool {
         // GLM's `attention_bias` defaults to true.
@@ -214,9 +310,13 @@ impl LlamaConfig {
 
     /// Features of each head that RoPE rotates, and whether it rotates interleaved pairs rather
     /// than halves. GLM rotates `partial_rotary_factor` (default ½) of `head_dim` on interleaved
-    /// pairs; the other families rotate the whole head by halves (their HF attention has no
-    /// partial rotary).
+    /// pairs, CodeGen its `rotary_dim` (`null`: all) on interleaved pairs; the other families
+    /// rotate the whole head by halves (their HF attention has no partial rotary).
     pub fn rotary(&self) -> (usize, bool) {
+        if self.is_codegen() {
+            let dim = self.extra.get("rotary_dim").and_then(Value::as_u64);
+            return (dim.map_or(self.head_dim(), |d| d as usize), true);
+        }
         if !self.is_glm() {
             return (self.head_dim(), false);
         }
@@ -404,9 +504,9 @@ impl LlamaConfig {
             .collect()
     }
 
-    /// Whether the MLP projections carry a bias.
+    /// Whether the MLP projections carry a bias (CodeGen's always do).
     pub fn mlp_bias(&self) -> bool {
-        self.mlp_bias.unwrap_or(false)
+        self.mlp_bias.unwrap_or(self.is_codegen())
     }
 
     /// The attention window of every layer (local layers aside), if the model limits how far
@@ -550,7 +650,7 @@ impl LlamaConfig {
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
+            ("intermediate_size", self.ffn_width()),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.kv_heads()),
@@ -581,6 +681,29 @@ impl LlamaConfig {
             ));
         }
         self.activation()?;
+        if self.is_codegen() {
+            if self.tie_word_embeddings {
+                return bad(
+                    "a CodeGen model with `tie_word_embeddings` (its LM head's bias has no \
+                            tied counterpart) is not supported"
+                        .into(),
+                );
+            }
+            if self.kv_heads() != self.num_attention_heads {
+                return bad(
+                    "CodeGen has no grouped-query attention: `num_key_value_heads` must \
+                            equal n_head"
+                        .into(),
+                );
+            }
+            if !self.num_attention_heads.is_multiple_of(CODEGEN_QKV_GROUPS) {
+                return bad(format!(
+                    "n_head {} is not a multiple of the {CODEGEN_QKV_GROUPS} groups CodeGen's \
+                     qkv_proj is laid out in",
+                    self.num_attention_heads
+                ));
+            }
+        }
         for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
             if self.extra.get(key).is_some_and(|v| !v.is_null()) {
                 return bad(format!(
@@ -626,5 +749,63 @@ impl collie_core::model::ModelConfig for LlamaConfig {
     }
     fn pad_id(&self) -> Option<u32> {
         token_ids(self.pad_token_id.as_ref()).first().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codegen(heads: usize, extra: &str) -> std::result::Result<LlamaConfig, String> {
+        let text = format!(
+            r#"{{"model_type": "codegen", "architectures": ["CodeGenForCausalLM"], "vocab_size": 10,
+               "n_embd": 48, "n_layer": 2, "n_head": {heads}, "n_inner": null, "n_positions": 32,
+               "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "rotary_dim": 4{extra}}}"#
+        );
+        let config: LlamaConfig = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn codegen_reads_and_writes_its_own_keys() {
+        let c = codegen(8, "").unwrap();
+        assert_eq!(
+            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+            (48, 2, 8)
+        );
+        // n_inner null: 4 · n_embd.
+        assert_eq!(c.ffn_width(), 192);
+        assert_eq!((c.max_position_embeddings, c.rms_norm_eps), (32, 1e-5));
+        assert_eq!(c.rotary(), (4, true));
+        assert_eq!(c.activation().unwrap(), Activation::GeluTanh);
+        assert!(c.layer_norm() && c.parallel_block() && !c.gated_mlp() && c.lm_head_bias());
+        assert_eq!(
+            (c.qkv_groups(), c.mlp_bias(), c.qkv_bias()),
+            (4, true, false)
+        );
+        let json = c.to_json().unwrap();
+        for (ours, theirs) in CODEGEN_KEYS {
+            assert!(json.get(ours).is_none(), "{ours} written");
+            assert!(json.get(theirs).is_some(), "{theirs} missing");
+        }
+        assert_eq!(json["n_inner"], Value::Null);
+        assert_eq!(json["n_embd"], 48);
+        let back: LlamaConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn codegen_refuses_what_it_cannot_build() {
+        let err = codegen(8, r#", "tie_word_embeddings": true"#).unwrap_err();
+        assert!(err.contains("tie_word_embeddings"), "{err}");
+        let err = codegen(8, r#", "num_key_value_heads": 2"#).unwrap_err();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+        // 6 heads of 8 features: valid attention, but not in CodeGen's 4 qkv groups.
+        let err = codegen(6, "").unwrap_err();
+        assert!(
+            err.contains("n_head 6") && err.contains("4 groups"),
+            "{err}"
+        );
     }
 }

@@ -132,8 +132,8 @@ pub fn config_from_gguf(src: &GgufSource) -> Result<LlamaConfig> {
 pub fn gguf_key(path: &str) -> Option<String> {
     Some(match ParamPath::parse(path)? {
         ParamPath::Embed => "token_embd.weight".into(),
-        ParamPath::FinalNorm => "output_norm.weight".into(),
-        ParamPath::LmHead => "output.weight".into(),
+        ParamPath::FinalNorm(p) => format!("output_norm.{p}"),
+        ParamPath::LmHead(p) => format!("output.{p}"),
         ParamPath::Block {
             index,
             module,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 use crate::internlm2::InternLm2;
-use crate::layout::{self, Mixtral};
+use crate::layout::{self, CodeGen, Mixtral};
 use crate::model::{block_module, hf_module, Llama, ParamPath};
 
 use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode, VirtualTokens};
@@ -25,11 +25,12 @@ use collie_core::nn::{Adaptable, Embedding, LinearSlot, ModelDims, ParallelMode,
 impl<B: Backend> Adaptable<B> for Llama<B> {
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_, B>> {
         let mut out = Vec::new();
+        let names = self.names;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (path, linear) in layer.linears_mut() {
-                let (_, hf, _, parallel) = block_module(path).expect("a table row");
+                let (_, _, _, parallel) = block_module(path).expect("a table row");
                 out.push(LinearSlot {
-                    name: format!("model.layers.{i}.{hf}"),
+                    name: names.block_module(i, path).expect("a named linear layer"),
                     parallel: *parallel,
                     linear,
                 });
@@ -84,8 +85,8 @@ impl<B: Backend> Adaptable<B> for Llama<B> {
 pub fn hf_key(path: &str, sandwich: bool) -> Option<String> {
     Some(match ParamPath::parse(path)? {
         ParamPath::Embed => "model.embed_tokens.weight".into(),
-        ParamPath::FinalNorm => "model.norm.weight".into(),
-        ParamPath::LmHead => "lm_head.weight".into(),
+        ParamPath::FinalNorm(p) => format!("model.norm.{p}"),
+        ParamPath::LmHead(p) => format!("lm_head.{p}"),
         ParamPath::Block {
             index,
             module,
@@ -127,6 +128,7 @@ pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaC
     let model = match config.model_type.as_str() {
         "internlm2" => layout::load(model, &source, &internlm2_layout(&config))?,
         "mixtral" => layout::load(model, &source, &Mixtral)?,
+        "codegen" => layout::load(model, &source, &CodeGen)?,
         _ => load_module(model, &source, |info: &ParamInfo| {
             Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
         })?,
@@ -184,7 +186,7 @@ fn write_into<B: Backend>(
         .insert("torch_dtype".into(), json!(dtype.torch_name()));
     config.extra.remove("dtype");
     config.extra.remove("quantization_config");
-    write_json(&dir.join("config.json"), &config)?;
+    write_json(&dir.join("config.json"), &config.to_json()?)?;
     let mut generation = serde_json::Map::new();
     for (key, value) in [
         ("bos_token_id", &config.bos_token_id),
@@ -202,6 +204,7 @@ fn write_into<B: Backend>(
     let state = match config.model_type.as_str() {
         "internlm2" => layout::state_dict(model, &internlm2_layout(&config)),
         "mixtral" => layout::state_dict(model, &Mixtral),
+        "codegen" => layout::state_dict(model, &CodeGen),
         _ => hf_state_dict(model),
     };
     save_safetensors(

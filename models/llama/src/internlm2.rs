@@ -34,8 +34,8 @@ impl CheckpointLayout for InternLm2 {
     fn key(&self, path: &str) -> Option<(String, Option<usize>)> {
         let key = match ParamPath::parse(path)? {
             ParamPath::Embed => "model.tok_embeddings.weight".into(),
-            ParamPath::FinalNorm => "model.norm.weight".into(),
-            ParamPath::LmHead => "output.weight".into(),
+            ParamPath::FinalNorm(p) => format!("model.norm.{p}"),
+            ParamPath::LmHead(p) => format!("output.{p}"),
             ParamPath::Block {
                 index,
                 module,

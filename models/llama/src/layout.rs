@@ -1,8 +1,9 @@
 //! Checkpoint layouts other than HF's LLaMA naming: their own names (Mixtral's
-//! `block_sparse_moe`, [`Mixtral`]) and layers stored fused into one tensor (InternLM2's grouped
-//! `wqkv`, [`crate::internlm2`]), which the model keeps apart: loading cuts each fused tensor into
-//! its parts, saving fuses them back. (GLM's `gate_up_proj` is a layer of its own in the model,
-//! so it needs no layout.)
+//! `block_sparse_moe`, [`Mixtral`]; CodeGen's GPT-J-style names, [`CodeGen`]) and layers stored
+//! fused into one tensor (InternLM2's grouped `wqkv`, [`crate::internlm2`]), which the model keeps
+//! apart: loading cuts each fused tensor into its parts, saving fuses them back. (GLM's
+//! `gate_up_proj` and CodeGen's `qkv_proj` are layers of their own in the model, so they need no
+//! cutting.)
 
 use std::collections::BTreeMap;
 
@@ -88,6 +89,68 @@ pub fn state_dict<B: Backend, L: CheckpointLayout>(
     out
 }
 
+/// Whose module names a model's adapters and tensor-parallel plan use: HF's LLaMA names
+/// (`model.layers.N.self_attn.q_proj`) for every family but CodeGen, whose peft adapters name its
+/// own modules (`transformer.h.N.attn.qkv_proj`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Names {
+    /// HF's LLaMA names.
+    #[default]
+    Llama,
+    /// CodeGen's names.
+    CodeGen,
+}
+
+impl Names {
+    /// The module name of linear layer `module` (a [`BLOCK_MODULES`](crate::model::BLOCK_MODULES)
+    /// path) of block `index`.
+    pub fn block_module(self, index: usize, module: &str) -> Option<String> {
+        match self {
+            Names::Llama => {
+                let (_, hf, _, _) = crate::model::block_module(module)?;
+                Some(format!("model.layers.{index}.{hf}"))
+            }
+            Names::CodeGen => {
+                let (_, name) = CODEGEN_BLOCK.iter().find(|(m, _)| *m == module)?;
+                Some(format!("transformer.h.{index}.{name}"))
+            }
+        }
+    }
+}
+
+/// CodeGen's names for our module paths inside a block.
+const CODEGEN_BLOCK: &[(&str, &str)] = &[
+    ("attn_norm", "ln_1"),
+    ("attn.qkv_proj", "attn.qkv_proj"),
+    ("attn.o_proj", "attn.out_proj"),
+    ("mlp.up_proj", "mlp.fc_in"),
+    ("mlp.down_proj", "mlp.fc_out"),
+];
+
+/// CodeGen (`model_type = "codegen"`, MOSS-MOON-003's architecture): GPT-J's names under
+/// `transformer.`, the LM head's `lm_head.weight` and `lm_head.bias`.
+#[derive(Debug, Clone, Copy)]
+pub struct CodeGen;
+
+impl CheckpointLayout for CodeGen {
+    fn key(&self, path: &str) -> Option<(String, Option<usize>)> {
+        let key = match ParamPath::parse(path)? {
+            ParamPath::Embed => "transformer.wte.weight".into(),
+            ParamPath::FinalNorm(p) => format!("transformer.ln_f.{p}"),
+            ParamPath::LmHead(p) => format!("lm_head.{p}"),
+            ParamPath::Block {
+                index,
+                module,
+                param,
+            } => {
+                let (_, name) = CODEGEN_BLOCK.iter().find(|(m, _)| *m == module)?;
+                format!("transformer.h.{index}.{name}.{param}")
+            }
+        };
+        Some((key, None))
+    }
+}
+
 /// Mixtral (`model_type = "mixtral"`): HF's names, with the mixture of experts under
 /// `block_sparse_moe` and each expert's gate, up and down as `w1`, `w3` and `w2`.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +187,27 @@ impl CheckpointLayout for Mixtral {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codegen_names_follow_transformers() {
+        let key = |p: &str| CodeGen.key(p).unwrap().0;
+        assert_eq!(key("embed.weight"), "transformer.wte.weight");
+        assert_eq!(key("head.norm.bias"), "transformer.ln_f.bias");
+        assert_eq!(key("head.lm_head.bias"), "lm_head.bias");
+        assert_eq!(
+            key("layers.1.attn.qkv_proj.weight"),
+            "transformer.h.1.attn.qkv_proj.weight"
+        );
+        assert_eq!(key("layers.0.attn_norm.bias"), "transformer.h.0.ln_1.bias");
+        assert_eq!(
+            key("layers.0.mlp.up_proj.bias"),
+            "transformer.h.0.mlp.fc_in.bias"
+        );
+        assert_eq!(
+            Names::CodeGen.block_module(2, "attn.o_proj").unwrap(),
+            "transformer.h.2.attn.out_proj"
+        );
+    }
 
     #[test]
     fn mixtral_names_its_experts_w1_w3_w2() {

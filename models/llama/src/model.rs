@@ -12,24 +12,36 @@ use collie_core::attention::{attention, positions_from_padding, AttentionKind, A
 use collie_core::model::{BlockModel, DecoderLayer, KvSlot, LmHead};
 use collie_core::nn::ParallelMode::{Column, ColumnParts, Full, Row};
 use collie_core::nn::{
-    Activation, Embedding, EmbeddingConfig, Linear, LinearConfig, ParallelMode, RmsNorm,
-    RmsNormConfig, VirtualTarget, VirtualTokens,
+    Activation, Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig, ParallelMode,
+    VirtualTarget, VirtualTokens,
 };
 use collie_core::rope::{apply_rotary, Rope};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::layout::Names;
 use crate::moe::{RouterLog, SparseMoe};
 
 /// Self-attention with RoPE and grouped-query heads.
+///
+/// Queries, keys and values come from three layers, or from one (`qkv_proj`) where the
+/// checkpoint fuses them (CodeGen): kept fused, that layer is what PEFT adapts under the
+/// checkpoint's own module name.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    /// `[hidden, heads · head_dim]`.
-    pub q_proj: Linear<B>,
-    /// `[hidden, kv_heads · head_dim]`.
-    pub k_proj: Linear<B>,
-    /// `[hidden, kv_heads · head_dim]`.
-    pub v_proj: Linear<B>,
+    /// `[hidden, heads · head_dim]`; `None` with a fused `qkv_proj`.
+    pub q_proj: Option<Linear<B>>,
+    /// `[hidden, kv_heads · head_dim]`; `None` with a fused `qkv_proj`.
+    pub k_proj: Option<Linear<B>>,
+    /// `[hidden, kv_heads · head_dim]`; `None` with a fused `qkv_proj`.
+    pub v_proj: Option<Linear<B>>,
+    /// CodeGen's `[hidden, 3 · heads · head_dim]`: `qkv_groups` groups (its `mp_num`), each
+    /// the queries, then the values, then the keys of `heads / qkv_groups` consecutive heads.
+    /// The groups are contiguous, so tensor parallelism splits the layer as one column layer
+    /// when its ranks divide the groups.
+    pub qkv_proj: Option<Linear<B>>,
+    /// Groups of `qkv_proj` on this rank (0 without it).
+    pub qkv_groups: usize,
     /// `[heads · head_dim, hidden]`.
     pub o_proj: Linear<B>,
     /// Query heads (local to this rank under tensor parallelism).
@@ -39,21 +51,22 @@ pub struct Attention<B: Backend> {
     /// Per-head width.
     pub head_dim: usize,
     /// RMSNorm over each query head's `head_dim` features before RoPE (Qwen3).
-    pub q_norm: Option<RmsNorm<B>>,
+    pub q_norm: Option<Norm<B>>,
     /// RMSNorm over each key head's `head_dim` features before RoPE (Qwen3).
-    pub k_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<Norm<B>>,
     /// Factor on the scores other than `head_dim^-½` (Gemma 3's `query_pre_attn_scalar^-½`).
     #[module(skip)]
     pub scale: Option<f64>,
 }
 
-/// Gated feed-forward: `down(act(gate(x)) · up(x))` (SwiGLU with `silu`, GeGLU with GELU).
+/// Gated feed-forward: `down(act(gate(x)) · up(x))` (SwiGLU with `silu`, GeGLU with GELU), or
+/// without a gate `down(act(up(x)))` (CodeGen's `fc_in` / `fc_out`).
 ///
 /// Gate and up are two layers, or one (`gate_up_proj`) where the checkpoint fuses them (GLM):
 /// kept fused, that layer is what PEFT adapts under the checkpoint's own module name.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// `[hidden, intermediate]`; `None` in a fused MLP.
+    /// `[hidden, intermediate]`; `None` in a fused or ungated MLP.
     pub gate_proj: Option<Linear<B>>,
     /// `[hidden, intermediate]`; `None` in a fused MLP.
     pub up_proj: Option<Linear<B>>,
@@ -74,11 +87,13 @@ pub struct Mlp<B: Backend> {
 ///
 /// HF reuses one name: in a sandwich-norm block (Gemma 3) `post_attention_layernorm` is the norm
 /// after attention and the norm before the MLP is [`SANDWICH_MLP_NORM`]; [`hf_module`] knows.
-pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 15] = [
+pub const BLOCK_MODULES: [(&str, &str, &str, ParallelMode); 16] = [
     ("attn_norm", "input_layernorm", "attn_norm", Full),
     ("attn.q_proj", "self_attn.q_proj", "attn_q", Column),
     ("attn.k_proj", "self_attn.k_proj", "attn_k", Column),
     ("attn.v_proj", "self_attn.v_proj", "attn_v", Column),
+    // CodeGen's fused q/v/k (its own names come from `layout::CodeGen`; no GGUF).
+    ("attn.qkv_proj", "self_attn.qkv_proj", "", Column),
     ("attn.q_norm", "self_attn.q_norm", "attn_q_norm", Full),
     ("attn.k_norm", "self_attn.k_norm", "attn_k_norm", Full),
     ("attn.o_proj", "self_attn.o_proj", "attn_output", Row),
@@ -129,10 +144,10 @@ pub fn hf_module(path: &str, sandwich: bool) -> Option<&'static str> {
 pub enum ParamPath<'a> {
     /// `embed.weight`.
     Embed,
-    /// `head.norm.weight`.
-    FinalNorm,
-    /// `head.lm_head.weight`.
-    LmHead,
+    /// `head.norm.{param}` (`weight`, or a LayerNorm's `bias`).
+    FinalNorm(&'a str),
+    /// `head.lm_head.{param}` (`weight`, or CodeGen's `bias`).
+    LmHead(&'a str),
     /// `layers.{index}.{module}.{param}` (`layers.3.attn.q_proj.weight`).
     Block {
         /// The block's index, as written.
@@ -153,8 +168,8 @@ impl<'a> ParamPath<'a> {
         }
         Some(match path {
             "embed.weight" => ParamPath::Embed,
-            "head.norm.weight" => ParamPath::FinalNorm,
-            "head.lm_head.weight" => ParamPath::LmHead,
+            _ if path.starts_with("head.norm.") => ParamPath::FinalNorm(&path[10..]),
+            _ if path.starts_with("head.lm_head.") => ParamPath::LmHead(&path[13..]),
             _ => {
                 let (index, rest) = path.strip_prefix("layers.")?.split_once('.')?;
                 let (module, param) = rest.rsplit_once('.')?;
@@ -172,20 +187,21 @@ impl<'a> ParamPath<'a> {
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     /// Norm before attention (HF `input_layernorm`).
-    pub attn_norm: RmsNorm<B>,
+    pub attn_norm: Norm<B>,
     /// Self-attention.
     pub attn: Attention<B>,
     /// Norm of the attention output before the residual add (Gemma 3's sandwich).
-    pub post_attn_norm: Option<RmsNorm<B>>,
+    pub post_attn_norm: Option<Norm<B>>,
     /// Norm before the MLP (HF `post_attention_layernorm`; `pre_feedforward_layernorm` in a
-    /// sandwich block).
-    pub mlp_norm: RmsNorm<B>,
+    /// sandwich block); `None` in a parallel block (CodeGen), whose MLP reads `attn_norm`'s
+    /// output as attention does.
+    pub mlp_norm: Option<Norm<B>>,
     /// Dense feed-forward (absent where the block has a mixture of experts).
     pub mlp: Option<Mlp<B>>,
     /// Sparse mixture-of-experts feed-forward (Mixtral, Qwen3-MoE), in place of `mlp`.
     pub moe: Option<SparseMoe<B>>,
     /// Norm of the MLP output before the residual add (Gemma 3's sandwich).
-    pub post_mlp_norm: Option<RmsNorm<B>>,
+    pub post_mlp_norm: Option<Norm<B>>,
     /// Whether this layer attends through the context's local window and RoPE (Gemma 3's
     /// sliding layers).
     #[module(skip)]
@@ -195,9 +211,9 @@ pub struct Block<B: Backend> {
 /// Final norm and LM head.
 #[derive(Module, Debug)]
 pub struct Head<B: Backend> {
-    /// Final RMSNorm (HF `model.norm`).
-    pub norm: RmsNorm<B>,
-    /// `[hidden, vocab]`; `None` when tied to the embedding.
+    /// Final norm (HF `model.norm`).
+    pub norm: Norm<B>,
+    /// `[hidden, vocab]` (with a bias in CodeGen); `None` when tied to the embedding.
     pub lm_head: Option<Linear<B>>,
 }
 
@@ -228,6 +244,10 @@ pub struct Llama<B: Backend> {
     /// (`router_aux_loss_coef` where `output_router_logits` is set), if it is added.
     #[module(skip)]
     pub router_aux_loss_coef: Option<f64>,
+    /// Whose module names adapters and tensor-parallel plans use (HF's LLaMA names, or
+    /// CodeGen's).
+    #[module(skip)]
+    pub names: Names,
 }
 
 /// Per-call inputs every block shares.
@@ -296,11 +316,14 @@ impl LlamaConfig {
                 .init(device)
         };
         let norm_of = |width: usize| {
-            RmsNormConfig::new(width)
+            NormConfig::new(width)
                 .with_eps(self.rms_norm_eps)
                 .with_offset(self.norm_offset())
+                .with_layer_norm(self.layer_norm())
                 .init(device)
         };
+        let qkv_groups = self.qkv_groups();
+        let separate = |o: usize| (qkv_groups == 0).then(|| linear(d, o, self.qkv_bias()));
         let norm = || norm_of(d);
         let head_norm = || self.qk_norm().then(|| norm_of(hd));
         let sandwich_norm = || self.sandwich_norms().then(norm);
@@ -311,9 +334,11 @@ impl LlamaConfig {
             .map(|(local, sparse)| Block {
                 attn_norm: norm(),
                 attn: Attention {
-                    q_proj: linear(d, h * hd, self.qkv_bias()),
-                    k_proj: linear(d, kvh * hd, self.qkv_bias()),
-                    v_proj: linear(d, kvh * hd, self.qkv_bias()),
+                    q_proj: separate(h * hd),
+                    k_proj: separate(kvh * hd),
+                    v_proj: separate(kvh * hd),
+                    qkv_proj: (qkv_groups > 0).then(|| linear(d, 3 * h * hd, self.qkv_bias())),
+                    qkv_groups,
                     o_proj: linear(h * hd, d, self.o_bias()),
                     n_heads: h,
                     n_kv_heads: kvh,
@@ -323,12 +348,12 @@ impl LlamaConfig {
                     scale: self.attention_scale(),
                 },
                 post_attn_norm: sandwich_norm(),
-                mlp_norm: norm(),
+                mlp_norm: (!self.parallel_block()).then(norm),
                 mlp: (!sparse).then(|| {
-                    let (i, bias) = (self.intermediate_size, self.mlp_bias());
+                    let (i, bias) = (self.ffn_width(), self.mlp_bias());
                     let fused = self.is_glm();
                     Mlp {
-                        gate_proj: (!fused).then(|| linear(d, i, bias)),
+                        gate_proj: (!fused && self.gated_mlp()).then(|| linear(d, i, bias)),
                         up_proj: (!fused).then(|| linear(d, i, bias)),
                         gate_up_proj: fused.then(|| linear(d, 2 * i, bias)),
                         down_proj: linear(i, d, bias),
@@ -362,7 +387,8 @@ impl LlamaConfig {
             layers,
             head: Head {
                 norm: norm(),
-                lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
+                lm_head: (!self.tie_word_embeddings)
+                    .then(|| linear(d, self.vocab_size, self.lm_head_bias())),
             },
             rope: rope(theta, &scaling),
             window: self.window(),
@@ -370,11 +396,45 @@ impl LlamaConfig {
             virtual_tokens: None,
             attention: AttentionKind::default(),
             router_aux_loss_coef: self.router_aux_loss_coef()?,
+            names: self.names(),
         })
     }
 }
 
 impl<B: Backend> Attention<B> {
+    /// Queries, keys and values, from three layers or the fused one.
+    ///
+    /// # Shapes
+    /// - x: `[batch, s_q, hidden]` → q `[batch, s_q, heads, head_dim]`, k and v
+    ///   `[batch, s_q, kv_heads, head_dim]`
+    #[allow(clippy::type_complexity)]
+    fn project(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if let Some(qkv) = &self.qkv_proj {
+            let g = self.qkv_groups;
+            // [batch, s_q, 3 · heads · head_dim] -> [batch, s_q, groups, 3, heads / groups ·
+            // head_dim]: per group its queries, values and keys.
+            let y = qkv.forward(x).reshape([b, s, g, 3, h / g * hd]);
+            // [batch, s_q, groups, 1, heads / groups · head_dim] -> [batch, s_q, heads,
+            // head_dim]: head j of group i is head i · heads / groups + j.
+            let part = |i: usize| y.clone().narrow(3, i, 1).reshape([b, s, h, hd]);
+            return (part(0), part(2), part(1));
+        }
+        let separate = |l: &Option<Linear<B>>, heads: usize| {
+            let l = l
+                .as_ref()
+                .expect("q, k and v are apart without a fused qkv_proj");
+            // [batch, s_q, heads · head_dim] -> [batch, s_q, heads, head_dim]
+            l.forward(x.clone()).reshape([b, s, heads, hd])
+        };
+        (
+            separate(&self.q_proj, h),
+            separate(&self.k_proj, kvh),
+            separate(&self.v_proj, kvh),
+        )
+    }
+
     /// # Shapes
     /// - x: `[batch, s_q, hidden]` → `[batch, s_q, hidden]`
     pub fn forward(
@@ -384,10 +444,8 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
-        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        // [batch, s_q, heads · head_dim] -> [batch, s_q, heads, head_dim]
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]);
+        let (h, hd) = (self.n_heads, self.head_dim);
+        let (q, k, v) = self.project(x);
         // Per-head norms (Qwen3) act on each head's features, before RoPE.
         let q = match &self.q_norm {
             Some(n) => n.forward(q),
@@ -399,11 +457,7 @@ impl<B: Backend> Attention<B> {
         };
         // [batch, s_q, heads, head_dim] -> [batch, heads, s_q, head_dim]
         let (q, k) = (q.swap_dims(1, 2), k.swap_dims(1, 2));
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kvh, hd])
-            .swap_dims(1, 2);
+        let v = v.swap_dims(1, 2);
         // HF scales the scores by `query_pre_attn_scalar^-½` where a family sets it; scaling the
         // queries by the ratio to `head_dim^-½` gives those scores.
         let q = match self.scale {
@@ -444,7 +498,10 @@ impl<B: Backend> Mlp<B> {
                 (y.clone().narrow(2, 0, i), y.narrow(2, i, i))
             }
             (None, Some(gate), Some(up)) => (gate.forward(x.clone()), up.forward(x)),
-            _ => unreachable!("an MLP is built with gate and up, apart or fused"),
+            (None, None, Some(up)) => {
+                return self.down_proj.forward(self.act.forward(up.forward(x)))
+            }
+            _ => unreachable!("an MLP is built with an up projection, and a gate apart or fused"),
         };
         self.down_proj.forward(self.act.forward(gate) * up)
     }
@@ -456,12 +513,17 @@ impl<B: Backend> Block<B> {
     /// its experts as stacked tensors, not linear layers).
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear<B>)> {
         let a = &mut self.attn;
-        let mut out: Vec<(&'static str, &mut Linear<B>)> = vec![
+        let qkv = [
             ("attn.q_proj", &mut a.q_proj),
             ("attn.k_proj", &mut a.k_proj),
             ("attn.v_proj", &mut a.v_proj),
-            ("attn.o_proj", &mut a.o_proj),
+            ("attn.qkv_proj", &mut a.qkv_proj),
         ];
+        let mut out: Vec<(&'static str, &mut Linear<B>)> = qkv
+            .into_iter()
+            .filter_map(|(p, l)| Some((p, l.as_mut()?)))
+            .collect();
+        out.push(("attn.o_proj", &mut a.o_proj));
         if let Some(m) = &mut self.mlp {
             let gate_up = [
                 ("mlp.gate_proj", &mut m.gate_proj),
@@ -479,7 +541,8 @@ impl<B: Backend> Block<B> {
     }
 
     /// `x + attn(norm(x))`, then `+ mlp(norm(·))`; a sandwich block also norms each output
-    /// before its residual add.
+    /// before its residual add; a parallel block (CodeGen) adds `attn(norm(x)) + mlp(norm(x))`
+    /// to `x`.
     ///
     /// # Shapes
     /// - x: `[batch, s_q, hidden]` → same
@@ -494,21 +557,31 @@ impl<B: Backend> Block<B> {
             (Some(local), true) => local,
             _ => ctx,
         };
-        let post = |norm: &Option<RmsNorm<B>>, y: Tensor<B, 3>| match norm {
+        let post = |norm: &Option<Norm<B>>, y: Tensor<B, 3>| match norm {
             Some(n) => n.forward(y),
             None => y,
         };
-        let a = self
-            .attn
-            .forward(self.attn_norm.forward(x.clone()), ctx, cache);
-        let x = x + post(&self.post_attn_norm, a);
-        let h = self.mlp_norm.forward(x.clone());
-        let m = match (&self.mlp, &self.moe) {
-            (Some(mlp), _) => mlp.forward(h),
-            (None, Some(moe)) => moe.forward(h, router.as_deref()),
-            (None, None) => unreachable!("a block has a dense or a sparse feed-forward"),
+        let h = self.attn_norm.forward(x.clone());
+        let a = self.attn.forward(h.clone(), ctx, cache);
+        let Some(mlp_norm) = &self.mlp_norm else {
+            // transformers' order of the sum: attention + MLP, then the residual.
+            return a + self.feed_forward(h, router.as_deref()) + x;
         };
+        let x = x + post(&self.post_attn_norm, a);
+        let m = self.feed_forward(mlp_norm.forward(x.clone()), router.as_deref());
         x + post(&self.post_mlp_norm, m)
+    }
+
+    /// The dense or sparse feed-forward.
+    ///
+    /// # Shapes
+    /// - h: `[batch, s_q, hidden]` → same
+    fn feed_forward(&self, h: Tensor<B, 3>, router: Option<&RouterLog<B>>) -> Tensor<B, 3> {
+        match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => mlp.forward(h),
+            (None, Some(moe)) => moe.forward(h, router),
+            (None, None) => unreachable!("a block has a dense or a sparse feed-forward"),
+        }
     }
 }
 
@@ -931,6 +1004,9 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
         if let Some(l) = self.layers.first() {
             sizes.push(("num_attention_heads", l.attn.n_heads));
             sizes.push(("num_key_value_heads", l.attn.n_kv_heads));
+            if l.attn.qkv_groups > 0 {
+                sizes.push(("qkv_proj's groups (mp_num)", l.attn.qkv_groups));
+            }
             // Experts stay whole on every rank; dense MLPs split their intermediate width.
             if let Some(mlp) = self.layers.iter().find_map(|l| l.mlp.as_ref()) {
                 sizes.push(("intermediate_size", mlp.down_proj.dims()[0]));
@@ -947,9 +1023,11 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
             if split {
                 a.n_heads /= tp;
                 a.n_kv_heads /= tp;
+                a.qkv_groups /= tp;
             } else {
                 a.n_heads *= tp;
                 a.n_kv_heads *= tp;
+                a.qkv_groups *= tp;
             }
         }
     }

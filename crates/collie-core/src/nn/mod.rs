@@ -18,7 +18,7 @@ pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
 pub use embedding::VocabShard;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
-pub use norm::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
+pub use norm::{Norm, NormConfig};
 pub use prompt::{EncoderActivation, VirtualTarget, VirtualTokens};
 
 use burn::tensor::backend::Backend;
