@@ -99,6 +99,13 @@ fn train(np: usize, dir: &Path, body: &str, sets: &[&str]) -> (Vec<f64>, PathBuf
         String::from_utf8_lossy(&out.stderr)
     );
     let run = dir.join("run");
+    // Every rank's peak memory, in world-rank order; rank 0's is the process's own.
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let peaks = summary["peak_rss_bytes_per_rank"].as_array().unwrap();
+    assert_eq!(peaks.len(), np, "peak_rss_bytes_per_rank: {peaks:?}");
+    assert!(peaks.iter().all(|p| p.as_u64().unwrap() > 0), "{peaks:?}");
+    assert_eq!(peaks[0], summary["peak_rss_bytes"], "rank 0's peak");
     let losses = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -517,6 +524,15 @@ fn layout_that_does_not_fit_is_reported_once_and_every_rank_exits() {
     assert!(err.contains("2 processes"), "{err}");
 }
 
+/// Sends `signal` (`-KILL`) to `pid` through the shell's `kill` builtin: a minimal Debian has no
+/// `kill` program (procps) on the PATH.
+fn kill(signal: &str, pid: u32) -> std::process::ExitStatus {
+    Command::new("sh")
+        .args(["-c", &format!("kill {signal} {pid}")])
+        .status()
+        .expect("running sh")
+}
+
 /// Starts an endless AdamW run on `np` ranks (`env` set for each), sends `signal` to rank
 /// `rank` once it trains, and waits for mpirun: (seconds from the signal to mpirun's end, its
 /// stdout + stderr, whether it succeeded).
@@ -548,18 +564,12 @@ lr = 1e-4
     let child = c.spawn().expect("mpirun");
     // The rank's log names its pid once it trains.
     let pid = training_pid(&tmp.path().join("run"), rank);
-    assert!(Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(kill(signal, pid).success());
     let sent = Instant::now();
     let out = child.wait_with_output().unwrap();
     let waited = sent.elapsed().as_secs_f64();
     // Leave nothing behind if mpirun left a stopped rank.
-    let _ = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
+    kill("-KILL", pid);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

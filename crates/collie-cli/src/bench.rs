@@ -163,9 +163,16 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
             c.tie_word_embeddings = true;
             c
         }
+        // The memory-per-rank model (scripts/bench/memory_per_rank.sh): ~321 M parameters whose
+        // heads split by 2 and 4, SmolLM2's vocabulary, tied.
+        "350m" => {
+            let mut c = LlamaConfig::new(49152, 1024, 2816, 24, 16, 4);
+            c.tie_word_embeddings = true;
+            c
+        }
         // The GPU benchmark's ~1.1 B LLaMA: 16 layers, d 2048, GQA 32:8, SwiGLU 8192.
         "1b" => LlamaConfig::new(32000, 2048, 8192, 16, 32, 8),
-        other => bail!("unknown preset `{other}` (tiny, 20m, 30m, small, 360m, 1b)"),
+        other => bail!("unknown preset `{other}` (tiny, 20m, 30m, small, 350m, 360m, 1b)"),
     })
 }
 

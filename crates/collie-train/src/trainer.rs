@@ -74,6 +74,9 @@ pub struct Summary {
     pub tokens_per_sec: f64,
     /// Peak RSS of the process.
     pub peak_rss_bytes: Option<u64>,
+    /// Peak RSS of every rank of the run, indexed by world rank (one entry in one process; 0
+    /// where a rank could not read its own).
+    pub peak_rss_bytes_per_rank: Vec<u64>,
     /// The last checkpoint written.
     pub checkpoint: PathBuf,
     /// Whether early stopping ended the run.
@@ -971,6 +974,11 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             self.sync_pipeline();
             checkpoint = self.save()?;
         }
+        // Every rank's peak, exchanged while all ranks are still here (a collective).
+        let peak = peak_rss_bytes();
+        let mut peaks = vec![0.0; self.dist.world.size()];
+        peaks[self.dist.world.rank()] = peak.unwrap_or(0) as f64;
+        self.dist.world.all_reduce_sum_f64(&mut peaks);
         let summary = Summary {
             steps: self.state.step,
             final_loss: last_loss,
@@ -979,7 +987,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             tokens,
             train_seconds: seconds,
             tokens_per_sec: tokens as f64 / seconds.max(1e-9),
-            peak_rss_bytes: peak_rss_bytes(),
+            peak_rss_bytes: peak,
+            peak_rss_bytes_per_rank: peaks.into_iter().map(|p| p as u64).collect(),
             checkpoint,
             stopped_early,
         };
