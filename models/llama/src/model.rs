@@ -168,9 +168,13 @@ impl<'a> ParamPath<'a> {
         }
         Some(match path {
             "embed.weight" => ParamPath::Embed,
-            _ if path.starts_with("head.norm.") => ParamPath::FinalNorm(&path[10..]),
-            _ if path.starts_with("head.lm_head.") => ParamPath::LmHead(&path[13..]),
             _ => {
+                if let Some(param) = path.strip_prefix("head.norm.") {
+                    return Some(ParamPath::FinalNorm(param));
+                }
+                if let Some(param) = path.strip_prefix("head.lm_head.") {
+                    return Some(ParamPath::LmHead(param));
+                }
                 let (index, rest) = path.strip_prefix("layers.")?.split_once('.')?;
                 let (module, param) = rest.rsplit_once('.')?;
                 ParamPath::Block {
