@@ -435,22 +435,18 @@ fn glm_fused_gate_up_state_resumes_across_tensor_parallel_layouts() {
 }
 
 #[test]
-fn mixtral_load_balancing_loss_under_data_and_tensor_parallelism_matches_one_process() {
+fn mixtral_load_balancing_loss_under_every_layout_matches_one_process() {
     // The auxiliary loss is per micro-batch (not additive over rows), averaged over the global
-    // batch's micro-batches: dp2 with one row per micro-batch against one process with the same
-    // micro-batches accumulated; under tp2 every rank routes the same all-reduced input (the
-    // same loss, whole routers).
+    // batch's micro-batches, so each layout is held against one process with the same
+    // micro-batches: dp2 with one row per micro-batch against the micro-batches accumulated;
+    // under tp2 every rank routes the same all-reduced input (the same loss, whole routers);
+    // under pp2 (one layer per stage) the expert counts travel with the activations and come
+    // back with the gradients, each stage adding its layer's term; LOMO under pp2 (one
+    // micro-batch of two rows) against LOMO's block-wise walk in one process.
     let tmp = tempfile::tempdir().unwrap();
     let path = format!(
         "model.path={}",
         fixture("families/mixtral_aux/model").display()
-    );
-    let micro = ["train.micro_batch_size=1", path.as_str()];
-    let (want, single) = train(
-        1,
-        &tmp.path().join("single"),
-        SGD,
-        &[&micro[..], &["train.grad_accum_steps=4"]].concat(),
     );
     let aux = |run: &Path| -> Vec<f64> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -459,19 +455,56 @@ fn mixtral_load_balancing_loss_under_data_and_tensor_parallelism_matches_one_pro
             .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["aux_loss"].as_f64())
             .collect()
     };
-    let want_aux = aux(&single);
-    assert_eq!(want_aux.len(), 5, "an aux_loss per step");
     let ckpt = |run: &Path| run.join("checkpoints").join("step-5");
-    let layouts: [(&str, [&str; 2]); 2] = [
-        ("dp2", ["train.grad_accum_steps=2", "parallel.dp=2"]),
-        ("tp2", ["train.grad_accum_steps=4", "parallel.tp=2"]),
+    let lomo = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
+    let accumulated = ["train.micro_batch_size=1", "train.grad_accum_steps=4"];
+    let one_batch = ["train.micro_batch_size=2", "train.grad_accum_steps=1"];
+    // (layout, optimizer, the reference's settings, the layout's settings)
+    let layouts: [(&str, &str, &[&str], &[&str]); 4] = [
+        (
+            "dp2",
+            SGD,
+            &accumulated,
+            &[
+                "train.micro_batch_size=1",
+                "train.grad_accum_steps=2",
+                "parallel.dp=2",
+            ],
+        ),
+        (
+            "tp2",
+            SGD,
+            &accumulated,
+            &[&accumulated[..], &["parallel.tp=2"]].concat(),
+        ),
+        (
+            "pp2",
+            SGD,
+            &accumulated,
+            &[&accumulated[..], &["parallel.pp=2"]].concat(),
+        ),
+        (
+            "pp2 lomo",
+            lomo,
+            &one_batch,
+            &[&one_batch[..], &["parallel.pp=2"]].concat(),
+        ),
     ];
-    for (name, sets) in layouts {
+    for (name, body, reference, sets) in layouts {
+        let dir = tmp.path().join(name.replace(' ', "-"));
+        let (want, single) = train(
+            1,
+            &dir.join("single"),
+            body,
+            &[reference, &[path.as_str()]].concat(),
+        );
+        let want_aux = aux(&single);
+        assert_eq!(want_aux.len(), 5, "an aux_loss per step");
         let (got, run) = train(
             2,
-            &tmp.path().join(name),
-            SGD,
-            &[&micro[..], &sets].concat(),
+            &dir.join("parallel"),
+            body,
+            &[sets, &[path.as_str()]].concat(),
         );
         let checks = [
             ("loss max rel Δ", max_rel_list(&got, &want), LOSS_TOL),
@@ -487,6 +520,7 @@ fn mixtral_load_balancing_loss_under_data_and_tensor_parallelism_matches_one_pro
             ),
         ];
         for (what, value, tol) in checks {
+            println!("mixtral aux {name}: {what} {value:.2e}");
             assert_within(
                 &format!("dist mixtral aux {name}: {what} vs one process"),
                 value,

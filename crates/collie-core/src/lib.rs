@@ -3,7 +3,7 @@
 //! Everything a model, a loader or a binary needs to agree on lives here: which Burn backends are
 //! compiled in and how a `--device` string selects one ([`device`]), the layers every model is
 //! built from ([`nn`]: a [`nn::Linear`] with an adapter slot and a parallel mode, [`nn::Embedding`],
-//! [`nn::Norm`]: RMSNorm and LayerNorm), rotary position embeddings ([`rope`]), attention ([`attention`], and its memory-efficient
+//! [`nn::Norm`]: RMSNorm and LayerNorm), rotary position embeddings ([`rope`]), mixture-of-experts routing statistics ([`router`]), attention ([`attention`], and its memory-efficient
 //! kernels in [`flash`]), losses
 //! ([`loss`]) and the asset resolver that turns `pypi:NAME==VERSION/path` into a local file
 //! ([`asset`]); the collectives a parallel run calls ([`dist`]).
@@ -19,6 +19,7 @@ pub mod loss;
 pub mod model;
 pub mod nn;
 pub mod rope;
+pub mod router;
 pub mod tp;
 
 pub use error::{CoreError, Result};

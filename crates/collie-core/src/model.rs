@@ -16,6 +16,7 @@ use burn::tensor::{Int, Tensor};
 use crate::attention::AttentionKind;
 use crate::lm::CausalLm;
 use crate::nn::{Adaptable, Embedding};
+use crate::router::RouterLog;
 
 /// Keys and values of the past positions of one layer (`[batch, kv_heads, past, head_dim]`
 /// each), or nothing yet.
@@ -124,6 +125,19 @@ pub trait BlockModel<B: Backend>: Module<B> + Adaptable<B> + CausalLm<B> + Clone
         positions: Option<Tensor<B, 2, Int>>,
         device: &B::Device,
     ) -> Self::Context;
+
+    /// A fresh [`RouterLog`] attached to `ctx`, so that the mixture-of-experts layers run with
+    /// that context record their routing for the load-balancing loss; `None` (the default) when
+    /// the model adds no such loss. Its real tokens are the non-padding ones of `segments`
+    /// (`[batch, seq]`, as [`BlockModel::context`] takes them) and prompt tuning's virtual tokens.
+    fn log_routing(
+        &self,
+        ctx: &mut Self::Context,
+        segments: &Tensor<B, 2, Int>,
+    ) -> Option<std::sync::Arc<RouterLog<B>>> {
+        let _ = (ctx, segments);
+        None
+    }
 
     /// The attention implementation every layer runs.
     fn set_attention(&mut self, kind: AttentionKind);

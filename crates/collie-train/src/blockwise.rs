@@ -75,6 +75,10 @@ pub struct Walk {
     pub scale: f64,
     /// Keep only block inputs and recompute each block in the reverse walk.
     pub recompute: bool,
+    /// The backward pass also sees the load-balancing auxiliary loss times this weight, where
+    /// the model adds one (a mixture of experts): each layer's term of it (`collie_core::router`)
+    /// joins that layer's backward, with the expert counts of every layer from the forward walk.
+    pub aux: Option<f64>,
 }
 
 /// Forward + reverse block walk of one micro-batch. The backward pass sees `nll · scale`;
@@ -82,7 +86,8 @@ pub struct Walk {
 /// masters), in the order head, layers from last to first, embed, each after `hook`. A tied
 /// embedding weight gets gradient in the head and in the embedding; the head's share is held back and added to the
 /// embedding block's, so the weight appears once, with the sum (as lomo-optim's hook fires once
-/// on the accumulated gradient). Returns the summed NLL.
+/// on the accumulated gradient). Returns the summed NLL and the (unweighted) auxiliary loss, 0
+/// without one.
 ///
 /// `model` is taken by value and each block is dropped once its gradients are handed out, so a
 /// caller that replaces blocks as it goes (LOMO) never holds old and new weights of the whole
@@ -94,11 +99,12 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     device: &B::Device,
     mut hook: Option<&mut GradHook>,
     mut on_block: impl FnMut(BlockId, GradientsParams),
-) -> f64 {
+) -> (f64, f64) {
     let Walk {
         compute,
         scale,
         recompute,
+        aux: aux_weight,
     } = walk;
     // Every block's gradients pass the hook (if any) before `on_block` sees them.
     let mut on_block = |block: BlockId, mut grads: GradientsParams| {
@@ -122,7 +128,12 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     };
     let (embedded, prefix) = in_dtype(stage.clone(), compute).forward(ids, M::embed_tokens);
     let past = if prefix.is_empty() { 0 } else { n_virtual };
-    let ctx = model.context(r, c, past, Some(&segments), Some(positions), device);
+    let mut ctx = model.context(r, c, past, Some(&segments), Some(positions), device);
+    // The auxiliary loss needs every layer's expert counts before any layer's backward: the
+    // forward walk records them (routing is discrete, so a recomputed layer routes the same).
+    let log = aux_weight.and_then(|_| model.log_routing(&mut ctx, &segments));
+    // Without recomputation: where each layer's records start in `log`.
+    let mut starts = Vec::new();
     // inputs[i]: detached input of layer i (hidden state and prefix); outputs[i]: its output
     // with the graph kept (empty when recomputing, where the forward pass runs on the inner
     // backend and builds no graph at all).
@@ -132,15 +143,20 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     let mut prefix_in = prefix
         .iter()
         .map(|(k, v)| (k.clone().detach(), v.clone().detach()));
-    if recompute {
-        let ctx = model.valid().context(
+    let counts = if recompute {
+        let inner = model.valid();
+        let inner_segments = segments.clone().inner();
+        let mut ctx = inner.context(
             r,
             c,
             past,
-            Some(&segments.clone().inner()),
+            Some(&inner_segments),
             Some(int2::<B::InnerBackend>(&batch.positions, r, c, device)),
             device,
         );
+        let inner_log = log
+            .as_ref()
+            .and_then(|_| inner.log_routing(&mut ctx, &inner_segments));
         let mut xi = x.inner();
         for layer in model.layers() {
             let kv = prefix_in.next();
@@ -150,8 +166,10 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
             xi = in_dtype(M::inner_layer(layer), compute).forward(xi, &ctx, cache);
         }
         x = Tensor::from_inner(xi);
+        inner_log.map(|l| l.counts())
     } else {
         for layer in model.layers() {
+            starts.push(log.as_ref().map_or(0, |l| l.len()));
             let x_in = x.require_grad();
             let kv = prefix_in
                 .next()
@@ -163,7 +181,8 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
             inputs.push((x_in, kv));
             outputs.push(out);
         }
-    }
+        log.as_ref().map(|l| l.counts())
+    };
     drop(prefix_in);
     let (layers, head) = (model.layers().to_vec(), model.head().clone());
     drop(model);
@@ -188,8 +207,15 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     }
     // Gradients of each layer's prefix keys and values, for the embedding stage's backward.
     let mut g_prefix = Vec::new();
+    let mut aux = 0.0;
     for (i, layer) in layers.into_iter().enumerate().rev() {
         let (x_in, kv_in) = inputs.pop().expect("block input");
+        // This layer's routing records: where the recomputation appends them, or where the
+        // forward walk did (the later layers' are taken already).
+        let from = match (&log, recompute) {
+            (Some(log), true) => log.len(),
+            _ => starts.get(i).copied().unwrap_or(0),
+        };
         let (x_in, kv_in, out) = if recompute {
             let x_in = x_in.require_grad();
             let kv_in = kv_in.map(|(k, v)| (k.require_grad(), v.require_grad()));
@@ -201,7 +227,14 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
             (x_in, kv_in, outputs.pop().expect("block output"))
         };
         let g_out = to_dtype(Tensor::from_inner(g), out.dtype());
-        let mut grads = to_dtype(out * g_out, DType::F32).sum().backward();
+        let mut product = to_dtype(out * g_out, DType::F32).sum();
+        if let (Some(log), Some(counts), Some(weight)) = (&log, &counts, aux_weight) {
+            if let Some(term) = log.take_term(from, counts) {
+                aux += term.clone().inner().into_scalar().elem::<f64>();
+                product = product + term.mul_scalar(weight);
+            }
+        }
+        let mut grads = product.backward();
         g = x_in.grad(&grads).expect("gradient of the block input");
         if let Some((k, v)) = kv_in {
             let gk = k.grad(&grads).expect("gradient of the key prefix");
@@ -244,7 +277,7 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     }
     drop(stage);
     on_block(BlockId::Embed, block);
-    nll
+    (nll, aux)
 }
 
 /// A layer's detached inputs: hidden state and, under prefix tuning, its key/value prefix.

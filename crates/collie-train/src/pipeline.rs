@@ -6,6 +6,7 @@
 //! brought up to date from their stages ([`sync_stages`]) before an evaluation or a checkpoint.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
@@ -16,6 +17,7 @@ use collie_core::dist::Collectives;
 use collie_core::loss::cross_entropy_sum_sharded;
 use collie_core::model::{DecoderLayer, LmHead};
 use collie_core::nn::to_dtype;
+use collie_core::router::{RouterLog, RoutingCounts};
 use collie_data::loader::Batch;
 use collie_dist::pp::{one_f_one_b, Op};
 use collie_io::family::TrainModel;
@@ -48,10 +50,17 @@ impl Stage {
 
 /// What a stage keeps of a micro-batch between its forward and backward passes.
 enum Saved<B: AutodiffBackend> {
-    /// Input received from the previous stage (a leaf, `None` on the first stage) and output.
-    Inner(Option<Tensor<B, 3>>, Tensor<B, 3>),
-    /// Last stage: input leaf and the scaled loss.
-    Loss(Option<Tensor<B, 3>>, Tensor<B, 1>),
+    /// Input received from the previous stage (a leaf, `None` on the first stage), output, and
+    /// the routing of the stage's MoE layers (whose auxiliary-loss terms need the counts of
+    /// every stage, which come back with the output's gradient).
+    Inner(
+        Option<Tensor<B, 3>>,
+        Tensor<B, 3>,
+        Option<Arc<RouterLog<B>>>,
+    ),
+    /// Last stage: input leaf, the scaled loss, and every stage's expert counts (sent back with
+    /// the input's gradient).
+    Loss(Option<Tensor<B, 3>>, Tensor<B, 1>, Option<RoutingCounts>),
 }
 
 /// `t` as host f32 values.
@@ -62,23 +71,45 @@ fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> V
         .expect("f32 after convert")
 }
 
+/// What one pipelined step of a stage produced.
+pub struct StageStep {
+    /// Summed NLL (last stage; 0 elsewhere).
+    pub nll: f64,
+    /// This stage's share of the (unweighted) auxiliary loss, summed over the micro-batches:
+    /// the stages' shares add up to the loss.
+    pub aux: f64,
+    /// The accumulated gradients of this stage's parameters.
+    pub grads: GradientsParams,
+    /// Seconds spent waiting for the neighbours.
+    pub waited: f64,
+}
+
 /// Runs this stage's part of one optimizer step on `batches` (the micro-batches, the same on every
-/// stage). Each micro-batch's loss is its summed NLL times `scale`. Returns the summed NLL (last
-/// stage; 0 elsewhere), the accumulated gradients of this stage's parameters, and the seconds
-/// spent waiting for the neighbours.
+/// stage). Each micro-batch's loss is its summed NLL times `scale`, plus, where the model adds a
+/// load-balancing auxiliary loss, that loss times `aux`: the expert counts of the stages so far
+/// travel with the activations, and the counts of all of them come back with the gradients, so
+/// each stage adds its layers' terms of the loss (`collie_core::router`) to its backward.
+#[allow(clippy::too_many_arguments)]
 pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     stage: &Stage,
     batches: &[Batch],
     compute: DType,
     scale: f64,
+    aux: Option<f64>,
     group: &dyn Collectives,
     device: &B::Device,
-) -> (f64, GradientsParams, f64) {
+) -> StageStep {
     let d = model.embed().weight.dims()[1];
     let mut saved: Vec<Option<Saved<B>>> = (0..batches.len()).map(|_| None).collect();
     let mut acc = GradientsAccumulator::<M>::new();
-    let (mut nll, mut waited) = (0.0f64, 0.0f64);
+    let (mut nll, mut aux_sum, mut waited) = (0.0f64, 0.0f64, 0.0f64);
+    // A term's value (for the metrics) and its weighted tensor (for the backward).
+    let mut add_term = |log: &RouterLog<B>, counts: &RoutingCounts| {
+        let term = log.take_term(0, counts)?;
+        aux_sum += term.clone().inner().into_scalar().elem::<f64>();
+        Some(term.mul_scalar(aux.expect("an auxiliary-loss weight")))
+    };
     for op in one_f_one_b(stage.index, stage.count, batches.len()) {
         match op {
             Op::Forward(i) => {
@@ -86,22 +117,32 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                 let (r, c) = (b.rows, b.cols);
                 let segments = int2::<B>(&b.segments, r, c, device);
                 let positions = int2::<B>(&b.positions, r, c, device);
-                let ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
-                let (leaf, mut x) = if stage.first() {
+                let mut ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
+                let log = aux.and_then(|_| model.log_routing(&mut ctx, &segments));
+                // Expert counts travel after the activations: `experts + 1` values.
+                let extra = log.as_ref().map_or(0, |l| l.experts() + 1);
+                let (leaf, mut x, mut counts) = if stage.first() {
                     let ids = int2::<B>(&b.input_ids, r, c, device);
                     let embed = in_dtype(model.embed().clone(), compute);
-                    (None, M::embed_tokens(&embed, ids))
+                    let counts = log.as_ref().map(|l| RoutingCounts::zeros(l.experts()));
+                    (None, M::embed_tokens(&embed, ids), counts)
                 } else {
-                    let mut buf = vec![0.0f32; r * c * d];
+                    let mut buf = vec![0.0f32; r * c * d + extra];
                     let t0 = Instant::now();
                     group.recv(&mut buf, stage.index - 1);
                     waited += t0.elapsed().as_secs_f64();
+                    let counts = log
+                        .as_ref()
+                        .map(|_| RoutingCounts::from_message(&buf.split_off(r * c * d)));
                     let leaf = Tensor::<B, 3>::from_data(TensorData::new(buf, [r, c, d]), device)
                         .require_grad();
-                    (Some(leaf.clone()), to_dtype(leaf, compute))
+                    (Some(leaf.clone()), to_dtype(leaf, compute), counts)
                 };
                 for layer in &model.layers()[stage.layers.clone()] {
                     x = in_dtype(layer.clone(), compute).forward(x, &ctx, None);
+                }
+                if let (Some(counts), Some(log)) = (counts.as_mut(), &log) {
+                    counts.add(&log.counts());
                 }
                 saved[i] = Some(if stage.last() {
                     let logits = in_dtype(model.head().clone(), compute)
@@ -116,40 +157,69 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                     let (sum, _) =
                         cross_entropy_sum_sharded(logits, targets, model.embed().shard.as_ref());
                     nll += sum.clone().inner().into_scalar().elem::<f64>();
-                    Saved::Loss(leaf, sum.mul_scalar(scale))
+                    let mut loss = sum.mul_scalar(scale);
+                    // The last stage has every stage's counts now.
+                    if let (Some(log), Some(counts)) = (&log, &counts) {
+                        if let Some(term) = add_term(log, counts) {
+                            loss = loss + term;
+                        }
+                    }
+                    Saved::Loss(leaf, loss, counts)
                 } else {
-                    group.send(
-                        host(to_dtype(x.clone().detach(), DType::F32)),
-                        stage.index + 1,
-                    );
-                    Saved::Inner(leaf, x)
+                    let mut message = host(to_dtype(x.clone().detach(), DType::F32));
+                    if let Some(counts) = &counts {
+                        message.extend(counts.to_message());
+                    }
+                    group.send(message, stage.index + 1);
+                    Saved::Inner(leaf, x, log)
                 });
             }
             Op::Backward(i) => {
-                let (leaf, grads) = match saved[i].take().expect("forward before backward") {
-                    Saved::Loss(leaf, loss) => (leaf, loss.backward()),
-                    Saved::Inner(leaf, out) => {
+                let (leaf, grads, counts) = match saved[i].take().expect("forward before backward")
+                {
+                    Saved::Loss(leaf, loss, counts) => (leaf, loss.backward(), counts),
+                    Saved::Inner(leaf, out, log) => {
                         let dims = out.dims();
-                        let mut buf = vec![0.0f32; dims.iter().product()];
+                        let n: usize = dims.iter().product();
+                        let extra = log.as_ref().map_or(0, |l| l.experts() + 1);
+                        let mut buf = vec![0.0f32; n + extra];
                         let t0 = Instant::now();
                         group.recv(&mut buf, stage.index + 1);
                         waited += t0.elapsed().as_secs_f64();
+                        let counts = log
+                            .as_ref()
+                            .map(|_| RoutingCounts::from_message(&buf.split_off(n)));
                         let g = Tensor::<B, 3>::from_data(TensorData::new(buf, dims), device)
                             .cast(out.dtype());
-                        // d(sum(out · g_out))/dθ is the chain rule through this stage.
-                        (leaf, (out * g).sum().backward())
+                        // d(sum(out · g_out))/dθ is the chain rule through this stage, plus
+                        // the stage's terms of the auxiliary loss.
+                        let mut product = to_dtype(out * g, DType::F32).sum();
+                        if let (Some(log), Some(counts)) = (&log, &counts) {
+                            if let Some(term) = add_term(log, counts) {
+                                product = product + term;
+                            }
+                        }
+                        (leaf, product.backward(), counts)
                     }
                 };
                 if let Some(leaf) = leaf {
-                    let g = leaf.grad(&grads).expect("gradient of the stage input");
-                    group.send(host(g), stage.index - 1);
+                    let mut message = host(leaf.grad(&grads).expect("gradient of the stage input"));
+                    if let Some(counts) = &counts {
+                        message.extend(counts.to_message());
+                    }
+                    group.send(message, stage.index - 1);
                 }
                 acc.accumulate(model, GradientsParams::from_grads(grads, model));
             }
         }
     }
     group.flush();
-    (nll, acc.grads(), waited)
+    StageStep {
+        nll,
+        aux: aux_sum,
+        grads: acc.grads(),
+        waited,
+    }
 }
 
 /// Every parameter of `m` in visit order, as one host buffer.

@@ -54,7 +54,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             .model
             .router_aux_loss_coef()
             .map(|c| c * loss_scale / micro);
-        let (nll, mut grads) = match &self.pipeline {
+        let (nll, aux, mut grads) = match &self.pipeline {
             None => {
                 let mut acc = GradientsAccumulator::new();
                 let (mut nll, mut aux) = (0.0, 0.0);
@@ -63,13 +63,13 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                     nll += n;
                     aux += a;
                 }
-                if aux_scale.is_some() {
-                    self.step_aux = Some(self.dp_sum(aux) / micro);
-                }
-                (nll, acc.grads())
+                (nll, aux, acc.grads())
             }
-            Some(_) => self.pipeline_grads(batches, scale),
+            Some(_) => self.pipeline_grads(batches, scale, aux_scale),
         };
+        if aux_scale.is_some() {
+            self.step_aux = Some(self.dp_sum(aux) / micro);
+        }
         let nll = self.dp_sum(nll);
         if !self.tp_partial.is_empty() {
             collie_dist::dp::all_reduce_grads_of(
@@ -127,7 +127,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         acc: &mut GradientsAccumulator<M>,
     ) -> (f64, f64) {
         if self.config.train.activation_checkpointing {
-            return (self.micro_step_checkpointed(batch, scale, acc), 0.0);
+            return self.micro_step_checkpointed(batch, scale, aux_scale, acc);
         }
         let model = self.in_compute_dtype(self.model.clone());
         let (sum, aux) = batch_nll_aux(&model, batch, &self.device);
@@ -150,8 +150,9 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         &self,
         batch: &Batch,
         scale: f64,
+        aux_scale: Option<f64>,
         acc: &mut GradientsAccumulator<M>,
-    ) -> f64 {
+    ) -> (f64, f64) {
         let model = &self.model;
         backward_blockwise(
             model.clone(),
@@ -160,6 +161,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 compute: self.compute,
                 scale,
                 recompute: true,
+                aux: aux_scale,
             },
             &self.device,
             None,
@@ -222,19 +224,27 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     }
 
     /// This stage's gradients of one pipelined step (1F1B over `batches`, each micro-batch's NLL
-    /// scaled by `scale`) and the step's summed NLL (from the last stage).
+    /// scaled by `scale`, its auxiliary loss, where the model adds one, by `aux_scale`), and the
+    /// step's summed NLL and auxiliary loss (over the stages).
     pub(crate) fn pipeline_grads(
         &mut self,
         batches: &[Batch],
         scale: f64,
-    ) -> (f64, GradientsParams) {
+        aux_scale: Option<f64>,
+    ) -> (f64, f64, GradientsParams) {
         let (stage, _) = self.pipeline.as_ref().expect("a pipeline");
-        let (nll, mut grads, waited) = crate::pipeline::step(
+        let crate::pipeline::StageStep {
+            nll,
+            aux,
+            mut grads,
+            waited,
+        } = crate::pipeline::step(
             &self.model,
             stage,
             batches,
             self.compute,
             scale,
+            aux_scale,
             &*self.dist.pp,
             &self.device,
         );
@@ -254,10 +264,10 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 &self.device,
             );
         }
-        // Only the last stage computed the loss.
-        let mut v = [nll];
+        // Only the last stage computed the loss; each stage its layers' share of the auxiliary.
+        let mut v = [nll, aux];
         self.dist.pp.all_reduce_sum_f64(&mut v);
-        (v[0], grads)
+        (v[0], v[1], grads)
     }
 
     /// One LOMO/AdaLomo step on `batch`: an optional measuring pass (global gradient norm for
@@ -281,10 +291,16 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         fused.clip_coef = None;
         let scale = loss_scale / targets as f64;
         let device = self.device.clone();
+        // One micro-batch per replica: the auxiliary loss is averaged over the replicas'.
+        let micro = self.dist.dims.dp as f64;
         let walk = Walk {
             compute: self.compute,
             scale,
             recompute: self.config.train.activation_checkpointing,
+            aux: self
+                .model
+                .router_aux_loss_coef()
+                .map(|c| c * loss_scale / micro),
         };
         let max_norm = self.config.train.max_grad_norm;
         let mut grad_norm = f64::NAN;
@@ -328,7 +344,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             &mut self.model,
         );
         let dp = &*self.dist.dp;
-        let nll = backward_blockwise(
+        let (nll, aux) = backward_blockwise(
             target.clone(),
             batch,
             walk,
@@ -381,6 +397,9 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             },
         );
         let nll = self.dp_sum(nll);
+        if walk.aux.is_some() {
+            self.step_aux = Some(self.dp_sum(aux) / micro);
+        }
         if let Some(scaler) = &self.scaler {
             scaler.good_step(&mut self.state);
         }
@@ -398,8 +417,17 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         lr: f64,
     ) -> (f64, f64, bool) {
         let loss_scale = self.update.optimizer.static_loss_scale().unwrap_or(1.0);
-        let (nll, mut grads) = self.pipeline_grads(batches, loss_scale / targets as f64);
+        let micro = (batches.len() * self.dist.dims.dp) as f64;
+        let aux_scale = self
+            .model
+            .router_aux_loss_coef()
+            .map(|c| c * loss_scale / micro);
+        let (nll, aux, mut grads) =
+            self.pipeline_grads(batches, loss_scale / targets as f64, aux_scale);
         let nll = self.dp_sum(nll);
+        if aux_scale.is_some() {
+            self.step_aux = Some(self.dp_sum(aux) / micro);
+        }
         all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
         let norm = self.grad_norm(&grads) / loss_scale;
         self.update

@@ -265,9 +265,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         if dist.dims.tp > 1 {
             check_tensor_parallel(&config)?;
         }
-        if model.router_aux_loss_coef().is_some() {
-            check_router_aux_loss(&config, &dist.dims)?;
-        }
         let model = setup_peft(
             &mut config,
             model,
@@ -1042,34 +1039,6 @@ fn squared_norms<B: AutodiffBackend, M: TrainModel<B>>(
     };
     model.visit(&mut v);
     v.sums
-}
-
-/// Where the load-balancing auxiliary loss (a mixture of experts with `output_router_logits`)
-/// is not added yet, as config errors: it is added in the plain step, over data and tensor
-/// parallelism (every tensor-parallel rank routes the same all-reduced input, so it computes the
-/// same loss and the same router gradients).
-fn check_router_aux_loss(
-    config: &TrainConfig,
-    dims: &collie_dist::dims::ParallelDims,
-) -> Result<(), TrainError> {
-    let what = if config.optim.is_fused() {
-        Some(format!("optim.name = {}", config.optim.name))
-    } else if config.train.activation_checkpointing {
-        Some("train.activation_checkpointing = true".to_string())
-    } else if dims.pp > 1 {
-        Some(format!("parallel.pp = {}", dims.pp))
-    } else {
-        None
-    };
-    match what {
-        Some(what) => Err(TrainError::Invalid(format!(
-            "{what}: the model's config.json sets output_router_logits, whose load-balancing \
-             loss collie-rs adds only in the plain step (data and tensor parallelism included); set \
-             output_router_logits to false in config.json to train on the language-model loss \
-             alone"
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// What pipeline parallelism does not combine with yet, as config errors.

@@ -5,6 +5,8 @@
 //! and mask) is computed once per call and shared by every block, so block-wise backward,
 //! activation checkpointing and pipeline stages can drive the blocks one at a time.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
@@ -16,11 +18,12 @@ use collie_core::nn::{
     VirtualTarget, VirtualTokens,
 };
 use collie_core::rope::{apply_rotary, Rope};
+use collie_core::router::RouterLog;
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::layout::Names;
-use crate::moe::{RouterLog, SparseMoe};
+use crate::moe::SparseMoe;
 
 /// Self-attention with RoPE and grouped-query heads.
 ///
@@ -273,7 +276,7 @@ pub struct BlockContext<B: Backend> {
     pub local: Option<Box<BlockContext<B>>>,
     /// Where the mixture-of-experts blocks record their routing for the auxiliary loss, when
     /// the call computes it.
-    pub router: Option<std::sync::Arc<RouterLog<B>>>,
+    pub router: Option<Arc<RouterLog<B>>>,
 }
 
 /// Keys and values of past positions, one entry per block.
@@ -705,17 +708,9 @@ impl<B: Backend> Llama<B> {
             Some(positions),
             &device,
         );
-        let log = self.router_aux_loss_coef.map(|_| {
-            let mut mask = segments.clone().not_equal_elem(0).float();
-            let n = self.virtual_queries(0);
-            if n > 0 {
-                mask = Tensor::cat(vec![Tensor::ones([b, n], &device), mask], 1);
-            }
-            std::sync::Arc::new(RouterLog::new(mask))
-        });
-        ctx.router = log.clone();
+        let log = self.log_routing(&mut ctx, segments);
         let x = self.blocks(ids, &ctx);
-        let aux = log.and_then(|log| log.aux_loss());
+        let aux = log.and_then(|log| log.take_aux_loss());
         (self.head.forward(x, &self.embed), aux)
     }
 
@@ -997,6 +992,30 @@ impl<B: Backend> BlockModel<B> for Llama<B> {
                 device,
             )
         }
+    }
+
+    fn log_routing(
+        &self,
+        ctx: &mut BlockContext<B>,
+        segments: &Tensor<B, 2, Int>,
+    ) -> Option<Arc<RouterLog<B>>> {
+        self.router_aux_loss_coef?;
+        let experts = self
+            .layers
+            .iter()
+            .find_map(|l| l.moe.as_ref())?
+            .experts
+            .len();
+        let [b, _] = segments.dims();
+        // Prompt tuning's virtual tokens are real tokens too (peft's attention mask covers them).
+        let mut mask = segments.clone().not_equal_elem(0).float();
+        let n = self.virtual_queries(0);
+        if n > 0 {
+            mask = Tensor::cat(vec![Tensor::ones([b, n], &segments.device()), mask], 1);
+        }
+        let log = Arc::new(RouterLog::new(mask, experts));
+        ctx.router = Some(log.clone());
+        Some(log)
     }
 
     fn set_attention(&mut self, kind: AttentionKind) {

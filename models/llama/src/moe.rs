@@ -20,6 +20,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use collie_core::nn::{to_dtype, Activation, Linear, LinearConfig};
+use collie_core::router::RouterLog;
 
 /// One expert: `down(act(gate(x)) · up(x))`, without biases.
 #[derive(Module, Debug)]
@@ -49,79 +50,6 @@ pub struct SparseMoe<B: Backend> {
     /// The experts' gate activation.
     #[module(skip)]
     pub act: Activation,
-}
-
-/// What every sparse MoE block of one forward pass records for the load-balancing auxiliary
-/// loss (transformers' `load_balancing_loss_func`, the Switch Transformer's): per layer, the
-/// summed router probabilities of the real tokens and how often each expert was chosen.
-#[derive(Debug)]
-pub struct RouterLog<B: Backend> {
-    /// `[batch · seq]`: 1 for a real token, 0 for padding (f32).
-    mask: Tensor<B, 1>,
-    /// The same on the host.
-    host_mask: Vec<f32>,
-    /// Real tokens of the call (every MoE layer routes them all).
-    tokens: f64,
-    /// What each MoE layer of the call recorded.
-    layers: std::sync::Mutex<Vec<LayerRouting<B>>>,
-}
-
-/// One MoE layer's routing of the real tokens of a call.
-#[derive(Debug)]
-struct LayerRouting<B: Backend> {
-    /// `[experts]`: router probabilities summed over the real tokens.
-    probs: Tensor<B, 1>,
-    /// How many times each expert was chosen.
-    counts: Vec<f64>,
-}
-
-impl<B: Backend> RouterLog<B> {
-    /// A log for a call whose real tokens are the non-zero entries of `mask` (`[batch, seq]`).
-    pub fn new(mask: Tensor<B, 2>) -> Self {
-        let [b, s] = mask.dims();
-        let mask = to_dtype(mask, DType::F32).reshape([b * s]);
-        let host_mask = mask
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 mask");
-        RouterLog {
-            mask,
-            tokens: host_mask.iter().map(|&m| m as f64).sum(),
-            host_mask,
-            layers: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    /// The auxiliary loss of everything logged (`None` if no MoE layer ran): with `P_e` the
-    /// probability of expert `e` and `C_e` how many times it was chosen, summed over the real
-    /// tokens of every layer, and `N` those tokens counted once per layer,
-    /// `experts · Σ_e (C_e / N) · (P_e / N)`. The counts are constants; the loss reaches the
-    /// routers through the probabilities.
-    pub fn aux_loss(&self) -> Option<Tensor<B, 1>> {
-        let layers = self.layers.lock().expect("router log");
-        let (first, rest) = layers.split_first()?;
-        let mut probs = first.probs.clone();
-        let mut counts = first.counts.clone();
-        for layer in rest {
-            probs = probs + layer.probs.clone();
-            counts
-                .iter_mut()
-                .zip(&layer.counts)
-                .for_each(|(a, b)| *a += b);
-        }
-        let tokens = self.tokens * layers.len() as f64;
-        let experts = counts.len() as f64;
-        let counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
-        let counts =
-            Tensor::<B, 1>::from_data(TensorData::new(counts, [experts as usize]), &probs.device());
-        Some(
-            (probs * counts)
-                .sum()
-                .mul_scalar(experts / (tokens * tokens)),
-        )
-    }
 }
 
 /// The shape of a sparse MoE block.
@@ -199,17 +127,7 @@ impl<B: Backend> SparseMoe<B> {
             chosen.extend(order[..k].iter().map(|&i| i as i64));
         }
         if let Some(log) = log {
-            // [tokens, experts] -> [experts]: probabilities summed over the real tokens.
-            let probs = (probs.clone() * log.mask.clone().unsqueeze_dim(1)).sum_dim(0);
-            let mut counts = vec![0.0; e];
-            for (row, &m) in chosen.chunks(k).zip(&log.host_mask) {
-                row.iter().for_each(|&c| counts[c as usize] += m as f64);
-            }
-            let mut layers = log.layers.lock().expect("router log");
-            layers.push(LayerRouting {
-                probs: probs.reshape([e]),
-                counts,
-            });
+            log.record(probs.clone(), &chosen, k);
         }
         let index =
             Tensor::<B, 2, Int>::from_data(TensorData::new(chosen.clone(), [n, k]), &device);
