@@ -106,6 +106,13 @@ fn train(np: usize, dir: &Path, body: &str, sets: &[&str]) -> (Vec<f64>, PathBuf
     assert_eq!(peaks.len(), np, "peak_rss_bytes_per_rank: {peaks:?}");
     assert!(peaks.iter().all(|p| p.as_u64().unwrap() > 0), "{peaks:?}");
     assert_eq!(peaks[0], summary["peak_rss_bytes"], "rank 0's peak");
+    // The training loop's peaks come before the run's end.
+    let train_peaks = summary["train_peak_rss_bytes_per_rank"].as_array().unwrap();
+    assert_eq!(train_peaks.len(), np, "{train_peaks:?}");
+    for (t, p) in train_peaks.iter().zip(peaks) {
+        let (t, p) = (t.as_u64().unwrap(), p.as_u64().unwrap());
+        assert!(t > 0 && t <= p, "training peak {t} vs run peak {p}");
+    }
     let losses = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()

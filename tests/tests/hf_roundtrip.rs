@@ -219,3 +219,47 @@ fn half_precision_checkpoints_load_as_f32() {
         collie_llama::load::<B>(out.to_str().unwrap(), &device).unwrap();
     }
 }
+
+#[test]
+fn lazy_loading_reads_each_weight_when_first_used() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    use collie_io::family::ModelFiles;
+    // Counts the parameters whose value is read yet.
+    struct Read(usize, usize);
+    impl ModuleVisitor<B> for Read {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.0 += p.is_initialized() as usize;
+            self.1 += 1;
+        }
+    }
+    let read = |m: &collie_llama::Llama<B>| {
+        let mut v = Read(0, 0);
+        m.visit(&mut v);
+        (v.0, v.1)
+    };
+    let device = Default::default();
+    for case in LLAMA_CASES {
+        let path = fixture(&format!("llama/{case}"));
+        let path = path.to_str().unwrap();
+        let eager = collie_llama::load::<B>(path, &device).unwrap().model;
+        let lazy = <collie_llama::Llama<B> as ModelFiles<B>>::load_lazy(path, &device)
+            .unwrap()
+            .model;
+        let (_, total) = read(&eager);
+        assert_eq!(read(&eager).0, total, "{case}: load reads every weight");
+        // (Parts cut out of a fused checkpoint tensor, InternLM2's wqkv, would be read at load;
+        // these cases store every weight as the model holds it.)
+        assert_eq!(read(&lazy).0, 0, "{case}: weights read by load_lazy");
+        collie_io::module::materialize(&lazy);
+        assert_eq!(read(&lazy).0, total, "{case}: materialized");
+        let (a, b) = (
+            collie_io::module::collect_params(&lazy),
+            collie_io::module::collect_params(&eager),
+        );
+        assert_eq!(a.len(), b.len());
+        for ((ia, ta), (_, tb)) in a.iter().zip(&b) {
+            assert_eq!(ta, tb, "{case}: {}", ia.path);
+        }
+    }
+}

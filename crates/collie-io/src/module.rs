@@ -70,6 +70,12 @@ pub trait TensorSource {
     fn shape(&self, key: &str) -> Option<Vec<usize>>;
     /// Reads and converts `key` to `f32`.
     fn read(&self, key: &str) -> Result<HostTensor>;
+    /// Whether [`TensorSource::read`] of `key` (which exists) can succeed: checked when the read
+    /// itself is deferred ([`load_module_lazy`]), so a bad file fails at load, naming the key.
+    fn check(&self, key: &str) -> Result<()> {
+        let _ = key;
+        Ok(())
+    }
 }
 
 /// Where a module parameter is, as the visitor sees it.
@@ -124,10 +130,15 @@ impl Binding {
 struct Loader<'a, F> {
     path: Vec<(String, String)>,
     source: &'a dyn TensorSource,
+    /// The same source, shared, when reads of plainly stored tensors are deferred.
+    lazy: Option<SharedSource>,
     bind: F,
     used: BTreeSet<String>,
     error: Option<IoError>,
 }
+
+/// A checkpoint shared by the parameters whose reads it defers.
+pub type SharedSource = std::sync::Arc<dyn TensorSource + Send + Sync>;
 
 /// The [`ParamInfo`] of the parameter at the top of a visitor's `(field, container)` stack.
 fn param_info(stack: &[(String, String)]) -> ParamInfo {
@@ -192,6 +203,31 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
             self.error = Some(mismatch(found));
             return param;
         }
+        if let (Some(lazy), false) = (&self.lazy, custom) {
+            // Checked now, read when the parameter is first used: a caller that keeps only a
+            // slice of it (tensor parallelism) never holds every whole tensor at once.
+            if let Err(e) = lazy.check(&binding.key) {
+                self.error = Some(e);
+                return param;
+            }
+            let (source, key) = (lazy.clone(), binding.key.clone());
+            self.used.insert(binding.key);
+            let read = move |device: &B::Device, require_grad: bool| {
+                let host = source
+                    .read(&key)
+                    .unwrap_or_else(|e| panic!("{e} (checked when the model was loaded)"));
+                let host = if transposed { host.transpose() } else { host };
+                let t = host.to_tensor::<B, D>(device);
+                if require_grad {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            };
+            let shape = param.lazy_shape();
+            let (device, require_grad) = (param.lazy_device(), param.is_require_grad());
+            return Param::uninitialized(param.id, read, device, require_grad, shape);
+        }
         let host = match self.source.read(&binding.key) {
             Ok(h) => h,
             Err(e) => {
@@ -232,9 +268,32 @@ pub fn load_module<B: Backend, M: Module<B>>(
     source: &dyn TensorSource,
     bind: impl FnMut(&ParamInfo) -> Option<Binding>,
 ) -> Result<M> {
+    load_with(module, source, None, bind)
+}
+
+/// [`load_module`] with the reads deferred: each parameter stored as is (or transposed) becomes
+/// a lazy parameter that reads its tensor when first used; keys, shapes and dtypes are checked
+/// now. A transform that replaces a lazy parameter by a lazy slice of it (tensor-parallel
+/// sharding) thus holds one whole tensor at a time, never the whole model. Parameters with a
+/// custom conversion (parts of fused tensors, llama.cpp's permutations) are read now.
+pub fn load_module_lazy<B: Backend, M: Module<B>>(
+    module: M,
+    source: SharedSource,
+    bind: impl FnMut(&ParamInfo) -> Option<Binding>,
+) -> Result<M> {
+    load_with(module, &*source.clone(), Some(source), bind)
+}
+
+fn load_with<B: Backend, M: Module<B>>(
+    module: M,
+    source: &dyn TensorSource,
+    lazy: Option<SharedSource>,
+    bind: impl FnMut(&ParamInfo) -> Option<Binding>,
+) -> Result<M> {
     let mut loader = Loader {
         path: Vec::new(),
         source,
+        lazy,
         bind,
         used: BTreeSet::new(),
         error: None,
@@ -262,6 +321,18 @@ pub fn load_module<B: Backend, M: Module<B>>(
         );
     }
     Ok(module)
+}
+
+/// Reads every lazy parameter of `module` now (each in place, one at a time): what a loader
+/// that deferred its reads ([`load_module_lazy`]) hands out once the model is in its final form.
+pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
+    struct Materialize;
+    impl<B: Backend> ModuleVisitor<B> for Materialize {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            param.val();
+        }
+    }
+    module.visit(&mut Materialize);
 }
 
 struct Collector<B: Backend> {

@@ -1,6 +1,7 @@
 //! HF safetensors checkpoints: one file, or shards listed by `model.safetensors.index.json`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -19,11 +20,12 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 struct Shard {
     path: PathBuf,
-    map: Mmap,
     data_start: usize,
 }
 
-/// A memory-mapped safetensors checkpoint, read tensor by tensor.
+/// A safetensors checkpoint, read tensor by tensor: each read copies that tensor's bytes from the
+/// file (not through a memory map, whose pages would count in the process's resident memory for
+/// as long as the checkpoint is open).
 pub struct SafetensorsSource {
     desc: PathBuf,
     shards: Vec<Shard>,
@@ -101,7 +103,6 @@ impl SafetensorsSource {
             }
             shards.push(Shard {
                 path: path.clone(),
-                map,
                 data_start: 8 + header_len,
             });
         }
@@ -135,13 +136,34 @@ impl TensorSource for SafetensorsSource {
             .ok_or_else(|| IoError::invalid(&self.desc, format!("no tensor `{key}`")))?;
         let shard = &self.shards[*i];
         let (start, end) = info.data_offsets;
-        let bytes = &shard.map[shard.data_start + start..shard.data_start + end];
-        let data = decode(bytes, info.dtype).ok_or_else(|| IoError::UnsupportedDtype {
+        let mut bytes = vec![0u8; end - start];
+        let read = |bytes: &mut [u8]| -> std::io::Result<()> {
+            let mut file = std::fs::File::open(&shard.path)?;
+            file.seek(SeekFrom::Start((shard.data_start + start) as u64))?;
+            file.read_exact(bytes)
+        };
+        read(&mut bytes).map_err(|e| IoError::io(&shard.path, e))?;
+        let data = decode(&bytes, info.dtype).ok_or_else(|| IoError::UnsupportedDtype {
             key: key.to_string(),
             path: shard.path.clone(),
             dtype: format!("{:?}", info.dtype),
         })?;
         Ok(HostTensor::new(info.shape.clone(), data))
+    }
+
+    fn check(&self, key: &str) -> Result<()> {
+        let (i, info) = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| IoError::invalid(&self.desc, format!("no tensor `{key}`")))?;
+        match decode(&[], info.dtype) {
+            Some(_) => Ok(()),
+            None => Err(IoError::UnsupportedDtype {
+                key: key.to_string(),
+                path: self.shards[*i].path.clone(),
+                dtype: format!("{:?}", info.dtype),
+            }),
+        }
     }
 }
 

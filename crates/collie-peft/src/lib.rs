@@ -20,7 +20,7 @@ pub mod prefix;
 pub mod prompt;
 pub mod ptuning;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use collie_core::nn::{Adaptable, Linear};
@@ -41,7 +41,7 @@ pub fn apply<B: Backend, M: Adaptable<B> + Module<B>>(
     if !config.enabled() {
         return Ok(model);
     }
-    let mut model = model.no_grad();
+    let mut model = freeze(model);
     match config.kind {
         PeftKind::None => {}
         PeftKind::Lora => lora::inject(&mut model, config, device)?,
@@ -60,6 +60,18 @@ pub fn apply<B: Backend, M: Adaptable<B> + Module<B>>(
         }
     }
     Ok(model)
+}
+
+/// `module` with no parameter requiring a gradient. Unlike Burn's `no_grad`, a lazy parameter
+/// (a base whose reads are deferred until it is sharded) stays lazy.
+fn freeze<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Freeze;
+    impl<B: Backend> ModuleMapper<B> for Freeze {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            p.set_require_grad(false)
+        }
+    }
+    module.map(&mut Freeze)
 }
 
 /// Whether the HF module `name` is one of `targets` (peft's rules: a list entry matches the

@@ -274,6 +274,7 @@ pub(crate) fn write_summary(dir: &Path, s: &Summary) -> Result<(), TrainError> {
         "tokens_per_sec": s.tokens_per_sec,
         "peak_rss_bytes": s.peak_rss_bytes,
         "peak_rss_bytes_per_rank": s.peak_rss_bytes_per_rank,
+        "train_peak_rss_bytes_per_rank": s.train_peak_rss_bytes_per_rank,
         "checkpoint": s.checkpoint,
         "stopped_early": s.stopped_early,
     });

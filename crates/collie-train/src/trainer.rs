@@ -77,6 +77,9 @@ pub struct Summary {
     /// Peak RSS of every rank of the run, indexed by world rank (one entry in one process; 0
     /// where a rank could not read its own).
     pub peak_rss_bytes_per_rank: Vec<u64>,
+    /// The same when the training loop ended, before the final evaluation and checkpoint (whose
+    /// gathers of tensor-parallel shards, for now, hold a whole model on a rank).
+    pub train_peak_rss_bytes_per_rank: Vec<u64>,
     /// The last checkpoint written.
     pub checkpoint: PathBuf,
     /// Whether early stopping ended the run.
@@ -240,7 +243,9 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 (model_config, model, tokenizer)
             }
             ModelInit::Pretrained => {
-                let loaded = M::load(&config.model.path, device)?;
+                // Read as the model is sharded below: a rank holds its slices and one whole
+                // tensor at a time, never the whole model.
+                let loaded = M::load_lazy(&config.model.path, device)?;
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
@@ -272,8 +277,13 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             options.quiet,
             device,
         )?;
-        // Tensor parallelism: every rank loaded the whole model; each keeps its shard.
+        // Tensor parallelism: each rank reads a split tensor whole, keeps its slice and drops
+        // the rest before reading the next; then every other weight is read. (Weights drawn at
+        // random stay lazy until first used, as they always have: the order of the draws.)
         let (model, tp_split) = collie_core::tp::shard(model, &dist.tp)?;
+        if config.model.init == ModelInit::Pretrained {
+            collie_io::module::materialize(&model);
+        }
         let pipeline = match dist.dims.pp {
             1 => None,
             pp => {
@@ -399,7 +409,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let dir = checkpoint::resolve_resume(&self.config.output.dir, spec)?;
         let mut model = if self.peft_active() {
             // The checkpoint holds the adapter; the base comes from where it came from before.
-            let base = M::load(&self.config.model.path, &self.device)?.model;
+            let base = M::load_lazy(&self.config.model.path, &self.device)?.model;
             collie_peft::adapter_io::load(base, &dir, &self.device)?.0
         } else {
             M::load_hf_dir(&dir, &self.device)?.1
@@ -408,6 +418,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let (mut opt_state, state) = checkpoint::load_state(&dir)?;
         // A whole checkpoint, whatever layout wrote it: this rank keeps its tensor-parallel shard.
         let (model, split) = collie_core::tp::shard(model, &self.dist.tp)?;
+        collie_io::module::materialize(&model);
         self.tp_split = split.split.into_iter().collect();
         self.tp_partial = split.partial.into_iter().collect();
         if !self.tp_split.is_empty() {
@@ -957,6 +968,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 state.tensors.len()
             ))?;
         }
+        let train_peak = peak_rss_bytes();
         let mut eval_last = None;
         if self.has_eval() && !stopped_early {
             self.sync_pipeline();
@@ -971,11 +983,15 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             self.sync_pipeline();
             checkpoint = self.save()?;
         }
-        // Every rank's peak, exchanged while all ranks are still here (a collective).
+        // Every rank's peaks, exchanged while all ranks are still here (a collective): the
+        // run's, then the training loop's.
         let peak = peak_rss_bytes();
-        let mut peaks = vec![0.0; self.dist.world.size()];
-        peaks[self.dist.world.rank()] = peak.unwrap_or(0) as f64;
+        let (n, r) = (self.dist.world.size(), self.dist.world.rank());
+        let mut peaks = vec![0.0; 2 * n];
+        peaks[r] = peak.unwrap_or(0) as f64;
+        peaks[n + r] = train_peak.unwrap_or(0) as f64;
         self.dist.world.all_reduce_sum_f64(&mut peaks);
+        let peaks: Vec<u64> = peaks.into_iter().map(|p| p as u64).collect();
         let summary = Summary {
             steps: self.state.step,
             final_loss: last_loss,
@@ -985,7 +1001,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             train_seconds: seconds,
             tokens_per_sec: tokens as f64 / seconds.max(1e-9),
             peak_rss_bytes: peak,
-            peak_rss_bytes_per_rank: peaks.into_iter().map(|p| p as u64).collect(),
+            peak_rss_bytes_per_rank: peaks[..n].to_vec(),
+            train_peak_rss_bytes_per_rank: peaks[n..].to_vec(),
             checkpoint,
             stopped_early,
         };

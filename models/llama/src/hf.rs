@@ -2,10 +2,11 @@
 //! HF directory load/save.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use collie_io::json::{read_json, write_json};
-use collie_io::module::{load_module, torch_state_dict, Binding, ParamInfo};
+use collie_io::module::{load_module_lazy, torch_state_dict, Binding, ParamInfo, SharedSource};
 use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_io::IoError;
@@ -123,13 +124,13 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
 pub fn load_hf_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlamaConfig, Llama<B>)> {
     let config = read_config(dir)?;
     let model = config.init::<B>(device)?;
-    let source = SafetensorsSource::open(dir)?;
+    let source: SharedSource = Arc::new(SafetensorsSource::open(dir)?);
     let sandwich = config.sandwich_norms();
     let model = match config.model_type.as_str() {
-        "internlm2" => layout::load(model, &source, &internlm2_layout(&config))?,
-        "mixtral" => layout::load(model, &source, &Mixtral)?,
-        "codegen" => layout::load(model, &source, &CodeGen)?,
-        _ => load_module(model, &source, |info: &ParamInfo| {
+        "internlm2" => layout::load(model, source, &internlm2_layout(&config))?,
+        "mixtral" => layout::load(model, source, &Mixtral)?,
+        "codegen" => layout::load(model, source, &CodeGen)?,
+        _ => load_module_lazy(model, source, |info: &ParamInfo| {
             Some(Binding::torch(info, hf_key(&info.path, sandwich)?))
         })?,
     };

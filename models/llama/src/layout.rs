@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
-use collie_io::module::{load_module, torch_state_dict, Binding, Convert, ParamInfo};
-use collie_io::safetensors::SafetensorsSource;
+use collie_io::module::{
+    load_module_lazy, torch_state_dict, Binding, Convert, ParamInfo, SharedSource,
+};
 use collie_io::HostTensor;
 
 use crate::error::Result;
@@ -39,10 +40,10 @@ pub trait CheckpointLayout: Clone + 'static {
 /// Loads `model`'s parameters from a checkpoint in `layout`.
 pub fn load<B: Backend, L: CheckpointLayout>(
     model: Llama<B>,
-    source: &SafetensorsSource,
+    source: SharedSource,
     layout: &L,
 ) -> Result<Llama<B>> {
-    Ok(load_module(model, source, |info: &ParamInfo| {
+    Ok(load_module_lazy(model, source, |info: &ParamInfo| {
         let (key, part) = layout.key(&info.path)?;
         let linear = info.is_linear_weight();
         let convert = match part {
