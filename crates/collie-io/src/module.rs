@@ -273,8 +273,9 @@ pub fn load_module<B: Backend, M: Module<B>>(
 
 /// [`load_module`] with the reads deferred: each parameter stored as is (or transposed) becomes
 /// a lazy parameter that reads its tensor when first used; keys, shapes and dtypes are checked
-/// now. A transform that replaces a lazy parameter by a lazy slice of it (tensor-parallel
-/// sharding) thus holds one whole tensor at a time, never the whole model. Parameters with a
+/// now. A transform that reads the parameters one at a time and keeps part of each
+/// (tensor-parallel sharding) thus holds one whole tensor at a time, never the whole model.
+/// Parameters with a
 /// custom conversion (parts of fused tensors, llama.cpp's permutations) are read now.
 pub fn load_module_lazy<B: Backend, M: Module<B>>(
     module: M,

@@ -130,11 +130,7 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn read(&self, key: &str) -> Result<HostTensor> {
-        let (i, info) = self
-            .tensors
-            .get(key)
-            .ok_or_else(|| IoError::invalid(&self.desc, format!("no tensor `{key}`")))?;
-        let shard = &self.shards[*i];
+        let (shard, info) = self.entry(key)?;
         let (start, end) = info.data_offsets;
         let mut bytes = vec![0u8; end - start];
         let read = |bytes: &mut [u8]| -> std::io::Result<()> {
@@ -143,24 +139,28 @@ impl TensorSource for SafetensorsSource {
             file.read_exact(bytes)
         };
         read(&mut bytes).map_err(|e| IoError::io(&shard.path, e))?;
-        let data = decode(&bytes, info.dtype).ok_or_else(|| IoError::UnsupportedDtype {
-            key: key.to_string(),
-            path: shard.path.clone(),
-            dtype: format!("{:?}", info.dtype),
-        })?;
+        let data = decode(&bytes, info.dtype).expect("dtype checked by entry");
         Ok(HostTensor::new(info.shape.clone(), data))
     }
 
     fn check(&self, key: &str) -> Result<()> {
+        self.entry(key).map(|_| ())
+    }
+}
+
+impl SafetensorsSource {
+    /// The shard and header entry of `key`, whose dtype [`decode`] reads.
+    fn entry(&self, key: &str) -> Result<(&Shard, &TensorInfo)> {
         let (i, info) = self
             .tensors
             .get(key)
             .ok_or_else(|| IoError::invalid(&self.desc, format!("no tensor `{key}`")))?;
+        let shard = &self.shards[*i];
         match decode(&[], info.dtype) {
-            Some(_) => Ok(()),
+            Some(_) => Ok((shard, info)),
             None => Err(IoError::UnsupportedDtype {
                 key: key.to_string(),
-                path: self.shards[*i].path.clone(),
+                path: shard.path.clone(),
                 dtype: format!("{:?}", info.dtype),
             }),
         }

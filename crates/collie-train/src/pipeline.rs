@@ -71,6 +71,36 @@ fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> V
         .expect("f32 after convert")
 }
 
+/// Sends `values` to stage `to`, followed by `counts` where the step carries expert counts.
+fn send_with_counts(
+    group: &dyn Collectives,
+    to: usize,
+    mut values: Vec<f32>,
+    counts: Option<&RoutingCounts>,
+) {
+    if let Some(counts) = counts {
+        values.extend(counts.to_message());
+    }
+    group.send(values, to);
+}
+
+/// Receives `n` values from stage `from` and, where the step carries expert counts (`log`),
+/// the counts after them; adds the seconds spent waiting to `waited`.
+fn recv_with_counts<B: burn::tensor::backend::Backend>(
+    group: &dyn Collectives,
+    from: usize,
+    n: usize,
+    log: Option<&RouterLog<B>>,
+    waited: &mut f64,
+) -> (Vec<f32>, Option<RoutingCounts>) {
+    let mut buf = vec![0.0f32; n + log.map_or(0, |l| l.experts() + 1)];
+    let t0 = Instant::now();
+    group.recv(&mut buf, from);
+    *waited += t0.elapsed().as_secs_f64();
+    let counts = log.map(|_| RoutingCounts::from_message(&buf.split_off(n)));
+    (buf, counts)
+}
+
 /// What one pipelined step of a stage produced.
 pub struct StageStep {
     /// Summed NLL (last stage; 0 elsewhere).
@@ -119,21 +149,19 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                 let positions = int2::<B>(&b.positions, r, c, device);
                 let mut ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
                 let log = aux.and_then(|_| model.log_routing(&mut ctx, &segments));
-                // Expert counts travel after the activations: `experts + 1` values.
-                let extra = log.as_ref().map_or(0, |l| l.experts() + 1);
                 let (leaf, mut x, mut counts) = if stage.first() {
                     let ids = int2::<B>(&b.input_ids, r, c, device);
                     let embed = in_dtype(model.embed().clone(), compute);
                     let counts = log.as_ref().map(|l| RoutingCounts::zeros(l.experts()));
                     (None, M::embed_tokens(&embed, ids), counts)
                 } else {
-                    let mut buf = vec![0.0f32; r * c * d + extra];
-                    let t0 = Instant::now();
-                    group.recv(&mut buf, stage.index - 1);
-                    waited += t0.elapsed().as_secs_f64();
-                    let counts = log
-                        .as_ref()
-                        .map(|_| RoutingCounts::from_message(&buf.split_off(r * c * d)));
+                    let (buf, counts) = recv_with_counts(
+                        group,
+                        stage.index - 1,
+                        r * c * d,
+                        log.as_deref(),
+                        &mut waited,
+                    );
                     let leaf = Tensor::<B, 3>::from_data(TensorData::new(buf, [r, c, d]), device)
                         .require_grad();
                     (Some(leaf.clone()), to_dtype(leaf, compute), counts)
@@ -166,11 +194,8 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                     }
                     Saved::Loss(leaf, loss, counts)
                 } else {
-                    let mut message = host(to_dtype(x.clone().detach(), DType::F32));
-                    if let Some(counts) = &counts {
-                        message.extend(counts.to_message());
-                    }
-                    group.send(message, stage.index + 1);
+                    let values = host(to_dtype(x.clone().detach(), DType::F32));
+                    send_with_counts(group, stage.index + 1, values, counts.as_ref());
                     Saved::Inner(leaf, x, log)
                 });
             }
@@ -180,15 +205,13 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                     Saved::Loss(leaf, loss, counts) => (leaf, loss.backward(), counts),
                     Saved::Inner(leaf, out, log) => {
                         let dims = out.dims();
-                        let n: usize = dims.iter().product();
-                        let extra = log.as_ref().map_or(0, |l| l.experts() + 1);
-                        let mut buf = vec![0.0f32; n + extra];
-                        let t0 = Instant::now();
-                        group.recv(&mut buf, stage.index + 1);
-                        waited += t0.elapsed().as_secs_f64();
-                        let counts = log
-                            .as_ref()
-                            .map(|_| RoutingCounts::from_message(&buf.split_off(n)));
+                        let (buf, counts) = recv_with_counts(
+                            group,
+                            stage.index + 1,
+                            dims.iter().product(),
+                            log.as_deref(),
+                            &mut waited,
+                        );
                         let g = Tensor::<B, 3>::from_data(TensorData::new(buf, dims), device)
                             .cast(out.dtype());
                         // d(sum(out · g_out))/dθ is the chain rule through this stage, plus
@@ -203,11 +226,8 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                     }
                 };
                 if let Some(leaf) = leaf {
-                    let mut message = host(leaf.grad(&grads).expect("gradient of the stage input"));
-                    if let Some(counts) = &counts {
-                        message.extend(counts.to_message());
-                    }
-                    group.send(message, stage.index - 1);
+                    let g = host(leaf.grad(&grads).expect("gradient of the stage input"));
+                    send_with_counts(group, stage.index - 1, g, counts.as_ref());
                 }
                 acc.accumulate(model, GradientsParams::from_grads(grads, model));
             }

@@ -48,12 +48,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         // f16 multiplies the loss by the dynamic scale so small gradients survive the half range.
         let loss_scale = self.loss_scale();
         let scale = loss_scale / targets as f64;
-        // The auxiliary loss is averaged over the global batch's micro-batches.
-        let micro = (batches.len() * self.dist.dims.dp) as f64;
-        let aux_scale = self
-            .model
-            .router_aux_loss_coef()
-            .map(|c| c * loss_scale / micro);
+        let aux_scale = self.aux_weight(loss_scale, batches.len());
         let (nll, aux, mut grads) = match &self.pipeline {
             None => {
                 let mut acc = GradientsAccumulator::new();
@@ -67,9 +62,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             }
             Some(_) => self.pipeline_grads(batches, scale, aux_scale),
         };
-        if aux_scale.is_some() {
-            self.step_aux = Some(self.dp_sum(aux) / micro);
-        }
+        self.record_aux(aux, batches.len());
         let nll = self.dp_sum(nll);
         if !self.tp_partial.is_empty() {
             collie_dist::dp::all_reduce_grads_of(
@@ -115,6 +108,26 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             self.refresh_hessian(batches);
         }
         (nll, grad_norm, false)
+    }
+
+    /// The weight of the auxiliary loss (where the model adds one) in a backward pass that sees
+    /// the loss times `loss_scale`: the loss is averaged over the global batch's micro-batches,
+    /// `local` on each data-parallel replica.
+    fn aux_weight(&self, loss_scale: f64, local: usize) -> Option<f64> {
+        let micro = (local * self.dist.dims.dp) as f64;
+        self.model
+            .router_aux_loss_coef()
+            .map(|c| c * loss_scale / micro)
+    }
+
+    /// The step's auxiliary loss (where the model adds one) from this replica's sum `aux` over
+    /// its `local` micro-batches: the mean over the global batch's (a collective over the
+    /// data-parallel group).
+    fn record_aux(&mut self, aux: f64, local: usize) {
+        if self.model.router_aux_loss_coef().is_some() {
+            let micro = (local * self.dist.dims.dp) as f64;
+            self.step_aux = Some(self.dp_sum(aux) / micro);
+        }
     }
 
     /// Summed NLL, auxiliary loss (0 without one) and gradients of one micro-batch; the
@@ -291,16 +304,12 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         fused.clip_coef = None;
         let scale = loss_scale / targets as f64;
         let device = self.device.clone();
-        // One micro-batch per replica: the auxiliary loss is averaged over the replicas'.
-        let micro = self.dist.dims.dp as f64;
         let walk = Walk {
             compute: self.compute,
             scale,
             recompute: self.config.train.activation_checkpointing,
-            aux: self
-                .model
-                .router_aux_loss_coef()
-                .map(|c| c * loss_scale / micro),
+            // One micro-batch per replica.
+            aux: self.aux_weight(loss_scale, 1),
         };
         let max_norm = self.config.train.max_grad_norm;
         let mut grad_norm = f64::NAN;
@@ -397,9 +406,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             },
         );
         let nll = self.dp_sum(nll);
-        if walk.aux.is_some() {
-            self.step_aux = Some(self.dp_sum(aux) / micro);
-        }
+        self.record_aux(aux, 1);
         if let Some(scaler) = &self.scaler {
             scaler.good_step(&mut self.state);
         }
@@ -417,17 +424,11 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         lr: f64,
     ) -> (f64, f64, bool) {
         let loss_scale = self.update.optimizer.static_loss_scale().unwrap_or(1.0);
-        let micro = (batches.len() * self.dist.dims.dp) as f64;
-        let aux_scale = self
-            .model
-            .router_aux_loss_coef()
-            .map(|c| c * loss_scale / micro);
+        let aux_scale = self.aux_weight(loss_scale, batches.len());
         let (nll, aux, mut grads) =
             self.pipeline_grads(batches, loss_scale / targets as f64, aux_scale);
         let nll = self.dp_sum(nll);
-        if aux_scale.is_some() {
-            self.step_aux = Some(self.dp_sum(aux) / micro);
-        }
+        self.record_aux(aux, batches.len());
         all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device);
         let norm = self.grad_norm(&grads) / loss_scale;
         self.update
