@@ -253,11 +253,14 @@ fn lomo_and_activation_checkpointing_run_through_the_contract() {
             1e-6,
         );
         // Recomputing each block in the backward pass runs the same f32 arithmetic: bit-exact
-        // for dense blocks. A Qwen3-MoE block's recomputation differs in the last bit of some
-        // gradients (1.2e-7 relative on the losses of steps 3-4; Mixtral's is exact; the op
-        // whose rounding moves is not isolated), so sparse blocks are held to that order.
+        // for dense blocks. A sparse block's differs in the last bit: Qwen3-MoE's recomputation
+        // moves some gradients (1.2e-7 relative on the losses of steps 3-4; the op whose
+        // rounding moves is not isolated), and Mixtral's reported loss, whose load-balancing
+        // term the checkpointed walk adds layer by layer, is one f32 ulp off from step 1 on
+        // (8.4e-8 relative on this CPU; exact on an earlier one). Sparse blocks are held to
+        // that order.
         let recomputed = series(&recomputed, "loss");
-        if family.contains("moe") {
+        if family.contains("moe") || *family == "mixtral" {
             assert_within(
                 &format!("{family}: checkpointed vs plain losses, max rel Δ"),
                 max_rel_list(&recomputed, &losses),

@@ -34,7 +34,7 @@ fn manifest() -> Value {
 }
 
 /// Every artifact, into `out`: `full` (3 AdamW steps of the train fixture model), `full_bf16` (the
-/// same model stored as bf16), `gguf` (the tiny GGUF converted to an HF directory), `adapter_*`
+/// fixture model stored as bf16), `gguf` (the tiny GGUF converted to an HF directory), `adapter_*`
 /// (5 AdamW steps of each peft method) and `merged_f16` (the trained LoRA adapter merged into its
 /// base, stored as f16).
 fn write_artifacts(out: &Path) {
@@ -69,11 +69,13 @@ dir = "{}"
         &runs.path().join("full/checkpoints/step-3"),
         &out.join("full"),
     );
-    let full = collie_llama::load::<B>(out.join("full").to_str().unwrap(), &device).unwrap();
+    // The bf16 file is of the fixture model itself, not of the trained one: bf16 rounding turns
+    // the trained weights' float-order noise (which differs between CPUs) into whole-ulp flips.
+    let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device).unwrap();
     collie_llama::hf::save_hf_dir(
-        &full.model,
-        &full.config,
-        full.tokenizer.as_ref(),
+        &base.model,
+        &base.config,
+        base.tokenizer.as_ref(),
         &out.join("full_bf16"),
         SaveDtype::BF16,
     )

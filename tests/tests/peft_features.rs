@@ -367,11 +367,13 @@ fn every_optimizer_trains_only_the_adapter() {
         by_optim.insert(optim, losses);
     }
     // LOMO without momentum is SGD: the fused block-wise update over the adapters (with its
-    // two-pass clipping) equals the plain backward followed by SGD.
-    // Same arithmetic per element (p − lr·clip·g), so the same losses bit for bit.
-    assert_eq!(
-        by_optim["lomo"], by_optim["sgd"],
-        "peft lora: LOMO losses vs SGD (3 steps)"
+    // two-pass clipping) equals the plain backward followed by SGD. The same arithmetic per
+    // element (p − lr·clip·g); the block-wise backward's gemms may sum in another order than the
+    // whole graph's on some CPUs (one f32 ulp on step 3 here, bit-equal on an earlier machine).
+    assert_within(
+        "peft lora: LOMO vs SGD losses, 3 steps, max rel Δ",
+        max_rel_list(&by_optim["lomo"], &by_optim["sgd"]),
+        1e-6,
     );
 }
 

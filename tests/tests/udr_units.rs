@@ -472,24 +472,34 @@ fn retriever_training_lowers_the_udr_loss() {
     )
     .unwrap();
     // The loop before the retriever trained on the trainer's update machinery wrote this curve
-    // (scripts/fixtures/retriever_curve.sh); the same arithmetic in the same order reproduces it
-    // bit for bit.
+    // (scripts/fixtures/retriever_curve.sh); the same arithmetic in the same order reproduced it
+    // bit for bit on the machine that wrote it. Another CPU's gemm blocking sums in another
+    // order, and AdamW's normalized update turns that noise into step-sized moves of elements
+    // whose gradient is near zero: on this machine's AMD EPYC the first 6 steps agree to 6.5e-7
+    // relative and the rest drift up to 4.3e-5. An arithmetic change moves the first steps by far
+    // more than their bound.
     let golden: Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("udr/retriever_curve.json")).unwrap(),
     )
     .unwrap();
     let golden: Vec<Vec<f64>> = serde_json::from_value(golden["losses"].clone()).unwrap();
     assert_eq!(report.losses.len(), golden.len(), "steps");
-    for ((step, total, rank, in_batch), want) in report.losses.iter().zip(&golden) {
-        // The losses are f32 values; the JSON parse is exact to f32 (serde_json reads decimals
-        // to within an f64 ulp), so equal f32 means the same bits as before.
-        let f32s = |v: [f64; 3]| v.map(|x| x as f32);
-        assert_eq!(
-            f32s([*total, *rank, *in_batch]),
-            f32s([want[0], want[1], want[2]]),
-            "step {step}"
-        );
-    }
+    let got: Vec<f64> = report
+        .losses
+        .iter()
+        .flat_map(|&(_, total, rank, in_batch)| [total, rank, in_batch])
+        .collect();
+    let want: Vec<f64> = golden.iter().flat_map(|w| w[..3].to_vec()).collect();
+    assert_within(
+        "udr retriever curve, steps 1-6 (total, rank, in-batch losses) vs its former loop, max rel Δ",
+        max_rel_list(&got[..18], &want[..18]),
+        2e-6,
+    );
+    assert_within(
+        "udr retriever curve, all 48 steps, max rel Δ",
+        max_rel_list(&got, &want),
+        1e-4,
+    );
     let first: f64 = report.losses[..4].iter().map(|l| l.1).sum::<f64>() / 4.0;
     let last: f64 = report.losses[report.losses.len() - 4..]
         .iter()
