@@ -8,8 +8,8 @@
 # with LoRA (r 8 on every linear layer of a frozen base: the peak is the weights and the loading
 # transient). Evaluation and samples run on 2 examples. Prints one markdown table row per layout
 # with each rank's peak RSS while loading and training (summary.json's
-# train_peak_rss_bytes_per_rank) and, after `→`, over the whole run, whose final checkpoint
-# gathers tensor-parallel shards into a whole model for now (peak_rss_bytes_per_rank).
+# train_peak_rss_bytes_per_rank) and, after `→`, over the whole run with its final evaluation
+# and checkpoint, which each rank writes its own part of (peak_rss_bytes_per_rank).
 #
 #   cargo build --release -p recipe-pretrain --features mpi
 #   scripts/bench/memory_per_rank.sh [layout...]

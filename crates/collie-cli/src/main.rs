@@ -34,7 +34,8 @@ enum Command {
     EvalPpl(eval_ppl::Args),
     /// Sentence vectors from a BERT-family encoder, one JSON line per input line.
     Embed(embed::Args),
-    /// Convert a GGUF file into an HF model directory.
+    /// Convert a GGUF file or a parallel run's sharded checkpoint into an HF model (or peft
+    /// adapter) directory.
     Convert(convert::Args),
     /// Fold a LoRA / IA3 adapter into its base model and write an HF model directory.
     Merge(merge::Args),

@@ -1,6 +1,6 @@
 //! Tensor parallelism as a transform of any [`BlockModel`]: [`shard`] (a whole model → this
-//! rank's shard) and [`gather`] (shards → the whole model again, e.g. to save an HF checkpoint),
-//! driven by the model's linear-layer table ([`Adaptable::linears_mut`]).
+//! rank's shard), driven by the model's linear-layer table ([`Adaptable::linears_mut`]). Each
+//! rank saves its own shards (checkpoints join them when read), so nothing gathers the model.
 //!
 //! Megatron's layout: layers marked `Column` split their output features (q/k/v and gate/up: each
 //! rank holds whole attention heads and a slice of the MLP; `ColumnParts` splits each part of a
@@ -13,7 +13,7 @@ use burn::module::{Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::dist::{gather_along, Group};
+use crate::dist::Group;
 use crate::model::BlockModel;
 use crate::nn::{Adapter, Linear, ParallelMode, VocabShard};
 use crate::{CoreError, Result};
@@ -67,21 +67,6 @@ fn shard_param<B: Backend, const D: usize>(
     Param::from_mapped_value(id, part, mapper)
 }
 
-/// `p` whole again (same id, same trainability): the inverse of [`shard_param`].
-fn join_param<B: Backend, const D: usize>(
-    p: Param<Tensor<B, D>>,
-    (dim, parts): (usize, usize),
-    group: &Group,
-) -> Param<Tensor<B, D>> {
-    let (id, t, mapper) = p.consume();
-    let trainable = t.is_require_grad();
-    let mut whole = gather_along(t.detach(), (dim, parts), group);
-    if trainable {
-        whole = whole.require_grad();
-    }
-    Param::from_mapped_value(id, whole, mapper)
-}
-
 /// Splits a linear layer in `mode` (with its bias and adapter).
 fn shard_linear<B: Backend>(
     mut l: Linear<B>,
@@ -130,38 +115,6 @@ fn shard_linear<B: Backend>(
     l
 }
 
-/// The inverse of [`shard_linear`].
-fn join_linear<B: Backend>(mut l: Linear<B>, group: &Group) -> Linear<B> {
-    let columns = l.parallel.output_parts();
-    let (w, outputs) = match columns {
-        Some(parts) => ((1, parts), (0, parts)),
-        None => ((0, 1), (0, 1)),
-    };
-    l.weight = join_param(l.weight, w, group);
-    if columns.is_some() {
-        l.bias = l.bias.map(|b| join_param(b, outputs, group));
-    }
-    l.adapter = l.adapter.map(|a| match a {
-        Adapter::Lora(mut lora) => {
-            if columns.is_some() {
-                lora.b = join_param(lora.b, w, group);
-            } else {
-                lora.a = join_param(lora.a, (0, 1), group);
-            }
-            Adapter::Lora(lora)
-        }
-        Adapter::Ia3(mut ia3) => {
-            if columns.is_some() != ia3.on_input {
-                ia3.scale = join_param(ia3.scale, outputs, group);
-            }
-            Adapter::Ia3(ia3)
-        }
-    });
-    l.parallel = ParallelMode::Full;
-    l.tp = None;
-    l
-}
-
 /// Checks that `tp` divides what it must split, naming the config key at fault.
 pub fn check<B: Backend, M: BlockModel<B>>(model: &M, tp: usize) -> Result<()> {
     for (key, n) in model.tp_divisible() {
@@ -203,22 +156,4 @@ pub fn shard<B: Backend, M: BlockModel<B>>(mut model: M, group: &Group) -> Resul
         start: rank * vocab / tp,
     });
     Ok((model, sharded))
-}
-
-/// The whole model from every rank's shard (collective over `group`; every rank gets it).
-pub fn gather<B: Backend, M: BlockModel<B>>(model: &M, group: &Group) -> M {
-    let mut model = model.clone();
-    if model.embed().shard.is_none() {
-        return model;
-    }
-    for slot in model.linears_mut() {
-        if slot.linear.parallel != ParallelMode::Full {
-            *slot.linear = join_linear(slot.linear.clone(), group);
-        }
-    }
-    model.scale_heads(group.size(), false);
-    let embed = model.embed_mut();
-    embed.weight = join_param(embed.weight.clone(), (0, 1), group);
-    embed.shard = None;
-    model
 }

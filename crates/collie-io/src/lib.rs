@@ -6,6 +6,8 @@
 //! - [`tokenizer`]: `tokenizer.json` + `tokenizer_config.json`, or a tokenizer rebuilt from GGUF
 //!   metadata exactly as transformers rebuilds it.
 //! - [`module`]: moving named host tensors into and out of any Burn module, by parameter path.
+//! - [`sharded`]: checkpoints every rank of a parallel run writes its own part of, with a
+//!   manifest that puts the pieces back together.
 //!
 //! - [`family`]: the file side of the model contract (build, load, save a family's model) and the
 //!   registry interface binaries pick a family through.
@@ -20,6 +22,7 @@ pub mod gguf;
 pub mod json;
 pub mod module;
 pub mod safetensors;
+pub mod sharded;
 pub mod tokenizer;
 
 pub use error::{IoError, Result};

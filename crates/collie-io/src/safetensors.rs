@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, TensorInfo, TensorView};
+use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
 
 use crate::error::{IoError, Result};
@@ -242,24 +242,79 @@ pub fn save_safetensors(
     tensors: &[(String, HostTensor)],
     dtype: SaveDtype,
 ) -> Result<()> {
-    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+    let layout: Vec<(String, Vec<usize>)> = tensors
         .iter()
-        .map(|(name, t)| {
-            let (dt, bytes) = dtype.encode(&t.data);
-            (name.clone(), dt, t.shape.clone(), bytes)
-        })
+        .map(|(name, t)| (name.clone(), t.shape.clone()))
         .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, dt, shape, bytes)| {
-            TensorView::new(*dt, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| IoError::invalid(path, format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors_with(path, &layout, dtype, |i| Ok(tensors[i].1.data.clone()))
+}
+
+/// Writes a safetensors file of the tensors `layout` names (in that order), asking `data` for
+/// the values of tensor `i` only when its turn comes: a writer holds one tensor at a time, not
+/// the file. `{"format": "pt"}` metadata; written next to `path` and renamed into place.
+pub fn write_safetensors_with(
+    path: &Path,
+    layout: &[(String, Vec<usize>)],
+    dtype: SaveDtype,
+    mut data: impl FnMut(usize) -> Result<Vec<f32>>,
+) -> Result<()> {
+    use std::io::Write;
+    let width = match dtype {
+        SaveDtype::F32 => 4,
+        SaveDtype::F16 | SaveDtype::BF16 => 2,
+    };
+    let name = match dtype {
+        SaveDtype::F32 => "F32",
+        SaveDtype::F16 => "F16",
+        SaveDtype::BF16 => "BF16",
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (key, shape) in layout {
+        let end = offset + shape.iter().product::<usize>() * width;
+        let entry =
+            serde_json::json!({ "dtype": name, "shape": shape, "data_offsets": [offset, end] });
+        if header.insert(key.clone(), entry).is_some() {
+            return Err(IoError::invalid(
+                path,
+                format!("tensor `{key}` given twice"),
+            ));
+        }
+        offset = end;
+    }
+    let mut header = serde_json::to_vec(&header).expect("a JSON map serializes");
+    // The data starts 8-byte aligned, as the safetensors writer pads it.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
     let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .map_err(|e| IoError::invalid(&tmp, e.to_string()))?;
+    let mut write = || -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+        let mut out = std::io::BufWriter::new(file);
+        let io = |e| IoError::io(&tmp, e);
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(&header).map_err(io)?;
+        for (i, (key, shape)) in layout.iter().enumerate() {
+            let values = data(i)?;
+            if values.len() != shape.iter().product::<usize>() {
+                return Err(IoError::invalid(
+                    path,
+                    format!(
+                        "tensor `{key}` of shape {shape:?} has {} values",
+                        values.len()
+                    ),
+                ));
+            }
+            out.write_all(&dtype.encode(&values).1).map_err(io)?;
+        }
+        out.into_inner()
+            .map_err(|e| IoError::io(&tmp, e.into_error()))?
+            .sync_all()
+            .map_err(io)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| IoError::io(path, e))
 }

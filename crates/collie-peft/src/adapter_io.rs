@@ -42,11 +42,7 @@ pub fn save<B: Backend, M: Adaptable<B> + Module<B>>(
     base_model: &str,
     dir: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| collie_io::IoError::io(dir, e))?;
-    write_json(
-        &dir.join(CONFIG_FILE),
-        &config_json(model, config, base_model),
-    )?;
+    write_config(model, config, base_model, dir)?;
     let mut tensors = Vec::new();
     if config.kind.is_prompt_learning() {
         let v = model.virtual_tokens().ok_or_else(|| {
@@ -85,6 +81,22 @@ pub fn save<B: Backend, M: Adaptable<B> + Module<B>>(
         }
     }
     save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, SaveDtype::F32)?;
+    Ok(())
+}
+
+/// Writes `dir/adapter_config.json` (creating `dir`) as peft writes it for `model`'s adapter.
+/// `base_model` goes into `base_model_name_or_path`.
+pub fn write_config<B: Backend, M: Adaptable<B>>(
+    model: &mut M,
+    config: &PeftConfig,
+    base_model: &str,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| collie_io::IoError::io(dir, e))?;
+    write_json(
+        &dir.join(CONFIG_FILE),
+        &config_json(model, config, base_model),
+    )?;
     Ok(())
 }
 
@@ -332,6 +344,9 @@ pub fn load<B: Backend, M: Adaptable<B> + Module<B>>(
     device: &B::Device,
 ) -> Result<(M, PeftConfig)> {
     let config = read_config(dir)?;
+    if collie_io::sharded::is_sharded(dir) {
+        return load_sharded(model, config, dir, device);
+    }
     let path = dir.join(WEIGHTS_FILE);
     if !path.is_file() {
         return Err(PeftError::adapter(dir, format!("no {WEIGHTS_FILE}")));
@@ -399,6 +414,49 @@ pub fn load<B: Backend, M: Adaptable<B> + Module<B>>(
                 "`{k}` (and {} more keys) match no adapted layer of this model: the adapter was \
                  made for another base model",
                 unused.len() - 1
+            ),
+        ));
+    }
+    Ok((model, config))
+}
+
+/// The adapter of a sharded checkpoint of a parallel run (`collie_io::sharded`): its trainable
+/// parameters stored by path, in the model's own layout.
+fn load_sharded<B: Backend, M: Adaptable<B> + Module<B>>(
+    model: M,
+    config: PeftConfig,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(M, PeftConfig)> {
+    use collie_io::module::{load_module, Binding, Convert};
+    use collie_io::sharded::{Kind, Manifest, Part, ShardedSource};
+    if Manifest::read(dir)?.kind != Kind::Adapter {
+        return Err(PeftError::adapter(
+            dir,
+            "a sharded checkpoint of the whole model, not of an adapter",
+        ));
+    }
+    let source = ShardedSource::open(dir, Part::Params)?;
+    let model = crate::apply(model, &config, None, device).map_err(|e| match e {
+        PeftError::Config(m) => PeftError::adapter(dir.join(CONFIG_FILE), m),
+        e => e,
+    })?;
+    let stored: BTreeSet<String> = source.keys().into_iter().collect();
+    let mut used = BTreeSet::new();
+    let model = load_module(model, &source, |info| {
+        stored.get(&info.path).map(|key| {
+            used.insert(key.clone());
+            Binding {
+                key: key.clone(),
+                convert: Convert::Identity,
+            }
+        })
+    })?;
+    if let Some(k) = stored.difference(&used).next() {
+        return Err(PeftError::adapter(
+            dir.join(collie_io::sharded::MANIFEST),
+            format!(
+                "`{k}` is no parameter of this model with its adapter: the checkpoint was made                  for another base model or adapter"
             ),
         ));
     }

@@ -226,7 +226,7 @@ pub fn train<B: AutodiffBackend>(
     let mut state = TrainerState::default();
     if let (Some(spec), Some(root)) = (&opts.resume, &opts.output) {
         let dir = checkpoint::resolve_resume(root, spec)?;
-        let (optimizer, saved) = checkpoint::load_state(&dir)?;
+        let (optimizer, saved) = checkpoint::load_state(&dir, &|_| true)?;
         model = load_towers(&dir, device)?;
         update.load_state(optimizer, device)?;
         state = saved;

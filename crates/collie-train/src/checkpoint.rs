@@ -1,26 +1,36 @@
 //! Training checkpoints: `output.dir/checkpoints/step-N/`.
 //!
-//! A checkpoint is an HF model directory (`config.json`, `model.safetensors`, tokenizer — loadable
-//! by transformers and `collie generate`) plus `optimizer.safetensors`, `trainer_state.json`
-//! (step, data position, optimizer counters, eval history) and `config.resolved.toml`. It is
-//! written into `.step-N.partial` and renamed into place, so a run killed mid-write leaves the
-//! previous checkpoint untouched and no half-written `step-N`. A PEFT run's checkpoint holds the
-//! adapter instead of the model (`adapter_config.json`, `adapter_model.safetensors`, as peft
-//! writes them), with the same trainer files.
+//! One process writes an HF model directory (`config.json`, `model.safetensors`, tokenizer —
+//! loadable by transformers and `collie generate`) plus `optimizer.safetensors`,
+//! `trainer_state.json` (step, data position, optimizer counters, eval history) and
+//! `config.resolved.toml`. A PEFT run's checkpoint holds the adapter instead of the model
+//! (`adapter_config.json`, `adapter_model.safetensors`, as peft writes them), with the same
+//! trainer files. The ranks of a parallel run each write what they own ([`write_rank`],
+//! `collie_io::sharded`): parameter and optimizer-state pieces with a manifest, which
+//! [`load_state`] and the model loaders read at any layout and [`consolidate`] turns back into
+//! one process's checkpoint. Either is written into `.step-N.partial` and renamed into place, so
+//! a run killed mid-write leaves the previous checkpoint untouched and no half-written `step-N`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
 use collie_io::family::ModelFiles;
 use collie_io::json::{read_json, write_json};
 use collie_io::module::TensorSource;
 use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
+use collie_io::sharded::{
+    is_sharded, Kind, Manifest, Part, RankWriter, ShardTensor, ShardedSource, Split,
+};
 use collie_io::tokenizer::TokenizerBundle;
+use collie_io::HostTensor;
 use collie_optim::OptimizerState;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
+use crate::parallel::SplitDim;
 
 /// Everything besides weights and optimizer tensors that a resumed run needs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -122,12 +132,7 @@ pub fn save(
     state: &TrainerState,
     resolved_config: &str,
 ) -> Result<PathBuf, TrainError> {
-    let dir = step_dir(root, state.step);
-    let parent = dir.parent().expect("checkpoints dir");
-    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
-    let partial = parent.join(format!(".step-{}.partial", state.step));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).map_err(|e| TrainError::io(&partial, e))?;
+    let partial = begin(root, state.step)?;
     write_weights(&partial)?;
     let tensors: Vec<(String, collie_io::HostTensor)> =
         optimizer.tensors.clone().into_iter().collect();
@@ -138,17 +143,45 @@ pub fn save(
     )?;
     let mut state = state.clone();
     state.optimizer_counters = optimizer.counters.clone();
-    write_json(&partial.join("trainer_state.json"), &state)?;
+    finish(root, &partial, &state, resolved_config)
+}
+
+/// The partial directory checkpoint `step` is written into: `checkpoints/.step-N.partial`.
+pub fn partial_dir(root: &Path, step: u64) -> PathBuf {
+    root.join("checkpoints")
+        .join(format!(".step-{step}.partial"))
+}
+
+/// Starts writing checkpoint `step`: an empty [`partial_dir`] (a leftover of a killed run is
+/// removed).
+pub fn begin(root: &Path, step: u64) -> Result<PathBuf, TrainError> {
+    let partial = partial_dir(root, step);
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|e| TrainError::io(&partial, e))?;
+    Ok(partial)
+}
+
+/// Completes a checkpoint whose weights and optimizer tensors are in `partial`: writes
+/// `trainer_state.json` (`state`, optimizer counters included) and `config.resolved.toml`, then
+/// renames it to `step-N`, replacing one of the same step.
+pub fn finish(
+    root: &Path,
+    partial: &Path,
+    state: &TrainerState,
+    resolved_config: &str,
+) -> Result<PathBuf, TrainError> {
+    write_json(&partial.join("trainer_state.json"), state)?;
     std::fs::write(partial.join("config.resolved.toml"), resolved_config)
-        .map_err(|e| TrainError::io(&partial, e))?;
+        .map_err(|e| TrainError::io(partial, e))?;
     // Crash-safety test: die with everything written but before the rename.
     if fault_at("COLLIE_TEST_ABORT_CHECKPOINT", state.step) {
         std::process::abort();
     }
+    let dir = step_dir(root, state.step);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     }
-    std::fs::rename(&partial, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    std::fs::rename(partial, &dir).map_err(|e| TrainError::io(&dir, e))?;
     // Kill-and-resume test: stop here, checkpoint complete, until killed from outside.
     if fault_at("COLLIE_TEST_PAUSE_AFTER_CHECKPOINT", state.step) {
         eprintln!("paused after checkpoint step-{}", state.step);
@@ -159,25 +192,49 @@ pub fn save(
     Ok(dir)
 }
 
-/// Whether the test variable `var` names `step` (feature `test-hooks`, which only the crash-safety
-/// tests enable).
-#[cfg(feature = "test-hooks")]
+/// Whether the test variable `var` names `step`.
 fn fault_at(var: &str, step: u64) -> bool {
-    std::env::var(var).ok().and_then(|s| s.parse::<u64>().ok()) == Some(step)
+    test_var(var).and_then(|s| s.parse::<u64>().ok()) == Some(step)
+}
+
+/// Kill-while-writing test: when `COLLIE_TEST_PAUSE_WRITING` is `STEP:RANK`, that rank stops after
+/// writing its part of checkpoint `STEP` (the checkpoint incomplete) until killed from outside.
+pub fn pause_while_writing(step: u64, rank: usize) {
+    if test_var("COLLIE_TEST_PAUSE_WRITING") == Some(format!("{step}:{rank}")) {
+        eprintln!("rank {rank} paused while writing checkpoint step-{step}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// A fault-injection variable (feature `test-hooks`, which only the crash-safety tests enable).
+#[cfg(feature = "test-hooks")]
+fn test_var(var: &str) -> Option<String> {
+    std::env::var(var).ok()
 }
 
 /// Release builds inject no faults.
 #[cfg(not(feature = "test-hooks"))]
-fn fault_at(_var: &str, _step: u64) -> bool {
-    false
+fn test_var(_var: &str) -> Option<String> {
+    None
 }
 
-/// Reads the optimizer tensors and trainer state of a checkpoint directory.
-pub fn load_state(dir: &Path) -> Result<(OptimizerState, TrainerState), TrainError> {
+/// Reads the trainer state of a checkpoint directory and the optimizer tensors whose key
+/// `keep` accepts (a rank reads only the state it will hold), from either layout: one
+/// `optimizer.safetensors`, or the pieces of a sharded checkpoint put back together.
+pub fn load_state(
+    dir: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(OptimizerState, TrainerState), TrainError> {
     let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
-    let source = SafetensorsSource::open(&dir.join("optimizer.safetensors"))?;
+    let source: Box<dyn TensorSource> = if is_sharded(dir) {
+        Box::new(ShardedSource::open(dir, Part::Optimizer)?)
+    } else {
+        Box::new(SafetensorsSource::open(&dir.join("optimizer.safetensors"))?)
+    };
     let mut tensors = BTreeMap::new();
-    for key in source.keys() {
+    for key in source.keys().into_iter().filter(|k| keep(k)) {
         let t = source.read(&key)?;
         tensors.insert(key, t);
     }
@@ -226,47 +283,251 @@ pub fn prune(root: &Path, keep_last: usize, keep_best: &[u64]) -> Result<(), Tra
     Ok(())
 }
 
-/// The union of the optimizer states of `group`'s members, on its member 0 (the others get an
-/// empty state): each member writes its part under `root/.merge-{tag}/`, member 0 reads and
-/// merges them. ZeRO replicas and pipeline stages each hold some parameters' state; checkpoints
-/// hold all of it, as plain per-parameter state loadable at any layout. Needs `root` on a file
-/// system every rank sees, as the checkpoint itself does.
-pub fn merge_optimizer_states(
-    root: &Path,
-    tag: &str,
-    mine: OptimizerState,
-    group: &dyn collie_core::dist::Collectives,
-) -> Result<OptimizerState, TrainError> {
-    let dir = root.join(format!(".merge-{tag}"));
-    let rank = group.rank();
-    let merger = rank == 0;
-    if merger {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-    }
-    group.barrier();
-    if !merger {
-        write_json(&dir.join(format!("rank-{rank}.json")), &mine.counters)?;
-        let tensors: Vec<(String, collie_io::HostTensor)> = mine.tensors.into_iter().collect();
-        save_safetensors(
-            &dir.join(format!("rank-{rank}.safetensors")),
-            &tensors,
-            SaveDtype::F32,
-        )?;
-        group.barrier();
-        return Ok(OptimizerState::default());
-    }
-    group.barrier();
-    let mut all = mine;
-    for r in 1..group.size() {
-        let source = SafetensorsSource::open(&dir.join(format!("rank-{r}.safetensors")))?;
-        for key in source.keys() {
-            let t = source.read(&key)?;
-            all.tensors.insert(key, t);
+/// What one rank of a parallel run writes into a sharded checkpoint
+/// ([`collie_io::sharded`]): each parameter and each optimizer-state tensor is written by exactly
+/// one rank, or by every tensor-parallel rank once per piece when it is split.
+pub struct RankShare<'a> {
+    /// This process's world rank (names its files).
+    pub rank: usize,
+    /// The parameters of this rank's pipeline stage (every parameter without pipelining).
+    pub stage: &'a HashSet<ParamId>,
+    /// Tensor-parallel split of the split parameters.
+    pub split: &'a HashMap<ParamId, SplitDim>,
+    /// This rank's tensor-parallel index and the degree.
+    pub tp: (usize, usize),
+    /// Whether this rank writes its parameters (data-parallel replica 0: replicas hold the same).
+    pub params: bool,
+    /// Whether this rank writes the optimizer state it holds (replica 0, or every replica under
+    /// ZeRO, where each holds its own parameters' state).
+    pub state: bool,
+    /// Whether only trainable parameters are written (a PEFT adapter).
+    pub trainable_only: bool,
+}
+
+/// The ids of `module`'s parameters (a pipeline stage's share: [`RankShare::stage`]).
+pub fn param_ids<B: Backend, M: Module<B>>(module: &M) -> HashSet<ParamId> {
+    struct Ids(HashSet<ParamId>);
+    impl<B: Backend> ModuleVisitor<B> for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.insert(param.id);
         }
-        let counters: BTreeMap<String, u64> = read_json(&dir.join(format!("rank-{r}.json")))?;
-        all.counters.extend(counters);
     }
-    std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-    Ok(all)
+    let mut ids = Ids(HashSet::new());
+    module.visit(&mut ids);
+    ids.0
+}
+
+/// One parameter of the model as a rank sees it.
+struct ParamEntry<B: Backend> {
+    id: ParamId,
+    shape: Vec<usize>,
+    trainable: bool,
+    value: Tensor<B, 1>,
+}
+
+/// Every parameter of `model` by path.
+fn params_by_path<B: Backend, M: Module<B>>(model: &M) -> BTreeMap<String, ParamEntry<B>> {
+    struct Params<B: Backend> {
+        stack: Vec<String>,
+        out: BTreeMap<String, ParamEntry<B>>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Params<B> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let shape = param.lazy_shape().dims::<D>().to_vec();
+            let n = shape.iter().product::<usize>();
+            let entry = ParamEntry {
+                id: param.id,
+                shape,
+                trainable: param.is_require_grad(),
+                value: param.val().reshape([n]),
+            };
+            self.out.insert(self.stack.join("."), entry);
+        }
+    }
+    let mut v = Params {
+        stack: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Writes this rank's part of a sharded checkpoint into `partial`: the parameters and optimizer
+/// state `share` assigns to it, and `rank-{r}.json` with the step counters of the parameters
+/// whose state it wrote. Every rank of the run calls it; [`collie_io::sharded::merge`] then
+/// makes the manifest.
+pub fn write_rank<B: Backend, M: Module<B>>(
+    partial: &Path,
+    model: &M,
+    optimizer: &OptimizerState,
+    share: &RankShare,
+) -> Result<(), TrainError> {
+    let params = params_by_path(model);
+    let (tp_rank, tp) = share.tp;
+    // A parameter's pieces: `None` when it is whole (written by tensor-parallel rank 0 only).
+    let piece = |p: &ParamEntry<B>| -> Option<Option<(Split, Vec<usize>)>> {
+        if !share.stage.contains(&p.id) {
+            return None;
+        }
+        match share.split.get(&p.id) {
+            Some(&(dim, parts)) => {
+                let mut whole = p.shape.clone();
+                whole[dim] *= tp;
+                let split = Split {
+                    dim,
+                    parts,
+                    index: tp_rank,
+                    count: tp,
+                    block: p.shape.clone(),
+                };
+                Some(Some((split, whole)))
+            }
+            None => (tp_rank == 0).then_some(None),
+        }
+    };
+    let mut writer = RankWriter::new(partial, share.rank);
+    if share.params {
+        let mut tensors = Vec::new();
+        let mut values = Vec::new();
+        for (path, p) in &params {
+            if share.trainable_only && !p.trainable {
+                continue;
+            }
+            let Some(split) = piece(p) else { continue };
+            let (split, whole) = match split {
+                Some((s, w)) => (Some(s), w),
+                None => (None, p.shape.clone()),
+            };
+            tensors.push(ShardTensor {
+                name: path.clone(),
+                shape: p.shape.clone(),
+                whole,
+                split,
+            });
+            values.push(p.value.clone());
+        }
+        writer.write(Part::Params, &tensors, |i| {
+            Ok(HostTensor::from_tensor(values[i].clone()).data)
+        })?;
+    }
+    let mut counters = BTreeMap::new();
+    if share.state {
+        // Optimizer state is keyed `{path}.{slot}` and stored flat; a split parameter's state
+        // is split as the parameter is.
+        // State of no parameter (none today) is written once, by rank 0.
+        let owned = |path: &str| match params.get(path) {
+            Some(p) => piece(p),
+            None => (share.rank == 0).then_some(None),
+        };
+        let mut tensors = Vec::new();
+        let mut values = Vec::new();
+        for (key, t) in &optimizer.tensors {
+            let path = key
+                .rsplit_once('.')
+                .map_or(key.as_str(), |(path, _slot)| path);
+            let Some(split) = owned(path) else { continue };
+            let n = t.data.len();
+            let (split, whole) = match split {
+                Some((s, _)) => {
+                    let local: usize = s.block.iter().product();
+                    if n != local {
+                        return Err(TrainError::Invalid(format!(
+                            "optimizer state `{key}` has {n} values for a parameter shard of \
+                             {local}; only element-wise optimizer state is split across \
+                             tensor-parallel ranks"
+                        )));
+                    }
+                    (Some(s), vec![n * tp])
+                }
+                None => (None, t.shape.clone()),
+            };
+            tensors.push(ShardTensor {
+                name: key.clone(),
+                shape: t.shape.clone(),
+                whole,
+                split,
+            });
+            values.push(t);
+        }
+        writer.write(Part::Optimizer, &tensors, |i| Ok(values[i].data.clone()))?;
+        for (path, &c) in &optimizer.counters {
+            if owned(path).is_some() {
+                counters.insert(path.clone(), c);
+            }
+        }
+    }
+    writer.finish(serde_json::to_value(counters).expect("counters serialize"))?;
+    Ok(())
+}
+
+/// The model whose family reads the sharded checkpoint `dir`: the checkpoint itself, or the base
+/// model (`adapter_config.json`'s `base_model_name_or_path`) of a PEFT run's adapter.
+pub fn family_spec(dir: &Path) -> Result<String, TrainError> {
+    match Manifest::read(dir)?.kind {
+        Kind::Model => Ok(dir.display().to_string()),
+        Kind::Adapter => {
+            let path = dir.join(collie_peft::adapter_io::CONFIG_FILE);
+            let config: serde_json::Value = read_json(&path)?;
+            config
+                .get("base_model_name_or_path")
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    collie_io::IoError::invalid(
+                        &path,
+                        "no `base_model_name_or_path`: the base model of the adapter is unknown",
+                    )
+                    .into()
+                })
+        }
+    }
+}
+
+/// Writes the sharded checkpoint `dir` as one process would have: an HF model directory
+/// (`model.safetensors` in `dtype`, config, tokenizer), or a peft adapter directory for a PEFT
+/// run. `out` is replaced only once complete. `M` is the family [`family_spec`] names.
+pub fn consolidate<B: Backend, M: ModelFiles<B>>(
+    dir: &Path,
+    out: &Path,
+    dtype: SaveDtype,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    match Manifest::read(dir)?.kind {
+        Kind::Model => {
+            let loaded = M::load(&dir.display().to_string(), device)?;
+            let tokenizer = loaded.tokenizer.as_ref();
+            loaded
+                .model
+                .save_hf_dir(&loaded.config, tokenizer, out, dtype)?;
+        }
+        Kind::Adapter => {
+            if dtype != SaveDtype::F32 {
+                return Err(TrainError::Invalid(format!(
+                    "{}: adapters are written in f32",
+                    dir.display()
+                )));
+            }
+            let base = family_spec(dir)?;
+            let model = M::load(&base, device)?.model;
+            let (mut model, config) = collie_peft::adapter_io::load(model, dir, device)?;
+            let name = out.file_name().ok_or_else(|| {
+                TrainError::Invalid(format!("{}: not a directory name", out.display()))
+            })?;
+            let staging = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+            let _ = std::fs::remove_dir_all(&staging);
+            collie_peft::adapter_io::save(&mut model, &config, &base, &staging)?;
+            if out.exists() {
+                std::fs::remove_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+            }
+            std::fs::rename(&staging, out).map_err(|e| TrainError::io(out, e))?;
+        }
+    }
+    Ok(())
 }

@@ -1,13 +1,12 @@
 //! Optimizer state across tensor-parallel ranks: per-parameter state has its parameter's shape,
-//! so it is gathered and split exactly as the parameter is (`collie_core::tp`), which
-//! lets checkpoints hold the whole state whatever layout wrote them.
+//! so it is split exactly as the parameter is (`collie_core::tp`); checkpoints store each rank's
+//! piece with the layout that joins them, so a resume at any layout reads the whole state.
 
 use std::collections::{BTreeMap, HashMap};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use collie_core::dist::Collectives;
 use collie_io::HostTensor;
 use collie_optim::OptimizerState;
 
@@ -57,39 +56,7 @@ fn param_of<'a, T>(key: &'a str, paths: &'a HashMap<String, T>) -> Option<&'a T>
     paths.get(path)
 }
 
-/// Every tp rank's state → the whole state (collective over `group`, in key order).
-pub fn gather_state(
-    state: OptimizerState,
-    paths: &HashMap<String, (SplitDim, Vec<usize>)>,
-    group: &dyn Collectives,
-) -> Result<OptimizerState, TrainError> {
-    let tp = group.size();
-    let mut tensors = BTreeMap::new();
-    for (key, t) in state.tensors {
-        let Some((dim, local)) = param_of(&key, paths) else {
-            tensors.insert(key, t);
-            continue;
-        };
-        let n: usize = local.iter().product();
-        if t.data.len() != n {
-            return Err(TrainError::Invalid(format!(
-                "optimizer state `{key}` has {} values for a parameter shard of {n}; only \
-                 element-wise optimizer state is split across tensor-parallel ranks",
-                t.data.len()
-            )));
-        }
-        let mut all = vec![0.0f32; n * tp];
-        group.all_gather(&t.data, &mut all);
-        let whole = collie_core::dist::join_blocks(&all, local, *dim, tp);
-        tensors.insert(key, HostTensor::new(vec![n * tp], whole));
-    }
-    Ok(OptimizerState {
-        tensors,
-        counters: state.counters,
-    })
-}
-
-/// The whole state → this tp rank's part (the inverse of [`gather_state`]).
+/// The whole state (as a checkpoint holds it) → this tp rank's part.
 pub fn split_state(
     state: OptimizerState,
     paths: &HashMap<String, (SplitDim, Vec<usize>)>,

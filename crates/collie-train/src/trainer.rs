@@ -6,8 +6,8 @@
 //! transformers' Trainer computes it. The learning rate of step `k` (from 0) is
 //! `lr · λ(k)`; metrics count steps from 1, after the update.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,7 +28,7 @@ use collie_optim::clip::global_norm;
 use serde_json::{json, Map, Value};
 
 use crate::blockwise::{in_dtype, BlockId, GradHook};
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, param_ids, TrainerState};
 use crate::config::{ComputeDtype, ModelInit, OptimName, TrainConfig};
 use crate::error::TrainError;
 use crate::eval::{classification, corpus_nll, generation};
@@ -77,8 +77,8 @@ pub struct Summary {
     /// Peak RSS of every rank of the run, indexed by world rank (one entry in one process; 0
     /// where a rank could not read its own).
     pub peak_rss_bytes_per_rank: Vec<u64>,
-    /// The same when the training loop ended, before the final evaluation and checkpoint (whose
-    /// gathers of tensor-parallel shards, for now, hold a whole model on a rank).
+    /// The same when the training loop ended, before the final evaluation (which, under pipeline
+    /// parallelism, brings every block to every stage) and checkpoint.
     pub train_peak_rss_bytes_per_rank: Vec<u64>,
     /// The last checkpoint written.
     pub checkpoint: PathBuf,
@@ -407,20 +407,47 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
 
     fn resume(&mut self, spec: &str) -> Result<(), TrainError> {
         let dir = checkpoint::resolve_resume(&self.config.output.dir, spec)?;
+        // Either layout: an HF directory (or peft adapter) of one process, or the sharded
+        // checkpoint of a parallel run, whose pieces are put back together as they are read.
         let mut model = if self.peft_active() {
             // The checkpoint holds the adapter; the base comes from where it came from before.
             let base = M::load_lazy(&self.config.model.path, &self.device)?.model;
             collie_peft::adapter_io::load(base, &dir, &self.device)?.0
         } else {
-            M::load_hf_dir(&dir, &self.device)?.1
+            M::load_lazy(&dir.display().to_string(), &self.device)?.model
         };
         model.set_attention(self.config.model.attention);
-        let (mut opt_state, state) = checkpoint::load_state(&dir)?;
         // A whole checkpoint, whatever layout wrote it: this rank keeps its tensor-parallel shard.
         let (model, split) = collie_core::tp::shard(model, &self.dist.tp)?;
         collie_io::module::materialize(&model);
         self.tp_split = split.split.into_iter().collect();
         self.tp_partial = split.partial.into_iter().collect();
+        // The loaded model has new parameter ids: the ownership follows them.
+        self.zero = self
+            .zero
+            .as_ref()
+            .map(|p| ZeroPlan::new(&model, p.stage, &*self.dist.dp));
+        // A pipeline stage keeps the state of the blocks it trains.
+        let mut prefixes: Vec<String> = Vec::new();
+        if let Some((stage, _)) = &self.pipeline {
+            prefixes.extend(stage.layers.clone().map(|i| format!("layers.{i}.")));
+            if stage.first() || (stage.last() && model.head().is_tied()) {
+                prefixes.push("embed.".into());
+            }
+            if stage.last() {
+                prefixes.push("head.".into());
+            }
+        }
+        let stage_keeps =
+            |k: &str| prefixes.is_empty() || prefixes.iter().any(|p| k.starts_with(p.as_str()));
+        // Only the state this rank will hold is read.
+        let zero = self.zero.as_ref();
+        let keep = |key: &str| {
+            let path = key.rsplit_once('.').map_or(key, |(path, _slot)| path);
+            stage_keeps(key) && zero.is_none_or(|plan| plan.owns(key) || plan.owns(path))
+        };
+        let (mut opt_state, state) = checkpoint::load_state(&dir, &keep)?;
+        opt_state.counters.retain(|k, _| stage_keeps(k));
         if !self.tp_split.is_empty() {
             let paths = crate::parallel::split_paths(&model, &self.tp_split);
             opt_state = crate::parallel::split_state(
@@ -430,28 +457,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 self.dist.dims.tp,
             )?;
         }
-        if let Some((stage, _)) = &self.pipeline {
-            // This stage keeps the state of the blocks it trains.
-            let mut prefixes: Vec<String> = stage
-                .layers
-                .clone()
-                .map(|i| format!("layers.{i}."))
-                .collect();
-            if stage.first() || (stage.last() && model.head().is_tied()) {
-                prefixes.push("embed.".into());
-            }
-            if stage.last() {
-                prefixes.push("head.".into());
-            }
-            let mine = |k: &String| prefixes.iter().any(|p| k.starts_with(p.as_str()));
-            opt_state.tensors.retain(|k, _| mine(k));
-            opt_state.counters.retain(|k, _| mine(k));
-        }
-        // The loaded model has new parameter ids: the ownership follows them.
-        self.zero = self
-            .zero
-            .as_ref()
-            .map(|p| ZeroPlan::new(&model, p.stage, &*self.dist.dp));
         if let Some(plan) = &self.zero {
             // Whatever layout wrote it, this replica keeps its own parameters' state.
             opt_state = collie_dist::zero::shard_state(plan, opt_state);
@@ -710,47 +715,26 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             || self.config.eval.generation.is_some()
     }
 
-    /// Writes checkpoint `step-{state.step}` and prunes old ones. In a data-parallel run the
-    /// replicas are identical and rank 0 writes; every rank returns when the checkpoint exists.
+    /// Writes checkpoint `step-{state.step}` and prunes old ones; every rank returns when the
+    /// checkpoint exists. One process writes an HF directory (or a peft adapter) with its
+    /// optimizer state; the ranks of a parallel run each write what they own
+    /// ([`collie_io::sharded`]), which any layout resumes from and `collie convert` turns into an
+    /// HF directory.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
+        if self.dist.size() > 1 {
+            return self.save_sharded();
+        }
         let root = &self.config.output.dir;
-        // Under ZeRO each replica holds its own parameters' state; the checkpoint holds all of it.
-        let c = self.dist.coords;
-        let mut optimizer_state = self.update.state();
-        if self.pipeline.is_some() {
-            // Each stage holds its blocks' state; the first stage collects it.
-            let tag = format!("pp-dp{}-tp{}", c.dp, c.tp);
-            optimizer_state =
-                checkpoint::merge_optimizer_states(root, &tag, optimizer_state, &*self.dist.pp)?;
-        }
-        if self.zero.is_some() {
-            // Each replica holds its own parameters' state; the first replica collects it.
-            let tag = format!("zero-pp{}-tp{}", c.pp, c.tp);
-            optimizer_state =
-                checkpoint::merge_optimizer_states(root, &tag, optimizer_state, &*self.dist.dp)?;
-        }
-        // Tensor parallelism: the first replica's tp ranks put their shards together.
-        let mut whole = None;
-        if !self.tp_split.is_empty() && c.dp == 0 && c.pp == 0 {
-            let paths = crate::parallel::split_paths(&self.model, &self.tp_split);
-            optimizer_state =
-                crate::parallel::gather_state(optimizer_state, &paths, &*self.dist.tp)?;
-            whole = Some(collie_core::tp::gather(&self.model, &self.dist.tp));
-        }
-        if !self.dist.is_main() {
-            self.dist.world.barrier();
-            return Ok(checkpoint::step_dir(root, self.state.step));
-        }
-        let model = whole.as_ref().unwrap_or(&self.model);
+        let optimizer_state = self.update.state();
         let weights = if self.peft_active() {
             checkpoint::Weights::Adapter {
-                model,
+                model: &self.model,
                 peft: &self.config.peft,
                 base: &self.config.model.path,
             }
         } else {
             checkpoint::Weights::Model {
-                model,
+                model: &self.model,
                 config: &self.model_config,
                 tokenizer: self.tokenizer.as_ref(),
             }
@@ -763,8 +747,130 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             &self.config.to_toml(),
         )?;
         checkpoint::prune(root, self.config.train.keep_last, &self.best_steps())?;
-        self.dist.world.barrier();
         Ok(dir)
+    }
+
+    /// [`Self::save`] of a parallel run: rank 0 starts the partial directory, every rank writes
+    /// its parameters and optimizer state, rank 0 merges the manifest, adds the config,
+    /// tokenizer and trainer state and renames it into place. A failure on any rank fails the
+    /// save on every rank (no one waits forever) and leaves the previous checkpoints as they
+    /// were.
+    fn save_sharded(&self) -> Result<PathBuf, TrainError> {
+        let root = &self.config.output.dir;
+        let step = self.state.step;
+        let main = self.dist.is_main();
+        let partial = checkpoint::partial_dir(root, step);
+        let begun = match main {
+            true => checkpoint::begin(root, step).map(|_| ()),
+            false => Ok(()),
+        };
+        self.all_ranks_ok("start", begun)?;
+        let c = self.dist.coords;
+        let stage = self.stage_params();
+        let share = checkpoint::RankShare {
+            rank: self.dist.rank,
+            stage: &stage,
+            split: &self.tp_split,
+            tp: (c.tp, self.dist.dims.tp),
+            params: c.dp == 0,
+            state: c.dp == 0 || self.zero.is_some(),
+            trainable_only: self.peft_active(),
+        };
+        let wrote = checkpoint::write_rank(&partial, &self.model, &self.update.state(), &share);
+        checkpoint::pause_while_writing(step, self.dist.rank);
+        self.all_ranks_ok("write", wrote)?;
+        let finished = match main {
+            true => self.finish_sharded(&partial).map(|_| ()),
+            false => Ok(()),
+        };
+        self.all_ranks_ok("finish", finished)?;
+        Ok(checkpoint::step_dir(root, step))
+    }
+
+    /// Rank 0's part of a sharded save once every rank has written.
+    fn finish_sharded(&self, partial: &Path) -> Result<PathBuf, TrainError> {
+        use collie_io::sharded::Kind;
+        let root = &self.config.output.dir;
+        let kind = match self.peft_active() {
+            true => Kind::Adapter,
+            false => Kind::Model,
+        };
+        let (_, metas) = collie_io::sharded::merge(partial, self.dist.size(), kind)?;
+        let mut state = self.state.clone();
+        state.optimizer_counters.clear();
+        for meta in metas {
+            let counters: BTreeMap<String, u64> = serde_json::from_value(meta)
+                .map_err(|e| TrainError::Invalid(format!("optimizer counters: {e}")))?;
+            state.optimizer_counters.extend(counters);
+        }
+        match kind {
+            Kind::Adapter => collie_peft::adapter_io::write_config(
+                &mut self.model.clone(),
+                &self.config.peft,
+                &self.config.model.path,
+                partial,
+            )?,
+            Kind::Model => {
+                collie_io::json::write_json(&partial.join("config.json"), &self.model_config)?
+            }
+        }
+        if let Some(tok) = &self.tokenizer {
+            tok.save(partial)?;
+        }
+        let dir = checkpoint::finish(root, partial, &state, &self.config.to_toml())?;
+        checkpoint::prune(root, self.config.train.keep_last, &self.best_steps())?;
+        Ok(dir)
+    }
+
+    /// `result` of this rank, agreed by every rank: an error on any rank is an error on all
+    /// (naming the ranks that failed), and rank 0 removes the partial checkpoint.
+    fn all_ranks_ok(&self, what: &str, result: Result<(), TrainError>) -> Result<(), TrainError> {
+        let (n, r) = (self.dist.world.size(), self.dist.world.rank());
+        let mut failed = vec![0.0; n];
+        failed[r] = f64::from(u8::from(result.is_err()));
+        self.dist.world.all_reduce_sum_f64(&mut failed);
+        let ranks: Vec<usize> = (0..n).filter(|&i| failed[i] > 0.0).collect();
+        if ranks.is_empty() {
+            return Ok(());
+        }
+        if self.dist.is_main() {
+            let partial = checkpoint::partial_dir(&self.config.output.dir, self.state.step);
+            let _ = std::fs::remove_dir_all(partial);
+        }
+        result?;
+        Err(TrainError::Invalid(format!(
+            "checkpoint step-{} ({what}): rank(s) {ranks:?} failed; see their logs",
+            self.state.step
+        )))
+    }
+
+    /// The parameters this rank's pipeline stage trains (all of them without pipelining): the
+    /// embedding on the first stage (also when the last stage's head is tied to it), each layer
+    /// on its stage, the head on the last, anything else on the first.
+    fn stage_params(&self) -> HashSet<ParamId> {
+        let all = param_ids(&self.model);
+        let Some((stage, _)) = &self.pipeline else {
+            return all;
+        };
+        let mut others = HashSet::new();
+        if !stage.first() {
+            others.extend(param_ids(self.model.embed()));
+        }
+        for (i, layer) in self.model.layers().iter().enumerate() {
+            if !stage.layers.contains(&i) {
+                others.extend(param_ids(layer));
+            }
+        }
+        if !stage.last() {
+            let mut head = param_ids(self.model.head());
+            if stage.first() {
+                // A tied head's table is the embedding, which the first stage writes.
+                let embed = param_ids(self.model.embed());
+                head.retain(|id| !embed.contains(id));
+            }
+            others.extend(head);
+        }
+        all.into_iter().filter(|id| !others.contains(id)).collect()
     }
 
     /// Steps of the `keep_best` best evaluations.
@@ -928,7 +1034,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 stopped_early = self.record_eval(metrics);
             }
             if save_every > 0 && step.is_multiple_of(save_every) && step < total {
-                self.sync_pipeline();
                 checkpoint = self.save()?;
             }
             if stopped_early {
@@ -980,7 +1085,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             eval_last = Some(m.clone());
         }
         if !checkpoint.ends_with(format!("step-{}", self.state.step)) {
-            self.sync_pipeline();
             checkpoint = self.save()?;
         }
         // Every rank's peaks, exchanged while all ranks are still here (a collective): the
