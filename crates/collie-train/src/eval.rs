@@ -239,7 +239,7 @@ pub fn classification<B: Backend, M: CausalLm<B>>(
 }
 
 /// Scores of generation evaluation.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerationScores {
     /// Fraction of outputs equal to the reference (whitespace-trimmed).
     pub exact_match: f64,
@@ -247,6 +247,21 @@ pub struct GenerationScores {
     pub bleu: f64,
     /// Mean ROUGE-L F1 on whitespace tokens.
     pub rouge_l: f64,
+    /// What was generated for each example, in file order.
+    pub predictions: Vec<Prediction>,
+}
+
+/// One example's generation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Prediction {
+    /// The prompt.
+    pub input: String,
+    /// The reference output.
+    pub output: String,
+    /// The generated text.
+    pub generated: String,
+    /// Its token ids.
+    pub generated_ids: Vec<u32>,
 }
 
 /// Greedy generation for each `{"input", "output"}`, scored against `output`.
@@ -267,7 +282,7 @@ pub fn generation<B: Backend, M: CausalLm<B>>(
         bos_token: tokenizer.bos_token.clone(),
         eos_token: tokenizer.eos_token.clone(),
     };
-    let (mut preds, mut refs) = (Vec::new(), Vec::new());
+    let (mut preds, mut refs, mut predictions) = (Vec::new(), Vec::new(), Vec::new());
     for (line, v) in &rows {
         let input = v
             .get("input")
@@ -285,7 +300,14 @@ pub fn generation<B: Backend, M: CausalLm<B>>(
             tokenizer.encode(input, true)?
         };
         let new = generate(model, &[ids], cfg, device, |_, _| {})?.remove(0);
-        preds.push(tokenizer.decode(&new, true)?);
+        let text = tokenizer.decode(&new, true)?;
+        predictions.push(Prediction {
+            input: input.to_string(),
+            output: output.to_string(),
+            generated: text.clone(),
+            generated_ids: new,
+        });
+        preds.push(text);
         refs.push(output.to_string());
     }
     let n = preds.len().max(1) as f64;
@@ -303,5 +325,6 @@ pub fn generation<B: Backend, M: CausalLm<B>>(
             .map(|(p, r)| rouge_l(p, r))
             .sum::<f64>()
             / n,
+        predictions,
     })
 }

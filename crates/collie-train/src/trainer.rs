@@ -596,7 +596,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     }
 
     /// Under pipeline parallelism: every block brought up to date from its stage, so that an
-    /// evaluation or a checkpoint sees the whole trained model.
+    /// evaluation (or the caller, once the run ends) sees the whole trained model. Checkpoints
+    /// need none: each stage writes its own blocks.
     fn sync_pipeline(&mut self) {
         if let Some((_, stages)) = &self.pipeline {
             self.model = crate::pipeline::sync_stages(self.model.clone(), stages, &*self.dist.pp);
@@ -659,11 +660,29 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 ..Default::default()
             };
             let s = generation(&model, tok, &path, self.config.eval.chat, &cfg, device)?;
+            if self.dist.is_main() {
+                self.write_predictions(&s.predictions)?;
+            }
             out.insert("eval_exact_match".into(), s.exact_match);
             out.insert("eval_bleu".into(), s.bleu);
             out.insert("eval_rouge_l".into(), s.rouge_l);
         }
         Ok(out)
+    }
+
+    /// Writes a generation evaluation's outputs to `output.dir/generations/step-N.jsonl` (one
+    /// `{"input", "output", "generated", "generated_ids"}` line per example), replacing the step's
+    /// file of an earlier run.
+    fn write_predictions(&self, predictions: &[crate::eval::Prediction]) -> Result<(), TrainError> {
+        let dir = self.config.output.dir.join("generations");
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let path = dir.join(format!("step-{}.jsonl", self.state.step));
+        let mut text = String::new();
+        for p in predictions {
+            text.push_str(&serde_json::to_string(p).expect("a prediction serializes"));
+            text.push('\n');
+        }
+        std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))
     }
 
     /// Continues `prompt` (as a user turn of the chat template when `chat`) with the current
@@ -1087,6 +1106,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         if !checkpoint.ends_with(format!("step-{}", self.state.step)) {
             checkpoint = self.save()?;
         }
+        // The caller gets the whole trained model on every stage (samples, export).
+        self.sync_pipeline();
         // Every rank's peaks, exchanged while all ranks are still here (a collective): the
         // run's, then the training loop's.
         let peak = peak_rss_bytes();
@@ -1230,12 +1251,6 @@ fn check_tensor_parallel(config: &TrainConfig) -> Result<(), TrainError> {
         return refuse(
             "peft.dropout",
             "LoRA dropout masks would differ between the ranks sharing a layer; set it to 0",
-        );
-    }
-    if config.eval.classification.is_some() || config.eval.generation.is_some() {
-        return refuse(
-            "eval.classification / eval.generation",
-            "only eval loss is vocabulary-parallel so far",
         );
     }
     Ok(())
