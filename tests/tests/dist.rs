@@ -967,7 +967,8 @@ fn lora_checkpoint_of_dp2_x_tp2_resumes_in_one_process_and_at_pp2() {
 fn evaluation_and_greedy_generation_under_tp2_and_pp2_match_one_process() {
     // Eval loss, classification by candidate loss and greedy generation, before and after 2 SGD
     // steps: under tp2 (vocabulary-parallel loss, gathered logits for generation) and pp2 (the
-    // stages' blocks brought to every rank first), the same metrics and the same generated ids.
+    // stages' blocks brought to every rank first), in full and with LoRA: the same metrics and
+    // the same generated ids.
     let tmp = tempfile::tempdir().unwrap();
     let rows: Vec<Value> = std::fs::read_to_string(fixture("train/io.jsonl"))
         .unwrap()
@@ -988,84 +989,96 @@ fn evaluation_and_greedy_generation_under_tp2_and_pp2_match_one_process() {
     }
     std::fs::write(&generation, gen_lines).unwrap();
     std::fs::write(&classification, cls_lines).unwrap();
-    let body = format!(
-        "{SGD}\n[eval]\ngeneration = \"{}\"\nclassification = \"{}\"\nmax_new_tokens = 6\n",
+    let eval = format!(
+        "\n[eval]\ngeneration = \"{}\"\nclassification = \"{}\"\nmax_new_tokens = 6\n",
         generation.display(),
         classification.display()
     );
+    // LoRA: the stages bring only the adapters to every rank before an evaluation (the frozen
+    // base is the same everywhere).
+    let lora = "[peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     let eval_data = format!("data.eval={}", fixture("train/io.jsonl").display());
     let steps = "train.max_steps=2";
-    let run = |name: &str, np: usize, sets: &[&str]| {
-        let mut all = vec![steps, eval_data.as_str()];
-        all.extend_from_slice(sets);
-        train(np, &tmp.path().join(name), &body, &all).1
-    };
-    let single = run("single", 1, &["train.micro_batch_size=2"]);
-    let evals = |run: &Path| -> Vec<Value> {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|v| v.get("eval_exact_match").is_some())
-            .collect()
-    };
-    let generated = |run: &Path, step: u64| -> Vec<Value> {
-        std::fs::read_to_string(run.join("generations").join(format!("step-{step}.jsonl")))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["generated_ids"].clone())
-            .collect()
-    };
-    let want = evals(&single);
-    assert_eq!(want.len(), 2, "an evaluation before and after training");
-    for (name, np, sets) in [
-        ("tp2", 2, &["parallel.tp=2", "train.micro_batch_size=2"][..]),
-        (
-            "pp2",
-            2,
-            &[
-                "parallel.pp=2",
-                "train.micro_batch_size=1",
-                "train.grad_accum_steps=2",
-            ][..],
-        ),
-    ] {
-        let parallel = run(name, np, sets);
-        let got = evals(&parallel);
-        assert_eq!(got.len(), want.len(), "{name}: evaluations");
-        for (g, w) in got.iter().zip(&want) {
-            for key in [
-                "eval_accuracy",
-                "eval_exact_match",
-                "eval_bleu",
-                "eval_rouge_l",
-            ] {
-                assert_eq!(g[key], w[key], "{name} step {}: {key}", w["step"]);
+    for (method, extra) in [("sgd", ""), ("lora", lora)] {
+        let body = format!("{SGD}{eval}{extra}");
+        let run = |name: &str, np: usize, sets: &[&str]| {
+            let mut all = vec![steps, eval_data.as_str()];
+            all.extend_from_slice(sets);
+            train(
+                np,
+                &tmp.path().join(format!("{method}-{name}")),
+                &body,
+                &all,
+            )
+            .1
+        };
+        let single = run("single", 1, &["train.micro_batch_size=2"]);
+        let evals = |run: &Path| -> Vec<Value> {
+            std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|v| v.get("eval_exact_match").is_some())
+                .collect()
+        };
+        let generated = |run: &Path, step: u64| -> Vec<Value> {
+            std::fs::read_to_string(run.join("generations").join(format!("step-{step}.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()["generated_ids"].clone())
+                .collect()
+        };
+        let want = evals(&single);
+        assert_eq!(want.len(), 2, "an evaluation before and after training");
+        for (name, np, sets) in [
+            ("tp2", 2, &["parallel.tp=2", "train.micro_batch_size=2"][..]),
+            (
+                "pp2",
+                2,
+                &[
+                    "parallel.pp=2",
+                    "train.micro_batch_size=1",
+                    "train.grad_accum_steps=2",
+                ][..],
+            ),
+        ] {
+            let parallel = run(name, np, sets);
+            let got = evals(&parallel);
+            assert_eq!(got.len(), want.len(), "{method} {name}: evaluations");
+            for (g, w) in got.iter().zip(&want) {
+                for key in [
+                    "eval_accuracy",
+                    "eval_exact_match",
+                    "eval_bleu",
+                    "eval_rouge_l",
+                ] {
+                    assert_eq!(g[key], w[key], "{method} {name} step {}: {key}", w["step"]);
+                }
+                assert_within(
+                    &format!(
+                        "dist {method} {name} step {}: eval_loss rel Δ vs one process",
+                        w["step"]
+                    ),
+                    rel(
+                        g["eval_loss"].as_f64().unwrap(),
+                        w["eval_loss"].as_f64().unwrap(),
+                    ),
+                    LOSS_TOL,
+                );
             }
-            assert_within(
-                &format!(
-                    "dist {name} step {}: eval_loss rel Δ vs one process",
-                    w["step"]
-                ),
-                rel(
-                    g["eval_loss"].as_f64().unwrap(),
-                    w["eval_loss"].as_f64().unwrap(),
-                ),
-                LOSS_TOL,
-            );
-        }
-        for step in [0, 2] {
-            let ids = generated(&parallel, step);
-            assert_eq!(ids.len(), 4, "{name} step {step}");
-            assert!(
-                ids.iter().any(|g| !g.as_array().unwrap().is_empty()),
-                "{name} step {step}: nothing generated"
-            );
-            assert_eq!(
-                ids,
-                generated(&single, step),
-                "{name} step {step}: generated ids"
-            );
+            for step in [0, 2] {
+                let ids = generated(&parallel, step);
+                assert_eq!(ids.len(), 4, "{name} step {step}");
+                assert!(
+                    ids.iter().any(|g| !g.as_array().unwrap().is_empty()),
+                    "{method} {name} step {step}: nothing generated"
+                );
+                assert_eq!(
+                    ids,
+                    generated(&single, step),
+                    "{method} {name} step {step}: generated ids"
+                );
+            }
         }
     }
 }

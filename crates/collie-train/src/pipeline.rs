@@ -242,12 +242,14 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
     }
 }
 
-/// Every parameter of `m` in visit order, as one host buffer.
+/// Every trainable parameter of `m` in visit order, as one host buffer.
 fn flat<B: burn::tensor::backend::Backend, M: Module<B>>(m: &M) -> Vec<f32> {
     struct Flat(Vec<f32>);
     impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Flat {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            self.0.extend(host(p.val()));
+            if p.is_require_grad() {
+                self.0.extend(host(p.val()));
+            }
         }
     }
     let mut v = Flat(Vec::new());
@@ -255,36 +257,43 @@ fn flat<B: burn::tensor::backend::Backend, M: Module<B>>(m: &M) -> Vec<f32> {
     v.0
 }
 
-/// `m` with its parameters' values replaced from `buf` (visit order; ids and trainability kept).
+/// `m` with its trainable parameters' values replaced from `buf` (visit order; ids and
+/// trainability kept).
 fn load_flat<B: burn::tensor::backend::Backend, M: Module<B>>(m: M, buf: &[f32]) -> M {
     struct Load<'a>(&'a [f32], usize);
     impl<B: burn::tensor::backend::Backend> ModuleMapper<B> for Load<'_> {
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            if !p.is_require_grad() {
+                return p;
+            }
             let (id, t, mapper) = p.consume();
             let (shape, dtype, device) = (t.dims(), t.dtype(), t.device());
             let n: usize = shape.iter().product();
-            let mut new = Tensor::<B, D>::from_data(
+            let new = Tensor::<B, D>::from_data(
                 TensorData::new(self.0[self.1..self.1 + n].to_vec(), shape),
                 &device,
             )
-            .cast(dtype);
+            .cast(dtype)
+            .require_grad();
             self.1 += n;
-            if t.is_require_grad() {
-                new = new.require_grad();
-            }
             Param::from_mapped_value(id, new, mapper)
         }
     }
     m.map(&mut Load(buf, 0))
 }
 
-/// `m` as stage `root` of `group` has it (a broadcast of its values).
+/// `m` as stage `root` of `group` has it: a broadcast of its trainable values. Frozen weights
+/// (a PEFT base) are the same on every stage, loaded from the same checkpoint and never updated,
+/// so they are not sent.
 fn from_stage<B: burn::tensor::backend::Backend, M: Module<B>>(
     m: M,
     root: usize,
     group: &dyn Collectives,
 ) -> M {
     let mut buf = flat(&m);
+    if buf.is_empty() {
+        return m;
+    }
     group.broadcast(&mut buf, root);
     load_flat(m, &buf)
 }
