@@ -21,7 +21,7 @@ pub struct RecipeArgs {
     /// TOML config (default: the recipe's built-in `configs/default.toml`).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override a key, e.g. `--set optim.lr=1e-4` (repeatable).
+    /// Override a key, e.g. `--set optim.lr=1e-4` (repeatable); `--set KEY=` removes it.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Continue from `latest` (the newest checkpoint of output.dir) or a checkpoint directory.

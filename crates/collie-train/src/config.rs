@@ -519,7 +519,8 @@ fn default_gen_tokens() -> usize {
 }
 
 /// Sets `a.b.c = value` in a TOML table; `value` is parsed as TOML (`2e-5`, `true`, `[1, 2]`,
-/// `"x"`) and taken as a bare string when it is not valid TOML.
+/// `"x"`) and taken as a bare string when it is not valid TOML. An empty value removes the key
+/// (TOML has no null): `--set data.eval=` turns off a config's evaluation set.
 pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
     let (key, raw) = assignment
         .split_once('=')
@@ -529,8 +530,9 @@ pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), Co
         })?;
     let key = key.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {}", raw.trim())) {
-        Ok(mut t) => t.remove("v").expect("parsed"),
-        Err(_) => toml::Value::String(raw.trim().to_string()),
+        _ if raw.trim().is_empty() => None,
+        Ok(mut t) => t.remove("v"),
+        Err(_) => Some(toml::Value::String(raw.trim().to_string())),
     };
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
@@ -545,7 +547,11 @@ pub fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), Co
             .as_table_mut()
             .ok_or_else(|| key_error(&parts[..=i].join("."), "is a value, not a section"))?;
     }
-    table.insert(parts[parts.len() - 1].to_string(), value);
+    let last = parts[parts.len() - 1].to_string();
+    match value {
+        Some(value) => table.insert(last, value),
+        None => table.remove(&last),
+    };
     Ok(())
 }
 
@@ -769,6 +775,19 @@ dir = "runs/x"
         assert_eq!(c.data.seq_len, 512);
         let again = TrainConfig::parse(&c.to_toml(), "resolved", &[]).unwrap();
         assert_eq!(again, c);
+        // An empty value removes the key: the eval set goes, a required key is then missing.
+        let base = BASE.replace(
+            "train = \"t.jsonl\"",
+            "train = \"t.jsonl\"\neval = \"e.jsonl\"",
+        );
+        let c = TrainConfig::parse(&base, "base", &[]).unwrap();
+        assert_eq!(c.data.eval.as_deref(), Some("e.jsonl"));
+        let c = TrainConfig::parse(&base, "base", &["data.eval=".into()]).unwrap();
+        assert_eq!(c.data.eval, None);
+        let e = TrainConfig::parse(&base, "base", &["data.train= ".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data") && e.contains("train"), "{e}");
     }
 
     #[test]
