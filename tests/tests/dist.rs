@@ -1174,6 +1174,22 @@ fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_proc
     let lora = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     assert_equivalent_dp("pp2 lora", 2, 1, 1, 4, lora, &["parallel.pp=2"]);
+    // LoRA on a tied model (Gemma 3's fixture) under AdamW with weight decay: the frozen table
+    // the first stage looks up and the last stage's head reads must stay frozen (no gradient
+    // exchanged, no decay).
+    let tied_lora = format!(
+        "{ADAMW}[peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n"
+    );
+    let gemma3 = format!("model.path={}", fixture("families/gemma3/model").display());
+    assert_equivalent_dp(
+        "pp2 tied lora",
+        2,
+        1,
+        1,
+        4,
+        &tied_lora,
+        &["parallel.pp=2", &gemma3],
+    );
     let ia3 = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.5\nmomentum = 0.9\n\
          [peft]\nkind = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\nfeedforward_modules = [\"down_proj\"]\n";
     assert_equivalent_dp("tp2 ia3", 2, 1, 2, 1, ia3, &["parallel.tp=2"]);

@@ -262,9 +262,11 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             &self.device,
         );
         self.pp_wait = waited;
-        if self.model.head().is_tied() {
+        if self.model.head().is_tied() && self.model.embed().weight.is_require_grad() {
             // A tied table is used by the first stage (lookup) and the last (head): both copies
-            // get the sum of the two gradients.
+            // get the sum of the two gradients. A frozen one (a PEFT base) has none: registering
+            // a zero gradient would exchange a vocabulary-sized buffer every step and hand the
+            // optimizer a parameter it must not touch.
             let id = self.model.embed().weight.id;
             if grads.get::<B::InnerBackend, 2>(id).is_none() {
                 grads.register(id, self.model.embed().weight.val().inner().zeros_like());
