@@ -344,18 +344,19 @@ pub fn load<B: Backend, M: Adaptable<B> + Module<B>>(
     device: &B::Device,
 ) -> Result<(M, PeftConfig)> {
     let config = read_config(dir)?;
-    if collie_io::sharded::is_sharded(dir) {
-        return load_sharded(model, config, dir, device);
-    }
+    let sharded = collie_io::sharded::is_sharded(dir);
     let path = dir.join(WEIGHTS_FILE);
-    if !path.is_file() {
+    if !sharded && !path.is_file() {
         return Err(PeftError::adapter(dir, format!("no {WEIGHTS_FILE}")));
     }
-    let source = SafetensorsSource::open(&path)?;
     let mut model = crate::apply(model, &config, None, device).map_err(|e| match e {
         PeftError::Config(m) => PeftError::adapter(dir.join(CONFIG_FILE), m),
         e => e,
     })?;
+    if sharded {
+        return Ok((load_sharded(model, dir)?, config));
+    }
+    let source = SafetensorsSource::open(&path)?;
     let mut used = BTreeSet::new();
     let mut read = |key: &str, shape: &[usize]| -> Result<HostTensor> {
         let Some(found) = source.shape(key) else {
@@ -420,14 +421,9 @@ pub fn load<B: Backend, M: Adaptable<B> + Module<B>>(
     Ok((model, config))
 }
 
-/// The adapter of a sharded checkpoint of a parallel run (`collie_io::sharded`): its trainable
-/// parameters stored by path, in the model's own layout.
-fn load_sharded<B: Backend, M: Adaptable<B> + Module<B>>(
-    model: M,
-    config: PeftConfig,
-    dir: &Path,
-    device: &B::Device,
-) -> Result<(M, PeftConfig)> {
+/// Fills the adapted `model`'s trainable parameters from a sharded checkpoint of a parallel run
+/// (`collie_io::sharded`), where they are stored by path in the model's own layout.
+fn load_sharded<B: Backend, M: Module<B>>(model: M, dir: &Path) -> Result<M> {
     use collie_io::module::{load_module, Binding, Convert};
     use collie_io::sharded::{Kind, Manifest, Part, ShardedSource};
     if Manifest::read(dir)?.kind != Kind::Adapter {
@@ -437,10 +433,6 @@ fn load_sharded<B: Backend, M: Adaptable<B> + Module<B>>(
         ));
     }
     let source = ShardedSource::open(dir, Part::Params)?;
-    let model = crate::apply(model, &config, None, device).map_err(|e| match e {
-        PeftError::Config(m) => PeftError::adapter(dir.join(CONFIG_FILE), m),
-        e => e,
-    })?;
     let stored: BTreeSet<String> = source.keys().into_iter().collect();
     let mut used = BTreeSet::new();
     let model = load_module(model, &source, |info| {
@@ -460,7 +452,7 @@ fn load_sharded<B: Backend, M: Adaptable<B> + Module<B>>(
             ),
         ));
     }
-    Ok((model, config))
+    Ok(model)
 }
 
 fn fill_linear<B: Backend>(

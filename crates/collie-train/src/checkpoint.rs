@@ -15,12 +15,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
-use collie_io::family::ModelFiles;
+use collie_io::family::{ModelFiles, TrainModel};
 use collie_io::json::{read_json, write_json};
 use collie_io::module::TensorSource;
-use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
+use collie_io::safetensors::{write_safetensors_with, SafetensorsSource, SaveDtype};
 use collie_io::sharded::{
     is_sharded, Kind, Manifest, Part, RankWriter, ShardTensor, ShardedSource, Split,
 };
@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
 use crate::parallel::SplitDim;
+use crate::trainer::Trainer;
 
 /// Everything besides weights and optimizer tensors that a resumed run needs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -134,12 +135,18 @@ pub fn save(
 ) -> Result<PathBuf, TrainError> {
     let partial = begin(root, state.step)?;
     write_weights(&partial)?;
-    let tensors: Vec<(String, collie_io::HostTensor)> =
-        optimizer.tensors.clone().into_iter().collect();
-    save_safetensors(
+    // One tensor at a time: the optimizer state is not copied whole.
+    let layout: Vec<(String, Vec<usize>)> = optimizer
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shape.clone()))
+        .collect();
+    let values: Vec<&HostTensor> = optimizer.tensors.values().collect();
+    write_safetensors_with(
         &partial.join("optimizer.safetensors"),
-        &tensors,
+        &layout,
         SaveDtype::F32,
+        |i| Ok(values[i].data.clone()),
     )?;
     let mut state = state.clone();
     state.optimizer_counters = optimizer.counters.clone();
@@ -283,6 +290,189 @@ pub fn prune(root: &Path, keep_last: usize, keep_best: &[u64]) -> Result<(), Tra
     Ok(())
 }
 
+/// The trainer's checkpoints: one process's HF directory, or each rank's part of a sharded one.
+impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
+    /// Writes checkpoint `step-{state.step}` and prunes old ones; every rank returns when the
+    /// checkpoint exists. One process writes an HF directory (or a peft adapter) with its
+    /// optimizer state; the ranks of a parallel run each write what they own
+    /// ([`collie_io::sharded`]), which any layout resumes from and `collie convert` turns into an
+    /// HF directory.
+    pub fn save(&self) -> Result<PathBuf, TrainError> {
+        if self.dist.size() > 1 {
+            return self.save_sharded();
+        }
+        let root = &self.config.output.dir;
+        let optimizer_state = self.update.state();
+        let weights = if self.peft_active() {
+            Weights::Adapter {
+                model: &self.model,
+                peft: &self.config.peft,
+                base: &self.config.model.path,
+            }
+        } else {
+            Weights::Model {
+                model: &self.model,
+                config: &self.model_config,
+                tokenizer: self.tokenizer.as_ref(),
+            }
+        };
+        let dir = save(
+            root,
+            |dir| weights.write::<B>(dir),
+            &optimizer_state,
+            &self.state,
+            &self.config.to_toml(),
+        )?;
+        prune(root, self.config.train.keep_last, &self.best_steps())?;
+        Ok(dir)
+    }
+
+    /// [`Self::save`] of a parallel run: rank 0 starts the partial directory, every rank writes
+    /// its parameters and optimizer state, rank 0 merges the manifest, adds the config,
+    /// tokenizer and trainer state and renames it into place. A failure on any rank fails the
+    /// save on every rank (no one waits forever) and leaves the previous checkpoints as they
+    /// were.
+    fn save_sharded(&self) -> Result<PathBuf, TrainError> {
+        let root = &self.config.output.dir;
+        let step = self.state.step;
+        let main = self.dist.is_main();
+        let partial = partial_dir(root, step);
+        let begun = match main {
+            true => begin(root, step).map(|_| ()),
+            false => Ok(()),
+        };
+        self.all_ranks_ok("start", begun)?;
+        let c = self.dist.coords;
+        let stage = self.stage_params();
+        let share = RankShare {
+            rank: self.dist.rank,
+            stage: &stage,
+            split: &self.tp_split,
+            tp: (c.tp, self.dist.dims.tp),
+            params: c.dp == 0,
+            state: c.dp == 0 || self.zero.is_some(),
+            trainable_only: self.peft_active(),
+        };
+        let wrote = write_rank(&partial, &self.model, &self.update.state(), &share);
+        pause_while_writing(step, self.dist.rank);
+        self.all_ranks_ok("write", wrote)?;
+        let finished = match main {
+            true => self.finish_sharded(&partial),
+            false => Ok(()),
+        };
+        self.all_ranks_ok("finish", finished)?;
+        Ok(step_dir(root, step))
+    }
+
+    /// Rank 0's part of a sharded save once every rank has written.
+    fn finish_sharded(&self, partial: &Path) -> Result<(), TrainError> {
+        use collie_io::sharded::Kind;
+        let root = &self.config.output.dir;
+        let kind = match self.peft_active() {
+            true => Kind::Adapter,
+            false => Kind::Model,
+        };
+        let (_, metas) = collie_io::sharded::merge(partial, self.dist.size(), kind)?;
+        let mut state = self.state.clone();
+        state.optimizer_counters.clear();
+        for meta in metas {
+            let counters: BTreeMap<String, u64> = serde_json::from_value(meta)
+                .map_err(|e| TrainError::Invalid(format!("optimizer counters: {e}")))?;
+            state.optimizer_counters.extend(counters);
+        }
+        match kind {
+            Kind::Adapter => collie_peft::adapter_io::write_config(
+                &mut self.model.clone(),
+                &self.config.peft,
+                &self.config.model.path,
+                partial,
+            )?,
+            Kind::Model => {
+                collie_io::json::write_json(&partial.join("config.json"), &self.model_config)?
+            }
+        }
+        if let Some(tok) = &self.tokenizer {
+            tok.save(partial)?;
+        }
+        finish(root, partial, &state, &self.config.to_toml())?;
+        prune(root, self.config.train.keep_last, &self.best_steps())
+    }
+
+    /// `result` of this rank, agreed by every rank: an error on any rank is an error on all
+    /// (naming the ranks that failed), and rank 0 removes the partial checkpoint.
+    fn all_ranks_ok(&self, what: &str, result: Result<(), TrainError>) -> Result<(), TrainError> {
+        let (n, r) = (self.dist.world.size(), self.dist.world.rank());
+        let mut failed = vec![0.0; n];
+        failed[r] = f64::from(u8::from(result.is_err()));
+        self.dist.world.all_reduce_sum_f64(&mut failed);
+        let ranks: Vec<usize> = (0..n).filter(|&i| failed[i] > 0.0).collect();
+        if ranks.is_empty() {
+            return Ok(());
+        }
+        if self.dist.is_main() {
+            let partial = partial_dir(&self.config.output.dir, self.state.step);
+            let _ = std::fs::remove_dir_all(partial);
+        }
+        result?;
+        Err(TrainError::Invalid(format!(
+            "checkpoint step-{} ({what}): rank(s) {ranks:?} failed; see their logs",
+            self.state.step
+        )))
+    }
+
+    /// The parameters this rank's pipeline stage trains (all of them without pipelining): the
+    /// embedding on the first stage (also when the last stage's head is tied to it), each layer
+    /// on its stage, the head on the last, anything else on the first.
+    fn stage_params(&self) -> HashSet<ParamId> {
+        let all = param_ids(&self.model);
+        let Some((stage, _)) = &self.pipeline else {
+            return all;
+        };
+        let mut others = HashSet::new();
+        if !stage.first() {
+            others.extend(param_ids(self.model.embed()));
+        }
+        for (i, layer) in self.model.layers().iter().enumerate() {
+            if !stage.layers.contains(&i) {
+                others.extend(param_ids(layer));
+            }
+        }
+        if !stage.last() {
+            let mut head = param_ids(self.model.head());
+            if stage.first() {
+                // A tied head's table is the embedding, which the first stage writes.
+                let embed = param_ids(self.model.embed());
+                head.retain(|id| !embed.contains(id));
+            }
+            others.extend(head);
+        }
+        all.into_iter().filter(|id| !others.contains(id)).collect()
+    }
+
+    /// Steps of the `keep_best` best evaluations.
+    fn best_steps(&self) -> Vec<u64> {
+        let key = &self.config.train.best_metric;
+        let mut scored: Vec<(f64, u64)> = self
+            .state
+            .evals
+            .iter()
+            .filter_map(|(step, m)| m.get(key).map(|v| (*v, *step)))
+            .collect();
+        scored.sort_by(|a, b| {
+            if self.config.train.greater_is_better {
+                b.0.total_cmp(&a.0)
+            } else {
+                a.0.total_cmp(&b.0)
+            }
+        });
+        scored
+            .into_iter()
+            .take(self.config.train.keep_best)
+            .map(|(_, s)| s)
+            .collect()
+    }
+}
+
 /// What one rank of a parallel run writes into a sharded checkpoint
 /// ([`collie_io::sharded`]): each parameter and each optimizer-state tensor is written by exactly
 /// one rank, or by every tensor-parallel rank once per piece when it is split.
@@ -318,15 +508,17 @@ pub fn param_ids<B: Backend, M: Module<B>>(module: &M) -> HashSet<ParamId> {
 }
 
 /// One parameter of the model as a rank sees it.
-struct ParamEntry<B: Backend> {
-    id: ParamId,
-    shape: Vec<usize>,
+pub(crate) struct ParamEntry<B: Backend> {
+    pub id: ParamId,
+    pub shape: Vec<usize>,
     trainable: bool,
     value: Tensor<B, 1>,
 }
 
 /// Every parameter of `model` by path.
-fn params_by_path<B: Backend, M: Module<B>>(model: &M) -> BTreeMap<String, ParamEntry<B>> {
+pub(crate) fn params_by_path<B: Backend, M: Module<B>>(
+    model: &M,
+) -> BTreeMap<String, ParamEntry<B>> {
     struct Params<B: Backend> {
         stack: Vec<String>,
         out: BTreeMap<String, ParamEntry<B>>,
@@ -517,16 +709,11 @@ pub fn consolidate<B: Backend, M: ModelFiles<B>>(
             let base = family_spec(dir)?;
             let model = M::load(&base, device)?.model;
             let (mut model, config) = collie_peft::adapter_io::load(model, dir, device)?;
-            let name = out.file_name().ok_or_else(|| {
-                TrainError::Invalid(format!("{}: not a directory name", out.display()))
+            collie_io::dir::write_dir_atomically(out, |staging| -> Result<(), TrainError> {
+                Ok(collie_peft::adapter_io::save(
+                    &mut model, &config, &base, staging,
+                )?)
             })?;
-            let staging = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-            let _ = std::fs::remove_dir_all(&staging);
-            collie_peft::adapter_io::save(&mut model, &config, &base, &staging)?;
-            if out.exists() {
-                std::fs::remove_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-            }
-            std::fs::rename(&staging, out).map_err(|e| TrainError::io(out, e))?;
         }
     }
     Ok(())

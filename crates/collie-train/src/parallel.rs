@@ -4,9 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 use collie_io::HostTensor;
 use collie_optim::OptimizerState;
 
@@ -22,32 +21,10 @@ pub fn split_paths<B: Backend, M: Module<B>>(
     model: &M,
     split: &HashMap<ParamId, SplitDim>,
 ) -> HashMap<String, (SplitDim, Vec<usize>)> {
-    struct Paths<'a> {
-        stack: Vec<String>,
-        split: &'a HashMap<ParamId, SplitDim>,
-        out: HashMap<String, (SplitDim, Vec<usize>)>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Paths<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(&dim) = self.split.get(&param.id) {
-                let shape = param.lazy_shape().dims::<D>().to_vec();
-                self.out.insert(self.stack.join("."), (dim, shape));
-            }
-        }
-    }
-    let mut v = Paths {
-        stack: Vec::new(),
-        split,
-        out: HashMap::new(),
-    };
-    model.visit(&mut v);
-    v.out
+    crate::checkpoint::params_by_path(model)
+        .into_iter()
+        .filter_map(|(path, p)| split.get(&p.id).map(|&dim| (path, (dim, p.shape))))
+        .collect()
 }
 
 /// The parameter path of a state key `"{path}.{slot}"` that `paths` knows.

@@ -6,8 +6,8 @@
 //! transformers' Trainer computes it. The learning rate of step `k` (from 0) is
 //! `lr · λ(k)`; metrics count steps from 1, after the update.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,7 +28,7 @@ use collie_optim::clip::global_norm;
 use serde_json::{json, Map, Value};
 
 use crate::blockwise::{in_dtype, BlockId, GradHook};
-use crate::checkpoint::{self, param_ids, TrainerState};
+use crate::checkpoint::{self, TrainerState};
 use crate::config::{ComputeDtype, ModelInit, OptimName, TrainConfig};
 use crate::error::TrainError;
 use crate::eval::{classification, corpus_nll, generation};
@@ -732,187 +732,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         !self.eval_examples.is_empty()
             || self.config.eval.classification.is_some()
             || self.config.eval.generation.is_some()
-    }
-
-    /// Writes checkpoint `step-{state.step}` and prunes old ones; every rank returns when the
-    /// checkpoint exists. One process writes an HF directory (or a peft adapter) with its
-    /// optimizer state; the ranks of a parallel run each write what they own
-    /// ([`collie_io::sharded`]), which any layout resumes from and `collie convert` turns into an
-    /// HF directory.
-    pub fn save(&self) -> Result<PathBuf, TrainError> {
-        if self.dist.size() > 1 {
-            return self.save_sharded();
-        }
-        let root = &self.config.output.dir;
-        let optimizer_state = self.update.state();
-        let weights = if self.peft_active() {
-            checkpoint::Weights::Adapter {
-                model: &self.model,
-                peft: &self.config.peft,
-                base: &self.config.model.path,
-            }
-        } else {
-            checkpoint::Weights::Model {
-                model: &self.model,
-                config: &self.model_config,
-                tokenizer: self.tokenizer.as_ref(),
-            }
-        };
-        let dir = checkpoint::save(
-            root,
-            |dir| weights.write::<B>(dir),
-            &optimizer_state,
-            &self.state,
-            &self.config.to_toml(),
-        )?;
-        checkpoint::prune(root, self.config.train.keep_last, &self.best_steps())?;
-        Ok(dir)
-    }
-
-    /// [`Self::save`] of a parallel run: rank 0 starts the partial directory, every rank writes
-    /// its parameters and optimizer state, rank 0 merges the manifest, adds the config,
-    /// tokenizer and trainer state and renames it into place. A failure on any rank fails the
-    /// save on every rank (no one waits forever) and leaves the previous checkpoints as they
-    /// were.
-    fn save_sharded(&self) -> Result<PathBuf, TrainError> {
-        let root = &self.config.output.dir;
-        let step = self.state.step;
-        let main = self.dist.is_main();
-        let partial = checkpoint::partial_dir(root, step);
-        let begun = match main {
-            true => checkpoint::begin(root, step).map(|_| ()),
-            false => Ok(()),
-        };
-        self.all_ranks_ok("start", begun)?;
-        let c = self.dist.coords;
-        let stage = self.stage_params();
-        let share = checkpoint::RankShare {
-            rank: self.dist.rank,
-            stage: &stage,
-            split: &self.tp_split,
-            tp: (c.tp, self.dist.dims.tp),
-            params: c.dp == 0,
-            state: c.dp == 0 || self.zero.is_some(),
-            trainable_only: self.peft_active(),
-        };
-        let wrote = checkpoint::write_rank(&partial, &self.model, &self.update.state(), &share);
-        checkpoint::pause_while_writing(step, self.dist.rank);
-        self.all_ranks_ok("write", wrote)?;
-        let finished = match main {
-            true => self.finish_sharded(&partial).map(|_| ()),
-            false => Ok(()),
-        };
-        self.all_ranks_ok("finish", finished)?;
-        Ok(checkpoint::step_dir(root, step))
-    }
-
-    /// Rank 0's part of a sharded save once every rank has written.
-    fn finish_sharded(&self, partial: &Path) -> Result<PathBuf, TrainError> {
-        use collie_io::sharded::Kind;
-        let root = &self.config.output.dir;
-        let kind = match self.peft_active() {
-            true => Kind::Adapter,
-            false => Kind::Model,
-        };
-        let (_, metas) = collie_io::sharded::merge(partial, self.dist.size(), kind)?;
-        let mut state = self.state.clone();
-        state.optimizer_counters.clear();
-        for meta in metas {
-            let counters: BTreeMap<String, u64> = serde_json::from_value(meta)
-                .map_err(|e| TrainError::Invalid(format!("optimizer counters: {e}")))?;
-            state.optimizer_counters.extend(counters);
-        }
-        match kind {
-            Kind::Adapter => collie_peft::adapter_io::write_config(
-                &mut self.model.clone(),
-                &self.config.peft,
-                &self.config.model.path,
-                partial,
-            )?,
-            Kind::Model => {
-                collie_io::json::write_json(&partial.join("config.json"), &self.model_config)?
-            }
-        }
-        if let Some(tok) = &self.tokenizer {
-            tok.save(partial)?;
-        }
-        let dir = checkpoint::finish(root, partial, &state, &self.config.to_toml())?;
-        checkpoint::prune(root, self.config.train.keep_last, &self.best_steps())?;
-        Ok(dir)
-    }
-
-    /// `result` of this rank, agreed by every rank: an error on any rank is an error on all
-    /// (naming the ranks that failed), and rank 0 removes the partial checkpoint.
-    fn all_ranks_ok(&self, what: &str, result: Result<(), TrainError>) -> Result<(), TrainError> {
-        let (n, r) = (self.dist.world.size(), self.dist.world.rank());
-        let mut failed = vec![0.0; n];
-        failed[r] = f64::from(u8::from(result.is_err()));
-        self.dist.world.all_reduce_sum_f64(&mut failed);
-        let ranks: Vec<usize> = (0..n).filter(|&i| failed[i] > 0.0).collect();
-        if ranks.is_empty() {
-            return Ok(());
-        }
-        if self.dist.is_main() {
-            let partial = checkpoint::partial_dir(&self.config.output.dir, self.state.step);
-            let _ = std::fs::remove_dir_all(partial);
-        }
-        result?;
-        Err(TrainError::Invalid(format!(
-            "checkpoint step-{} ({what}): rank(s) {ranks:?} failed; see their logs",
-            self.state.step
-        )))
-    }
-
-    /// The parameters this rank's pipeline stage trains (all of them without pipelining): the
-    /// embedding on the first stage (also when the last stage's head is tied to it), each layer
-    /// on its stage, the head on the last, anything else on the first.
-    fn stage_params(&self) -> HashSet<ParamId> {
-        let all = param_ids(&self.model);
-        let Some((stage, _)) = &self.pipeline else {
-            return all;
-        };
-        let mut others = HashSet::new();
-        if !stage.first() {
-            others.extend(param_ids(self.model.embed()));
-        }
-        for (i, layer) in self.model.layers().iter().enumerate() {
-            if !stage.layers.contains(&i) {
-                others.extend(param_ids(layer));
-            }
-        }
-        if !stage.last() {
-            let mut head = param_ids(self.model.head());
-            if stage.first() {
-                // A tied head's table is the embedding, which the first stage writes.
-                let embed = param_ids(self.model.embed());
-                head.retain(|id| !embed.contains(id));
-            }
-            others.extend(head);
-        }
-        all.into_iter().filter(|id| !others.contains(id)).collect()
-    }
-
-    /// Steps of the `keep_best` best evaluations.
-    fn best_steps(&self) -> Vec<u64> {
-        let key = &self.config.train.best_metric;
-        let mut scored: Vec<(f64, u64)> = self
-            .state
-            .evals
-            .iter()
-            .filter_map(|(step, m)| m.get(key).map(|v| (*v, *step)))
-            .collect();
-        scored.sort_by(|a, b| {
-            if self.config.train.greater_is_better {
-                b.0.total_cmp(&a.0)
-            } else {
-                a.0.total_cmp(&b.0)
-            }
-        });
-        scored
-            .into_iter()
-            .take(self.config.train.keep_best)
-            .map(|(_, s)| s)
-            .collect()
     }
 
     /// Records an evaluation; returns whether early stopping should end the run.
