@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Peak memory of every rank when a pretrained checkpoint is loaded and trained, by parallel layout:
 # what a rank must hold (docs/parallelism.md, "Memory per rank"). The checkpoint is written first
-# by a one-step scratch run of recipe-pretrain in the `350m`-like shape below (d 1024, 12 layers,
-# 16 / 4 heads, MLP 2816, SmolLM2's 49,152-token vocabulary, tied: 186M parameters, 745 MB in
-# f32); each layout then loads it and trains 2 steps on 1 × 64 tokens, once in full with plain SGD
+# by a one-step scratch run of recipe-pretrain in the shape of `collie bench`'s `350m` preset
+# (d 1024, 24 layers, 16 / 4 heads, MLP 2816, SmolLM2's 49,152-token vocabulary, tied: 321M
+# parameters, 1.28 GB in f32; LAYERS=12 halves the depth); each layout then loads it and trains
+# 2 steps on 1 × 64 tokens, once in full with plain SGD
 # (no optimizer state: the peak is the weights, their gradients and the update's copy) and once
 # with LoRA (r 8 on every linear layer of a frozen base: the peak is the weights and the loading
 # transient). Evaluation and samples run on 2 examples. Prints one markdown table row per layout
@@ -23,21 +24,25 @@ if [ ${#layouts[@]} -eq 0 ]; then
   layouts=(
     "1:one process:"
     "2:dp:"
+    "2:dp ZeRO-3:parallel.zero=3"
     "2:tp:parallel.tp=2"
     "2:pp:parallel.pp=2"
+    "4:dp ZeRO-3:parallel.zero=3"
     "4:tp:parallel.tp=4"
+    "4:dp2 x tp2 ZeRO-3:parallel.tp=2,parallel.zero=3"
+    "4:tp2 x pp2:parallel.tp=2,parallel.pp=2"
   )
 fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 shape=(--set model.config.hidden_size=1024 --set model.config.intermediate_size=2816
-  --set model.config.num_hidden_layers=12 --set model.config.num_attention_heads=16
+  --set "model.config.num_hidden_layers=${LAYERS:-24}" --set model.config.num_attention_heads=16
   --set model.config.num_key_value_heads=4)
 small=(--quiet --set data.seq_len=64 --set train.micro_batch_size=1 --set train.eval_every=0
   --set eval.max_examples=2 --set recipe.sample_tokens=4 --set optim.name=sgd --set optim.lr=1e-3
   --set sched.warmup_steps=0)
 lora=(--set peft.kind=lora --set peft.r=8 --set peft.alpha=16 --set peft.target_modules=all-linear)
-base=runs/memory/base
+base=runs/memory/base-${LAYERS:-24}
 if [ ! -f "$base/checkpoints/step-1/model.safetensors" ]; then
   rm -rf "$base"
   "$bin" "${small[@]}" "${shape[@]}" --set train.max_steps=1 --set train.save_every=1 \

@@ -451,6 +451,96 @@ fn zero_1_and_2_match_one_process_with_a_shard_of_the_state_each() {
 }
 
 #[test]
+fn zero_3_matches_one_process_with_tp_lora_and_lomo() {
+    // Each replica stores the parameters it owns; the block-wise walk gathers a block before it
+    // runs and sums its gradients onto the owners as it leaves it.
+    assert_layout("dp2 zero3", 2, 2, 1, 2, &["parallel.zero=3"]);
+    assert_layout(
+        "dp2 x tp2 zero3",
+        4,
+        2,
+        1,
+        1,
+        &["parallel.tp=2", "parallel.zero=3"],
+    );
+    let lora = format!(
+        "{ADAMW}\n[peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"o_proj\", \"down_proj\", \"up_proj\"]\n"
+    );
+    assert_equivalent_dp("dp2 zero3 lora", 2, 2, 1, 2, &lora, &["parallel.zero=3"]);
+    let lomo = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
+    assert_equivalent("dp2 zero3 lomo", 2, 1, 1, lomo, &["parallel.zero=3"]);
+}
+
+#[test]
+fn zero_3_checkpoint_of_dp2_x_tp2_resumes_at_pp2_one_process_and_tp2_x_pp2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let accum = ["train.micro_batch_size=1", "train.grad_accum_steps=2"];
+    let (want, _) = train(1, &tmp.path().join("straight"), ADAMW, &accum);
+    // Steps 1-2 at dp2 x tp2 with ZeRO-3: each replica writes the parameters and state it owns.
+    let first = tmp.path().join("zero3");
+    let cfg = config(&first, ADAMW);
+    let sets = [
+        "train.max_steps=2",
+        "train.micro_batch_size=1",
+        "parallel.tp=2",
+        "parallel.zero=3",
+    ];
+    assert_resumed_legs("zero3 dp2 x tp2", &cfg, &first, &[(4, &sets)], &want[..2]);
+    // Steps 3-5 from that checkpoint at each other layout (and at dp2 with ZeRO-3 alone).
+    let layouts: [(&str, usize, &[&str]); 4] = [
+        ("pp2", 2, &[&accum[..], &["parallel.pp=2"]].concat()),
+        ("one process", 1, &accum),
+        (
+            "tp2 x pp2",
+            4,
+            &[&accum[..], &["parallel.tp=2", "parallel.pp=2"]].concat(),
+        ),
+        (
+            "dp2 zero3",
+            2,
+            &["train.micro_batch_size=1", "parallel.zero=3"],
+        ),
+    ];
+    for (name, np, sets) in layouts {
+        let dir = tmp.path().join(name.replace(' ', "_"));
+        let cfg = config(&dir, ADAMW);
+        copy_dir(&first.join("run"), &dir.join("run"));
+        let mut c = command(np);
+        c.arg("--config")
+            .arg(&cfg)
+            .args(["--quiet", "--resume", "latest"]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_resumed_losses(
+            &format!("zero3 dp2 x tp2 -> {name}"),
+            &dir.join("run"),
+            &want,
+        );
+    }
+}
+
+/// Copies the directory tree `from` to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
 fn zero_checkpoint_of_two_replicas_resumes_in_one_process_and_back() {
     let tmp = tempfile::tempdir().unwrap();
     let (want, _) = train(
@@ -624,6 +714,38 @@ fn layout_that_does_not_fit_is_reported_once_and_every_rank_exits() {
         "one message, from rank 0:\n{err}"
     );
     assert!(err.contains("2 processes"), "{err}");
+}
+
+#[test]
+fn zero_settings_it_cannot_serve_are_one_error_line_and_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sophia = "[train]\nmax_steps = 2\n[optim]\nname = \"sophiag\"\nlr = 1e-3\n";
+    let lomo = "[train]\nmax_steps = 2\n[optim]\nname = \"lomo\"\nlr = 1e-3\n";
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("sophia", sophia, &["parallel.zero=3"]),
+        ("lomo zero2", lomo, &["parallel.zero=2"]),
+        ("stage 4", ADAMW, &["parallel.zero=4"]),
+        ("pp", ADAMW, &["parallel.zero=3", "parallel.pp=2"]),
+    ];
+    for (name, body, sets) in cases {
+        let dir = tmp.path().join(name.replace(' ', "_"));
+        let cfg = config(&dir, body);
+        let out = launch(2, &cfg, sets);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{name}: one error line, from rank 0:\n{err}"
+        );
+        assert!(lines[0].contains("parallel.zero"), "{name}: {}", lines[0]);
+        assert!(
+            !dir.join("run").join("checkpoints").exists(),
+            "{name}: nothing written"
+        );
+        println!("{name}: {}", lines[0]);
+    }
 }
 
 /// Sends `signal` (`-KILL`) to `pid` through the shell's `kill` builtin: a minimal Debian has no

@@ -26,6 +26,9 @@ pub trait Collectives: Debug + Send + Sync {
     fn all_gather(&self, send: &[f32], recv: &mut [f32]);
     /// `recv` of member `r` = the sum over the group of `send[r·n .. (r+1)·n]`, `n = recv.len()`.
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]);
+    /// Element-wise sum over the group into member `root`'s `buf` (the other members' `buf` are
+    /// left as they were).
+    fn reduce_sum(&self, buf: &mut [f32], root: usize);
     /// Copies `buf` of member `root` into every member's `buf`.
     fn broadcast(&self, buf: &mut [f32], root: usize);
     /// Waits for every member.
@@ -62,6 +65,7 @@ impl Collectives for Solo {
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) {
         recv.copy_from_slice(send);
     }
+    fn reduce_sum(&self, _buf: &mut [f32], _root: usize) {}
     fn broadcast(&self, _buf: &mut [f32], _root: usize) {}
     fn barrier(&self) {}
     fn send(&self, _buf: Vec<f32>, dest: usize) {

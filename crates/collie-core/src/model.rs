@@ -154,8 +154,21 @@ pub trait BlockModel<B: Backend>: Module<B> + Adaptable<B> + CausalLm<B> + Clone
 /// Parameters of the embedding stage, each decoder layer and the head, in block order (the
 /// pipeline partition weighs stages by them).
 pub fn block_params<B: Backend, M: BlockModel<B>>(model: &M) -> Vec<usize> {
-    let mut params = vec![model.embed().num_params()];
-    params.extend(model.layers().iter().map(Module::num_params));
-    params.push(model.head().num_params());
+    let mut params = vec![lazy_num_params(model.embed())];
+    params.extend(model.layers().iter().map(lazy_num_params));
+    params.push(lazy_num_params(model.head()));
     params
+}
+
+/// Burn's `num_params` without reading any lazy parameter (a model being loaded stays unread).
+pub fn lazy_num_params<B: Backend, M: Module<B>>(module: &M) -> usize {
+    struct Count(usize);
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0 += param.lazy_shape().num_elements();
+        }
+    }
+    let mut count = Count(0);
+    module.visit(&mut count);
+    count.0
 }

@@ -314,6 +314,18 @@ mod mpi_world {
             self.comm
                 .reduce_scatter_block_into(send, recv, SystemOperation::sum());
         }
+        fn reduce_sum(&self, buf: &mut [f32], root: usize) {
+            let _w = Watch::start("reduce");
+            let process = self.comm.process_at_rank(root as i32);
+            for chunk in buf.chunks_mut(CHUNK) {
+                let send = chunk.to_vec();
+                if self.rank == root {
+                    process.reduce_into_root(&send[..], chunk, SystemOperation::sum());
+                } else {
+                    process.reduce_into(&send[..], SystemOperation::sum());
+                }
+            }
+        }
         fn broadcast(&self, buf: &mut [f32], root: usize) {
             let _w = Watch::start("broadcast");
             for chunk in buf.chunks_mut(CHUNK) {

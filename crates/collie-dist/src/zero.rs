@@ -8,15 +8,22 @@
 //! - Stage 2: gradients are reduce-scattered: each replica receives only the sums of its own
 //!   parameters' gradients.
 //!
+//! - Stage 3: every parameter, trainable or frozen, is stored by its owner only; the others hold
+//!   an empty placeholder ([`ZeroPlan::release`]). The block-wise walk brings a block's
+//!   parameters to every replica just before it runs ([`ZeroPlan::gather`]: one broadcast per
+//!   owner) and drops them after; each block's gradients are summed onto their owners as the
+//!   backward walk leaves the block ([`ZeroPlan::reduce_block`]). So a replica keeps 1/dp of the
+//!   parameters, gradients and optimizer state, plus the blocks in flight.
+//!
 //! Cutting at parameter boundaries (DeepSpeed cuts one flat buffer anywhere) keeps every
-//! optimizer's per-parameter state whole, so any optimizer works unchanged and a checkpoint holds
-//! plain per-parameter state that loads at any dp.
+//! optimizer's per-parameter state whole, so any optimizer works unchanged (AdaLomo's factored
+//! moments included) and a checkpoint holds plain per-parameter state that loads at any dp.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use collie_core::dist::Collectives;
 
@@ -28,12 +35,15 @@ struct Entry {
     offset: usize,
     numel: usize,
     owner: usize,
+    /// The parameter's shape (stage 3 restores it when gathering).
+    shape: Vec<usize>,
+    trainable: bool,
 }
 
 /// Which replica owns which parameter, and the collectives that follow from it.
 #[derive(Debug, Clone)]
 pub struct ZeroPlan {
-    /// 1 or 2.
+    /// 1, 2 or 3.
     pub stage: u8,
     rank: usize,
     size: usize,
@@ -42,6 +52,35 @@ pub struct ZeroPlan {
     /// `[start, end)` of each replica's run in the flat order.
     runs: Vec<(usize, usize)>,
     owned_paths: BTreeSet<String>,
+    /// Parameters owned elsewhere that this member keeps too ([`ZeroPlan::with_owners`]).
+    keep: HashSet<ParamId>,
+}
+
+/// A listed parameter: path, id, shape, trainable (known at listing for stages 1 and 2 only).
+type Listed = (String, ParamId, Vec<usize>, bool);
+
+/// `model`'s trainable parameters in module order, or with `all` every parameter without
+/// reading any ([`ZeroPlan::release`] records which are trainable).
+fn list_params<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, all: bool) -> Vec<Listed> {
+    struct List(PathStack, Vec<Listed>, bool);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for List {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0 .0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0 .0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let trainable = !self.2 && param.val().is_require_grad();
+            if trainable || self.2 {
+                let shape = param.lazy_shape().dims::<D>().to_vec();
+                self.1.push((self.0.join(), param.id, shape, trainable));
+            }
+        }
+    }
+    let mut list = List(PathStack::default(), Vec::new(), all);
+    model.visit(&mut list);
+    list.1
 }
 
 /// Dotted path of the parameter being visited (as `collie_optim` names optimizer state).
@@ -55,43 +94,65 @@ impl PathStack {
 }
 
 impl ZeroPlan {
-    /// The plan for `model`'s trainable parameters over `group` (the same on every replica).
+    /// The plan for `model`'s trainable parameters (at stage 3, every parameter) over `group`
+    /// (the same on every replica). Reads no lazy parameter at stage 3.
     pub fn new<B: AutodiffBackend, M: AutodiffModule<B>>(
         model: &M,
         stage: u8,
         group: &dyn Collectives,
     ) -> Self {
-        struct List(PathStack, Vec<(String, ParamId, usize)>);
-        impl<B: AutodiffBackend> ModuleVisitor<B> for List {
-            fn enter_module(&mut self, name: &str, _: &str) {
-                self.0 .0.push(name.to_string());
-            }
-            fn exit_module(&mut self, _: &str, _: &str) {
-                self.0 .0.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                if param.val().is_require_grad() {
-                    let n = param.lazy_shape().num_elements();
-                    self.1.push((self.0.join(), param.id, n));
-                }
-            }
-        }
-        let mut list = List(PathStack::default(), Vec::new());
-        model.visit(&mut list);
+        let list = list_params(model, stage >= 3);
         let (rank, size) = (group.rank(), group.size());
-        let total: usize = list.1.iter().map(|(_, _, n)| n).sum();
-        let mut entries = Vec::with_capacity(list.1.len());
+        let total: usize = list.iter().map(|e| e.2.iter().product::<usize>()).sum();
         let mut offset = 0;
-        for (path, id, numel) in list.1 {
-            // The owner of a parameter is the run its midpoint falls in: contiguous, balanced.
-            let mid = offset as f64 + numel as f64 / 2.0;
-            let owner = ((mid * size as f64 / total.max(1) as f64) as usize).min(size - 1);
+        let owners = list
+            .iter()
+            .map(|(_, _, shape, _)| {
+                let numel: usize = shape.iter().product();
+                // The owner of a parameter is the run its midpoint falls in: contiguous, balanced.
+                let mid = offset as f64 + numel as f64 / 2.0;
+                offset += numel;
+                ((mid * size as f64 / total.max(1) as f64) as usize).min(size - 1)
+            })
+            .collect();
+        Self::build(stage, rank, size, list, owners, HashSet::new())
+    }
+
+    /// A stage-3 plan with given owners: `owner` maps every parameter of `model` to a member
+    /// of `group` (a pipeline stage's blocks to that stage: stage-local pipelines), and this
+    /// member also keeps the parameters in `keep` that others own (the last stage's copy of a
+    /// tied embedding). Reads no lazy parameter.
+    pub fn with_owners<B: AutodiffBackend, M: AutodiffModule<B>>(
+        model: &M,
+        group: &dyn Collectives,
+        owner: &HashMap<ParamId, usize>,
+        keep: HashSet<ParamId>,
+    ) -> Self {
+        let list = list_params(model, true);
+        let owners = list.iter().map(|(_, id, _, _)| owner[id]).collect();
+        Self::build(3, group.rank(), group.size(), list, owners, keep)
+    }
+
+    fn build(
+        stage: u8,
+        rank: usize,
+        size: usize,
+        list: Vec<Listed>,
+        owners: Vec<usize>,
+        keep: HashSet<ParamId>,
+    ) -> Self {
+        let mut entries = Vec::with_capacity(list.len());
+        let mut offset = 0;
+        for ((path, id, shape, trainable), owner) in list.into_iter().zip(owners) {
+            let numel = shape.iter().product();
             entries.push(Entry {
                 path,
                 id,
                 offset,
                 numel,
                 owner,
+                shape,
+                trainable,
             });
             offset += numel;
         }
@@ -117,13 +178,33 @@ impl ZeroPlan {
             by_id,
             runs,
             owned_paths,
+            keep,
         }
+    }
+
+    /// The shape of parameter `id`, if the plan lists it (a placeholder's real shape).
+    pub fn shape_of(&self, id: &ParamId) -> Option<&[usize]> {
+        self.by_id
+            .get(id)
+            .map(|&i| self.entries[i].shape.as_slice())
     }
 
     /// Trainable elements owned by this replica.
     pub fn owned_elems(&self) -> usize {
         let (s, e) = self.runs[self.rank];
         e - s
+    }
+
+    /// Whether this replica owns the parameter `id` (one the plan does not list is nobody's).
+    pub fn owns_id(&self, id: &ParamId) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|&i| self.entries[i].owner == self.rank)
+    }
+
+    /// Elements of every parameter the plan lists (at stage 3, the whole model).
+    pub fn elems(&self) -> usize {
+        self.entries.iter().map(|e| e.numel).sum()
     }
 
     /// Whether this replica owns the parameter at `path`.
@@ -297,6 +378,233 @@ impl ZeroPlan {
             all: &all,
             device,
         })
+    }
+}
+
+/// A stage-3 placeholder: what a replica holds for a parameter another replica owns.
+fn placeholder<B: Backend, const D: usize>(device: &B::Device) -> Tensor<B, D> {
+    Tensor::empty([0; D], device)
+}
+
+impl ZeroPlan {
+    /// Stage 3: `model` keeping only the parameters this replica owns (and those it is told to
+    /// keep); every other one becomes an empty placeholder. Parameters are read (or drawn, for a fresh model) one at a time in
+    /// module order and the ones owned by another replica dropped at once, so loading never
+    /// holds more than the owned share plus one tensor. Records which parameters are trainable
+    /// (a gathered copy gets the owner's flag).
+    pub fn release<B: Backend, M: Module<B>>(&mut self, model: M) -> M {
+        struct Release<'a> {
+            plan: &'a mut ZeroPlan,
+        }
+        impl<B: Backend> ModuleMapper<B> for Release<'_> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let Some(&i) = self.plan.by_id.get(&param.id) else {
+                    return param;
+                };
+                let (id, device) = (param.id, param.lazy_device());
+                let value = param.val();
+                let entry = &mut self.plan.entries[i];
+                entry.trainable = value.is_require_grad();
+                if entry.owner == self.plan.rank || self.plan.keep.contains(&id) {
+                    return param;
+                }
+                drop((value, param));
+                // Trainable as the parameter is, so every member sees the same flags.
+                let held = placeholder::<B, D>(&device);
+                let held = if entry.trainable {
+                    held.require_grad()
+                } else {
+                    held
+                };
+                Param::initialized(id, held)
+            }
+        }
+        model.map(&mut Release { plan: self })
+    }
+
+    /// Stage 3: `module` (the whole model or one block of it) with every parameter it has
+    /// brought to this replica from its owner: one broadcast per owner, in owner order. Owned
+    /// parameters stay the tensors they are, so gradients of the result land on this replica's
+    /// masters; gathered ones are fresh leaves, trainable where the owner's parameter is.
+    /// Collective over the data-parallel group.
+    pub fn gather<B: Backend, M: Module<B>>(
+        &self,
+        module: M,
+        group: &dyn Collectives,
+        device: &B::Device,
+    ) -> M {
+        // This module's planned parameters, in module order, with this replica's owned values.
+        struct List<'a, B: Backend> {
+            plan: &'a ZeroPlan,
+            entries: Vec<usize>,
+            owned: HashMap<ParamId, Tensor<B, 1>>,
+        }
+        impl<B: Backend> ModuleVisitor<B> for List<'_, B> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                if let Some(&i) = self.plan.by_id.get(&param.id) {
+                    self.entries.push(i);
+                    if self.plan.entries[i].owner == self.plan.rank {
+                        let n = self.plan.entries[i].numel;
+                        self.owned.insert(param.id, param.val().reshape([n]));
+                    }
+                }
+            }
+        }
+        let mut list = List {
+            plan: self,
+            entries: Vec::new(),
+            owned: HashMap::new(),
+        };
+        module.visit(&mut list);
+        let List { entries, owned, .. } = list;
+        let mut received: HashMap<ParamId, Vec<f32>> = HashMap::new();
+        let mut owners: Vec<usize> = entries.iter().map(|&i| self.entries[i].owner).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        for owner in owners {
+            let mine: Vec<&Entry> = entries
+                .iter()
+                .map(|&i| &self.entries[i])
+                .filter(|e| e.owner == owner)
+                .collect();
+            let total: usize = mine.iter().map(|e| e.numel).sum();
+            let mut buf = Vec::with_capacity(total);
+            if owner == self.rank {
+                for e in &mine {
+                    let data = owned[&e.id].clone().into_data().convert::<f32>();
+                    buf.extend_from_slice(data.as_slice::<f32>().expect("f32 after convert"));
+                }
+            } else {
+                buf.resize(total, 0.0);
+            }
+            group.broadcast(&mut buf, owner);
+            if owner != self.rank {
+                let mut at = 0;
+                for e in mine {
+                    received.insert(e.id, buf[at..at + e.numel].to_vec());
+                    at += e.numel;
+                }
+            }
+        }
+        struct Fill<'a, B: Backend> {
+            plan: &'a ZeroPlan,
+            received: HashMap<ParamId, Vec<f32>>,
+            device: &'a B::Device,
+        }
+        impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let Some(data) = self.received.remove(&param.id) else {
+                    return param;
+                };
+                let e = &self.plan.entries[self.plan.by_id[&param.id]];
+                let t =
+                    Tensor::<B, D>::from_data(TensorData::new(data, e.shape.clone()), self.device);
+                let t = if e.trainable { t.require_grad() } else { t };
+                Param::initialized(param.id, t)
+            }
+        }
+        module.map(&mut Fill {
+            plan: self,
+            received,
+            device,
+        })
+    }
+
+    /// Stage 3: sums the gradients of `module`'s trainable parameters over the replicas onto
+    /// each parameter's owner (one reduce per owner) and drops every gradient this replica
+    /// does not own, as the backward walk leaves the block. A replica without a gradient for
+    /// a parameter contributes zeros. Collective over the data-parallel group.
+    pub fn reduce_block<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: &mut GradientsParams,
+        group: &dyn Collectives,
+        device: &B::Device,
+    ) {
+        struct Take<'a, B: AutodiffBackend> {
+            plan: &'a ZeroPlan,
+            grads: &'a mut GradientsParams,
+            /// Per entry (module order): the gradient, if this replica has one.
+            taken: Vec<(usize, Option<Vec<f32>>)>,
+            _b: std::marker::PhantomData<B>,
+        }
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                let Some(&i) = self.plan.by_id.get(&param.id) else {
+                    return;
+                };
+                if !self.plan.entries[i].trainable {
+                    return;
+                }
+                let g = self.grads.remove::<B::InnerBackend, D>(param.id).map(|g| {
+                    g.into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .expect("f32 after convert")
+                });
+                self.taken.push((i, g));
+            }
+        }
+        let mut take = Take::<B> {
+            plan: self,
+            grads,
+            taken: Vec::new(),
+            _b: std::marker::PhantomData,
+        };
+        module.visit(&mut take);
+        let taken = take.taken;
+        let mut owners: Vec<usize> = taken.iter().map(|(i, _)| self.entries[*i].owner).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        for owner in owners {
+            let mine: Vec<&(usize, Option<Vec<f32>>)> = taken
+                .iter()
+                .filter(|(i, _)| self.entries[*i].owner == owner)
+                .collect();
+            let total: usize = mine.iter().map(|(i, _)| self.entries[*i].numel).sum();
+            let mut buf = Vec::with_capacity(total);
+            for (i, g) in &mine {
+                match g {
+                    Some(g) => buf.extend_from_slice(g),
+                    None => buf.resize(buf.len() + self.entries[*i].numel, 0.0),
+                }
+            }
+            group.reduce_sum(&mut buf, owner);
+            if owner != self.rank {
+                continue;
+            }
+            let mut at = 0;
+            for (i, _) in mine {
+                let e = &self.entries[*i];
+                let data = TensorData::new(buf[at..at + e.numel].to_vec(), e.shape.clone());
+                register::<B>(grads, e.id, e.shape.len(), data, device);
+                at += e.numel;
+            }
+        }
+    }
+}
+
+/// Registers `data` (of rank `dims`) as the gradient of `id`.
+fn register<B: AutodiffBackend>(
+    grads: &mut GradientsParams,
+    id: ParamId,
+    dims: usize,
+    data: TensorData,
+    device: &B::Device,
+) {
+    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+    match dims {
+        1 => grads.register(id, Tensor::<Inner<B>, 1>::from_data(data, device)),
+        2 => grads.register(id, Tensor::<Inner<B>, 2>::from_data(data, device)),
+        3 => grads.register(id, Tensor::<Inner<B>, 3>::from_data(data, device)),
+        4 => grads.register(id, Tensor::<Inner<B>, 4>::from_data(data, device)),
+        d => panic!("a {d}-dimensional parameter"),
     }
 }
 

@@ -12,10 +12,12 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use collie_core::dist::Collectives;
 use collie_core::loss::cross_entropy_sum_sharded;
 use collie_core::model::{BlockModel, DecoderLayer, LmHead};
 use collie_core::nn::{to_dtype, Embedding, VirtualTokens};
 use collie_data::loader::Batch;
+use collie_dist::zero::ZeroPlan;
 use collie_io::family::TrainModel;
 
 use crate::eval::int2;
@@ -66,9 +68,27 @@ pub(crate) fn in_dtype<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
     }
 }
 
+/// ZeRO-3's source of whole blocks: each block's parameters are brought from their owners just
+/// before the block runs (forward, recomputation) and dropped after ([`ZeroPlan::gather`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Gather<'a> {
+    /// Who owns which parameter.
+    pub plan: &'a ZeroPlan,
+    /// The data-parallel group.
+    pub group: &'a dyn Collectives,
+}
+
+/// `module` whole: gathered under ZeRO-3, as it is otherwise.
+fn whole<B: Backend, M: Module<B>>(gather: Option<Gather>, module: M, device: &B::Device) -> M {
+    match gather {
+        Some(g) => g.plan.gather(module, g.group, device),
+        None => module,
+    }
+}
+
 /// How a block-wise pass runs.
 #[derive(Debug, Clone, Copy)]
-pub struct Walk {
+pub struct Walk<'a> {
     /// Compute dtype of the blocks (parameters stay f32).
     pub compute: DType,
     /// The backward pass sees `nll · scale`.
@@ -79,6 +99,9 @@ pub struct Walk {
     /// the model adds one (a mixture of experts): each layer's term of it (`collie_core::router`)
     /// joins that layer's backward, with the expert counts of every layer from the forward walk.
     pub aux: Option<f64>,
+    /// ZeRO-3: where the blocks' parameters come from (implies `recompute`: a block is gathered
+    /// again for its backward, so the forward walk keeps no graph of it).
+    pub gather: Option<Gather<'a>>,
 }
 
 /// Forward + reverse block walk of one micro-batch. The backward pass sees `nll · scale`;
@@ -95,7 +118,7 @@ pub struct Walk {
 pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     model: M,
     batch: &Batch,
-    walk: Walk,
+    walk: Walk<'_>,
     device: &B::Device,
     mut hook: Option<&mut GradHook>,
     mut on_block: impl FnMut(BlockId, GradientsParams),
@@ -105,7 +128,10 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         scale,
         recompute,
         aux: aux_weight,
+        gather,
     } = walk;
+    // A gathered block is dropped after its forward: its backward gathers and recomputes it.
+    let recompute = recompute || gather.is_some();
     // Every block's gradients pass the hook (if any) before `on_block` sees them.
     let mut on_block = |block: BlockId, mut grads: GradientsParams| {
         if let Some(h) = hook.as_mut() {
@@ -126,6 +152,8 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         embed: model.embed().clone(),
         virtual_tokens: model.virtual_tokens().cloned(),
     };
+    // Kept whole for the walk: the head needs the vocabulary size (and a tied table).
+    let stage = whole(gather, stage, device);
     let (embedded, prefix) = in_dtype(stage.clone(), compute).forward(ids, M::embed_tokens);
     let past = if prefix.is_empty() { 0 } else { n_virtual };
     let mut ctx = model.context(r, c, past, Some(&segments), Some(positions), device);
@@ -163,7 +191,8 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
             let mut slot = kv.clone().map(|(k, v)| (k.inner(), v.inner()));
             let cache = slot.is_some().then_some(&mut slot);
             inputs.push((Tensor::from_inner(xi.clone()), kv));
-            xi = in_dtype(M::inner_layer(layer), compute).forward(xi, &ctx, cache);
+            let layer = whole(gather, layer.clone(), device);
+            xi = in_dtype(M::inner_layer(&layer), compute).forward(xi, &ctx, cache);
         }
         x = Tensor::from_inner(xi);
         inner_log.map(|l| l.counts())
@@ -198,8 +227,15 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         mut g,
         params: head_grads,
         tied,
-    } = head_backward::<B, M>(&head, &embed, x, batch, compute, scale, device);
-    drop(head);
+    } = head_backward::<B, M>(
+        &whole(gather, head, device),
+        &embed,
+        x,
+        batch,
+        compute,
+        scale,
+        device,
+    );
     on_block(BlockId::Head, head_grads);
     if total > c {
         // [r, c, d] -> [r, n + c, d]: zero gradient at the virtual positions' outputs.
@@ -216,6 +252,8 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
             (Some(log), true) => log.len(),
             _ => starts.get(i).copied().unwrap_or(0),
         };
+        // Gradients are found by the tensors that ran: the gathered copy's under ZeRO-3.
+        let layer = whole(gather, layer, device);
         let (x_in, kv_in, out) = if recompute {
             let x_in = x_in.require_grad();
             let kv_in = kv_in.map(|(k, v)| (k.require_grad(), v.require_grad()));

@@ -343,13 +343,17 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         };
         self.all_ranks_ok("start", begun)?;
         let c = self.dist.coords;
-        let stage = self.stage_params();
+        let mut stage = self.stage_params();
+        if let Some(plan) = self.zero3() {
+            // Each replica holds (and writes) the parameters it owns.
+            stage.retain(|id| plan.owns_id(id));
+        }
         let share = RankShare {
             rank: self.dist.rank,
             stage: &stage,
             split: &self.tp_split,
             tp: (c.tp, self.dist.dims.tp),
-            params: c.dp == 0,
+            params: c.dp == 0 || self.zero3().is_some(),
             state: c.dp == 0 || self.zero.is_some(),
             trainable_only: self.peft_active(),
         };
@@ -420,33 +424,14 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         )))
     }
 
-    /// The parameters this rank's pipeline stage trains (all of them without pipelining): the
-    /// embedding on the first stage (also when the last stage's head is tied to it), each layer
-    /// on its stage, the head on the last, anything else on the first.
+    /// The parameters this rank's pipeline stage trains and writes (all of them without
+    /// pipelining; [`crate::pipeline::stage_owners`]).
     fn stage_params(&self) -> HashSet<ParamId> {
-        let all = param_ids(&self.model);
-        let Some((stage, _)) = &self.pipeline else {
-            return all;
-        };
-        let mut others = HashSet::new();
-        if !stage.first() {
-            others.extend(param_ids(self.model.embed()));
+        let mut ids = param_ids(&self.model);
+        if let Some(plan) = &self.stage_plan {
+            ids.retain(|id| plan.owns_id(id));
         }
-        for (i, layer) in self.model.layers().iter().enumerate() {
-            if !stage.layers.contains(&i) {
-                others.extend(param_ids(layer));
-            }
-        }
-        if !stage.last() {
-            let mut head = param_ids(self.model.head());
-            if stage.first() {
-                // A tied head's table is the embedding, which the first stage writes.
-                let embed = param_ids(self.model.embed());
-                head.retain(|id| !embed.contains(id));
-            }
-            others.extend(head);
-        }
-        all.into_iter().filter(|id| !others.contains(id)).collect()
+        ids
     }
 
     /// Steps of the `keep_best` best evaluations.
@@ -485,7 +470,8 @@ pub struct RankShare<'a> {
     pub split: &'a HashMap<ParamId, SplitDim>,
     /// This rank's tensor-parallel index and the degree.
     pub tp: (usize, usize),
-    /// Whether this rank writes its parameters (data-parallel replica 0: replicas hold the same).
+    /// Whether this rank writes its parameters (data-parallel replica 0: replicas hold the same;
+    /// under ZeRO-3 every replica, each the parameters it owns).
     pub params: bool,
     /// Whether this rank writes the optimizer state it holds (replica 0, or every replica under
     /// ZeRO, where each holds its own parameters' state).

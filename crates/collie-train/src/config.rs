@@ -659,10 +659,34 @@ impl TrainConfig {
                 "0 (must be at least 1)",
             ));
         }
-        if self.parallel.zero > 2 {
+        let zero = self.parallel.zero;
+        if zero > 3 {
             return Err(key_error(
                 "parallel.zero",
-                format!("{} (expected 0, 1 or 2)", self.parallel.zero),
+                format!("{zero} (expected 0, 1, 2 or 3)"),
+            ));
+        }
+        if zero > 0 && self.optim.is_fused() && zero < 3 {
+            return Err(key_error(
+                "parallel.zero",
+                format!(
+                    "{zero}: {} updates inside the backward pass, where stages 1 and 2 have no \
+                     gradients to shard; use parallel.zero = 3, which partitions the parameters",
+                    self.optim.name
+                ),
+            ));
+        }
+        if zero == 3 && self.optim.name == OptimName::SophiaG {
+            return Err(key_error(
+                "parallel.zero",
+                "3: SophiaG's Hessian refresh runs the whole model outside the block-wise walk \
+                 that gathers ZeRO-3's parameters; use parallel.zero = 2",
+            ));
+        }
+        if zero > 0 && self.parallel.pp > 1 {
+            return Err(key_error(
+                "parallel.zero",
+                format!("{zero}: ZeRO with pipeline stages is not available yet"),
             ));
         }
         let optim = &self.optim;

@@ -2,14 +2,17 @@
 //! over the step's micro-batches in the 1F1B order (`collie_dist::pp`), activations sent to the
 //! next stage and their gradients back with point-to-point messages.
 //!
-//! Every stage holds the whole model but runs (and trains) only its blocks; the others are
-//! brought up to date from their stages ([`sync_stages`]) before an evaluation or a checkpoint.
+//! A stage holds only its blocks (the last stage also the embedding table a tied head reads):
+//! the others are empty placeholders from the moment the model is loaded ([`stage_owners`],
+//! `collie_dist::zero::ZeroPlan::with_owners`). An evaluation gathers the whole model for its
+//! duration; a checkpoint takes each block from the stage that holds it.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::ParamId;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
@@ -34,6 +37,8 @@ pub struct Stage {
     pub count: usize,
     /// Decoder layers this stage runs.
     pub layers: Range<usize>,
+    /// Width of the activations passed between stages.
+    pub hidden: usize,
 }
 
 impl Stage {
@@ -130,7 +135,7 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
     group: &dyn Collectives,
     device: &B::Device,
 ) -> StageStep {
-    let d = model.embed().weight.dims()[1];
+    let d = stage.hidden;
     let mut saved: Vec<Option<Saved<B>>> = (0..batches.len()).map(|_| None).collect();
     let mut acc = GradientsAccumulator::<M>::new();
     let (mut nll, mut aux_sum, mut waited) = (0.0f64, 0.0f64, 0.0f64);
@@ -242,76 +247,26 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
     }
 }
 
-/// Every trainable parameter of `m` in visit order, as one host buffer.
-fn flat<B: burn::tensor::backend::Backend, M: Module<B>>(m: &M) -> Vec<f32> {
-    struct Flat(Vec<f32>);
-    impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Flat {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if p.is_require_grad() {
-                self.0.extend(host(p.val()));
-            }
-        }
-    }
-    let mut v = Flat(Vec::new());
-    m.visit(&mut v);
-    v.0
-}
-
-/// `m` with its trainable parameters' values replaced from `buf` (visit order; ids and
-/// trainability kept).
-fn load_flat<B: burn::tensor::backend::Backend, M: Module<B>>(m: M, buf: &[f32]) -> M {
-    struct Load<'a>(&'a [f32], usize);
-    impl<B: burn::tensor::backend::Backend> ModuleMapper<B> for Load<'_> {
-        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            if !p.is_require_grad() {
-                return p;
-            }
-            let (id, t, mapper) = p.consume();
-            let (shape, dtype, device) = (t.dims(), t.dtype(), t.device());
-            let n: usize = shape.iter().product();
-            let new = Tensor::<B, D>::from_data(
-                TensorData::new(self.0[self.1..self.1 + n].to_vec(), shape),
-                &device,
-            )
-            .cast(dtype)
-            .require_grad();
-            self.1 += n;
-            Param::from_mapped_value(id, new, mapper)
-        }
-    }
-    m.map(&mut Load(buf, 0))
-}
-
-/// `m` as stage `root` of `group` has it: a broadcast of its trainable values. Frozen weights
-/// (a PEFT base) are the same on every stage, loaded from the same checkpoint and never updated,
-/// so they are not sent.
-fn from_stage<B: burn::tensor::backend::Backend, M: Module<B>>(
-    m: M,
-    root: usize,
-    group: &dyn Collectives,
-) -> M {
-    let mut buf = flat(&m);
-    if buf.is_empty() {
-        return m;
-    }
-    group.broadcast(&mut buf, root);
-    load_flat(m, &buf)
-}
-
-/// Brings every block of `model` up to date from the stage that trains it (the embedding from the
-/// first, each layer from its stage, the head from the last), on every stage.
-pub fn sync_stages<B: AutodiffBackend, M: TrainModel<B>>(
-    mut model: M,
+/// Which stage owns (trains, holds and writes) each parameter of `model`: the embedding the
+/// first, each layer its stage, the head the last (a tied head's table stays the first's),
+/// anything else the first.
+pub fn stage_owners<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
     stages: &[Range<usize>],
-    group: &dyn Collectives,
-) -> M {
-    let last = stages.len() - 1;
-    *model.embed_mut() = from_stage(model.embed().clone(), 0, group);
+) -> HashMap<ParamId, usize> {
+    use crate::checkpoint::param_ids;
+    let mut owner: HashMap<ParamId, usize> =
+        param_ids(model).into_iter().map(|id| (id, 0)).collect();
+    owner.extend(
+        param_ids(model.head())
+            .into_iter()
+            .map(|id| (id, stages.len() - 1)),
+    );
     for (s, range) in stages.iter().enumerate() {
         for i in range.clone() {
-            model.layers_mut()[i] = from_stage(model.layers()[i].clone(), s, group);
+            owner.extend(param_ids(&model.layers()[i]).into_iter().map(|id| (id, s)));
         }
     }
-    *model.head_mut() = from_stage(model.head().clone(), last, group);
-    model
+    owner.extend(param_ids(model.embed()).into_iter().map(|id| (id, 0)));
+    owner
 }

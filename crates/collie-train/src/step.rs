@@ -75,6 +75,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         }
         match &self.zero {
             None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
+            // Reduced onto their owners block by block inside the walk.
+            Some(plan) if plan.stage >= 3 => {}
             Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
         }
         let scaled_norm = self.grad_norm(&grads);
@@ -94,7 +96,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             targets,
             lr,
         );
-        if let Some(plan) = &self.zero {
+        if let Some(plan) = self.zero.as_ref().filter(|p| p.stage < 3) {
             self.model = plan.gather_params(self.model.clone(), &*self.dist.dp, &self.device);
         }
         if let Some(scaler) = &self.scaler {
@@ -139,7 +141,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         aux_scale: Option<f64>,
         acc: &mut GradientsAccumulator<M>,
     ) -> (f64, f64) {
-        if self.config.train.activation_checkpointing {
+        if self.config.train.activation_checkpointing || self.zero3().is_some() {
             return self.micro_step_checkpointed(batch, scale, aux_scale, acc);
         }
         let model = self.in_compute_dtype(self.model.clone());
@@ -158,7 +160,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     }
 
     /// [`Trainer::micro_step`] keeping only block inputs: the block-wise backward with
-    /// recomputation, accumulating each block's gradients.
+    /// recomputation, accumulating each block's gradients (under ZeRO-3, each block gathered
+    /// before it runs and its gradients summed onto their owners as the walk leaves it).
     pub(crate) fn micro_step_checkpointed(
         &self,
         batch: &Batch,
@@ -166,7 +169,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         aux_scale: Option<f64>,
         acc: &mut GradientsAccumulator<M>,
     ) -> (f64, f64) {
-        let model = &self.model;
+        let (model, dp, device) = (&self.model, &*self.dist.dp, &self.device);
+        let zero3 = self.zero3();
         backward_blockwise(
             model.clone(),
             batch,
@@ -175,10 +179,16 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 scale,
                 recompute: true,
                 aux: aux_scale,
+                gather: self.gather(),
             },
-            &self.device,
+            device,
             None,
-            |_, grads| acc.accumulate(model, grads),
+            |block, mut grads| {
+                if let Some(plan) = zero3 {
+                    reduce_block(model, block, &mut grads, dp, Some(plan), device);
+                }
+                acc.accumulate(model, grads)
+            },
         )
     }
 
@@ -269,7 +279,13 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             // optimizer a parameter it must not touch.
             let id = self.model.embed().weight.id;
             if grads.get::<B::InnerBackend, 2>(id).is_none() {
-                grads.register(id, self.model.embed().weight.val().inner().zeros_like());
+                // A middle stage holds a placeholder: the zeros take the table's real shape.
+                let plan = self.stage_plan.as_ref().expect("a pipeline's plan");
+                let shape: [usize; 2] = plan
+                    .shape_of(&id)
+                    .and_then(|s| s.try_into().ok())
+                    .expect("the embedding table is 2-D");
+                grads.register(id, Tensor::<B::InnerBackend, 2>::zeros(shape, &self.device));
             }
             collie_dist::dp::all_reduce_grads_of(
                 &self.model,
@@ -306,12 +322,20 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         fused.clip_coef = None;
         let scale = loss_scale / targets as f64;
         let device = self.device.clone();
+        // Owned copies: the walk below borrows the model and optimizer mutably.
+        let (dist, zero) = (self.dist.clone(), self.zero.clone());
+        let zero3 = zero.as_ref().filter(|p| p.stage >= 3);
         let walk = Walk {
             compute: self.compute,
             scale,
-            recompute: self.config.train.activation_checkpointing,
+            // ZeRO-3 gathers each block again for its backward: it recomputes the block too.
+            recompute: self.config.train.activation_checkpointing || zero3.is_some(),
             // One micro-batch per replica.
             aux: self.aux_weight(loss_scale, 1),
+            gather: zero3.map(|plan| crate::blockwise::Gather {
+                plan,
+                group: &*dist.dp,
+            }),
         };
         let max_norm = self.config.train.max_grad_norm;
         let mut grad_norm = f64::NAN;
@@ -326,7 +350,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 &device,
                 hook.as_mut(),
                 |block, mut grads| {
-                    reduce_block(model, block, &mut grads, dp, &device);
+                    reduce_block(model, block, &mut grads, dp, zero3, &device);
                     let norm = match block {
                         BlockId::Head => global_norm(model.head(), &grads),
                         BlockId::Layer(i) => global_norm(&model.layers()[i], &grads),
@@ -336,6 +360,10 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                     squares += norm * norm;
                 },
             );
+            if zero3.is_some() {
+                // Each replica measured the gradients it owns.
+                squares = self.dp_sum(squares);
+            }
             let norm = squares.sqrt() / loss_scale;
             if !norm.is_finite() {
                 // Overflow under f16: skip the step and back off (lomo-optim's scaler).
@@ -362,7 +390,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             &device,
             hook.as_mut(),
             |block, mut grads| {
-                reduce_block(target, block, &mut grads, dp, &device);
+                reduce_block(target, block, &mut grads, dp, zero3, &device);
                 let path = block.path();
                 match block {
                     BlockId::Head => {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Tensor};
@@ -136,6 +136,9 @@ pub struct Trainer<B: AutodiffBackend, M: TrainModel<B>> {
     pub(crate) dist: Arc<Dist>,
     /// Which replica owns which parameter under ZeRO (`parallel.zero` ≥ 1 with dp > 1).
     pub(crate) zero: Option<ZeroPlan>,
+    /// Which pipeline stage holds which parameter (`parallel.pp` > 1): a stage keeps only its
+    /// own blocks.
+    pub(crate) stage_plan: Option<ZeroPlan>,
     /// Parameters split across the tensor-parallel group, with the split dimension.
     pub(crate) tp_split: HashMap<ParamId, crate::parallel::SplitDim>,
     /// The auxiliary loss of the step in progress ([`StepMetrics::aux_loss`]).
@@ -281,9 +284,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         // the rest before reading the next; then every other weight is read. (Weights drawn at
         // random stay lazy until first used, as they always have: the order of the draws.)
         let (model, tp_split) = collie_core::tp::shard(model, &dist.tp)?;
-        if config.model.init == ModelInit::Pretrained {
-            collie_io::module::materialize(&model);
-        }
         let pipeline = match dist.dims.pp {
             1 => None,
             pp => {
@@ -295,10 +295,24 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                     index,
                     count: pp,
                     layers: stages.layers[index].clone(),
+                    hidden: model_config.hidden_size(),
                 };
                 Some((stage, stages.layers))
             }
         };
+        // ZeRO-3 drops the parameters other replicas own, a pipeline stage the blocks of other
+        // stages, as they are read (or drawn): neither is ever held whole.
+        let mut zero = zero_plan(&config, &model, &dist);
+        let mut stage_plan = pipeline
+            .as_ref()
+            .map(|(stage, stages)| stage_plan(&model, stage, stages, &dist));
+        let model = match (zero.as_mut().filter(|p| p.stage >= 3), stage_plan.as_mut()) {
+            (Some(plan), _) | (None, Some(plan)) => plan.release(model),
+            (None, None) => model,
+        };
+        if config.model.init == ModelInit::Pretrained {
+            collie_io::module::materialize(&model);
+        }
         let seq_len = config.data.seq_len;
         let encoder = Encoder::new(config.data.format, tokenizer.clone(), seq_len);
         let train_path =
@@ -348,18 +362,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             config.train.max_grad_norm,
             config.train.max_steps,
         );
-        let zero = match config.parallel.zero {
-            0 => None,
-            _ if config.optim.is_fused() => {
-                return Err(TrainError::Invalid(format!(
-                "parallel.zero = {}: {} updates inside the backward pass and keeps its state per \
-                     block; ZeRO applies to the optimizers that update after it",
-                config.parallel.zero, config.optim.name
-            )))
-            }
-            _ if dist.dims.dp == 1 => None,
-            stage => Some(ZeroPlan::new(&model, stage, &*dist.dp)),
-        };
         let compute = config.model.dtype.dtype();
         let scaler = (config.model.dtype == ComputeDtype::F16).then(|| {
             if lomo_f16 {
@@ -390,6 +392,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             grad_hook: None,
             dist,
             zero,
+            stage_plan,
             tp_split: tp_split.split.into_iter().collect(),
             step_aux: None,
             tp_partial: tp_split.partial.into_iter().collect(),
@@ -419,7 +422,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         model.set_attention(self.config.model.attention);
         // A whole checkpoint, whatever layout wrote it: this rank keeps its tensor-parallel shard.
         let (model, split) = collie_core::tp::shard(model, &self.dist.tp)?;
-        collie_io::module::materialize(&model);
         self.tp_split = split.split.into_iter().collect();
         self.tp_partial = split.partial.into_iter().collect();
         // The loaded model has new parameter ids: the ownership follows them.
@@ -427,6 +429,18 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             .zero
             .as_ref()
             .map(|p| ZeroPlan::new(&model, p.stage, &*self.dist.dp));
+        self.stage_plan = self
+            .pipeline
+            .as_ref()
+            .map(|(stage, stages)| stage_plan(&model, stage, stages, &self.dist));
+        let model = match (
+            self.zero.as_mut().filter(|p| p.stage >= 3),
+            self.stage_plan.as_mut(),
+        ) {
+            (Some(plan), _) | (None, Some(plan)) => plan.release(model),
+            (None, None) => model,
+        };
+        collie_io::module::materialize(&model);
         // A pipeline stage keeps the state of the blocks it trains.
         let mut prefixes: Vec<String> = Vec::new();
         if let Some((stage, _)) = &self.pipeline {
@@ -498,6 +512,32 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// `module` in the compute dtype: a cast copy whose gradients land on the f32 masters.
     pub(crate) fn in_compute_dtype<T: Module<B>>(&self, module: T) -> T {
         in_dtype(module, self.compute)
+    }
+
+    /// The ZeRO-3 plan, when parameters are partitioned over the replicas.
+    pub(crate) fn zero3(&self) -> Option<&ZeroPlan> {
+        self.zero.as_ref().filter(|p| p.stage >= 3)
+    }
+
+    /// Where the block-wise walk gets whole blocks from under ZeRO-3.
+    pub(crate) fn gather(&self) -> Option<crate::blockwise::Gather<'_>> {
+        self.zero3().map(|plan| crate::blockwise::Gather {
+            plan,
+            group: &*self.dist.dp,
+        })
+    }
+
+    /// The whole model for a forward-only use (evaluation, sampling, export): under ZeRO-3
+    /// every parameter gathered from its owner, under pipeline parallelism every block from
+    /// its stage (a collective over the data-parallel or the pipeline group: every member
+    /// calls it); otherwise the model as it is. [`Trainer::model`] itself holds only this
+    /// rank's share there.
+    pub fn whole_model(&self) -> M {
+        match (self.zero3(), &self.stage_plan) {
+            (Some(plan), _) => plan.gather(self.model.clone(), &*self.dist.dp, &self.device),
+            (None, Some(plan)) => plan.gather(self.model.clone(), &*self.dist.pp, &self.device),
+            (None, None) => self.model.clone(),
+        }
     }
 
     /// Installs the hook the block-wise backward calls with each block's gradients before they
@@ -595,15 +635,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         total.sqrt()
     }
 
-    /// Under pipeline parallelism: every block brought up to date from its stage, so that an
-    /// evaluation (or the caller, once the run ends) sees the whole trained model. Checkpoints
-    /// need none: each stage writes its own blocks.
-    fn sync_pipeline(&mut self) {
-        if let Some((_, stages)) = &self.pipeline {
-            self.model = crate::pipeline::sync_stages(self.model.clone(), stages, &*self.dist.pp);
-        }
-    }
-
     /// `value` summed over the data-parallel replicas.
     pub(crate) fn dp_sum(&self, value: f64) -> f64 {
         let mut v = [value];
@@ -619,7 +650,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// Evaluation metrics (`eval_loss`, `eval_ppl`, `eval_accuracy`, `eval_exact_match`,
     /// `eval_bleu`, `eval_rouge_l`, as configured).
     pub fn evaluate(&self) -> Result<BTreeMap<String, f64>, TrainError> {
-        let model = self.model.valid();
+        let model = self.whole_model().valid();
         let device = &self.device;
         let mut out = BTreeMap::new();
         let batch_size = self
@@ -721,9 +752,14 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         if cfg.eos_ids.is_empty() {
             cfg.eos_ids = self.model_config.eos_ids();
         }
-        let new =
-            crate::generate::generate(&self.model.valid(), &[ids], &cfg, &self.device, |_, _| {})?
-                .remove(0);
+        let new = crate::generate::generate(
+            &self.whole_model().valid(),
+            &[ids],
+            &cfg,
+            &self.device,
+            |_, _| {},
+        )?
+        .remove(0);
         Ok(tok.decode(&new, true)?)
     }
 
@@ -789,8 +825,13 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let c = &self.model_config;
         let embedding_params =
             c.vocab_size() * c.hidden_size() * if c.tie_word_embeddings() { 1 } else { 2 };
+        // Under ZeRO-3 a replica holds placeholders for the parameters others own.
+        let num_params = self
+            .zero3()
+            .or(self.stage_plan.as_ref())
+            .map_or_else(|| self.model.num_params(), ZeroPlan::elems);
         let flops = flops_per_token(
-            self.model.num_params().saturating_sub(embedding_params),
+            num_params.saturating_sub(embedding_params),
             c.num_layers(),
             c.num_heads(),
             c.head_dim(),
@@ -799,7 +840,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let peak = options.peak_tflops.or(self.config.output.peak_tflops);
         let mut eval_first = None;
         if self.has_eval() && self.state.step == 0 {
-            self.sync_pipeline();
             let m = self.evaluate()?;
             progress.println(&format!("eval before training: {}", fmt_metrics(&m)));
             write_line(&mut log, &eval_line(0, &m))?;
@@ -865,7 +905,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             );
             if self.has_eval() && eval_every > 0 && step.is_multiple_of(eval_every) && step < total
             {
-                self.sync_pipeline();
                 let metrics = self.evaluate()?;
                 progress.println(&format!("step {step}: {}", fmt_metrics(&metrics)));
                 write_line(&mut log, &eval_line(step, &metrics))?;
@@ -914,7 +953,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let train_peak = peak_rss_bytes();
         let mut eval_last = None;
         if self.has_eval() && !stopped_early {
-            self.sync_pipeline();
             let m = self.evaluate()?;
             write_line(&mut log, &eval_line(self.state.step, &m))?;
             self.record_eval(m.clone());
@@ -925,8 +963,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         if !checkpoint.ends_with(format!("step-{}", self.state.step)) {
             checkpoint = self.save()?;
         }
-        // The caller gets the whole trained model on every stage (samples, export).
-        self.sync_pipeline();
         // Every rank's peaks, exchanged while all ranks are still here (a collective): the
         // run's, then the training loop's.
         let peak = peak_rss_bytes();
@@ -1022,12 +1058,6 @@ fn check_pipeline(config: &TrainConfig) -> Result<(), TrainError> {
             "SophiaG's Hessian refresh runs the whole model",
         );
     }
-    if config.parallel.zero > 0 {
-        return refuse(
-            "parallel.zero",
-            "ZeRO with pipeline stages is not available yet",
-        );
-    }
     if config.train.activation_checkpointing {
         return refuse(
             "train.activation_checkpointing",
@@ -1076,19 +1106,62 @@ fn check_tensor_parallel(config: &TrainConfig) -> Result<(), TrainError> {
 }
 
 /// Sums one block's gradients over the data-parallel replicas (block-wise walks: LOMO, AdaLomo).
+/// Stage-local storage of a pipeline: each parameter owned by the stage that trains it
+/// ([`crate::pipeline::stage_owners`]); the last stage also keeps the table a tied head reads.
+fn stage_plan<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
+    stage: &crate::pipeline::Stage,
+    stages: &[std::ops::Range<usize>],
+    dist: &Dist,
+) -> ZeroPlan {
+    let owners = crate::pipeline::stage_owners(model, stages);
+    let keep = match stage.last() && model.head().is_tied() {
+        true => checkpoint::param_ids(model.embed()),
+        false => Default::default(),
+    };
+    ZeroPlan::with_owners(model, &*dist.pp, &owners, keep)
+}
+
+/// The ZeRO plan of `parallel.zero` (none at stage 0 or with one replica; the combinations it
+/// cannot serve are refused when the config is validated).
+fn zero_plan<B: AutodiffBackend, M: TrainModel<B>>(
+    config: &TrainConfig,
+    model: &M,
+    dist: &Dist,
+) -> Option<ZeroPlan> {
+    match config.parallel.zero {
+        0 => None,
+        _ if dist.dims.dp == 1 => None,
+        stage => Some(ZeroPlan::new(model, stage, &*dist.dp)),
+    }
+}
+
 pub(crate) fn reduce_block<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     block: BlockId,
     grads: &mut GradientsParams,
     dp: &dyn collie_core::dist::Collectives,
+    zero3: Option<&ZeroPlan>,
     device: &B::Device,
 ) {
+    fn reduce<B: AutodiffBackend, T: AutodiffModule<B>>(
+        module: &T,
+        grads: &mut GradientsParams,
+        dp: &dyn collie_core::dist::Collectives,
+        zero3: Option<&ZeroPlan>,
+        device: &B::Device,
+    ) {
+        match zero3 {
+            Some(plan) => plan.reduce_block(module, grads, dp, device),
+            None => all_reduce_grads(module, grads, dp, device),
+        }
+    }
     match block {
-        BlockId::Head => all_reduce_grads(model.head(), grads, dp, device),
-        BlockId::Layer(i) => all_reduce_grads(&model.layers()[i], grads, dp, device),
+        BlockId::Head => reduce(model.head(), grads, dp, zero3, device),
+        BlockId::Layer(i) => reduce(&model.layers()[i], grads, dp, zero3, device),
         BlockId::Embed => {
-            all_reduce_grads(model.embed(), grads, dp, device);
-            all_reduce_grads(&model.virtual_tokens().cloned(), grads, dp, device);
+            reduce(model.embed(), grads, dp, zero3, device);
+            reduce(&model.virtual_tokens().cloned(), grads, dp, zero3, device);
         }
     }
 }
