@@ -599,8 +599,9 @@ fn mixtral_load_balancing_loss_under_every_layout_matches_one_process() {
     // micro-batches: dp2 with one row per micro-batch against the micro-batches accumulated;
     // under tp2 every rank routes the same all-reduced input (the same loss, whole routers);
     // under pp2 (one layer per stage) the expert counts travel with the activations and come
-    // back with the gradients, each stage adding its layer's term; LOMO under pp2 (one
-    // micro-batch of two rows) against LOMO's block-wise walk in one process.
+    // back with the gradients, each stage adding its layer's term (also when the first stage
+    // recomputes its layer for the backward); LOMO under pp2 (one micro-batch of two rows)
+    // against LOMO's block-wise walk in one process.
     let tmp = tempfile::tempdir().unwrap();
     let path = format!(
         "model.path={}",
@@ -618,7 +619,7 @@ fn mixtral_load_balancing_loss_under_every_layout_matches_one_process() {
     let accumulated = ["train.micro_batch_size=1", "train.grad_accum_steps=4"];
     let one_batch = ["train.micro_batch_size=2", "train.grad_accum_steps=1"];
     // (layout, optimizer, the reference's settings, the layout's settings)
-    let layouts: [(&str, &str, &[&str], &[&str]); 4] = [
+    let layouts: [(&str, &str, &[&str], &[&str]); 5] = [
         (
             "dp2",
             SGD,
@@ -646,6 +647,17 @@ fn mixtral_load_balancing_loss_under_every_layout_matches_one_process() {
             lomo,
             &one_batch,
             &[&one_batch[..], &["parallel.pp=2"]].concat(),
+        ),
+        // The first stage's forward without a graph still sends its layer's expert counts.
+        (
+            "pp2 checkpointing",
+            SGD,
+            &accumulated,
+            &[
+                &accumulated[..],
+                &["parallel.pp=2", "train.activation_checkpointing=true"],
+            ]
+            .concat(),
         ),
     ];
     for (name, body, reference, sets) in layouts {
@@ -1080,9 +1092,9 @@ fn lora_checkpoint_of_dp2_x_tp2_resumes_in_one_process_and_at_pp2() {
 #[test]
 fn evaluation_and_greedy_generation_under_tp2_and_pp2_match_one_process() {
     // Eval loss, classification by candidate loss and greedy generation, before and after 2 SGD
-    // steps: under tp2 (vocabulary-parallel loss, gathered logits for generation) and pp2 (the
-    // stages' blocks brought to every rank first), in full and with LoRA: the same metrics and
-    // the same generated ids.
+    // steps: under tp2 (vocabulary-parallel loss, gathered logits for generation), pp2 and
+    // ZeRO-3 (each block gathered from the stage or replica that holds it as the forward pass
+    // reaches it), in full and with LoRA: the same metrics and the same generated ids.
     let tmp = tempfile::tempdir().unwrap();
     let rows: Vec<Value> = std::fs::read_to_string(fixture("train/io.jsonl"))
         .unwrap()
@@ -1108,8 +1120,6 @@ fn evaluation_and_greedy_generation_under_tp2_and_pp2_match_one_process() {
         generation.display(),
         classification.display()
     );
-    // LoRA: the stages bring only the adapters to every rank before an evaluation (the frozen
-    // base is the same everywhere).
     let lora = "[peft]\nkind = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     let eval_data = format!("data.eval={}", fixture("train/io.jsonl").display());
     let steps = "train.max_steps=2";
@@ -1153,6 +1163,20 @@ fn evaluation_and_greedy_generation_under_tp2_and_pp2_match_one_process() {
                     "parallel.pp=2",
                     "train.micro_batch_size=1",
                     "train.grad_accum_steps=2",
+                ][..],
+            ),
+            (
+                "dp2 zero3",
+                2,
+                &["parallel.zero=3", "train.micro_batch_size=1"][..],
+            ),
+            (
+                "dp2 x tp2 zero3",
+                4,
+                &[
+                    "parallel.zero=3",
+                    "parallel.tp=2",
+                    "train.micro_batch_size=1",
                 ][..],
             ),
         ] {
@@ -1316,6 +1340,16 @@ fn lora_under_pipeline_and_checkpointing_under_tensor_parallelism_match_one_proc
         1,
         SGD,
         &["parallel.tp=2", "train.activation_checkpointing=true"],
+    );
+    // A stage other than the last keeps only each micro-batch's input and runs its blocks again
+    // for the backward.
+    assert_layout(
+        "pp2 checkpointing",
+        2,
+        1,
+        1,
+        4,
+        &["parallel.pp=2", "train.activation_checkpointing=true"],
     );
 }
 

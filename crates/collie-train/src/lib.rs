@@ -9,6 +9,8 @@
 //! - [`checkpoint`]: atomic `step-N` checkpoints (HF weights + optimizer + trainer state).
 //! - [`eval`]: token NLL / perplexity, classification, generation metrics.
 //! - [`generate`]: batched autoregressive decoding with a KV cache.
+//! - [`streamed`]: forward passes of a model spread over ranks (ZeRO-3, stage-local pipelines),
+//!   each block gathered as it runs.
 //! - [`metrics`], [`plot`], [`textmetrics`]: monitors, `loss.png`, BLEU / ROUGE-L.
 
 pub mod blockwise;
@@ -25,6 +27,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod scaler;
 mod step;
+pub mod streamed;
 pub mod textmetrics;
 pub mod trainer;
 pub mod update;

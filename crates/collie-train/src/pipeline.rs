@@ -18,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::dist::Collectives;
 use collie_core::loss::cross_entropy_sum_sharded;
-use collie_core::model::{DecoderLayer, LmHead};
+use collie_core::model::{BlockModel, DecoderLayer, LmHead};
 use collie_core::nn::to_dtype;
 use collie_core::router::{RouterLog, RoutingCounts};
 use collie_data::loader::Batch;
@@ -39,6 +39,9 @@ pub struct Stage {
     pub layers: Range<usize>,
     /// Width of the activations passed between stages.
     pub hidden: usize,
+    /// Activation checkpointing: a stage other than the last keeps only each micro-batch's
+    /// input between its forward and its backward, and runs its blocks again for the backward.
+    pub recompute: bool,
 }
 
 impl Stage {
@@ -66,6 +69,9 @@ enum Saved<B: AutodiffBackend> {
     /// Last stage: input leaf, the scaled loss, and every stage's expert counts (sent back with
     /// the input's gradient).
     Loss(Option<Tensor<B, 3>>, Tensor<B, 1>, Option<RoutingCounts>),
+    /// Under activation checkpointing: the input received from the previous stage (`None` on
+    /// the first stage), without any graph.
+    Input(Option<Tensor<B::InnerBackend, 3>>),
 }
 
 /// `t` as host f32 values.
@@ -89,21 +95,36 @@ fn send_with_counts(
     group.send(values, to);
 }
 
-/// Receives `n` values from stage `from` and, where the step carries expert counts (`log`),
-/// the counts after them; adds the seconds spent waiting to `waited`.
-fn recv_with_counts<B: burn::tensor::backend::Backend>(
+/// Receives `n` values from stage `from` and, where the step carries the counts of `experts`
+/// experts, the counts after them; adds the seconds spent waiting to `waited`.
+fn recv_with_counts(
     group: &dyn Collectives,
     from: usize,
     n: usize,
-    log: Option<&RouterLog<B>>,
+    experts: Option<usize>,
     waited: &mut f64,
 ) -> (Vec<f32>, Option<RoutingCounts>) {
-    let mut buf = vec![0.0f32; n + log.map_or(0, |l| l.experts() + 1)];
+    let mut buf = vec![0.0f32; n + experts.map_or(0, |e| e + 1)];
     let t0 = Instant::now();
     group.recv(&mut buf, from);
     *waited += t0.elapsed().as_secs_f64();
-    let counts = log.map(|_| RoutingCounts::from_message(&buf.split_off(n)));
+    let counts = experts.map(|_| RoutingCounts::from_message(&buf.split_off(n)));
     (buf, counts)
+}
+
+/// The number of experts whose counts travel with micro-batch `b`'s activations: `None` unless
+/// the step adds the auxiliary loss of a model that logs its routing.
+fn experts<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
+    b: &Batch,
+    aux: Option<f64>,
+    device: &B::Device,
+) -> Option<usize> {
+    aux?;
+    let (r, c) = (b.rows, b.cols);
+    let segments = int2::<B>(&b.segments, r, c, device);
+    let mut ctx = model.context(r, c, 0, Some(&segments), None, device);
+    model.log_routing(&mut ctx, &segments).map(|l| l.experts())
 }
 
 /// What one pipelined step of a stage produced.
@@ -150,32 +171,38 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
             Op::Forward(i) => {
                 let b = &batches[i];
                 let (r, c) = (b.rows, b.cols);
-                let segments = int2::<B>(&b.segments, r, c, device);
-                let positions = int2::<B>(&b.positions, r, c, device);
-                let mut ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
-                let log = aux.and_then(|_| model.log_routing(&mut ctx, &segments));
-                let (leaf, mut x, mut counts) = if stage.first() {
-                    let ids = int2::<B>(&b.input_ids, r, c, device);
-                    let embed = in_dtype(model.embed().clone(), compute);
-                    let counts = log.as_ref().map(|l| RoutingCounts::zeros(l.experts()));
-                    (None, M::embed_tokens(&embed, ids), counts)
+                let (input, mut counts) = if stage.first() {
+                    (None, None)
                 } else {
                     let (buf, counts) = recv_with_counts(
                         group,
                         stage.index - 1,
                         r * c * d,
-                        log.as_deref(),
+                        experts(model, b, aux, device),
                         &mut waited,
                     );
-                    let leaf = Tensor::<B, 3>::from_data(TensorData::new(buf, [r, c, d]), device)
-                        .require_grad();
-                    (Some(leaf.clone()), to_dtype(leaf, compute), counts)
+                    let t = Tensor::<B::InnerBackend, 3>::from_data(
+                        TensorData::new(buf, [r, c, d]),
+                        device,
+                    );
+                    (Some(t), counts)
                 };
-                for layer in &model.layers()[stage.layers.clone()] {
-                    x = in_dtype(layer.clone(), compute).forward(x, &ctx, None);
+                if stage.recompute && !stage.last() {
+                    // Forward without a graph: only the input is kept for the backward.
+                    let (x, local) =
+                        blocks_inner(model, stage, b, input.clone(), compute, aux, device);
+                    let counts = merge_counts(counts, local.as_ref());
+                    let values = host(to_dtype(x, DType::F32));
+                    send_with_counts(group, stage.index + 1, values, counts.as_ref());
+                    saved[i] = Some(Saved::Input(input));
+                    continue;
                 }
+                let (leaf, x, log) = blocks(model, stage, b, input, compute, aux, device);
                 if let (Some(counts), Some(log)) = (counts.as_mut(), &log) {
                     counts.add(&log.counts());
+                }
+                if stage.first() {
+                    counts = log.as_ref().map(|l| l.counts());
                 }
                 saved[i] = Some(if stage.last() {
                     let logits = in_dtype(model.head().clone(), compute)
@@ -205,8 +232,15 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                 });
             }
             Op::Backward(i) => {
-                let (leaf, grads, counts) = match saved[i].take().expect("forward before backward")
-                {
+                let mut entry = saved[i].take().expect("forward before backward");
+                if let Saved::Input(input) = entry {
+                    // Activation checkpointing: the forward again, with its graph.
+                    let (leaf, x, log) =
+                        blocks(model, stage, &batches[i], input, compute, aux, device);
+                    entry = Saved::Inner(leaf, x, log);
+                }
+                let (leaf, grads, counts) = match entry {
+                    Saved::Input(_) => unreachable!("recomputed above"),
                     Saved::Loss(leaf, loss, counts) => (leaf, loss.backward(), counts),
                     Saved::Inner(leaf, out, log) => {
                         let dims = out.dims();
@@ -214,7 +248,7 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                             group,
                             stage.index + 1,
                             dims.iter().product(),
-                            log.as_deref(),
+                            log.as_ref().map(|l| l.experts()),
                             &mut waited,
                         );
                         let g = Tensor::<B, 3>::from_data(TensorData::new(buf, dims), device)
@@ -244,6 +278,92 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
         aux: aux_sum,
         grads: acc.grads(),
         waited,
+    }
+}
+
+/// This stage's blocks over micro-batch `b` with the autodiff graph: the embedding on the first
+/// stage, else `input` (the previous stage's output) as a leaf; then the stage's layers. Returns
+/// the leaf, the output and the routing log of the stage's layers (where the model adds an
+/// auxiliary loss).
+#[allow(clippy::type_complexity)]
+fn blocks<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
+    stage: &Stage,
+    b: &Batch,
+    input: Option<Tensor<B::InnerBackend, 3>>,
+    compute: DType,
+    aux: Option<f64>,
+    device: &B::Device,
+) -> (
+    Option<Tensor<B, 3>>,
+    Tensor<B, 3>,
+    Option<Arc<RouterLog<B>>>,
+) {
+    let (r, c) = (b.rows, b.cols);
+    let segments = int2::<B>(&b.segments, r, c, device);
+    let positions = int2::<B>(&b.positions, r, c, device);
+    let mut ctx = model.context(r, c, 0, Some(&segments), Some(positions), device);
+    let log = aux.and_then(|_| model.log_routing(&mut ctx, &segments));
+    let (leaf, mut x) = match input {
+        None => {
+            let ids = int2::<B>(&b.input_ids, r, c, device);
+            let embed = in_dtype(model.embed().clone(), compute);
+            (None, M::embed_tokens(&embed, ids))
+        }
+        Some(t) => {
+            let leaf = Tensor::<B, 3>::from_inner(t).require_grad();
+            (Some(leaf.clone()), to_dtype(leaf, compute))
+        }
+    };
+    for layer in &model.layers()[stage.layers.clone()] {
+        x = in_dtype(layer.clone(), compute).forward(x, &ctx, None);
+    }
+    (leaf, x, log)
+}
+
+/// [`blocks`] without a graph (activation checkpointing's forward): the output and the expert
+/// counts of the stage's layers.
+fn blocks_inner<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
+    stage: &Stage,
+    b: &Batch,
+    input: Option<Tensor<B::InnerBackend, 3>>,
+    compute: DType,
+    aux: Option<f64>,
+    device: &B::Device,
+) -> (Tensor<B::InnerBackend, 3>, Option<RoutingCounts>) {
+    let (r, c) = (b.rows, b.cols);
+    let inner = model.valid();
+    let segments = int2::<B::InnerBackend>(&b.segments, r, c, device);
+    let positions = int2::<B::InnerBackend>(&b.positions, r, c, device);
+    let mut ctx = inner.context(r, c, 0, Some(&segments), Some(positions), device);
+    let log = aux.and_then(|_| inner.log_routing(&mut ctx, &segments));
+    let mut x = match input {
+        None => {
+            let ids = int2::<B::InnerBackend>(&b.input_ids, r, c, device);
+            let embed = in_dtype(inner.embed().clone(), compute);
+            <M::Inner as BlockModel<B::InnerBackend>>::embed_tokens(&embed, ids)
+        }
+        Some(t) => to_dtype(t, compute),
+    };
+    for layer in &model.layers()[stage.layers.clone()] {
+        x = in_dtype(M::inner_layer(layer), compute).forward(x, &ctx, None);
+    }
+    (x, log.map(|l| l.counts()))
+}
+
+/// The expert counts to send on: those received (`None` on the first stage) plus this stage's.
+fn merge_counts(
+    received: Option<RoutingCounts>,
+    local: Option<&RoutingCounts>,
+) -> Option<RoutingCounts> {
+    match (received, local) {
+        (Some(mut r), Some(l)) => {
+            r.add(l);
+            Some(r)
+        }
+        (None, Some(l)) => Some(l.clone()),
+        (r, None) => r,
     }
 }
 

@@ -15,6 +15,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Tensor};
+use collie_core::lm::CausalLm;
 use collie_core::model::{block_params, LmHead, ModelConfig};
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
@@ -40,6 +41,7 @@ use crate::metrics::{
 use crate::plot::plot_metrics;
 use crate::scaler::LossScaler;
 use crate::step::Strategy;
+use crate::streamed::Streamed;
 use crate::update::Update;
 
 /// How to run, beyond the config.
@@ -296,6 +298,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                     count: pp,
                     layers: stages.layers[index].clone(),
                     hidden: model_config.hidden_size(),
+                    recompute: config.train.activation_checkpointing,
                 };
                 Some((stage, stages.layers))
             }
@@ -650,7 +653,37 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// Evaluation metrics (`eval_loss`, `eval_ppl`, `eval_accuracy`, `eval_exact_match`,
     /// `eval_bleu`, `eval_rouge_l`, as configured).
     pub fn evaluate(&self) -> Result<BTreeMap<String, f64>, TrainError> {
-        let model = self.whole_model().valid();
+        match self.spread() {
+            Some((plan, group)) => self.evaluate_with(&Streamed::new(
+                self.model.valid(),
+                plan,
+                group,
+                self.device.clone(),
+            )),
+            None => self.evaluate_with(&self.whole_model().valid()),
+        }
+    }
+
+    /// Where the parameters are spread over a group (ZeRO-3's replicas, a pipeline's stages),
+    /// the plan and the group a forward-only pass gathers each block from ([`Streamed`]); `None`
+    /// where the model is here whole, or carries virtual tokens, which [`Streamed`] does not
+    /// run (then [`Trainer::whole_model`] gathers it whole).
+    fn spread(&self) -> Option<(&ZeroPlan, &dyn collie_core::dist::Collectives)> {
+        if self.model.virtual_tokens().is_some() {
+            return None;
+        }
+        match (self.zero3(), &self.stage_plan) {
+            (Some(plan), _) => Some((plan, &*self.dist.dp)),
+            (None, Some(plan)) => Some((plan, &*self.dist.pp)),
+            (None, None) => None,
+        }
+    }
+
+    /// [`Trainer::evaluate`] with `model` as the forward-only language model.
+    fn evaluate_with<L: CausalLm<B::InnerBackend>>(
+        &self,
+        model: &L,
+    ) -> Result<BTreeMap<String, f64>, TrainError> {
         let device = &self.device;
         let mut out = BTreeMap::new();
         let batch_size = self
@@ -659,7 +692,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             .batch_size
             .unwrap_or(self.config.train.micro_batch_size);
         if !self.eval_examples.is_empty() {
-            let (sum, count) = corpus_nll(&model, &self.eval_examples, batch_size, device);
+            let (sum, count) = corpus_nll(model, &self.eval_examples, batch_size, device);
             if count > 0 {
                 let loss = sum / count as f64;
                 out.insert("eval_loss".into(), loss);
@@ -675,7 +708,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             let path = collie_core::asset::resolve(path).map_err(collie_io::IoError::from)?;
             out.insert(
                 "eval_accuracy".into(),
-                classification(&model, tok, &path, device)?,
+                classification(model, tok, &path, device)?,
             );
         }
         if let Some(path) = &self.config.eval.generation {
@@ -690,7 +723,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 eos_ids: eos,
                 ..Default::default()
             };
-            let s = generation(&model, tok, &path, self.config.eval.chat, &cfg, device)?;
+            let s = generation(model, tok, &path, self.config.eval.chat, &cfg, device)?;
             if self.dist.is_main() {
                 self.write_predictions(&s.predictions)?;
             }
@@ -752,13 +785,20 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         if cfg.eos_ids.is_empty() {
             cfg.eos_ids = self.model_config.eos_ids();
         }
-        let new = crate::generate::generate(
-            &self.whole_model().valid(),
-            &[ids],
-            &cfg,
-            &self.device,
-            |_, _| {},
-        )?
+        let prompts = [ids];
+        let new = match self.spread() {
+            Some((plan, group)) => {
+                let lm = Streamed::new(self.model.valid(), plan, group, self.device.clone());
+                crate::generate::generate(&lm, &prompts, &cfg, &self.device, |_, _| {})?
+            }
+            None => crate::generate::generate(
+                &self.whole_model().valid(),
+                &prompts,
+                &cfg,
+                &self.device,
+                |_, _| {},
+            )?,
+        }
         .remove(0);
         Ok(tok.decode(&new, true)?)
     }
@@ -1056,12 +1096,6 @@ fn check_pipeline(config: &TrainConfig) -> Result<(), TrainError> {
         return refuse(
             "optim.name",
             "SophiaG's Hessian refresh runs the whole model",
-        );
-    }
-    if config.train.activation_checkpointing {
-        return refuse(
-            "train.activation_checkpointing",
-            "recomputation inside pipeline stages is not available yet",
         );
     }
     if config.peft.enabled() && config.peft.kind.is_prompt_learning() {
