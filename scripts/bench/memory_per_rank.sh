@@ -4,8 +4,8 @@
 # by a one-step scratch run of recipe-pretrain in the shape of `collie bench`'s `350m` preset
 # (d 1024, 24 layers, 16 / 4 heads, MLP 2816, SmolLM2's 49,152-token vocabulary, tied: 321M
 # parameters, 1.28 GB in f32; LAYERS=12 halves the depth); each layout then loads it and trains
-# 2 steps on 1 × 64 tokens, once in full with plain SGD
-# (no optimizer state: the peak is the weights, their gradients and the update's copy) and once
+# 2 steps on 1 × 64 tokens, once in full with plain SGD (OPTIM=adamw: AdamW, two moments per
+# weight; without: the peak is the weights, their gradients and the update's copy) and once
 # with LoRA (r 8 on every linear layer of a frozen base: the peak is the weights and the loading
 # transient). Evaluation and samples run on 2 examples. Prints one markdown table row per layout
 # with each rank's peak RSS while loading and training (summary.json's
@@ -39,7 +39,7 @@ shape=(--set model.config.hidden_size=1024 --set model.config.intermediate_size=
   --set "model.config.num_hidden_layers=${LAYERS:-24}" --set model.config.num_attention_heads=16
   --set model.config.num_key_value_heads=4)
 small=(--quiet --set data.seq_len=64 --set train.micro_batch_size=1 --set train.eval_every=0
-  --set eval.max_examples=2 --set recipe.sample_tokens=4 --set optim.name=sgd --set optim.lr=1e-3
+  --set eval.max_examples=2 --set recipe.sample_tokens=4 --set "optim.name=${OPTIM:-sgd}" --set optim.lr=1e-3
   --set sched.warmup_steps=0)
 lora=(--set peft.kind=lora --set peft.r=8 --set peft.alpha=16 --set peft.target_modules=all-linear)
 base=runs/memory/base-${LAYERS:-24}
@@ -50,7 +50,7 @@ if [ ! -f "$base/checkpoints/step-1/model.safetensors" ]; then
 fi
 ckpt="$base/checkpoints/step-1"
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); checkpoint $(du -m "$ckpt/model.safetensors" | cut -f1) MiB"
-echo "| ranks | layout | full (SGD): peak RSS per rank, MiB (training → run) | LoRA: the same |"
+echo "| ranks | layout | full (${OPTIM:-sgd}): peak RSS per rank, MiB (training → run) | LoRA: the same |"
 echo "|---|---|---|---|"
 # Peak RSS of every rank of one run, in MiB, `a / b / …`.
 run() {
@@ -73,7 +73,7 @@ PY
 }
 for spec in "${layouts[@]}"; do
   IFS=: read -r np name settings <<< "$spec"
-  out="runs/memory/$(echo "$np-$name" | tr -c 'a-zA-Z0-9-' '_')"
+  out="runs/memory/$(echo "$np-$name-${OPTIM:-sgd}" | tr -c 'a-zA-Z0-9-' '_')"
   args=("${small[@]}" --set model.init=pretrained --set "model.path=$ckpt" --set train.max_steps=2
         --set train.save_every=0)
   IFS=, read -ra kvs <<< "$settings"

@@ -843,8 +843,8 @@ fn a_killed_rank_ends_the_job_within_a_minute_naming_the_rank() {
 
 #[test]
 fn a_rank_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one_at_another_size() {
-    // dp2 x tp2 with ZeRO-1 saves every 2 steps; rank 2 (replica 1, which writes its optimizer
-    // state) is killed with SIGKILL while writing step 4. The job must end naming it, step-4 must
+    // dp2 x tp2 with ZeRO-3 saves every 2 steps; rank 2 (replica 1, which writes the parameters
+    // and optimizer state it owns) is killed with SIGKILL while writing step 4. The job must end naming it, step-4 must
     // never appear, and tp2 on 2 processes resumes from step-2 with the uninterrupted losses.
     let tmp = tempfile::tempdir().unwrap();
     let (want, _) = train(
@@ -863,7 +863,7 @@ fn a_rank_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one_a
         "train.save_every=2",
         "train.micro_batch_size=1",
         "parallel.tp=2",
-        "parallel.zero=1",
+        "parallel.zero=3",
     ] {
         c.args(["--set", s]);
     }

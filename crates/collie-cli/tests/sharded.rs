@@ -42,7 +42,7 @@ fn sharded_fixture(dir: &Path) {
             state: true,
             trainable_only: false,
         };
-        write_rank(dir, model, &OptimizerState::default(), &share).unwrap();
+        write_rank(dir, model, &OptimizerState::default().into(), &share).unwrap();
     }
     merge(dir, 2, Kind::Model).unwrap();
     collie_io::json::write_json(&dir.join("config.json"), &loaded.config).unwrap();

@@ -16,81 +16,57 @@ use collie_core::dist::Collectives;
 /// Elements per all-reduce call: gradients travel in buckets of this size, as DDP's 25 MB.
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
-/// Where each parameter's gradient sits in a flat buffer: `(id, offset, shape)`.
-type Spans = Vec<(ParamId, usize, Vec<usize>)>;
-
-/// Copies every gradient of `model` present in `grads` into one flat buffer, in the model's
-/// parameter order. Returns the buffer and each parameter's `(id, offset, shape)`.
-fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &GradientsParams,
-    only: Option<&HashSet<ParamId>>,
-) -> (Vec<f32>, Spans) {
-    struct Flatten<'a> {
-        grads: &'a GradientsParams,
-        only: Option<&'a HashSet<ParamId>>,
-        buf: Vec<f32>,
-        spans: Spans,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if self.only.is_some_and(|o| !o.contains(&param.id)) {
-                return;
-            }
-            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let shape = g.dims().to_vec();
-                let data = g.into_data().convert::<f32>();
-                let offset = self.buf.len();
-                self.buf
-                    .extend_from_slice(data.as_slice::<f32>().expect("f32 after convert"));
-                self.spans.push((param.id, offset, shape));
-            }
-        }
-    }
-    let mut v = Flatten {
-        grads,
-        only,
-        buf: Vec::new(),
-        spans: Vec::new(),
-    };
-    model.visit(&mut v);
-    (v.buf, v.spans)
+/// Gradients gathered for one all-reduce call: their ids and shapes, values one after another.
+struct Bucket {
+    entries: Vec<(ParamId, Vec<usize>)>,
+    values: Vec<f32>,
 }
 
-/// Writes the flat buffer back into `grads` (the inverse of [`flatten`]).
-fn unflatten<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &mut GradientsParams,
-    buf: &[f32],
-    spans: &Spans,
-    device: &B::Device,
-) {
-    struct Unflatten<'a, B: AutodiffBackend> {
-        grads: &'a mut GradientsParams,
-        buf: &'a [f32],
-        spans: std::collections::HashMap<ParamId, (usize, Vec<usize>)>,
-        device: &'a B::Device,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some((offset, shape)) = self.spans.remove(&param.id) {
-                let n: usize = shape.iter().product();
-                let data = TensorData::new(self.buf[offset..offset + n].to_vec(), shape);
-                let t = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
-                self.grads.register(param.id, t);
-            }
+impl Bucket {
+    /// Sums the bucket over `group` and puts each gradient back into `grads`.
+    fn flush<B: AutodiffBackend>(
+        &mut self,
+        grads: &mut GradientsParams,
+        group: &dyn Collectives,
+        device: &B::Device,
+    ) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let mut values = std::mem::take(&mut self.values);
+        group.all_reduce_sum(&mut values);
+        let entries = std::mem::take(&mut self.entries);
+        if entries.len() == 1 {
+            // One gradient (a large one, alone in its bucket): its buffer moves back, uncopied.
+            let (id, shape) = entries.into_iter().next().expect("one entry");
+            register::<B>(grads, id, TensorData::new(values, shape), device);
+            return;
+        }
+        let mut at = 0;
+        for (id, shape) in entries {
+            let n: usize = shape.iter().product();
+            let data = TensorData::new(values[at..at + n].to_vec(), shape);
+            register::<B>(grads, id, data, device);
+            at += n;
         }
     }
-    let mut v = Unflatten::<B> {
-        grads,
-        buf,
-        spans: spans
-            .iter()
-            .map(|(id, o, s)| (*id, (*o, s.clone())))
-            .collect(),
-        device,
-    };
-    model.visit(&mut v);
+}
+
+/// Registers `data` as the gradient of `id` (its rank is the data's).
+pub(crate) fn register<B: AutodiffBackend>(
+    grads: &mut GradientsParams,
+    id: ParamId,
+    data: TensorData,
+    device: &B::Device,
+) {
+    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+    match data.shape.len() {
+        1 => grads.register(id, Tensor::<Inner<B>, 1>::from_data(data, device)),
+        2 => grads.register(id, Tensor::<Inner<B>, 2>::from_data(data, device)),
+        3 => grads.register(id, Tensor::<Inner<B>, 3>::from_data(data, device)),
+        4 => grads.register(id, Tensor::<Inner<B>, 4>::from_data(data, device)),
+        d => panic!("a {d}-dimensional parameter"),
+    }
 }
 
 /// Sums `grads` (the gradients of `model`'s parameters) over `group`, in place, in buckets of
@@ -118,6 +94,11 @@ pub fn all_reduce_grads_of<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
 }
 
+/// Sums the gradients of `model` present in `grads` (those in `only`, if given) over `group`,
+/// in the model's parameter order, one bucket of about [`BUCKET_ELEMS`] values at a time: each
+/// gradient is taken out of `grads` as it joins a bucket and put back summed when the bucket is
+/// flushed, so the reduction never holds a second copy of all the gradients (a parameter larger
+/// than a bucket goes alone).
 fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: &mut GradientsParams,
@@ -128,11 +109,58 @@ fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
     if group.size() == 1 {
         return;
     }
-    let (mut buf, spans) = flatten::<B, M>(model, grads, only);
-    for bucket in buf.chunks_mut(BUCKET_ELEMS) {
-        group.all_reduce_sum(bucket);
+    struct Reduce<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        only: Option<&'a HashSet<ParamId>>,
+        group: &'a dyn Collectives,
+        device: &'a B::Device,
+        bucket: Bucket,
     }
-    unflatten::<B, M>(model, grads, &buf, &spans, device);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Reduce<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.only.is_some_and(|o| !o.contains(&param.id)) {
+                return;
+            }
+            let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+                return;
+            };
+            let shape = g.dims().to_vec();
+            let n: usize = shape.iter().product();
+            if !self.bucket.entries.is_empty() && self.bucket.values.len() + n > BUCKET_ELEMS {
+                self.bucket.flush::<B>(self.grads, self.group, self.device);
+            }
+            let values = g
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 after convert");
+            if self.bucket.entries.is_empty() {
+                self.bucket.values = values;
+            } else {
+                self.bucket.values.extend_from_slice(&values);
+            }
+            self.bucket.entries.push((param.id, shape));
+        }
+    }
+    let mut v = Reduce::<B> {
+        grads,
+        only,
+        group,
+        device,
+        bucket: Bucket {
+            entries: Vec::new(),
+            values: Vec::new(),
+        },
+    };
+    model.visit(&mut v);
+    let Reduce {
+        grads,
+        group,
+        device,
+        mut bucket,
+        ..
+    } = v;
+    bucket.flush::<B>(grads, group, device);
 }
 
 /// Sums scalars (losses, token counts) over `group`.

@@ -470,23 +470,22 @@ impl ZeroPlan {
                 .map(|&i| &self.entries[i])
                 .filter(|e| e.owner == owner)
                 .collect();
-            let total: usize = mine.iter().map(|e| e.numel).sum();
-            let mut buf = Vec::with_capacity(total);
-            if owner == self.rank {
-                for e in &mine {
-                    let data = owned[&e.id].clone().into_data().convert::<f32>();
-                    buf.extend_from_slice(data.as_slice::<f32>().expect("f32 after convert"));
-                }
+            let mut buf = if owner == self.rank {
+                concat(mine.iter().map(|e| {
+                    owned[&e.id]
+                        .clone()
+                        .into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .expect("f32 after convert")
+                }))
             } else {
-                buf.resize(total, 0.0);
-            }
+                vec![0.0; mine.iter().map(|e| e.numel).sum()]
+            };
             group.broadcast(&mut buf, owner);
             if owner != self.rank {
-                let mut at = 0;
-                for e in mine {
-                    received.insert(e.id, buf[at..at + e.numel].to_vec());
-                    at += e.numel;
-                }
+                let sizes: Vec<usize> = mine.iter().map(|e| e.numel).collect();
+                received.extend(mine.iter().map(|e| e.id).zip(split(buf, &sizes)));
             }
         }
         struct Fill<'a, B: Backend> {
@@ -558,54 +557,64 @@ impl ZeroPlan {
             _b: std::marker::PhantomData,
         };
         module.visit(&mut take);
-        let taken = take.taken;
+        let mut taken = take.taken;
         let mut owners: Vec<usize> = taken.iter().map(|(i, _)| self.entries[*i].owner).collect();
         owners.sort_unstable();
         owners.dedup();
         for owner in owners {
-            let mine: Vec<&(usize, Option<Vec<f32>>)> = taken
-                .iter()
+            // This owner's entries, their gradients moved out (a replica without one sends zeros).
+            let mut ids = Vec::new();
+            let mut parts = Vec::new();
+            for (i, g) in taken
+                .iter_mut()
                 .filter(|(i, _)| self.entries[*i].owner == owner)
-                .collect();
-            let total: usize = mine.iter().map(|(i, _)| self.entries[*i].numel).sum();
-            let mut buf = Vec::with_capacity(total);
-            for (i, g) in &mine {
-                match g {
-                    Some(g) => buf.extend_from_slice(g),
-                    None => buf.resize(buf.len() + self.entries[*i].numel, 0.0),
-                }
+            {
+                ids.push(*i);
+                parts.push(
+                    g.take()
+                        .unwrap_or_else(|| vec![0.0; self.entries[*i].numel]),
+                );
             }
+            let mut buf = concat(parts.into_iter());
             group.reduce_sum(&mut buf, owner);
             if owner != self.rank {
                 continue;
             }
-            let mut at = 0;
-            for (i, _) in mine {
-                let e = &self.entries[*i];
-                let data = TensorData::new(buf[at..at + e.numel].to_vec(), e.shape.clone());
-                register::<B>(grads, e.id, e.shape.len(), data, device);
-                at += e.numel;
+            let sizes: Vec<usize> = ids.iter().map(|&i| self.entries[i].numel).collect();
+            for (i, part) in ids.into_iter().zip(split(buf, &sizes)) {
+                let e = &self.entries[i];
+                let data = TensorData::new(part, e.shape.clone());
+                crate::dp::register::<B>(grads, e.id, data, device);
             }
         }
     }
 }
 
-/// Registers `data` (of rank `dims`) as the gradient of `id`.
-fn register<B: AutodiffBackend>(
-    grads: &mut GradientsParams,
-    id: ParamId,
-    dims: usize,
-    data: TensorData,
-    device: &B::Device,
-) {
-    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
-    match dims {
-        1 => grads.register(id, Tensor::<Inner<B>, 1>::from_data(data, device)),
-        2 => grads.register(id, Tensor::<Inner<B>, 2>::from_data(data, device)),
-        3 => grads.register(id, Tensor::<Inner<B>, 3>::from_data(data, device)),
-        4 => grads.register(id, Tensor::<Inner<B>, 4>::from_data(data, device)),
-        d => panic!("a {d}-dimensional parameter"),
+/// The parts one after another; a single part is moved, not copied (the embedding table is the
+/// largest buffer a gather or a reduction handles).
+fn concat(parts: impl Iterator<Item = Vec<f32>>) -> Vec<f32> {
+    let mut parts = parts.peekable();
+    let mut buf = parts.next().unwrap_or_default();
+    for part in parts {
+        buf.extend_from_slice(&part);
     }
+    buf
+}
+
+/// `buf` cut into consecutive parts of `sizes`; a single part is `buf` itself.
+fn split(buf: Vec<f32>, sizes: &[usize]) -> Vec<Vec<f32>> {
+    if sizes.len() == 1 {
+        return vec![buf];
+    }
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let part = buf[at..at + n].to_vec();
+            at += n;
+            part
+        })
+        .collect()
 }
 
 /// The part of a whole optimizer state (as a checkpoint holds it) that `plan`'s replica owns:

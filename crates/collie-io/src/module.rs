@@ -375,16 +375,85 @@ pub fn torch_state_dict<B: Backend, M: Module<B>>(
     module: &M,
     key: impl Fn(&str) -> Option<String>,
 ) -> Vec<(String, HostTensor)> {
-    collect_params(module)
+    torch_state_lazy(module, key)
         .into_iter()
-        .filter_map(|(info, t)| {
-            let k = key(&info.path)?;
-            let t = if info.is_linear_weight() {
-                t.transpose()
-            } else {
-                t
-            };
-            Some((k, t))
+        .map(|t| {
+            let value = t.read();
+            (t.name, value)
         })
         .collect()
+}
+
+/// One tensor of a state dict, read only when asked ([`torch_state_lazy`]).
+pub struct LazyTensor {
+    /// Key in the checkpoint.
+    pub name: String,
+    /// Shape in the checkpoint's layout.
+    pub shape: Vec<usize>,
+    read: Box<dyn Fn() -> HostTensor>,
+}
+
+impl LazyTensor {
+    /// Reads (and converts) the tensor: a lazy parameter is read from its file each time and
+    /// not kept, so a writer that asks for one tensor at a time holds one tensor at a time.
+    pub fn read(&self) -> HostTensor {
+        (self.read)()
+    }
+}
+
+/// [`torch_state_dict`] without reading anything yet: each entry reads its parameter when
+/// asked (a model loaded lazily is streamed from its files, never held whole).
+pub fn torch_state_lazy<B: Backend, M: Module<B>>(
+    module: &M,
+    key: impl Fn(&str) -> Option<String>,
+) -> Vec<LazyTensor> {
+    struct Lazy<B: Backend, K> {
+        path: Vec<(String, String)>,
+        key: K,
+        out: Vec<LazyTensor>,
+        _b: std::marker::PhantomData<B>,
+    }
+    impl<B: Backend, K: Fn(&str) -> Option<String>> ModuleVisitor<B> for Lazy<B, K> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path
+                .push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let info = param_info(&self.path);
+            let Some(name) = (self.key)(&info.path) else {
+                return;
+            };
+            let transpose = info.is_linear_weight();
+            let mut shape = param.lazy_shape().dims::<D>().to_vec();
+            if transpose {
+                shape.reverse();
+            }
+            // A clone of a lazy parameter is lazy too: reading it leaves the module unread.
+            let param = param.clone();
+            let read = move || {
+                let t = HostTensor::from_tensor(param.clone().val());
+                if transpose {
+                    t.transpose()
+                } else {
+                    t
+                }
+            };
+            self.out.push(LazyTensor {
+                name,
+                shape,
+                read: Box::new(read),
+            });
+        }
+    }
+    let mut v = Lazy::<B, _> {
+        path: Vec::new(),
+        key,
+        out: Vec::new(),
+        _b: std::marker::PhantomData,
+    };
+    module.visit(&mut v);
+    v.out
 }

@@ -249,6 +249,19 @@ pub fn save_safetensors(
     write_safetensors_with(path, &layout, dtype, |i| Ok(tensors[i].1.data.clone()))
 }
 
+/// [`save_safetensors`] of tensors read one at a time as the writer reaches them.
+pub fn save_safetensors_lazy(
+    path: &Path,
+    tensors: &[crate::module::LazyTensor],
+    dtype: SaveDtype,
+) -> Result<()> {
+    let layout: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
+    write_safetensors_with(path, &layout, dtype, |i| Ok(tensors[i].read().data))
+}
+
 /// Writes a safetensors file of the tensors `layout` names (in that order), asking `data` for
 /// the values of tensor `i` only when its turn comes: a writer holds one tensor at a time, not
 /// the file. `{"format": "pt"}` metadata; written next to `path` and renamed into place.

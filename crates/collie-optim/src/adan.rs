@@ -161,6 +161,10 @@ impl<B: Backend> Optimizer<B> for Adan<B> {
         self.slots.export(&SLOTS)
     }
 
+    fn snapshot(&self) -> crate::StateSnapshot<'_> {
+        self.slots.snapshot(&SLOTS)
+    }
+
     fn load_state(&mut self, state: OptimizerState, device: &B::Device) -> Result<(), StateError> {
         self.slots = Slots::import(state, &SLOTS, device)?;
         Ok(())

@@ -34,7 +34,7 @@ pub use lion::{Lion, LionConfig};
 pub use lomo::{FusedGrad, Lomo, LomoConfig};
 pub use sgd::{Sgd, SgdConfig};
 pub use sophia::{Sophia, SophiaConfig};
-pub use state::{OptimizerState, StateError};
+pub use state::{OptimizerState, StateError, StateSnapshot};
 
 /// Which parameters weight decay applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -92,6 +92,11 @@ pub trait Optimizer<B: Backend> {
 
     /// Everything needed to continue exactly: per-parameter tensors and counters.
     fn state(&self) -> OptimizerState;
+
+    /// [`Optimizer::state`] copied to the host one tensor at a time, as a writer asks.
+    fn snapshot(&self) -> StateSnapshot<'_> {
+        self.state().into()
+    }
 
     /// Restores [`Optimizer::state`] onto `device`.
     fn load_state(&mut self, state: OptimizerState, device: &B::Device) -> Result<(), StateError>;
@@ -250,6 +255,10 @@ impl<B: Backend> Optimizer<B> for AnyOptimizer<B> {
 
     fn state(&self) -> OptimizerState {
         each!(self, o => Optimizer::<B>::state(o))
+    }
+
+    fn snapshot(&self) -> StateSnapshot<'_> {
+        each!(self, o => Optimizer::<B>::snapshot(o))
     }
 
     fn load_state(&mut self, state: OptimizerState, device: &B::Device) -> Result<(), StateError> {

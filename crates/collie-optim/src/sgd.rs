@@ -91,6 +91,10 @@ impl<B: Backend> Optimizer<B> for Sgd<B> {
         self.slots.export(self.slot_names())
     }
 
+    fn snapshot(&self) -> crate::StateSnapshot<'_> {
+        self.slots.snapshot(self.slot_names())
+    }
+
     fn load_state(&mut self, state: OptimizerState, device: &B::Device) -> Result<(), StateError> {
         self.slots = Slots::import(state, self.slot_names(), device)?;
         Ok(())

@@ -16,6 +16,35 @@ pub struct OptimizerState {
     pub counters: BTreeMap<String, u64>,
 }
 
+/// Copies one state tensor to the host.
+pub type ReadTensor<'a> = Box<dyn Fn() -> HostTensor + 'a>;
+
+/// [`OptimizerState`] whose tensors are copied to the host one at a time, when asked: a
+/// checkpoint writer streams them instead of holding a host copy of the whole state.
+pub struct StateSnapshot<'a> {
+    /// `(key, shape, read)` of every tensor, in key order (keys as in [`OptimizerState`]).
+    pub tensors: Vec<(String, Vec<usize>, ReadTensor<'a>)>,
+    /// Per-parameter step counters.
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl From<OptimizerState> for StateSnapshot<'static> {
+    fn from(state: OptimizerState) -> Self {
+        StateSnapshot {
+            tensors: state
+                .tensors
+                .into_iter()
+                .map(|(k, t)| {
+                    let shape = t.shape.clone();
+                    let read: ReadTensor = Box::new(move || t.clone());
+                    (k, shape, read)
+                })
+                .collect(),
+            counters: state.counters,
+        }
+    }
+}
+
 /// A state that does not fit this optimizer.
 #[derive(Debug, thiserror::Error)]
 #[error("optimizer state: {0}")]
@@ -46,6 +75,23 @@ impl<B: Backend> Slots<B> {
             }
         }
         OptimizerState {
+            tensors,
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// [`Slots::export`] read lazily: each tensor is copied to the host when asked.
+    pub fn snapshot(&self, names: &[&str]) -> StateSnapshot<'_> {
+        let mut tensors = Vec::new();
+        for (path, slots) in &self.tensors {
+            for (name, t) in names.iter().zip(slots) {
+                let read: ReadTensor = Box::new(move || HostTensor::from_tensor(t.clone()));
+                tensors.push((format!("{path}.{name}"), vec![t.dims()[0]], read));
+            }
+        }
+        // Key order, as the map of an exported state has it.
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        StateSnapshot {
             tensors,
             counters: self.counters.clone(),
         }

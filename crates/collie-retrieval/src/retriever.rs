@@ -366,7 +366,7 @@ fn save<B: AutodiffBackend>(
             }
             Ok(())
         },
-        &update.state(),
+        &update.snapshot(),
         state,
         &resolved,
     )?;

@@ -26,7 +26,7 @@ use collie_io::sharded::{
 };
 use collie_io::tokenizer::TokenizerBundle;
 use collie_io::HostTensor;
-use collie_optim::OptimizerState;
+use collie_optim::{OptimizerState, StateSnapshot};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
@@ -129,24 +129,23 @@ impl<M, C> Weights<'_, M, C> {
 pub fn save(
     root: &Path,
     write_weights: impl FnOnce(&Path) -> Result<(), TrainError>,
-    optimizer: &OptimizerState,
+    optimizer: &StateSnapshot,
     state: &TrainerState,
     resolved_config: &str,
 ) -> Result<PathBuf, TrainError> {
     let partial = begin(root, state.step)?;
     write_weights(&partial)?;
-    // One tensor at a time: the optimizer state is not copied whole.
+    // One tensor at a time: the optimizer state is never copied to the host whole.
     let layout: Vec<(String, Vec<usize>)> = optimizer
         .tensors
         .iter()
-        .map(|(k, t)| (k.clone(), t.shape.clone()))
+        .map(|(k, shape, _)| (k.clone(), shape.clone()))
         .collect();
-    let values: Vec<&HostTensor> = optimizer.tensors.values().collect();
     write_safetensors_with(
         &partial.join("optimizer.safetensors"),
         &layout,
         SaveDtype::F32,
-        |i| Ok(values[i].data.clone()),
+        |i| Ok((optimizer.tensors[i].2)().data),
     )?;
     let mut state = state.clone();
     state.optimizer_counters = optimizer.counters.clone();
@@ -302,7 +301,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             return self.save_sharded();
         }
         let root = &self.config.output.dir;
-        let optimizer_state = self.update.state();
+        let optimizer_state = self.update.snapshot();
         let weights = if self.peft_active() {
             Weights::Adapter {
                 model: &self.model,
@@ -357,7 +356,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             state: c.dp == 0 || self.zero.is_some(),
             trainable_only: self.peft_active(),
         };
-        let wrote = write_rank(&partial, &self.model, &self.update.state(), &share);
+        let wrote = write_rank(&partial, &self.model, &self.update.snapshot(), &share);
         pause_while_writing(step, self.dist.rank);
         self.all_ranks_ok("write", wrote)?;
         let finished = match main {
@@ -543,7 +542,7 @@ pub(crate) fn params_by_path<B: Backend, M: Module<B>>(
 pub fn write_rank<B: Backend, M: Module<B>>(
     partial: &Path,
     model: &M,
-    optimizer: &OptimizerState,
+    optimizer: &StateSnapshot,
     share: &RankShare,
 ) -> Result<(), TrainError> {
     let params = params_by_path(model);
@@ -605,12 +604,12 @@ pub fn write_rank<B: Backend, M: Module<B>>(
         };
         let mut tensors = Vec::new();
         let mut values = Vec::new();
-        for (key, t) in &optimizer.tensors {
+        for (key, shape, read) in &optimizer.tensors {
             let path = key
                 .rsplit_once('.')
                 .map_or(key.as_str(), |(path, _slot)| path);
             let Some(split) = owned(path) else { continue };
-            let n = t.data.len();
+            let n: usize = shape.iter().product();
             let (split, whole) = match split {
                 Some((s, _)) => {
                     let local: usize = s.block.iter().product();
@@ -623,17 +622,17 @@ pub fn write_rank<B: Backend, M: Module<B>>(
                     }
                     (Some(s), vec![n * tp])
                 }
-                None => (None, t.shape.clone()),
+                None => (None, shape.clone()),
             };
             tensors.push(ShardTensor {
                 name: key.clone(),
-                shape: t.shape.clone(),
+                shape: shape.clone(),
                 whole,
                 split,
             });
-            values.push(t);
+            values.push(read);
         }
-        writer.write(Part::Optimizer, &tensors, |i| Ok(values[i].data.clone()))?;
+        writer.write(Part::Optimizer, &tensors, |i| Ok(values[i]().data))?;
         for (path, &c) in &optimizer.counters {
             if owned(path).is_some() {
                 counters.insert(path.clone(), c);
@@ -679,7 +678,8 @@ pub fn consolidate<B: Backend, M: ModelFiles<B>>(
 ) -> Result<(), TrainError> {
     match Manifest::read(dir)?.kind {
         Kind::Model => {
-            let loaded = M::load(&dir.display().to_string(), device)?;
+            // Lazily: each tensor is read from its shards as the writer reaches it.
+            let loaded = M::load_lazy(&dir.display().to_string(), device)?;
             let tokenizer = loaded.tokenizer.as_ref();
             loaded
                 .model

@@ -93,6 +93,11 @@ impl<B: Backend> Update<B> {
         self.optimizer.state()
     }
 
+    /// [`Update::state`] copied to the host one tensor at a time (checkpoint writers).
+    pub fn snapshot(&self) -> collie_optim::StateSnapshot<'_> {
+        self.optimizer.snapshot()
+    }
+
     /// Restores what [`Update::state`] saved.
     pub fn load_state(
         &mut self,

@@ -6,8 +6,12 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use collie_io::json::{read_json, write_json};
-use collie_io::module::{load_module_lazy, torch_state_dict, Binding, ParamInfo, SharedSource};
-use collie_io::safetensors::{save_safetensors, SafetensorsSource, SaveDtype};
+use collie_io::module::{
+    load_module_lazy, torch_state_dict, torch_state_lazy, Binding, ParamInfo, SharedSource,
+};
+use collie_io::safetensors::{
+    save_safetensors, save_safetensors_lazy, SafetensorsSource, SaveDtype,
+};
 use collie_io::tokenizer::TokenizerBundle;
 use collie_io::IoError;
 use serde_json::{json, Value};
@@ -146,11 +150,16 @@ fn internlm2_layout(config: &LlamaConfig) -> InternLm2 {
 
 /// Every parameter under its HF key, in PyTorch's layout.
 pub fn hf_state_dict<B: Backend>(model: &Llama<B>) -> Vec<(String, collie_io::HostTensor)> {
-    let sandwich = model
+    let sandwich = is_sandwich(model);
+    torch_state_dict(model, |path| hf_key(path, sandwich))
+}
+
+/// Whether the blocks carry norms after attention and MLP (Gemma 2/3), which renames a norm.
+fn is_sandwich<B: Backend>(model: &Llama<B>) -> bool {
+    model
         .layers
         .first()
-        .is_some_and(|l| l.post_attn_norm.is_some());
-    torch_state_dict(model, |path| hf_key(path, sandwich))
+        .is_some_and(|l| l.post_attn_norm.is_some())
 }
 
 /// Writes an HF model directory that `AutoModelForCausalLM.from_pretrained` loads:
@@ -202,17 +211,23 @@ fn write_into<B: Backend>(
         &dir.join("generation_config.json"),
         &Value::Object(generation),
     )?;
-    let state = match config.model_type.as_str() {
-        "internlm2" => layout::state_dict(model, &internlm2_layout(&config)),
-        "mixtral" => layout::state_dict(model, &Mixtral),
-        "codegen" => layout::state_dict(model, &CodeGen),
-        _ => hf_state_dict(model),
+    let file = dir.join(collie_io::safetensors::SINGLE_FILE);
+    // Layouts that fuse several parameters into one tensor collect them first; the others are
+    // written one tensor at a time (a lazily loaded model is streamed from its files).
+    let fused = match config.model_type.as_str() {
+        "internlm2" => Some(layout::state_dict(model, &internlm2_layout(&config))),
+        "mixtral" => Some(layout::state_dict(model, &Mixtral)),
+        "codegen" => Some(layout::state_dict(model, &CodeGen)),
+        _ => None,
     };
-    save_safetensors(
-        &dir.join(collie_io::safetensors::SINGLE_FILE),
-        &state,
-        dtype,
-    )?;
+    match fused {
+        Some(state) => save_safetensors(&file, &state, dtype)?,
+        None => {
+            let sandwich = is_sandwich(model);
+            let state = torch_state_lazy(model, |path| hf_key(path, sandwich));
+            save_safetensors_lazy(&file, &state, dtype)?;
+        }
+    }
     if let Some(tok) = tokenizer {
         tok.save(dir)?;
     }
