@@ -469,6 +469,26 @@ fn zero_3_matches_one_process_with_tp_lora_and_lomo() {
     assert_equivalent_dp("dp2 zero3 lora", 2, 2, 1, 2, &lora, &["parallel.zero=3"]);
     let lomo = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"lomo\"\nlr = 1e-2\n";
     assert_equivalent("dp2 zero3 lomo", 2, 1, 1, lomo, &["parallel.zero=3"]);
+    // A tied table (Gemma 3's fixture): the head's share of its gradient goes to the owner
+    // right after the head, the embedding's own share at the end of the walk.
+    let gemma3 = format!("model.path={}", fixture("families/gemma3/model").display());
+    assert_equivalent_dp(
+        "dp2 zero3 tied",
+        2,
+        2,
+        1,
+        2,
+        SGD,
+        &["parallel.zero=3", &gemma3],
+    );
+    assert_equivalent(
+        "dp2 zero3 tied lomo",
+        2,
+        1,
+        1,
+        lomo,
+        &["parallel.zero=3", &gemma3],
+    );
 }
 
 #[test]

@@ -237,6 +237,18 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         device,
     );
     on_block(BlockId::Head, head_grads);
+    // Under ZeRO-3 the head's share of a tied table goes to the table's owner now, so the other
+    // replicas do not carry a vocabulary-sized gradient through the layers' walk; the owner adds
+    // the sum to its own share, which the embedding block's reduction then completes.
+    let tied = match (gather, tied) {
+        (Some(g), Some(t)) => {
+            let mut share = GradientsParams::new();
+            share.register(embed.weight.id, t);
+            g.plan.reduce_block(&embed, &mut share, g.group, device);
+            share.remove::<B::InnerBackend, 2>(embed.weight.id)
+        }
+        (_, t) => t,
+    };
     if total > c {
         // [r, c, d] -> [r, n + c, d]: zero gradient at the virtual positions' outputs.
         g = Tensor::cat(vec![g.zeros_like().slice([0..r, 0..total - c]), g], 1);
