@@ -70,6 +70,8 @@ s = json.load(open(f"{sys.argv[1]}/summary.json"))
 mib = lambda key: " / ".join(f"{p / 2**20:.0f}" for p in s[key])
 print(f"{mib('train_peak_rss_bytes_per_rank')} → {mib('peak_rss_bytes_per_rank')}")
 PY
+  # The run's checkpoint has been written (it is in the peak); the disk gets it back.
+  rm -rf "$out/checkpoints"
 }
 for spec in "${layouts[@]}"; do
   IFS=: read -r np name settings <<< "$spec"
