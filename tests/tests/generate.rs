@@ -99,3 +99,63 @@ fn generation_stops_at_eos_and_includes_it() {
     let first = free[0].iter().position(|&t| t == eos).unwrap();
     assert_eq!(stopped[0], free[0][..=first].to_vec());
 }
+
+#[test]
+fn streamed_blocks_give_each_family_its_own_logits_and_generations() {
+    // `Streamed` (evaluation and generation of a model spread over ranks: ZeRO-3, pipeline
+    // stages) composes the block contract itself — embedding, layers under one context with
+    // their KV caches, head — instead of calling the family's forward. In one process (every
+    // block owned here) it must give each family's own logits and greedy tokens.
+    use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+    use collie_core::dist::Solo;
+    use collie_core::lm::CausalLm;
+    use collie_dist::zero::ZeroPlan;
+    use collie_train::streamed::Streamed;
+    type A = burn::backend::Autodiff<B>;
+    struct Ids(std::collections::HashMap<burn::module::ParamId, usize>);
+    impl ModuleVisitor<A> for Ids {
+        fn visit_float<const D: usize>(&mut self, p: &Param<burn::tensor::Tensor<A, D>>) {
+            self.0.insert(p.id, 0);
+        }
+    }
+    let device = Default::default();
+    let cases = [
+        "llama/gqa_tied_theta",
+        "llama/mistral_window",
+        "families/gemma3/model",
+        "families/glm/model",
+        "families/mixtral/model",
+    ];
+    for case in cases {
+        let model = collie_llama::load::<A>(fixture(case).to_str().unwrap(), &device)
+            .unwrap()
+            .model;
+        let mut ids = Ids(Default::default());
+        model.visit(&mut ids);
+        let plan = ZeroPlan::with_owners(&model, &Solo, &ids.0, Default::default());
+        let plain = model.valid();
+        let streamed = Streamed::new(model.valid(), &plan, &Solo, device);
+        let tokens: Vec<i64> = vec![5, 17, 33, 2, 9, 41, 8, 12, 3, 70];
+        let n = tokens.len();
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [1, n]), &device);
+        let want = plain.logits(input.clone(), None).into_data();
+        let got = streamed.logits(input, None).into_data();
+        let (want, got) = (
+            want.as_slice::<f32>().unwrap().to_vec(),
+            got.as_slice::<f32>().unwrap().to_vec(),
+        );
+        // The same operations in the same order: bit for bit.
+        assert_eq!(got, want, "{case}: streamed logits");
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 33, 2, 9, 41, 8], vec![12, 3]];
+        let cfg = GenerationConfig {
+            max_new_tokens: 8,
+            ..Default::default()
+        };
+        let want = generate(&plain, &prompts, &cfg, &device, |_, _| {}).unwrap();
+        let got = generate(&streamed, &prompts, &cfg, &device, |_, _| {}).unwrap();
+        assert_eq!(
+            got, want,
+            "{case}: greedy tokens through the streamed blocks"
+        );
+    }
+}
