@@ -318,11 +318,12 @@ mod mpi_world {
             let _w = Watch::start("reduce");
             let process = self.comm.process_at_rank(root as i32);
             for chunk in buf.chunks_mut(CHUNK) {
-                let send = chunk.to_vec();
                 if self.rank == root {
+                    let send = chunk.to_vec();
                     process.reduce_into_root(&send[..], chunk, SystemOperation::sum());
                 } else {
-                    process.reduce_into(&send[..], SystemOperation::sum());
+                    // A member that only sends needs no copy of its buffer.
+                    process.reduce_into(&*chunk, SystemOperation::sum());
                 }
             }
         }
