@@ -546,20 +546,6 @@ fn zero_3_checkpoint_of_dp2_x_tp2_resumes_at_pp2_one_process_and_tp2_x_pp2() {
     }
 }
 
-/// Copies the directory tree `from` to `to`.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 #[test]
 fn zero_checkpoint_of_two_replicas_resumes_in_one_process_and_back() {
     let tmp = tempfile::tempdir().unwrap();

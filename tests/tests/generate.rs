@@ -134,7 +134,11 @@ fn streamed_blocks_give_each_family_its_own_logits_and_generations() {
         model.visit(&mut ids);
         let plan = ZeroPlan::with_owners(&model, &Solo, &ids.0, Default::default());
         let plain = model.valid();
-        let streamed = Streamed::new(model.valid(), &plan, &Solo, device);
+        let from = collie_train::blockwise::Gather {
+            plan: &plan,
+            group: &Solo,
+        };
+        let streamed = Streamed::new(model.valid(), from, device);
         let tokens: Vec<i64> = vec![5, 17, 33, 2, 9, 41, 8, 12, 3, 70];
         let n = tokens.len();
         let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [1, n]), &device);

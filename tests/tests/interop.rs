@@ -111,14 +111,6 @@ dir = "{}"
     .unwrap();
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
-
 /// The values of a stored tensor, widened to f64.
 fn widen(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
     match dtype {

@@ -346,36 +346,50 @@ impl ZeroPlan {
         model.visit(&mut own);
         let mut all = vec![0.0; block * self.size];
         group.all_gather(&own.buf, &mut all);
-        struct Replace<'a, B: AutodiffBackend> {
+        let received = self
+            .entries
+            .iter()
+            .filter(|e| e.owner != self.rank)
+            .map(|e| {
+                let at = self.padded_offset(e);
+                (e.id, all[at..at + e.numel].to_vec())
+            })
+            .collect();
+        self.fill(model, received, device)
+    }
+
+    /// `module` with the parameters in `received` replaced by those values (in the plan's
+    /// shapes, trainable where the owner's parameter is); ids and mappers kept.
+    fn fill<B: Backend, M: Module<B>>(
+        &self,
+        module: M,
+        received: HashMap<ParamId, Vec<f32>>,
+        device: &B::Device,
+    ) -> M {
+        struct Fill<'a, B: Backend> {
             plan: &'a ZeroPlan,
-            all: &'a [f32],
+            received: HashMap<ParamId, Vec<f32>>,
             device: &'a B::Device,
         }
-        impl<B: AutodiffBackend> ModuleMapper<B> for Replace<'_, B> {
+        impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
             fn map_float<const D: usize>(
                 &mut self,
                 param: Param<Tensor<B, D>>,
             ) -> Param<Tensor<B, D>> {
-                let Some(&i) = self.plan.by_id.get(&param.id) else {
+                let Some(data) = self.received.remove(&param.id) else {
                     return param;
                 };
-                let e = &self.plan.entries[i];
-                if e.owner == self.plan.rank {
-                    return param;
-                }
-                let (id, tensor, mapper) = param.consume();
-                let at = self.plan.padded_offset(e);
-                let data = TensorData::new(self.all[at..at + e.numel].to_vec(), tensor.dims());
-                let mut t = Tensor::<B, D>::from_data(data, self.device);
-                if tensor.is_require_grad() {
-                    t = t.require_grad();
-                }
+                let e = &self.plan.entries[self.plan.by_id[&param.id]];
+                let (id, _old, mapper) = param.consume();
+                let t =
+                    Tensor::<B, D>::from_data(TensorData::new(data, e.shape.clone()), self.device);
+                let t = if e.trainable { t.require_grad() } else { t };
                 Param::from_mapped_value(id, t, mapper)
             }
         }
-        model.map(&mut Replace::<B> {
+        module.map(&mut Fill {
             plan: self,
-            all: &all,
+            received,
             device,
         })
     }
@@ -488,31 +502,7 @@ impl ZeroPlan {
                 received.extend(mine.iter().map(|e| e.id).zip(split(buf, &sizes)));
             }
         }
-        struct Fill<'a, B: Backend> {
-            plan: &'a ZeroPlan,
-            received: HashMap<ParamId, Vec<f32>>,
-            device: &'a B::Device,
-        }
-        impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
-            fn map_float<const D: usize>(
-                &mut self,
-                param: Param<Tensor<B, D>>,
-            ) -> Param<Tensor<B, D>> {
-                let Some(data) = self.received.remove(&param.id) else {
-                    return param;
-                };
-                let e = &self.plan.entries[self.plan.by_id[&param.id]];
-                let t =
-                    Tensor::<B, D>::from_data(TensorData::new(data, e.shape.clone()), self.device);
-                let t = if e.trainable { t.require_grad() } else { t };
-                Param::initialized(param.id, t)
-            }
-        }
-        module.map(&mut Fill {
-            plan: self,
-            received,
-            device,
-        })
+        self.fill(module, received, device)
     }
 
     /// Stage 3: sums the gradients of `module`'s trainable parameters over the replicas onto

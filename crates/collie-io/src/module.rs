@@ -336,37 +336,50 @@ pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
     module.visit(&mut Materialize);
 }
 
-struct Collector<B: Backend> {
-    path: Vec<(String, String)>,
-    out: Vec<(ParamInfo, HostTensor)>,
-    _b: std::marker::PhantomData<B>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Collector<B> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path
-            .push((name.to_string(), container_type.to_string()));
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.out
-            .push((param_info(&self.path), HostTensor::from_tensor(param.val())));
-    }
-}
-
 /// Every float parameter of `module` with its path, copied to the host.
 pub fn collect_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamInfo, HostTensor)> {
-    let mut collector = Collector::<B> {
+    lazy_params(module)
+        .into_iter()
+        .map(|(info, t)| (info, t.read()))
+        .collect()
+}
+
+/// Every float parameter of `module` with its path, in the module's layout, read only when
+/// asked. A clone of a lazy parameter is lazy too: reading it leaves the module unread.
+fn lazy_params<B: Backend, M: Module<B>>(module: &M) -> Vec<(ParamInfo, LazyTensor)> {
+    struct Lazy<B: Backend> {
+        path: Vec<(String, String)>,
+        out: Vec<(ParamInfo, LazyTensor)>,
+        _b: std::marker::PhantomData<B>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Lazy<B> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path
+                .push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let info = param_info(&self.path);
+            let shape = param.lazy_shape().dims::<D>().to_vec();
+            let param = param.clone();
+            let read = move || HostTensor::from_tensor(param.clone().val());
+            let tensor = LazyTensor {
+                name: info.path.clone(),
+                shape,
+                read: Box::new(read),
+            };
+            self.out.push((info, tensor));
+        }
+    }
+    let mut v = Lazy::<B> {
         path: Vec::new(),
         out: Vec::new(),
         _b: std::marker::PhantomData,
     };
-    module.visit(&mut collector);
-    collector.out
+    module.visit(&mut v);
+    v.out
 }
 
 /// Every parameter of `module` that `key` names (given its path), under that key, in PyTorch's
@@ -407,53 +420,22 @@ pub fn torch_state_lazy<B: Backend, M: Module<B>>(
     module: &M,
     key: impl Fn(&str) -> Option<String>,
 ) -> Vec<LazyTensor> {
-    struct Lazy<B: Backend, K> {
-        path: Vec<(String, String)>,
-        key: K,
-        out: Vec<LazyTensor>,
-        _b: std::marker::PhantomData<B>,
-    }
-    impl<B: Backend, K: Fn(&str) -> Option<String>> ModuleVisitor<B> for Lazy<B, K> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path
-                .push((name.to_string(), container_type.to_string()));
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let info = param_info(&self.path);
-            let Some(name) = (self.key)(&info.path) else {
-                return;
-            };
-            let transpose = info.is_linear_weight();
-            let mut shape = param.lazy_shape().dims::<D>().to_vec();
-            if transpose {
-                shape.reverse();
+    lazy_params(module)
+        .into_iter()
+        .filter_map(|(info, t)| {
+            let name = key(&info.path)?;
+            if !info.is_linear_weight() {
+                return Some(LazyTensor { name, ..t });
             }
-            // A clone of a lazy parameter is lazy too: reading it leaves the module unread.
-            let param = param.clone();
-            let read = move || {
-                let t = HostTensor::from_tensor(param.clone().val());
-                if transpose {
-                    t.transpose()
-                } else {
-                    t
-                }
-            };
-            self.out.push(LazyTensor {
+            let LazyTensor {
+                mut shape, read, ..
+            } = t;
+            shape.reverse();
+            Some(LazyTensor {
                 name,
                 shape,
-                read: Box::new(read),
-            });
-        }
-    }
-    let mut v = Lazy::<B, _> {
-        path: Vec::new(),
-        key,
-        out: Vec::new(),
-        _b: std::marker::PhantomData,
-    };
-    module.visit(&mut v);
-    v.out
+                read: Box::new(move || read().transpose()),
+            })
+        })
+        .collect()
 }

@@ -157,6 +157,8 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
     device: &B::Device,
 ) -> StageStep {
     let d = stage.hidden;
+    // The expert counts that travel with the activations (the same for every micro-batch).
+    let experts = batches.first().and_then(|b| experts(model, b, aux, device));
     let mut saved: Vec<Option<Saved<B>>> = (0..batches.len()).map(|_| None).collect();
     let mut acc = GradientsAccumulator::<M>::new();
     let (mut nll, mut aux_sum, mut waited) = (0.0f64, 0.0f64, 0.0f64);
@@ -174,13 +176,8 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                 let (input, mut counts) = if stage.first() {
                     (None, None)
                 } else {
-                    let (buf, counts) = recv_with_counts(
-                        group,
-                        stage.index - 1,
-                        r * c * d,
-                        experts(model, b, aux, device),
-                        &mut waited,
-                    );
+                    let (buf, counts) =
+                        recv_with_counts(group, stage.index - 1, r * c * d, experts, &mut waited);
                     let t = Tensor::<B::InnerBackend, 3>::from_data(
                         TensorData::new(buf, [r, c, d]),
                         device,

@@ -18,7 +18,8 @@ use collie_optim::{AnyOptimizer, Optimizer};
 
 use crate::blockwise::{backward_blockwise, BlockId, Walk};
 use crate::eval::{batch_nll_aux, shifted_logits};
-use crate::trainer::{reduce_block, Trainer};
+use crate::parallel::reduce_block;
+use crate::trainer::Trainer;
 
 /// How a step turns its batches into an update, fixed when the trainer is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,9 +323,9 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         fused.clip_coef = None;
         let scale = loss_scale / targets as f64;
         let device = self.device.clone();
-        // Owned copies: the walk below borrows the model and optimizer mutably.
-        let (dist, zero) = (self.dist.clone(), self.zero.clone());
-        let zero3 = zero.as_ref().filter(|p| p.stage >= 3);
+        // Field borrows, not `self.gather()`: the walk below borrows the model and the
+        // optimizer mutably.
+        let zero3 = self.zero.as_ref().filter(|p| p.stage >= 3);
         let walk = Walk {
             compute: self.compute,
             scale,
@@ -334,7 +335,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             aux: self.aux_weight(loss_scale, 1),
             gather: zero3.map(|plan| crate::blockwise::Gather {
                 plan,
-                group: &*dist.dp,
+                group: &*self.dist.dp,
             }),
         };
         let max_norm = self.config.train.max_grad_norm;

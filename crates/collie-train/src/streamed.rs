@@ -9,39 +9,32 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use collie_core::dist::Collectives;
 use collie_core::lm::CausalLm;
 use collie_core::model::{BlockModel, DecoderLayer, KvSlot, LmHead};
 use collie_core::nn::VocabShard;
-use collie_dist::zero::ZeroPlan;
 
-/// `model` (this rank's share) as a causal LM whose blocks come from their owners in `plan`.
+use crate::blockwise::Gather;
+
+/// `model` (this rank's share) as a causal LM whose blocks come from their owners.
 pub struct Streamed<'a, B: Backend, M: BlockModel<B>> {
     model: M,
-    plan: &'a ZeroPlan,
-    group: &'a dyn Collectives,
+    from: Gather<'a>,
     device: B::Device,
 }
 
 impl<'a, B: Backend, M: BlockModel<B>> Streamed<'a, B, M> {
-    /// The view of `model` (prompt learning's virtual tokens are not supported: the caller
-    /// gathers such a model whole).
-    pub fn new(
-        model: M,
-        plan: &'a ZeroPlan,
-        group: &'a dyn Collectives,
-        device: B::Device,
-    ) -> Self {
+    /// The view of `model`, its blocks gathered `from` their owners (prompt learning's virtual
+    /// tokens are not supported: the caller gathers such a model whole).
+    pub fn new(model: M, from: Gather<'a>, device: B::Device) -> Self {
         Streamed {
             model,
-            plan,
-            group,
+            from,
             device,
         }
     }
 
     fn whole<T: burn::module::Module<B>>(&self, module: T) -> T {
-        self.plan.gather(module, self.group, &self.device)
+        self.from.plan.gather(module, self.from.group, &self.device)
     }
 
     /// Embedding, every layer under `ctx` (each with its cache slot, if any) and the head's

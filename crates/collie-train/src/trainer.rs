@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Tensor};
@@ -20,7 +20,7 @@ use collie_core::model::{block_params, LmHead, ModelConfig};
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_data::dataset::{Encoder, Example, JsonlDataset};
 use collie_data::loader::{Batch, DataLoader, Order};
-use collie_dist::dp::{all_reduce_grads, all_reduce_scalars};
+use collie_dist::dp::all_reduce_scalars;
 use collie_dist::zero::ZeroPlan;
 use collie_dist::Dist;
 use collie_io::family::TrainModel;
@@ -28,7 +28,7 @@ use collie_io::tokenizer::TokenizerBundle;
 use collie_optim::clip::global_norm;
 use serde_json::{json, Map, Value};
 
-use crate::blockwise::{in_dtype, BlockId, GradHook};
+use crate::blockwise::{in_dtype, GradHook};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{ComputeDtype, ModelInit, OptimName, TrainConfig};
 use crate::error::TrainError;
@@ -38,10 +38,10 @@ use crate::metrics::{
     eval_line, flops_per_token, fmt_metrics, peak_rss_bytes, summary_text, write_line,
     write_summary, MetricsLog, Progress, RankLog,
 };
+use crate::parallel::{release_spread, stage_plan, zero_plan};
 use crate::plot::plot_metrics;
 use crate::scaler::LossScaler;
 use crate::step::Strategy;
-use crate::streamed::Streamed;
 use crate::update::Update;
 
 /// How to run, beyond the config.
@@ -309,10 +309,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let mut stage_plan = pipeline
             .as_ref()
             .map(|(stage, stages)| stage_plan(&model, stage, stages, &dist));
-        let model = match (zero.as_mut().filter(|p| p.stage >= 3), stage_plan.as_mut()) {
-            (Some(plan), _) | (None, Some(plan)) => plan.release(model),
-            (None, None) => model,
-        };
+        let model = release_spread(&mut zero, &mut stage_plan, model);
         if config.model.init == ModelInit::Pretrained {
             collie_io::module::materialize(&model);
         }
@@ -436,13 +433,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             .pipeline
             .as_ref()
             .map(|(stage, stages)| stage_plan(&model, stage, stages, &self.dist));
-        let model = match (
-            self.zero.as_mut().filter(|p| p.stage >= 3),
-            self.stage_plan.as_mut(),
-        ) {
-            (Some(plan), _) | (None, Some(plan)) => plan.release(model),
-            (None, None) => model,
-        };
+        let model = release_spread(&mut self.zero, &mut self.stage_plan, model);
         collie_io::module::materialize(&model);
         // A pipeline stage keeps the state of the blocks it trains.
         let mut prefixes: Vec<String> = Vec::new();
@@ -515,32 +506,6 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// `module` in the compute dtype: a cast copy whose gradients land on the f32 masters.
     pub(crate) fn in_compute_dtype<T: Module<B>>(&self, module: T) -> T {
         in_dtype(module, self.compute)
-    }
-
-    /// The ZeRO-3 plan, when parameters are partitioned over the replicas.
-    pub(crate) fn zero3(&self) -> Option<&ZeroPlan> {
-        self.zero.as_ref().filter(|p| p.stage >= 3)
-    }
-
-    /// Where the block-wise walk gets whole blocks from under ZeRO-3.
-    pub(crate) fn gather(&self) -> Option<crate::blockwise::Gather<'_>> {
-        self.zero3().map(|plan| crate::blockwise::Gather {
-            plan,
-            group: &*self.dist.dp,
-        })
-    }
-
-    /// The whole model for a forward-only use (evaluation, sampling, export): under ZeRO-3
-    /// every parameter gathered from its owner, under pipeline parallelism every block from
-    /// its stage (a collective over the data-parallel or the pipeline group: every member
-    /// calls it); otherwise the model as it is. [`Trainer::model`] itself holds only this
-    /// rank's share there.
-    pub fn whole_model(&self) -> M {
-        match (self.zero3(), &self.stage_plan) {
-            (Some(plan), _) => plan.gather(self.model.clone(), &*self.dist.dp, &self.device),
-            (None, Some(plan)) => plan.gather(self.model.clone(), &*self.dist.pp, &self.device),
-            (None, None) => self.model.clone(),
-        }
     }
 
     /// Installs the hook the block-wise backward calls with each block's gradients before they
@@ -653,29 +618,9 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// Evaluation metrics (`eval_loss`, `eval_ppl`, `eval_accuracy`, `eval_exact_match`,
     /// `eval_bleu`, `eval_rouge_l`, as configured).
     pub fn evaluate(&self) -> Result<BTreeMap<String, f64>, TrainError> {
-        match self.spread() {
-            Some((plan, group)) => self.evaluate_with(&Streamed::new(
-                self.model.valid(),
-                plan,
-                group,
-                self.device.clone(),
-            )),
+        match self.streamed() {
+            Some(lm) => self.evaluate_with(&lm),
             None => self.evaluate_with(&self.whole_model().valid()),
-        }
-    }
-
-    /// Where the parameters are spread over a group (ZeRO-3's replicas, a pipeline's stages),
-    /// the plan and the group a forward-only pass gathers each block from ([`Streamed`]); `None`
-    /// where the model is here whole, or carries virtual tokens, which [`Streamed`] does not
-    /// run (then [`Trainer::whole_model`] gathers it whole).
-    fn spread(&self) -> Option<(&ZeroPlan, &dyn collie_core::dist::Collectives)> {
-        if self.model.virtual_tokens().is_some() {
-            return None;
-        }
-        match (self.zero3(), &self.stage_plan) {
-            (Some(plan), _) => Some((plan, &*self.dist.dp)),
-            (None, Some(plan)) => Some((plan, &*self.dist.pp)),
-            (None, None) => None,
         }
     }
 
@@ -786,11 +731,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             cfg.eos_ids = self.model_config.eos_ids();
         }
         let prompts = [ids];
-        let new = match self.spread() {
-            Some((plan, group)) => {
-                let lm = Streamed::new(self.model.valid(), plan, group, self.device.clone());
-                crate::generate::generate(&lm, &prompts, &cfg, &self.device, |_, _| {})?
-            }
+        let new = match self.streamed() {
+            Some(lm) => crate::generate::generate(&lm, &prompts, &cfg, &self.device, |_, _| {})?,
             None => crate::generate::generate(
                 &self.whole_model().valid(),
                 &prompts,
@@ -865,11 +807,10 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let c = &self.model_config;
         let embedding_params =
             c.vocab_size() * c.hidden_size() * if c.tie_word_embeddings() { 1 } else { 2 };
-        // Under ZeRO-3 a replica holds placeholders for the parameters others own.
+        // Where the parameters are spread, a rank holds placeholders for the others' share.
         let num_params = self
-            .zero3()
-            .or(self.stage_plan.as_ref())
-            .map_or_else(|| self.model.num_params(), ZeroPlan::elems);
+            .spread()
+            .map_or_else(|| self.model.num_params(), |g| g.plan.elems());
         let flops = flops_per_token(
             num_params.saturating_sub(embedding_params),
             c.num_layers(),
@@ -1137,65 +1078,4 @@ fn check_tensor_parallel(config: &TrainConfig) -> Result<(), TrainError> {
         );
     }
     Ok(())
-}
-
-/// Sums one block's gradients over the data-parallel replicas (block-wise walks: LOMO, AdaLomo).
-/// Stage-local storage of a pipeline: each parameter owned by the stage that trains it
-/// ([`crate::pipeline::stage_owners`]); the last stage also keeps the table a tied head reads.
-fn stage_plan<B: AutodiffBackend, M: TrainModel<B>>(
-    model: &M,
-    stage: &crate::pipeline::Stage,
-    stages: &[std::ops::Range<usize>],
-    dist: &Dist,
-) -> ZeroPlan {
-    let owners = crate::pipeline::stage_owners(model, stages);
-    let keep = match stage.last() && model.head().is_tied() {
-        true => checkpoint::param_ids(model.embed()),
-        false => Default::default(),
-    };
-    ZeroPlan::with_owners(model, &*dist.pp, &owners, keep)
-}
-
-/// The ZeRO plan of `parallel.zero` (none at stage 0 or with one replica; the combinations it
-/// cannot serve are refused when the config is validated).
-fn zero_plan<B: AutodiffBackend, M: TrainModel<B>>(
-    config: &TrainConfig,
-    model: &M,
-    dist: &Dist,
-) -> Option<ZeroPlan> {
-    match config.parallel.zero {
-        0 => None,
-        _ if dist.dims.dp == 1 => None,
-        stage => Some(ZeroPlan::new(model, stage, &*dist.dp)),
-    }
-}
-
-pub(crate) fn reduce_block<B: AutodiffBackend, M: TrainModel<B>>(
-    model: &M,
-    block: BlockId,
-    grads: &mut GradientsParams,
-    dp: &dyn collie_core::dist::Collectives,
-    zero3: Option<&ZeroPlan>,
-    device: &B::Device,
-) {
-    fn reduce<B: AutodiffBackend, T: AutodiffModule<B>>(
-        module: &T,
-        grads: &mut GradientsParams,
-        dp: &dyn collie_core::dist::Collectives,
-        zero3: Option<&ZeroPlan>,
-        device: &B::Device,
-    ) {
-        match zero3 {
-            Some(plan) => plan.reduce_block(module, grads, dp, device),
-            None => all_reduce_grads(module, grads, dp, device),
-        }
-    }
-    match block {
-        BlockId::Head => reduce(model.head(), grads, dp, zero3, device),
-        BlockId::Layer(i) => reduce(&model.layers()[i], grads, dp, zero3, device),
-        BlockId::Embed => {
-            reduce(model.embed(), grads, dp, zero3, device);
-            reduce(&model.virtual_tokens().cloned(), grads, dp, zero3, device);
-        }
-    }
 }
