@@ -311,10 +311,33 @@ fn assert_equivalent_dp(
             WEIGHT_TOL,
         );
     }
-    assert!(
-        parallel.join("logs").join("rank-1.log").exists(),
-        "{name}: every rank keeps a log"
-    );
+    // Every rank logs each step with the time it spent blocked in communication.
+    for rank in 0..np {
+        let path = parallel.join("logs").join(format!("rank-{rank}.log"));
+        let log = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{name}: every rank keeps a log ({}): {e}", path.display()));
+        let field = |line: &str, key: &str| -> f64 {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == key);
+            words
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("step ")).collect();
+        assert_eq!(
+            lines.len(),
+            steps,
+            "{name}: rank {rank}'s step lines\n{log}"
+        );
+        for line in lines {
+            let (comm, seconds) = (field(line, "comm_exposed"), field(line, "seconds"));
+            assert!(
+                comm >= 0.0 && comm <= seconds,
+                "{name}: rank {rank}: exposed communication within the step's time: {line}"
+            );
+        }
+    }
 }
 
 /// Runs `legs` (`np` processes and settings each) one after the other on the run directory of
@@ -394,6 +417,8 @@ weight_decay = 0.01
 #[test]
 fn data_parallel_adamw_matches_one_process() {
     assert_layout("dp2", 2, 2, 1, 2, &["parallel.dp=2"]);
+    // Each block's reduction waited for at once instead of two blocks later: the same sums.
+    assert_layout("dp2 no overlap", 2, 2, 1, 2, &["parallel.overlap=false"]);
 }
 
 /// `optimizer_state_bytes` that rank `r` of `run` reported.
@@ -578,6 +603,23 @@ fn zero_checkpoint_of_two_replicas_resumes_in_one_process_and_back() {
         (2, &["train.micro_batch_size=1", "parallel.zero=2"]),
     ];
     assert_resumed_legs("resharded", &cfg, &dir, &legs, &want);
+}
+
+#[test]
+fn tied_table_of_a_pipeline_resumes_in_one_process_and_back() {
+    // At pp2 a tied table and its AdamW moments live on the last stage alone (the first looks up
+    // the rows it is sent): its checkpoint resumes in one process and back with the same losses.
+    let tmp = tempfile::tempdir().unwrap();
+    let gemma3 = format!("model.path={}", fixture("families/gemma3/model").display());
+    let (want, _) = train(1, &tmp.path().join("straight"), ADAMW, &[&gemma3]);
+    let dir = tmp.path().join("resharded");
+    let cfg = config(&dir, ADAMW);
+    let legs: [(usize, &[&str]); 3] = [
+        (2, &["train.max_steps=2", "parallel.pp=2", &gemma3]),
+        (1, &["train.max_steps=3", &gemma3]),
+        (2, &["parallel.pp=2", &gemma3]),
+    ];
+    assert_resumed_legs("gemma3 pp2", &cfg, &dir, &legs, &want);
 }
 
 #[test]
@@ -1243,7 +1285,8 @@ fn pipeline_parallel_1f1b_matches_one_process_alone_and_with_data_and_tensor_par
     assert_layout("pp2", 2, 1, 1, 4, &["parallel.pp=2"]);
     assert_layout("dp2 x pp2", 4, 2, 1, 4, &["parallel.pp=2"]);
     assert_layout("tp2 x pp2", 4, 1, 1, 4, &["parallel.pp=2", "parallel.tp=2"]);
-    // Tied embeddings: the table is on the first stage (lookup) and the last (head).
+    // Tied embeddings: the table lives on the last stage (head), which sends the first the rows
+    // each step looks up and adds their gradient back; also with the first stage recomputing.
     let tied = "[train]\nmax_steps = 5\nmax_grad_norm = 1.0\n[optim]\nname = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [model.config]\nmodel_type = \"llama\"\nvocab_size = 512\nhidden_size = 64\n\
          intermediate_size = 128\nnum_hidden_layers = 2\nnum_attention_heads = 4\n\
@@ -1256,6 +1299,19 @@ fn pipeline_parallel_1f1b_matches_one_process_alone_and_with_data_and_tensor_par
         4,
         tied,
         &["parallel.pp=2", "model.init=scratch"],
+    );
+    assert_equivalent_dp(
+        "pp2 tied checkpointing",
+        2,
+        1,
+        1,
+        4,
+        tied,
+        &[
+            "parallel.pp=2",
+            "model.init=scratch",
+            "train.activation_checkpointing=true",
+        ],
     );
 }
 

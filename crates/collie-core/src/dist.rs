@@ -40,6 +40,70 @@ pub trait Collectives: Debug + Send + Sync {
     fn recv(&self, buf: &mut [f32], src: usize);
     /// Waits until every [`Collectives::send`] of this member has been received.
     fn flush(&self);
+    /// [`Collectives::all_reduce_sum`] started without waiting: the sum is in the buffer that
+    /// [`Pending::wait`] hands back. Calls that follow (collectives, computation) proceed while
+    /// it travels, so a reduction overlaps the next block's backward pass.
+    fn start_all_reduce_sum(&self, mut buf: Vec<f32>) -> Pending {
+        self.all_reduce_sum(&mut buf);
+        Pending::done(buf)
+    }
+    /// [`Collectives::reduce_sum`] started without waiting (see
+    /// [`Collectives::start_all_reduce_sum`]): member `root`'s buffer comes back summed, the
+    /// others' as they were.
+    fn start_reduce_sum(&self, mut buf: Vec<f32>, root: usize) -> Pending {
+        self.reduce_sum(&mut buf, root);
+        Pending::done(buf)
+    }
+}
+
+/// A collective in flight ([`Collectives::start_all_reduce_sum`]): it owns its buffer until
+/// [`Pending::wait`] returns it.
+pub struct Pending(Box<dyn InFlight>);
+
+/// What a group's non-blocking collective implements for [`Pending`].
+pub trait InFlight: Send {
+    /// Lets the collective advance without blocking; true once it is complete.
+    fn test(&mut self) -> bool;
+    /// Blocks until the collective is complete and returns its buffer.
+    fn wait(self: Box<Self>) -> Vec<f32>;
+}
+
+/// A collective that completed when it was started.
+struct Done(Vec<f32>);
+
+impl InFlight for Done {
+    fn test(&mut self) -> bool {
+        true
+    }
+    fn wait(self: Box<Self>) -> Vec<f32> {
+        self.0
+    }
+}
+
+impl Pending {
+    /// A collective in flight, as a group implements it.
+    pub fn new(op: Box<dyn InFlight>) -> Self {
+        Pending(op)
+    }
+    /// A collective already complete, with its result in `buf`.
+    pub fn done(buf: Vec<f32>) -> Self {
+        Pending(Box::new(Done(buf)))
+    }
+    /// Lets the collective advance without blocking (MPI progresses a non-blocking collective
+    /// only inside MPI calls); true once it is complete.
+    pub fn test(&mut self) -> bool {
+        self.0.test()
+    }
+    /// Blocks until the collective is complete and returns its buffer.
+    pub fn wait(self) -> Vec<f32> {
+        self.0.wait()
+    }
+}
+
+impl Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
 }
 
 /// A shared handle to a group.

@@ -9,47 +9,128 @@ use std::collections::HashSet;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use collie_core::dist::Collectives;
+use collie_core::dist::{Collectives, Pending};
 
 /// Elements per all-reduce call: gradients travel in buckets of this size, as DDP's 25 MB.
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
-/// Gradients gathered for one all-reduce call: their ids and shapes, values one after another.
-struct Bucket {
-    entries: Vec<(ParamId, Vec<usize>)>,
-    values: Vec<f32>,
+/// Gradients gathered for one reduction: their ids and shapes, values one after another.
+#[derive(Default)]
+pub(crate) struct Bucket {
+    pub(crate) entries: Vec<(ParamId, Vec<usize>)>,
+    pub(crate) values: Vec<f32>,
 }
 
-impl Bucket {
-    /// Sums the bucket over `group` and puts each gradient back into `grads`.
-    fn flush<B: AutodiffBackend>(
+/// One reduction in flight: the gradients it carries, and whether their sum comes back here
+/// (every member for an all-reduce, the owner for ZeRO's reduce onto it).
+struct Part {
+    entries: Vec<(ParamId, Vec<usize>)>,
+    pending: Pending,
+    keep: bool,
+}
+
+/// Gradient sums in flight over a group, started by [`start_all_reduce_grads`] or
+/// [`crate::zero::ZeroPlan::start_reduce_block`]: the buffers travel while the caller goes on
+/// (the next block's backward pass), and [`Reduction::finish`] puts the sums back.
+#[derive(Default)]
+pub struct Reduction {
+    parts: Vec<Part>,
+}
+
+impl std::fmt::Debug for Reduction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reduction({} parts)", self.parts.len())
+    }
+}
+
+impl Reduction {
+    /// Starts the sum of `bucket` over `group` (onto `root` only, if given); with `blocking`,
+    /// completes it first. MPI's non-blocking reductions may hold a temporary buffer of the
+    /// message's size on the ranks that forward partial sums, where the blocking ones pipeline
+    /// small segments: a reduction that nothing can overlap is better blocking.
+    pub(crate) fn start(
         &mut self,
-        grads: &mut GradientsParams,
+        bucket: Bucket,
         group: &dyn Collectives,
-        device: &B::Device,
+        root: Option<usize>,
+        blocking: bool,
     ) {
-        if self.entries.is_empty() {
+        if bucket.entries.is_empty() {
             return;
         }
-        let mut values = std::mem::take(&mut self.values);
-        group.all_reduce_sum(&mut values);
-        let entries = std::mem::take(&mut self.entries);
-        if entries.len() == 1 {
-            // One gradient (a large one, alone in its bucket): its buffer moves back, uncopied.
-            let (id, shape) = entries.into_iter().next().expect("one entry");
-            register::<B>(grads, id, TensorData::new(values, shape), device);
-            return;
+        let mut values = bucket.values;
+        let (pending, keep) = match (root, blocking) {
+            (None, false) => (group.start_all_reduce_sum(values), true),
+            (Some(r), false) => (group.start_reduce_sum(values, r), r == group.rank()),
+            (None, true) => {
+                group.all_reduce_sum(&mut values);
+                (Pending::done(values), true)
+            }
+            (Some(r), true) => {
+                group.reduce_sum(&mut values, r);
+                (Pending::done(values), r == group.rank())
+            }
+        };
+        self.parts.push(Part {
+            entries: bucket.entries,
+            pending,
+            keep,
+        });
+    }
+
+    /// Both reductions' parts, in the order they were started.
+    pub fn merge(&mut self, other: Reduction) {
+        self.parts.extend(other.parts);
+    }
+
+    /// Lets the reductions advance without blocking (MPI moves a non-blocking collective only
+    /// inside MPI calls; calling this between blocks keeps them moving); true once all are
+    /// complete, so [`Reduction::finish`] would not wait.
+    pub fn progress(&mut self) -> bool {
+        let mut done = true;
+        for p in &mut self.parts {
+            done &= p.pending.test();
         }
-        let mut at = 0;
-        for (id, shape) in entries {
-            let n: usize = shape.iter().product();
-            let data = TensorData::new(values[at..at + n].to_vec(), shape);
-            register::<B>(grads, id, data, device);
-            at += n;
+        done
+    }
+
+    /// Waits for every sum and registers the ones that come back here as gradients in `grads`.
+    pub fn finish<B: AutodiffBackend>(self, grads: &mut GradientsParams, device: &B::Device) {
+        for Part {
+            entries,
+            pending,
+            keep,
+        } in self.parts
+        {
+            let values = pending.wait();
+            if !keep {
+                continue;
+            }
+            if entries.len() == 1 {
+                // One gradient (a large one, alone in its bucket): its buffer moves back, uncopied.
+                let (id, shape) = entries.into_iter().next().expect("one entry");
+                register::<B>(grads, id, TensorData::new(values, shape), device);
+                continue;
+            }
+            let mut at = 0;
+            for (id, shape) in entries {
+                let n: usize = shape.iter().product();
+                let data = TensorData::new(values[at..at + n].to_vec(), shape);
+                register::<B>(grads, id, data, device);
+                at += n;
+            }
         }
     }
+}
+
+/// `g` as host f32 values.
+pub(crate) fn host_values<B: Backend, const D: usize>(g: Tensor<B, D>) -> Vec<f32> {
+    g.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 after convert")
 }
 
 /// Registers `data` as the gradient of `id` (its rank is the data's).
@@ -77,7 +158,7 @@ pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     group: &dyn Collectives,
     device: &B::Device,
 ) {
-    reduce::<B, M>(model, grads, None, group, device)
+    reduce::<B, M>(model, grads, None, group, Some(device), true);
 }
 
 /// [`all_reduce_grads`] restricted to the parameters in `only` (e.g. the whole parameters of a
@@ -90,31 +171,55 @@ pub fn all_reduce_grads_of<B: AutodiffBackend, M: AutodiffModule<B>>(
     device: &B::Device,
 ) {
     if !only.is_empty() {
-        reduce::<B, M>(model, grads, Some(only), group, device)
+        reduce::<B, M>(model, grads, Some(only), group, Some(device), true);
     }
+}
+
+/// [`all_reduce_grads`] started without waiting (with `blocking`, completed at once): `model`'s
+/// gradients leave `grads` and come back summed with [`Reduction::finish`].
+pub fn start_all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    group: &dyn Collectives,
+    blocking: bool,
+) -> Reduction {
+    reduce::<B, M>(model, grads, None, group, None, blocking)
 }
 
 /// Sums the gradients of `model` present in `grads` (those in `only`, if given) over `group`,
 /// in the model's parameter order, one bucket of about [`BUCKET_ELEMS`] values at a time: each
-/// gradient is taken out of `grads` as it joins a bucket and put back summed when the bucket is
-/// flushed, so the reduction never holds a second copy of all the gradients (a parameter larger
-/// than a bucket goes alone).
+/// gradient is taken out of `grads` as it joins a bucket. With a `device`, each bucket is waited
+/// for and put back before the next one fills, so the reduction never holds a second copy of
+/// all the gradients (a parameter larger than a bucket goes alone); without one, every bucket is
+/// started (completed first with `blocking`) and the reduction returned.
 fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: &mut GradientsParams,
     only: Option<&HashSet<ParamId>>,
     group: &dyn Collectives,
-    device: &B::Device,
-) {
+    device: Option<&B::Device>,
+    blocking: bool,
+) -> Reduction {
     if group.size() == 1 {
-        return;
+        return Reduction::default();
     }
     struct Reduce<'a, B: AutodiffBackend> {
         grads: &'a mut GradientsParams,
         only: Option<&'a HashSet<ParamId>>,
         group: &'a dyn Collectives,
-        device: &'a B::Device,
+        device: Option<&'a B::Device>,
+        blocking: bool,
         bucket: Bucket,
+        started: Reduction,
+    }
+    impl<B: AutodiffBackend> Reduce<'_, B> {
+        fn flush(&mut self) {
+            let bucket = std::mem::take(&mut self.bucket);
+            self.started.start(bucket, self.group, None, self.blocking);
+            if let Some(device) = self.device {
+                std::mem::take(&mut self.started).finish::<B>(self.grads, device);
+            }
+        }
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Reduce<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -127,13 +232,9 @@ fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
             let shape = g.dims().to_vec();
             let n: usize = shape.iter().product();
             if !self.bucket.entries.is_empty() && self.bucket.values.len() + n > BUCKET_ELEMS {
-                self.bucket.flush::<B>(self.grads, self.group, self.device);
+                self.flush();
             }
-            let values = g
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .expect("f32 after convert");
+            let values = host_values(g);
             if self.bucket.entries.is_empty() {
                 self.bucket.values = values;
             } else {
@@ -147,20 +248,13 @@ fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
         only,
         group,
         device,
-        bucket: Bucket {
-            entries: Vec::new(),
-            values: Vec::new(),
-        },
+        blocking,
+        bucket: Bucket::default(),
+        started: Reduction::default(),
     };
     model.visit(&mut v);
-    let Reduce {
-        grads,
-        group,
-        device,
-        mut bucket,
-        ..
-    } = v;
-    bucket.flush::<B>(grads, group, device);
+    v.flush();
+    v.started
 }
 
 /// Sums scalars (losses, token counts) over `group`.

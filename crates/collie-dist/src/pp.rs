@@ -4,7 +4,7 @@
 //! runs the embedding, the last the head (final norm, LM head, loss). Partition methods follow
 //! CoLLiE's: `uniform` (layers split as evenly as possible), `parameters` (balanced parameter
 //! counts, embedding and head included), `type:<regex>` (balanced counts of the blocks whose path
-//! — `embed`, `layers.N`, `head` — matches).
+//! — `embed`, `layers.N`, `head` — matches); each the cut whose heaviest stage is lightest.
 
 use std::ops::Range;
 
@@ -58,28 +58,58 @@ impl Stages {
                 )))
             }
         };
-        let total: f64 = weights.iter().sum();
-        // Cut after layer j when the running weight (embedding first) passes s/pp of the total;
-        // every stage keeps at least one layer.
-        let mut cuts = vec![0usize];
-        let mut running = weights[0];
-        for j in 0..n_layers {
-            running += weights[j + 1];
-            let stage = cuts.len();
-            let left = n_layers - (j + 1);
-            let stages_left = pp - stage;
-            if stage < pp
-                && left >= stages_left
-                && (running >= total * stage as f64 / pp as f64 || left == stages_left)
-            {
-                cuts.push(j + 1);
-            }
-        }
-        cuts.truncate(pp);
-        cuts.push(n_layers);
+        let cuts = lightest_heaviest_stage(&weights, pp);
         let layers = cuts.windows(2).map(|w| w[0]..w[1]).collect();
         Ok(Stages { layers })
     }
+}
+
+/// The stage boundaries `0 = c_0 < c_1 < … < c_pp = n` over `n` layers that make the heaviest
+/// stage as light as possible (DeepSpeed's balanced partition), with `weights` = embedding,
+/// layers, head: stage `s` weighs its layers, plus the embedding on the first and the head on the
+/// last. Ties go to the later cut, so earlier stages take the extra layer.
+fn lightest_heaviest_stage(weights: &[f64], pp: usize) -> Vec<usize> {
+    let n = weights.len() - 2;
+    let mut prefix = vec![0.0; n + 1];
+    for j in 0..n {
+        prefix[j + 1] = prefix[j] + weights[j + 1];
+    }
+    let stage_weight = |s: usize, a: usize, b: usize| {
+        let mut w = prefix[b] - prefix[a];
+        if s == 0 {
+            w += weights[0];
+        }
+        if s == pp - 1 {
+            w += weights[n + 1];
+        }
+        w
+    };
+    // best[s][j]: the lightest heaviest stage when stages 0..=s hold layers 0..j (each at least
+    // one); start[s][j]: where stage s begins in it.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; pp];
+    let mut start = vec![vec![0usize; n + 1]; pp];
+    for (j, b) in best[0].iter_mut().enumerate().skip(1) {
+        *b = stage_weight(0, 0, j);
+    }
+    for s in 1..pp {
+        for j in s + 1..=n {
+            for i in s..j {
+                let w = best[s - 1][i].max(stage_weight(s, i, j));
+                if w <= best[s][j] {
+                    best[s][j] = w;
+                    start[s][j] = i;
+                }
+            }
+        }
+    }
+    let mut cuts = vec![n];
+    for s in (1..pp).rev() {
+        let j = *cuts.last().expect("a cut");
+        cuts.push(start[s][j]);
+    }
+    cuts.push(0);
+    cuts.reverse();
+    cuts
 }
 
 /// One step of a stage's schedule.
@@ -127,6 +157,18 @@ mod tests {
         // Heavy embedding and head: the first and last stages take fewer layers... but at least one.
         let w = Stages::partition("parameters", 2, &[10, 10, 10, 10, 10, 50]).unwrap();
         assert_eq!(w.layers, vec![0..3, 3..4]);
+        // The heaviest stage as light as it can be: a 45-weight head with 24 layers of 10 puts
+        // 14 layers on the first stage (140 vs 145), not 15 (150 vs 135).
+        let mut tied = vec![0];
+        tied.extend([10; 24]);
+        tied.push(45);
+        let t = Stages::partition("parameters", 2, &tied).unwrap();
+        assert_eq!(t.layers, vec![0..14, 14..24]);
+        // Equal weights: earlier stages take the extra layer.
+        let u = Stages::partition("uniform", 3, &[0, 1, 1, 1, 1, 0]).unwrap();
+        assert_eq!(u.layers, vec![0..2, 2..3, 3..4]);
+        let u = Stages::partition("uniform", 2, &[0, 1, 1, 1, 1, 1, 0]).unwrap();
+        assert_eq!(u.layers, vec![0..3, 3..5]);
         let e = Stages::partition("uniform", 5, &p).unwrap_err().to_string();
         assert!(
             e.contains("parallel.pp = 5 stages for a model of 4 decoder layers"),

@@ -4,12 +4,13 @@
 //! naming the rank, never a hang.
 
 #[cfg(feature = "mpi")]
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(feature = "mpi")]
 use std::sync::Arc;
 use std::time::Duration;
 #[cfg(feature = "mpi")]
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use collie_core::dist::{solo, Group};
 
@@ -160,9 +161,10 @@ static IN_COLLECTIVE: AtomicU64 = AtomicU64::new(0);
 #[cfg(feature = "mpi")]
 static COLLECTIVE_NAME: AtomicUsize = AtomicUsize::new(0);
 #[cfg(feature = "mpi")]
-const NAMES: [&str; 8] = [
+const NAMES: [&str; 9] = [
     "none",
     "all_reduce",
+    "reduce",
     "all_gather",
     "reduce_scatter",
     "broadcast",
@@ -178,9 +180,20 @@ fn now_ms() -> u64 {
         .map_or(1, |d| d.as_millis() as u64)
 }
 
-/// Marks a collective as in progress for the watchdog while the guard lives.
+/// Nanoseconds this process has spent blocked in collectives (see [`take_exposed_comm`]).
+static EXPOSED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Seconds this process spent blocked in collectives since the previous call: blocking
+/// collectives, waits for non-blocking ones ([`collie_core::dist::Pending::wait`]) and pipeline
+/// receives — the communication that computation did not hide. 0 in a world of one.
+pub fn take_exposed_comm() -> f64 {
+    EXPOSED_NANOS.swap(0, Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// Marks a collective as in progress for the watchdog while the guard lives, and counts the
+/// time as exposed communication.
 #[cfg(feature = "mpi")]
-pub(crate) struct Watch;
+pub(crate) struct Watch(Instant);
 
 #[cfg(feature = "mpi")]
 impl Watch {
@@ -188,7 +201,7 @@ impl Watch {
         let i = NAMES.iter().position(|n| *n == name).unwrap_or(0);
         COLLECTIVE_NAME.store(i, Ordering::Relaxed);
         IN_COLLECTIVE.store(now_ms(), Ordering::Release);
-        Watch
+        Watch(Instant::now())
     }
 }
 
@@ -196,6 +209,8 @@ impl Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         IN_COLLECTIVE.store(0, Ordering::Release);
+        let nanos = self.0.elapsed().as_nanos() as u64;
+        EXPOSED_NANOS.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
@@ -239,7 +254,7 @@ fn install_panic_hook(rank: usize, size: usize) {
 #[cfg(feature = "mpi")]
 mod mpi_world {
     use super::*;
-    use collie_core::dist::Collectives;
+    use collie_core::dist::{Collectives, InFlight, Pending};
     use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
     use mpi::topology::{Color, Communicator, SimpleCommunicator};
     use mpi::Threading;
@@ -363,6 +378,12 @@ mod mpi_world {
             let _w = Watch::start("recv");
             self.comm.process_at_rank(src as i32).receive_into(buf);
         }
+        fn start_all_reduce_sum(&self, buf: Vec<f32>) -> Pending {
+            self.start_sum(buf, None)
+        }
+        fn start_reduce_sum(&self, buf: Vec<f32>, root: usize) -> Pending {
+            self.start_sum(buf, Some(root))
+        }
         fn flush(&self) {
             let _w = Watch::start("send");
             let mut pending = self.pending.lock().expect("pending sends");
@@ -372,6 +393,146 @@ mod mpi_world {
                     mpi::ffi::MPI_Wait(&mut request, mpi::ffi::RSMPI_STATUS_IGNORE);
                 }
             }
+        }
+    }
+
+    /// `MPI_IN_PLACE` of the MPI library the process runs on: an ABI constant of each
+    /// implementation family that rsmpi does not export (null where the family is unknown, and
+    /// the reductions below then use a separate send buffer).
+    fn in_place() -> *mut std::ffi::c_void {
+        static VALUE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let v = *VALUE.get_or_init(|| {
+            let version = mpi::environment::library_version().unwrap_or_default();
+            if version.contains("Open MPI") {
+                1
+            } else if ["MPICH", "MVAPICH", "Intel(R) MPI"]
+                .iter()
+                .any(|f| version.contains(f))
+            {
+                usize::MAX
+            } else {
+                0
+            }
+        });
+        v as *mut std::ffi::c_void
+    }
+
+    /// A non-blocking reduction: its requests (one per [`CHUNK`]) and the buffers they use.
+    struct MpiPending {
+        name: &'static str,
+        buf: Vec<f32>,
+        /// The send copy where `MPI_IN_PLACE` is unknown.
+        send: Vec<f32>,
+        requests: Vec<mpi::ffi::MPI_Request>,
+    }
+
+    // SAFETY: the requests are handles owned by this value alone (see `MpiGroup`'s Send).
+    unsafe impl Send for MpiPending {}
+
+    impl InFlight for MpiPending {
+        fn test(&mut self) -> bool {
+            let mut flag = 0;
+            // SAFETY: requests started below and not yet waited on (completed ones become
+            // MPI_REQUEST_NULL, which MPI_Testall accepts).
+            unsafe {
+                mpi::ffi::MPI_Testall(
+                    self.requests.len() as i32,
+                    self.requests.as_mut_ptr(),
+                    &mut flag,
+                    mpi::ffi::RSMPI_STATUSES_IGNORE,
+                );
+            }
+            flag != 0
+        }
+        fn wait(mut self: Box<Self>) -> Vec<f32> {
+            let _w = Watch::start(self.name);
+            // SAFETY: as in `test`.
+            unsafe {
+                mpi::ffi::MPI_Waitall(
+                    self.requests.len() as i32,
+                    self.requests.as_mut_ptr(),
+                    mpi::ffi::RSMPI_STATUSES_IGNORE,
+                );
+            }
+            self.requests.clear();
+            std::mem::take(&mut self.buf)
+        }
+    }
+
+    impl Drop for MpiPending {
+        fn drop(&mut self) {
+            if !self.requests.is_empty() {
+                // Dropped unfinished (a panic is ending the job): MPI may still write into the
+                // buffers, so they are leaked rather than freed.
+                std::mem::forget(std::mem::take(&mut self.buf));
+                std::mem::forget(std::mem::take(&mut self.send));
+            }
+        }
+    }
+
+    impl MpiGroup {
+        /// Starts a sum over the group of `buf`, chunk by chunk: onto every member, or onto
+        /// `root` only.
+        fn start_sum(&self, buf: Vec<f32>, root: Option<usize>) -> Pending {
+            use mpi::raw::AsRaw;
+            let place = in_place();
+            let receives = root.is_none_or(|r| r == self.rank);
+            // Without MPI_IN_PLACE a receiving member sends from a copy.
+            let send = match place.is_null() && receives {
+                true => buf.clone(),
+                false => Vec::new(),
+            };
+            let mut op = Box::new(MpiPending {
+                name: if root.is_some() {
+                    "reduce"
+                } else {
+                    "all_reduce"
+                },
+                buf,
+                send,
+                requests: Vec::new(),
+            });
+            let n = op.buf.len();
+            for start in (0..n).step_by(CHUNK) {
+                let len = CHUNK.min(n - start);
+                let recv = op.buf[start..].as_mut_ptr() as *mut std::ffi::c_void;
+                let send: *const std::ffi::c_void = match (receives, place.is_null()) {
+                    (true, false) => place,
+                    (true, true) => op.send[start..].as_ptr() as *const _,
+                    (false, _) => recv,
+                };
+                let mut request = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };
+                // SAFETY: the buffers live in `op` (heap storage that does not move) until the
+                // request completes in `wait`, or are leaked if it never does (Drop).
+                unsafe {
+                    match root {
+                        None => mpi::ffi::MPI_Iallreduce(
+                            send,
+                            recv,
+                            len as i32,
+                            mpi::ffi::RSMPI_FLOAT,
+                            mpi::ffi::RSMPI_SUM,
+                            self.comm.as_raw(),
+                            &mut request,
+                        ),
+                        Some(r) => mpi::ffi::MPI_Ireduce(
+                            send,
+                            match receives {
+                                true => recv,
+                                false => std::ptr::null_mut(),
+                            },
+                            len as i32,
+                            mpi::ffi::RSMPI_FLOAT,
+                            mpi::ffi::RSMPI_SUM,
+                            r as i32,
+                            self.comm.as_raw(),
+                            &mut request,
+                        ),
+                    };
+                }
+                op.requests.push(request);
+            }
+            Pending::new(op)
         }
     }
 

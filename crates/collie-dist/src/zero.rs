@@ -27,6 +27,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use collie_core::dist::Collectives;
 
+use crate::dp::{Bucket, Reduction};
+
 /// One trainable parameter in the flat order.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -505,10 +507,11 @@ impl ZeroPlan {
         self.fill(module, received, device)
     }
 
-    /// Stage 3: sums the gradients of `module`'s trainable parameters over the replicas onto
-    /// each parameter's owner (one reduce per owner) and drops every gradient this replica
-    /// does not own, as the backward walk leaves the block. A replica without a gradient for
-    /// a parameter contributes zeros. Collective over the data-parallel group.
+    /// Sums the gradients of `module`'s trainable parameters over the replicas onto each
+    /// parameter's owner (one reduce per owner) and drops every gradient this replica does not
+    /// own, as the backward walk leaves the block (stage 3; stages 1 and 2 inside the walk of a
+    /// step's last micro-batch). A replica without a gradient for a parameter contributes zeros.
+    /// Collective over the data-parallel group.
     pub fn reduce_block<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         module: &M,
@@ -516,6 +519,19 @@ impl ZeroPlan {
         group: &dyn Collectives,
         device: &B::Device,
     ) {
+        self.start_reduce_block(module, grads, group, true)
+            .finish::<B>(grads, device);
+    }
+
+    /// [`ZeroPlan::reduce_block`] started without waiting (with `blocking`, completed at once):
+    /// the sums reach their owners with [`Reduction::finish`].
+    pub fn start_reduce_block<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: &mut GradientsParams,
+        group: &dyn Collectives,
+        blocking: bool,
+    ) -> Reduction {
         struct Take<'a, B: AutodiffBackend> {
             plan: &'a ZeroPlan,
             grads: &'a mut GradientsParams,
@@ -531,13 +547,8 @@ impl ZeroPlan {
                 if !self.plan.entries[i].trainable {
                     return;
                 }
-                let g = self.grads.remove::<B::InnerBackend, D>(param.id).map(|g| {
-                    g.into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .expect("f32 after convert")
-                });
-                self.taken.push((i, g));
+                let g = self.grads.remove::<B::InnerBackend, D>(param.id);
+                self.taken.push((i, g.map(crate::dp::host_values)));
             }
         }
         let mut take = Take::<B> {
@@ -551,32 +562,26 @@ impl ZeroPlan {
         let mut owners: Vec<usize> = taken.iter().map(|(i, _)| self.entries[*i].owner).collect();
         owners.sort_unstable();
         owners.dedup();
+        let mut started = Reduction::default();
         for owner in owners {
             // This owner's entries, their gradients moved out (a replica without one sends zeros).
-            let mut ids = Vec::new();
+            let mut entries = Vec::new();
             let mut parts = Vec::new();
             for (i, g) in taken
                 .iter_mut()
                 .filter(|(i, _)| self.entries[*i].owner == owner)
             {
-                ids.push(*i);
-                parts.push(
-                    g.take()
-                        .unwrap_or_else(|| vec![0.0; self.entries[*i].numel]),
-                );
+                let e = &self.entries[*i];
+                entries.push((e.id, e.shape.clone()));
+                parts.push(g.take().unwrap_or_else(|| vec![0.0; e.numel]));
             }
-            let mut buf = concat(parts.into_iter());
-            group.reduce_sum(&mut buf, owner);
-            if owner != self.rank {
-                continue;
-            }
-            let sizes: Vec<usize> = ids.iter().map(|&i| self.entries[i].numel).collect();
-            for (i, part) in ids.into_iter().zip(split(buf, &sizes)) {
-                let e = &self.entries[i];
-                let data = TensorData::new(part, e.shape.clone());
-                crate::dp::register::<B>(grads, e.id, data, device);
-            }
+            let bucket = Bucket {
+                entries,
+                values: concat(parts.into_iter()),
+            };
+            started.start(bucket, group, Some(owner), blocking);
         }
+        started
     }
 }
 

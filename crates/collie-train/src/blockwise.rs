@@ -8,7 +8,7 @@
 //! (activation checkpointing); otherwise every block keeps its autodiff graph from the forward
 //! pass, as a plain backward would.
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
@@ -152,8 +152,39 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         embed: model.embed().clone(),
         virtual_tokens: model.virtual_tokens().cloned(),
     };
-    // Kept whole for the walk: the head needs the vocabulary size (and a tied table).
+    // Kept whole until the head: it needs the vocabulary size (and a tied table).
     let stage = whole(gather, stage, device);
+    let table = stage.embed.clone();
+    // Under ZeRO-3 the lookup reads a compact table of the batch's distinct rows, so neither the
+    // embedding's graph nor its backward holds a vocabulary-sized tensor: a replica drops the
+    // gathered table after the head, and only the owner's reduction sees the whole gradient.
+    let (stage, ids, rows) = match (gather, &table.shard) {
+        (Some(_), None) => {
+            let (rows, local) = distinct_rows(&batch.input_ids);
+            let k = rows.len();
+            let at = Tensor::<B::InnerBackend, 1, Int>::from_data(
+                TensorData::new(rows.clone(), [k]),
+                device,
+            );
+            let picked = Tensor::from_inner(table.weight.val().inner().select(0, at));
+            let picked = match table.weight.is_require_grad() {
+                true => picked.require_grad(),
+                false => picked,
+            };
+            let compact = Embedding {
+                weight: Param::initialized(ParamId::new(), picked),
+                shard: None,
+                scale: table.scale,
+            };
+            let local = int2::<B>(&local, r, c, device);
+            let stage = EmbedStage {
+                embed: compact,
+                virtual_tokens: stage.virtual_tokens,
+            };
+            (stage, local, Some(rows))
+        }
+        _ => (stage, ids, None),
+    };
     let (embedded, prefix) = in_dtype(stage.clone(), compute).forward(ids, M::embed_tokens);
     let past = if prefix.is_empty() { 0 } else { n_virtual };
     let mut ctx = model.context(r, c, past, Some(&segments), Some(positions), device);
@@ -215,10 +246,6 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     drop(prefix_in);
     let (layers, head) = (model.layers().to_vec(), model.head().clone());
     drop(model);
-    let EmbedStage {
-        embed,
-        virtual_tokens,
-    } = stage;
     // Prompt tuning's virtual positions predict nothing: the head sees the real tokens only.
     let [_, total, d] = x.dims();
     let x = x.slice([0..r, total - c..total, 0..d]);
@@ -229,7 +256,7 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         tied,
     } = head_backward::<B, M>(
         &whole(gather, head, device),
-        &embed,
+        &table,
         x,
         batch,
         compute,
@@ -243,12 +270,14 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     let tied = match (gather, tied) {
         (Some(g), Some(t)) => {
             let mut share = GradientsParams::new();
-            share.register(embed.weight.id, t);
-            g.plan.reduce_block(&embed, &mut share, g.group, device);
-            share.remove::<B::InnerBackend, 2>(embed.weight.id)
+            share.register(table.weight.id, t);
+            g.plan.reduce_block(&table, &mut share, g.group, device);
+            share.remove::<B::InnerBackend, 2>(table.weight.id)
         }
         (_, t) => t,
     };
+    let (table_id, table_shape) = (table.weight.id, table.weight.dims());
+    drop(table);
     if total > c {
         // [r, c, d] -> [r, n + c, d]: zero gradient at the virtual positions' outputs.
         g = Tensor::cat(vec![g.zeros_like().slice([0..r, 0..total - c]), g], 1);
@@ -305,10 +334,6 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         total_product =
             total_product + to_dtype(k * gk, DType::F32).sum() + to_dtype(v * gv, DType::F32).sum();
     }
-    let stage = EmbedStage {
-        embed,
-        virtual_tokens,
-    };
     // A frozen embedding without virtual tokens (PEFT) has nothing to differentiate.
     let trainable = stage.embed.weight.is_require_grad() || stage.virtual_tokens.is_some();
     let mut block = if trainable {
@@ -317,8 +342,15 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     } else {
         GradientsParams::new()
     };
+    if let Some(rows) = rows {
+        // The compact table's rows go back to their places in the vocabulary (distinct rows:
+        // each sum was formed once, in token order, as the whole table's backward forms it).
+        if let Some(g) = block.remove::<B::InnerBackend, 2>(stage.embed.weight.id) {
+            block.register(table_id, add_rows(None, table_shape, &rows, g, device));
+        }
+    }
     if let Some(t) = tied {
-        let id = stage.embed.weight.id;
+        let id = table_id;
         let sum = match block.remove::<B::InnerBackend, 2>(id) {
             Some(own) => own + t,
             None => t,
@@ -328,6 +360,48 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     drop(stage);
     on_block(BlockId::Embed, block);
     (nll, aux)
+}
+
+/// `whole` (zeros if `None`; `[vocab, hidden]` = `shape`) plus `g` (`[k, hidden]`) at the
+/// distinct `rows`, formed in one host buffer: Burn's `select_assign` (and the embedding
+/// backward built on it) copies the whole table's gradient once more.
+pub(crate) fn add_rows<B: Backend>(
+    whole: Option<Tensor<B, 2>>,
+    shape: [usize; 2],
+    rows: &[i64],
+    g: Tensor<B, 2>,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let d = shape[1];
+    let mut buf = match whole {
+        Some(t) => t
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 after convert"),
+        None => vec![0.0; shape[0] * d],
+    };
+    let g = g.into_data().convert::<f32>();
+    let g = g.as_slice::<f32>().expect("f32 after convert");
+    for (&row, part) in rows.iter().zip(g.chunks_exact(d)) {
+        let at = row as usize * d;
+        for (a, b) in buf[at..at + d].iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    Tensor::from_data(TensorData::new(buf, shape), device)
+}
+
+/// The distinct values of `ids` in increasing order, and each id's index among them.
+pub(crate) fn distinct_rows(ids: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    let mut rows = ids.to_vec();
+    rows.sort_unstable();
+    rows.dedup();
+    let local = ids
+        .iter()
+        .map(|id| rows.binary_search(id).expect("a listed id") as i64)
+        .collect();
+    (rows, local)
 }
 
 /// A layer's detached inputs: hidden state and, under prefix tuning, its key/value prefix.

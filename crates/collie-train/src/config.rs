@@ -411,17 +411,25 @@ pub struct ParallelSection {
     #[serde(default = "one")]
     pub pp: usize,
     /// ZeRO stage over the data-parallel group: 0 (replicated optimizer state), 1 (optimizer
-    /// state sharded), 2 (gradients reduce-scattered too).
+    /// state sharded), 2 (gradients reduced onto their owners too), 3 (parameters too).
     #[serde(default)]
     pub zero: u8,
-    /// How decoder layers are split into pipeline stages: `uniform`, `parameters` or
-    /// `type:<regex>` (CoLLiE's methods).
+    /// Overlap the data-parallel gradient reductions with the backward pass: each block's sum
+    /// starts as the backward walk leaves the block and is waited for after the next block's
+    /// backward. `false`
+    /// waits for each at once (the same sums; what the overlap hides shows in the rank logs'
+    /// `comm_exposed`).
+    #[serde(default = "yes")]
+    pub overlap: bool,
+    /// How decoder layers are split into pipeline stages: `parameters` (default, as CoLLiE:
+    /// the heaviest stage's parameter count as small as it can be, embedding and head
+    /// included), `uniform` or `type:<regex>` (CoLLiE's methods).
     #[serde(default = "default_partition")]
     pub partition: String,
 }
 
 fn default_partition() -> String {
-    "uniform".into()
+    "parameters".into()
 }
 
 impl Default for ParallelSection {
@@ -431,6 +439,7 @@ impl Default for ParallelSection {
             tp: 1,
             pp: 1,
             zero: 0,
+            overlap: true,
             partition: default_partition(),
         }
     }

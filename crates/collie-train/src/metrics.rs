@@ -218,8 +218,8 @@ impl RankLog {
             let wait = wait.map_or(String::new(), |w| format!(" pipeline_wait {w:.3}"));
             writeln!(
                 file,
-                "step {step} loss {:.6} grad_norm {:.6} seconds {:.3}{wait}",
-                m.loss, m.grad_norm, m.seconds
+                "step {step} loss {:.6} grad_norm {:.6} seconds {:.3} comm_exposed {:.3}{wait}",
+                m.loss, m.grad_norm, m.seconds, m.comm_seconds
             )
             .map_err(|e| TrainError::io(&*path, e))?;
         }

@@ -7,15 +7,17 @@
 //! - where the parameters are spread (ZeRO-3's replicas, a pipeline's stages): the plans, the
 //!   release of the others' share at load, and the whole or streamed model of forward-only
 //!   passes;
-//! - the reduction of one block's gradients inside the block-wise walk.
+//! - the reductions of the blocks' gradients inside the block-wise walk, overlapped with the
+//!   backward of the next blocks ([`Overlap`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use burn::module::{AutodiffModule, Module, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
 use collie_core::model::LmHead;
-use collie_dist::dp::all_reduce_grads;
+use collie_dist::dp::{start_all_reduce_grads, Reduction};
 use collie_dist::zero::ZeroPlan;
 use collie_dist::Dist;
 use collie_io::family::TrainModel;
@@ -136,15 +138,16 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
 }
 
 /// Stage-local storage of a pipeline: each parameter owned by the stage that trains it
-/// ([`crate::pipeline::stage_owners`]); the last stage also keeps the table a tied head reads.
+/// ([`crate::pipeline::stage_owners`]); where the first stage owns a tied table, the last also
+/// keeps it for the head.
 pub(crate) fn stage_plan<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     stage: &crate::pipeline::Stage,
     stages: &[std::ops::Range<usize>],
     dist: &Dist,
 ) -> ZeroPlan {
-    let owners = crate::pipeline::stage_owners(model, stages);
-    let keep = match stage.last() && model.head().is_tied() {
+    let owners = crate::pipeline::stage_owners(model, stages, stage.rows_from_last);
+    let keep = match stage.last() && model.head().is_tied() && !stage.rows_from_last {
         true => crate::checkpoint::param_ids(model.embed()),
         false => Default::default(),
     };
@@ -178,35 +181,137 @@ pub(crate) fn zero_plan<B: AutodiffBackend, M: TrainModel<B>>(
     }
 }
 
-/// Sums one block's gradients over the data-parallel group inside the block-wise walk (LOMO's
-/// fused update, activation checkpointing): all-reduced, or under ZeRO-3 reduced onto their
-/// owners ([`ZeroPlan::reduce_block`]).
-pub(crate) fn reduce_block<B: AutodiffBackend, M: TrainModel<B>>(
-    model: &M,
-    block: BlockId,
-    grads: &mut GradientsParams,
-    dp: &dyn collie_core::dist::Collectives,
-    zero3: Option<&ZeroPlan>,
-    device: &B::Device,
-) {
-    fn reduce<B: AutodiffBackend, T: AutodiffModule<B>>(
-        module: &T,
-        grads: &mut GradientsParams,
-        dp: &dyn collie_core::dist::Collectives,
-        zero3: Option<&ZeroPlan>,
-        device: &B::Device,
-    ) {
-        match zero3 {
-            Some(plan) => plan.reduce_block(module, grads, dp, device),
-            None => all_reduce_grads(module, grads, dp, device),
+/// Blocks whose gradient sums may be in flight at once inside the backward walk
+/// (`parallel.overlap`): block `i`'s reduction travels while the walk computes the next block's
+/// backward, and is waited for when that block leaves the walk (or at the walk's end), unless it
+/// has arrived before. Each block in flight costs its gradients' host buffer and MPI's temporary
+/// of the same size on the ranks that forward partial sums: one keeps ZeRO-3's peak per rank
+/// within a few percent of blocking reductions' (docs/parallelism.md, "Memory per rank").
+const IN_FLIGHT_BLOCKS: usize = 1;
+
+/// The gradient reductions of one backward walk over the data-parallel group: each block's sum
+/// starts as the walk leaves the block, with a non-blocking collective (an all-reduce; onto the
+/// owners under ZeRO), and is waited for [`IN_FLIGHT_BLOCKS`] block later.
+pub(crate) struct Overlap<'a, B: AutodiffBackend> {
+    dp: &'a dyn collie_core::dist::Collectives,
+    zero: Option<&'a ZeroPlan>,
+    device: &'a B::Device,
+    /// Reductions left in flight after a push ([`IN_FLIGHT_BLOCKS`], 0 without overlap).
+    depth: usize,
+    /// Started reductions, oldest first, with the gradients they do not carry.
+    queue: VecDeque<(BlockId, GradientsParams, Reduction)>,
+}
+
+impl<'a, B: AutodiffBackend> Overlap<'a, B> {
+    /// Reductions over `dp`: all-reduces, or sums onto the owners of `zero`'s plan; with
+    /// `overlap` false, each is waited for as soon as it starts.
+    pub(crate) fn new(
+        dp: &'a dyn collie_core::dist::Collectives,
+        zero: Option<&'a ZeroPlan>,
+        overlap: bool,
+        device: &'a B::Device,
+    ) -> Self {
+        Self {
+            dp,
+            zero,
+            device,
+            depth: if overlap { IN_FLIGHT_BLOCKS } else { 0 },
+            queue: VecDeque::new(),
         }
     }
+
+    /// Starts the sum of `block`'s gradients (`model`'s block) and returns the blocks whose sums
+    /// are due or have arrived, oldest first, each with its summed gradients.
+    pub(crate) fn push<M: TrainModel<B>>(
+        &mut self,
+        model: &M,
+        block: BlockId,
+        mut grads: GradientsParams,
+    ) -> Vec<(BlockId, GradientsParams)> {
+        fn start<B: AutodiffBackend, T: AutodiffModule<B>>(
+            module: &T,
+            grads: &mut GradientsParams,
+            (dp, zero, blocking): (&dyn collie_core::dist::Collectives, Option<&ZeroPlan>, bool),
+        ) -> Reduction {
+            match zero {
+                Some(plan) => plan.start_reduce_block(module, grads, dp, blocking),
+                None => start_all_reduce_grads(module, grads, dp, blocking),
+            }
+        }
+        // The embedding is the walk's last block: nothing is left to overlap its sum with.
+        let blocking = self.depth == 0 || block == BlockId::Embed;
+        let how = (self.dp, self.zero, blocking);
+        let started = match block {
+            BlockId::Head => start(model.head(), &mut grads, how),
+            BlockId::Layer(i) => start(&model.layers()[i], &mut grads, how),
+            BlockId::Embed => {
+                // Prompt learning's virtual tokens belong to the embedding block.
+                let mut r = start(model.embed(), &mut grads, how);
+                r.merge(start(&model.virtual_tokens().cloned(), &mut grads, how));
+                r
+            }
+        };
+        self.queue.push_back((block, grads, started));
+        // The oldest beyond the depth are waited for; any other that has arrived is taken too,
+        // which frees its buffers (and MPI's) at once.
+        let due = self.queue.len().saturating_sub(self.depth);
+        let mut done = Vec::new();
+        let mut waiting = VecDeque::new();
+        for (i, (block, mut grads, mut r)) in self.queue.drain(..).enumerate() {
+            if i < due || r.progress() {
+                r.finish::<B>(&mut grads, self.device);
+                done.push((block, grads));
+            } else {
+                waiting.push_back((block, grads, r));
+            }
+        }
+        self.queue = waiting;
+        done
+    }
+
+    /// Waits for every reduction still in flight: the remaining blocks, oldest first.
+    pub(crate) fn finish(self) -> Vec<(BlockId, GradientsParams)> {
+        self.queue
+            .into_iter()
+            .map(|(block, mut grads, r)| {
+                r.finish::<B>(&mut grads, self.device);
+                (block, grads)
+            })
+            .collect()
+    }
+}
+
+/// Adds the gradients in `from` of `model`'s `block` to that block's `grads`, taking them out
+/// of `from` (the step's earlier micro-batches joining the last one's before its reduction).
+pub(crate) fn add_block<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
+    block: BlockId,
+    from: &mut GradientsParams,
+    grads: &mut GradientsParams,
+) {
+    struct Add<'a> {
+        from: &'a mut GradientsParams,
+        grads: &'a mut GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Add<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let Some(earlier) = self.from.remove::<B::InnerBackend, D>(param.id) else {
+                return;
+            };
+            let sum = match self.grads.remove::<B::InnerBackend, D>(param.id) {
+                Some(g) => earlier + g,
+                None => earlier,
+            };
+            self.grads.register(param.id, sum);
+        }
+    }
+    let mut add = Add { from, grads };
     match block {
-        BlockId::Head => reduce(model.head(), grads, dp, zero3, device),
-        BlockId::Layer(i) => reduce(&model.layers()[i], grads, dp, zero3, device),
+        BlockId::Head => model.head().visit(&mut add),
+        BlockId::Layer(i) => model.layers()[i].visit(&mut add),
         BlockId::Embed => {
-            reduce(model.embed(), grads, dp, zero3, device);
-            reduce(&model.virtual_tokens().cloned(), grads, dp, zero3, device);
+            model.embed().visit(&mut add);
+            model.virtual_tokens().cloned().visit(&mut add);
         }
     }
 }

@@ -2,7 +2,9 @@
 //! over the step's micro-batches in the 1F1B order (`collie_dist::pp`), activations sent to the
 //! next stage and their gradients back with point-to-point messages.
 //!
-//! A stage holds only its blocks (the last stage also the embedding table a tied head reads):
+//! A stage holds only its blocks (a tied table lives on the last stage, which sends the first the
+//! rows each step looks up; split over tensor-parallel ranks, the first stage owns it and the
+//! last keeps a copy):
 //! the others are empty placeholders from the moment the model is loaded ([`stage_owners`],
 //! `collie_dist::zero::ZeroPlan::with_owners`). An evaluation gathers the whole model for its
 //! duration; a checkpoint takes each block from the stage that holds it.
@@ -12,20 +14,20 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::ParamId;
+use burn::module::{AutodiffModule, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::dist::Collectives;
 use collie_core::loss::cross_entropy_sum_sharded;
 use collie_core::model::{BlockModel, DecoderLayer, LmHead};
-use collie_core::nn::to_dtype;
+use collie_core::nn::{to_dtype, Embedding};
 use collie_core::router::{RouterLog, RoutingCounts};
 use collie_data::loader::Batch;
 use collie_dist::pp::{one_f_one_b, Op};
 use collie_io::family::TrainModel;
 
-use crate::blockwise::in_dtype;
+use crate::blockwise::{add_rows, in_dtype};
 use crate::eval::int2;
 
 /// This rank's stage.
@@ -42,6 +44,12 @@ pub struct Stage {
     /// Activation checkpointing: a stage other than the last keeps only each micro-batch's
     /// input between its forward and its backward, and runs its blocks again for the backward.
     pub recompute: bool,
+    /// A tied embedding table (not split over tensor-parallel ranks) lives on the last stage
+    /// alone, which trains it: each step it sends the first stage the rows the step's batches
+    /// look up, and gets their gradient back ([`Rows`]). Otherwise the first stage owns the
+    /// embedding and the last keeps a copy of a tied table, their gradients summed (Megatron's
+    /// way).
+    pub rows_from_last: bool,
 }
 
 impl Stage {
@@ -140,6 +148,74 @@ pub struct StageStep {
     pub waited: f64,
 }
 
+/// The rows of a tied table that the first stage reads in one step ([`Stage::rows_from_last`]).
+struct Rows<B: AutodiffBackend> {
+    /// The distinct ids of the step's batches, ascending.
+    ids: Vec<i64>,
+    /// First stage: those rows as a table of their own (trainable where the table is), and
+    /// each batch's ids into it.
+    compact: Option<(Embedding<B>, Vec<Vec<i64>>)>,
+}
+
+impl<B: AutodiffBackend> Rows<B> {
+    /// The last stage sends the rows of the step's ids to the first, which makes them its
+    /// lookup table. Other stages take no part.
+    fn exchange<M: TrainModel<B>>(
+        model: &M,
+        stage: &Stage,
+        batches: &[Batch],
+        group: &dyn Collectives,
+        device: &B::Device,
+        waited: &mut f64,
+    ) -> Option<Self> {
+        if !stage.rows_from_last || !(stage.first() || stage.last()) {
+            return None;
+        }
+        let all: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.input_ids.iter().copied())
+            .collect();
+        let (distinct, _) = crate::blockwise::distinct_rows(&all);
+        let k = distinct.len();
+        let lookup = |b: &Batch| -> Vec<i64> {
+            b.input_ids
+                .iter()
+                .map(|id| distinct.binary_search(id).expect("a listed id") as i64)
+                .collect()
+        };
+        let compact = if stage.first() {
+            let table = &model.embed().weight;
+            let d = stage.hidden;
+            let (buf, _) = recv_with_counts(group, stage.count - 1, k * d, None, waited);
+            let rows = Tensor::<B, 2>::from_data(TensorData::new(buf, [k, d]), device);
+            let rows = match table.is_require_grad() {
+                true => rows.require_grad(),
+                false => rows,
+            };
+            let embed = Embedding {
+                weight: Param::initialized(ParamId::new(), rows),
+                shard: None,
+                scale: model.embed().scale,
+            };
+            Some((embed, batches.iter().map(lookup).collect()))
+        } else {
+            None
+        };
+        if stage.last() {
+            let at = Tensor::<B::InnerBackend, 1, Int>::from_data(
+                TensorData::new(distinct.clone(), [k]),
+                device,
+            );
+            let picked = model.embed().weight.val().inner().select(0, at);
+            group.send(host(picked), 0);
+        }
+        Some(Rows {
+            ids: distinct,
+            compact,
+        })
+    }
+}
+
 /// Runs this stage's part of one optimizer step on `batches` (the micro-batches, the same on every
 /// stage). Each micro-batch's loss is its summed NLL times `scale`, plus, where the model adds a
 /// load-balancing auxiliary loss, that loss times `aux`: the expert counts of the stages so far
@@ -168,6 +244,12 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
         aux_sum += term.clone().inner().into_scalar().elem::<f64>();
         Some(term.mul_scalar(aux.expect("an auxiliary-loss weight")))
     };
+    let rows = Rows::exchange(model, stage, batches, group, device, &mut waited);
+    let compact = rows.as_ref().and_then(|r| r.compact.as_ref());
+    // The first stage's lookup of micro-batch `i` in the compact table.
+    let lookup = |i: usize| compact.map(|(embed, ids)| (embed, ids[i].as_slice()));
+    // The gradient of the compact table, summed over the micro-batches.
+    let mut rows_grad: Option<Tensor<B::InnerBackend, 2>> = None;
     for op in one_f_one_b(stage.index, stage.count, batches.len()) {
         match op {
             Op::Forward(i) => {
@@ -186,15 +268,24 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                 };
                 if stage.recompute && !stage.last() {
                     // Forward without a graph: only the input is kept for the backward.
-                    let (x, local) =
-                        blocks_inner(model, stage, b, input.clone(), compute, aux, device);
+                    let (x, local) = blocks_inner(
+                        model,
+                        stage,
+                        b,
+                        input.clone(),
+                        lookup(i),
+                        compute,
+                        aux,
+                        device,
+                    );
                     let counts = merge_counts(counts, local.as_ref());
                     let values = host(to_dtype(x, DType::F32));
                     send_with_counts(group, stage.index + 1, values, counts.as_ref());
                     saved[i] = Some(Saved::Input(input));
                     continue;
                 }
-                let (leaf, x, log) = blocks(model, stage, b, input, compute, aux, device);
+                let (leaf, x, log) =
+                    blocks(model, stage, b, input, lookup(i), compute, aux, device);
                 if let (Some(counts), Some(log)) = (counts.as_mut(), &log) {
                     counts.add(&log.counts());
                 }
@@ -232,11 +323,19 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                 let mut entry = saved[i].take().expect("forward before backward");
                 if let Saved::Input(input) = entry {
                     // Activation checkpointing: the forward again, with its graph.
-                    let (leaf, x, log) =
-                        blocks(model, stage, &batches[i], input, compute, aux, device);
+                    let (leaf, x, log) = blocks(
+                        model,
+                        stage,
+                        &batches[i],
+                        input,
+                        lookup(i),
+                        compute,
+                        aux,
+                        device,
+                    );
                     entry = Saved::Inner(leaf, x, log);
                 }
-                let (leaf, grads, counts) = match entry {
+                let (leaf, mut grads, counts) = match entry {
                     Saved::Input(_) => unreachable!("recomputed above"),
                     Saved::Loss(leaf, loss, counts) => (leaf, loss.backward(), counts),
                     Saved::Inner(leaf, out, log) => {
@@ -265,15 +364,36 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                     let g = host(leaf.grad(&grads).expect("gradient of the stage input"));
                     send_with_counts(group, stage.index - 1, g, counts.as_ref());
                 }
+                if let Some(g) = compact.and_then(|(e, _)| e.weight.grad_remove(&mut grads)) {
+                    rows_grad = Some(match rows_grad.take() {
+                        Some(sum) => sum + g,
+                        None => g,
+                    });
+                }
                 acc.accumulate(model, GradientsParams::from_grads(grads, model));
             }
         }
+    }
+    let mut grads = acc.grads();
+    // The lookups' share of a tied table's gradient goes back to the last stage, which adds it
+    // at the rows it sent (the head's share is there already).
+    if let Some(g) = rows_grad {
+        group.send(host(g), stage.count - 1);
+    }
+    if let Some(rows) = rows.filter(|_| stage.last() && model.embed().weight.is_require_grad()) {
+        let k = rows.ids.len();
+        let (buf, _) = recv_with_counts(group, 0, k * d, None, &mut waited);
+        let g = Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(buf, [k, d]), device);
+        let id = model.embed().weight.id;
+        let whole = grads.remove::<B::InnerBackend, 2>(id);
+        let shape = model.embed().weight.dims();
+        grads.register(id, add_rows(whole, shape, &rows.ids, g, device));
     }
     group.flush();
     StageStep {
         nll,
         aux: aux_sum,
-        grads: acc.grads(),
+        grads,
         waited,
     }
 }
@@ -282,12 +402,13 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
 /// stage, else `input` (the previous stage's output) as a leaf; then the stage's layers. Returns
 /// the leaf, the output and the routing log of the stage's layers (where the model adds an
 /// auxiliary loss).
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn blocks<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     stage: &Stage,
     b: &Batch,
     input: Option<Tensor<B::InnerBackend, 3>>,
+    lookup: Option<(&Embedding<B>, &[i64])>,
     compute: DType,
     aux: Option<f64>,
     device: &B::Device,
@@ -303,8 +424,12 @@ fn blocks<B: AutodiffBackend, M: TrainModel<B>>(
     let log = aux.and_then(|_| model.log_routing(&mut ctx, &segments));
     let (leaf, mut x) = match input {
         None => {
-            let ids = int2::<B>(&b.input_ids, r, c, device);
-            let embed = in_dtype(model.embed().clone(), compute);
+            let (table, ids) = match lookup {
+                Some((rows, ids)) => (rows, ids),
+                None => (model.embed(), b.input_ids.as_slice()),
+            };
+            let ids = int2::<B>(ids, r, c, device);
+            let embed = in_dtype(table.clone(), compute);
             (None, M::embed_tokens(&embed, ids))
         }
         Some(t) => {
@@ -320,11 +445,13 @@ fn blocks<B: AutodiffBackend, M: TrainModel<B>>(
 
 /// [`blocks`] without a graph (activation checkpointing's forward): the output and the expert
 /// counts of the stage's layers.
+#[allow(clippy::too_many_arguments)]
 fn blocks_inner<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     stage: &Stage,
     b: &Batch,
     input: Option<Tensor<B::InnerBackend, 3>>,
+    lookup: Option<(&Embedding<B>, &[i64])>,
     compute: DType,
     aux: Option<f64>,
     device: &B::Device,
@@ -337,8 +464,12 @@ fn blocks_inner<B: AutodiffBackend, M: TrainModel<B>>(
     let log = aux.and_then(|_| inner.log_routing(&mut ctx, &segments));
     let mut x = match input {
         None => {
-            let ids = int2::<B::InnerBackend>(&b.input_ids, r, c, device);
-            let embed = in_dtype(inner.embed().clone(), compute);
+            let (table, ids) = match lookup {
+                Some((rows, ids)) => (rows.valid(), ids),
+                None => (inner.embed().clone(), b.input_ids.as_slice()),
+            };
+            let ids = int2::<B::InnerBackend>(ids, r, c, device);
+            let embed = in_dtype(table, compute);
             <M::Inner as BlockModel<B::InnerBackend>>::embed_tokens(&embed, ids)
         }
         Some(t) => to_dtype(t, compute),
@@ -365,11 +496,12 @@ fn merge_counts(
 }
 
 /// Which stage owns (trains, holds and writes) each parameter of `model`: the embedding the
-/// first, each layer its stage, the head the last (a tied head's table stays the first's),
-/// anything else the first.
+/// first (the last with `table_on_last`, [`Stage::rows_from_last`]), each layer its stage, the
+/// head the last, anything else the first.
 pub fn stage_owners<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     stages: &[Range<usize>],
+    table_on_last: bool,
 ) -> HashMap<ParamId, usize> {
     use crate::checkpoint::param_ids;
     let mut owner: HashMap<ParamId, usize> =
@@ -384,6 +516,7 @@ pub fn stage_owners<B: AutodiffBackend, M: TrainModel<B>>(
             owner.extend(param_ids(&model.layers()[i]).into_iter().map(|id| (id, s)));
         }
     }
-    owner.extend(param_ids(model.embed()).into_iter().map(|id| (id, 0)));
+    let table = if table_on_last { stages.len() - 1 } else { 0 };
+    owner.extend(param_ids(model.embed()).into_iter().map(|id| (id, table)));
     owner
 }

@@ -18,7 +18,7 @@ use collie_optim::{AnyOptimizer, Optimizer};
 
 use crate::blockwise::{backward_blockwise, BlockId, Walk};
 use crate::eval::{batch_nll_aux, shifted_logits};
-use crate::parallel::reduce_block;
+use crate::parallel::{add_block, Overlap};
 use crate::trainer::Trainer;
 
 /// How a step turns its batches into an update, fixed when the trainer is built.
@@ -54,8 +54,21 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             None => {
                 let mut acc = GradientsAccumulator::new();
                 let (mut nll, mut aux) = (0.0, 0.0);
-                for b in batches {
-                    let (n, a) = self.micro_step(b, scale, aux_scale, &mut acc);
+                let last = batches.len() - 1;
+                for (k, b) in batches.iter().enumerate() {
+                    // Over data-parallel replicas the last micro-batch's walk sums each block's
+                    // gradients (the earlier micro-batches' included) as it leaves the block;
+                    // ZeRO-3 sums every micro-batch's, since a replica keeps only its share.
+                    let (n, a) = match (self.dist.dims.dp > 1, self.zero3()) {
+                        (true, Some(_)) => {
+                            self.micro_step_walk(b, scale, aux_scale, true, None, &mut acc)
+                        }
+                        (true, None) if k == last => {
+                            let prior = acc.grads();
+                            self.micro_step_walk(b, scale, aux_scale, true, Some(prior), &mut acc)
+                        }
+                        _ => self.micro_step(b, scale, aux_scale, &mut acc),
+                    };
                     nll += n;
                     aux += a;
                 }
@@ -74,11 +87,14 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 &self.device,
             );
         }
-        match &self.zero {
-            None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
-            // Reduced onto their owners block by block inside the walk.
-            Some(plan) if plan.stage >= 3 => {}
-            Some(plan) => plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
+        // Without a pipeline the walks above summed the gradients over the replicas already.
+        if self.pipeline.is_some() {
+            match &self.zero {
+                None => all_reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device),
+                Some(plan) => {
+                    plan.reduce_grads(&self.model, &mut grads, &*self.dist.dp, &self.device)
+                }
+            }
         }
         let scaled_norm = self.grad_norm(&grads);
         if !scaled_norm.is_finite() {
@@ -134,7 +150,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     }
 
     /// Summed NLL, auxiliary loss (0 without one) and gradients of one micro-batch; the
-    /// backward pass sees `nll · scale + aux · aux_scale`.
+    /// backward pass sees `nll · scale + aux · aux_scale`. Gradients stay this replica's own
+    /// (under ZeRO-3 they are summed onto their owners: a replica holds only its share).
     pub(crate) fn micro_step(
         &self,
         batch: &Batch,
@@ -143,7 +160,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         acc: &mut GradientsAccumulator<M>,
     ) -> (f64, f64) {
         if self.config.train.activation_checkpointing || self.zero3().is_some() {
-            return self.micro_step_checkpointed(batch, scale, aux_scale, acc);
+            let reduce = self.zero3().is_some();
+            return self.micro_step_walk(batch, scale, aux_scale, reduce, None, acc);
         }
         let model = self.in_compute_dtype(self.model.clone());
         let (sum, aux) = batch_nll_aux(&model, batch, &self.device);
@@ -160,37 +178,51 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         (nll, aux_value)
     }
 
-    /// [`Trainer::micro_step`] keeping only block inputs: the block-wise backward with
-    /// recomputation, accumulating each block's gradients (under ZeRO-3, each block gathered
-    /// before it runs and its gradients summed onto their owners as the walk leaves it).
-    pub(crate) fn micro_step_checkpointed(
+    /// [`Trainer::micro_step`] as the block-wise walk, accumulating each block's gradients into
+    /// `acc`; with activation checkpointing (and always under ZeRO-3, which gathers each block
+    /// again for its backward) only block inputs are kept and blocks recomputed. With `reduce`,
+    /// each block's gradients — plus that block's in `prior`, the step's earlier micro-batches'
+    /// — are summed over the data-parallel group as the walk leaves the block (onto their owners
+    /// under ZeRO), overlapped with the next blocks' backward ([`Overlap`]).
+    pub(crate) fn micro_step_walk(
         &self,
         batch: &Batch,
         scale: f64,
         aux_scale: Option<f64>,
+        reduce: bool,
+        mut prior: Option<GradientsParams>,
         acc: &mut GradientsAccumulator<M>,
     ) -> (f64, f64) {
         let (model, dp, device) = (&self.model, &*self.dist.dp, &self.device);
-        let zero3 = self.zero3();
-        backward_blockwise(
+        let mut overlap =
+            Overlap::<B>::new(dp, self.zero.as_ref(), self.config.parallel.overlap, device);
+        let mut reduced = Vec::new();
+        let out = backward_blockwise(
             model.clone(),
             batch,
             Walk {
                 compute: self.compute,
                 scale,
-                recompute: true,
+                recompute: self.config.train.activation_checkpointing,
                 aux: aux_scale,
                 gather: self.gather(),
             },
             device,
             None,
             |block, mut grads| {
-                if let Some(plan) = zero3 {
-                    reduce_block(model, block, &mut grads, dp, Some(plan), device);
+                if let Some(prior) = prior.as_mut() {
+                    add_block(model, block, prior, &mut grads);
                 }
-                acc.accumulate(model, grads)
+                match reduce {
+                    true => reduced.extend(overlap.push(model, block, grads)),
+                    false => acc.accumulate(model, grads),
+                }
             },
-        )
+        );
+        for (_, grads) in reduced.into_iter().chain(overlap.finish()) {
+            acc.accumulate(model, grads);
+        }
+        out
     }
 
     /// SophiaG's Hessian refresh (the official training loop's Gauss-Newton-Bartlett estimator):
@@ -273,7 +305,11 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             &self.device,
         );
         self.pp_wait = waited;
-        if self.model.head().is_tied() && self.model.embed().weight.is_require_grad() {
+        // Where the last stage holds a tied table alone, the lookups' share came back to it.
+        if self.model.head().is_tied()
+            && self.model.embed().weight.is_require_grad()
+            && !stage.rows_from_last
+        {
             // A tied table is used by the first stage (lookup) and the last (head): both copies
             // get the sum of the two gradients. A frozen one (a PEFT base) has none: registering
             // a zero gradient would exchange a vocabulary-sized buffer every step and hand the
@@ -339,19 +375,15 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             }),
         };
         let max_norm = self.config.train.max_grad_norm;
+        let overlap_on = self.config.parallel.overlap;
         let mut grad_norm = f64::NAN;
         if max_norm > 0.0 || self.scaler.is_some() {
             // Measuring pass: the norm of every parameter's gradient, nothing updated.
             let mut squares = 0.0f64;
             let (hook, model, dp) = (&mut self.grad_hook, &self.model, &*self.dist.dp);
-            backward_blockwise(
-                model.clone(),
-                batch,
-                walk,
-                &device,
-                hook.as_mut(),
-                |block, mut grads| {
-                    reduce_block(model, block, &mut grads, dp, zero3, &device);
+            let mut overlap = Overlap::<B>::new(dp, zero3, overlap_on, &device);
+            let mut measure = |done: Vec<(BlockId, GradientsParams)>| {
+                for (block, grads) in done {
                     let norm = match block {
                         BlockId::Head => global_norm(model.head(), &grads),
                         BlockId::Layer(i) => global_norm(&model.layers()[i], &grads),
@@ -359,8 +391,17 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                             .hypot(global_norm(&model.virtual_tokens().cloned(), &grads)),
                     };
                     squares += norm * norm;
-                },
+                }
+            };
+            backward_blockwise(
+                model.clone(),
+                batch,
+                walk,
+                &device,
+                hook.as_mut(),
+                |block, grads| measure(overlap.push(model, block, grads)),
             );
+            measure(overlap.finish());
             if zero3.is_some() {
                 // Each replica measured the gradients it owns.
                 squares = self.dp_sum(squares);
@@ -383,59 +424,26 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             &mut self.grad_hook,
             &mut self.model,
         );
-        let dp = &*self.dist.dp;
+        // Each block is updated when its summed gradients arrive ([`Overlap`]): the walk holds
+        // its own copy of the model, so a block updated late changes nothing it computes.
+        let mut overlap = Overlap::<B>::new(&*self.dist.dp, zero3, overlap_on, &device);
+        let mut done = Vec::new();
         let (nll, aux) = backward_blockwise(
             target.clone(),
             batch,
             walk,
             &device,
             hook.as_mut(),
-            |block, mut grads| {
-                reduce_block(target, block, &mut grads, dp, zero3, &device);
-                let path = block.path();
-                match block {
-                    BlockId::Head => {
-                        *target.head_mut() = collie_optim::apply_at(
-                            &path,
-                            target.head().clone(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                    }
-                    BlockId::Layer(i) => {
-                        target.layers_mut()[i] = collie_optim::apply_at(
-                            &path,
-                            target.layers()[i].clone(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                    }
-                    BlockId::Embed => {
-                        *target.embed_mut() = collie_optim::apply_at(
-                            &path,
-                            target.embed().clone(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                        // Prompt learning's virtual tokens belong to the embedding stage.
-                        *target.virtual_tokens_mut() = collie_optim::apply_at(
-                            "virtual_tokens",
-                            target.virtual_tokens().cloned(),
-                            &mut grads,
-                            optimizer,
-                            lr,
-                            None,
-                        );
-                    }
+            |block, grads| {
+                for (block, grads) in overlap.push(&*target, block, grads) {
+                    update_block(target, optimizer, block, grads, lr);
                 }
             },
         );
+        done.extend(overlap.finish());
+        for (block, grads) in done {
+            update_block(target, optimizer, block, grads, lr);
+        }
         let nll = self.dp_sum(nll);
         self.record_aux(aux, 1);
         if let Some(scaler) = &self.scaler {
@@ -477,5 +485,57 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             None,
         );
         (nll, norm, false)
+    }
+}
+
+/// LOMO / AdaLomo's update of one block of `target` with its gradients.
+fn update_block<B: AutodiffBackend, M: TrainModel<B>>(
+    target: &mut M,
+    optimizer: &mut AnyOptimizer<B::InnerBackend>,
+    block: BlockId,
+    mut grads: GradientsParams,
+    lr: f64,
+) {
+    let path = block.path();
+    match block {
+        BlockId::Head => {
+            *target.head_mut() = collie_optim::apply_at(
+                &path,
+                target.head().clone(),
+                &mut grads,
+                optimizer,
+                lr,
+                None,
+            );
+        }
+        BlockId::Layer(i) => {
+            target.layers_mut()[i] = collie_optim::apply_at(
+                &path,
+                target.layers()[i].clone(),
+                &mut grads,
+                optimizer,
+                lr,
+                None,
+            );
+        }
+        BlockId::Embed => {
+            *target.embed_mut() = collie_optim::apply_at(
+                &path,
+                target.embed().clone(),
+                &mut grads,
+                optimizer,
+                lr,
+                None,
+            );
+            // Prompt learning's virtual tokens belong to the embedding stage.
+            *target.virtual_tokens_mut() = collie_optim::apply_at(
+                "virtual_tokens",
+                target.virtual_tokens().cloned(),
+                &mut grads,
+                optimizer,
+                lr,
+                None,
+            );
+        }
     }
 }

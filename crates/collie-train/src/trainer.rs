@@ -108,6 +108,10 @@ pub struct StepMetrics {
     /// The load-balancing auxiliary loss, averaged over the step's micro-batches (unweighted,
     /// as transformers reports `aux_loss`), where the model adds one.
     pub aux_loss: Option<f64>,
+    /// Seconds this rank spent blocked in communication during the step: collectives and the
+    /// waits for non-blocking ones (the reductions that the backward walk did not hide), and a
+    /// pipeline stage's receives. 0 in one process.
+    pub comm_seconds: f64,
 }
 
 /// A training run in progress.
@@ -289,7 +293,14 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let pipeline = match dist.dims.pp {
             1 => None,
             pp => {
-                let params = block_params(&model);
+                // A tied table not split over tensor-parallel ranks lives on the last stage.
+                let rows_from_last = model.head().is_tied() && model.embed().shard.is_none();
+                let mut params = block_params(&model);
+                if rows_from_last {
+                    // `parameters` balances the stages with the table where it is held.
+                    let n = params.len();
+                    params[n - 1] += std::mem::take(&mut params[0]);
+                }
                 let stages =
                     collie_dist::pp::Stages::partition(&config.parallel.partition, pp, &params)?;
                 let index = dist.coords.pp;
@@ -299,6 +310,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                     layers: stages.layers[index].clone(),
                     hidden: model_config.hidden_size(),
                     recompute: config.train.activation_checkpointing,
+                    rows_from_last,
                 };
                 Some((stage, stages.layers))
             }
@@ -439,7 +451,11 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         let mut prefixes: Vec<String> = Vec::new();
         if let Some((stage, _)) = &self.pipeline {
             prefixes.extend(stage.layers.clone().map(|i| format!("layers.{i}.")));
-            if stage.first() || (stage.last() && model.head().is_tied()) {
+            let embed_here = match stage.rows_from_last {
+                true => stage.last(),
+                false => stage.first() || (stage.last() && model.head().is_tied()),
+            };
+            if embed_here {
                 prefixes.push("embed.".into());
             }
             if stage.last() {
@@ -517,6 +533,8 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
+        // What the previous step's evaluation or checkpoint waited for is not this step's.
+        collie_dist::world::take_exposed_comm();
         let lr = self.update.lr(self.state.step);
         let batches = (0..self.config.train.grad_accum_steps)
             .map(|_| self.loader.next_batch())
@@ -543,6 +561,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 seconds: start.elapsed().as_secs_f64(),
                 skipped: true,
                 aux_loss: None,
+                comm_seconds: collie_dist::world::take_exposed_comm(),
             });
         }
         self.step_aux = None;
@@ -562,6 +581,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             seconds: start.elapsed().as_secs_f64(),
             skipped,
             aux_loss: self.step_aux,
+            comm_seconds: collie_dist::world::take_exposed_comm(),
         })
     }
 
@@ -581,9 +601,12 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 Some(_) => self.dp_sum(local * local).sqrt(),
             };
         }
-        // A tied table's gradient is on the first and the last stage: count it once.
+        // A tied table's gradient on the first and the last stage (where both hold it): count
+        // it once.
         let skip = match &self.pipeline {
-            Some((stage, _)) if !stage.first() && self.model.head().is_tied() => {
+            Some((stage, _))
+                if !stage.first() && self.model.head().is_tied() && !stage.rows_from_last =>
+            {
                 Some(self.model.embed().weight.id)
             }
             _ => None,
