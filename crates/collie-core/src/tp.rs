@@ -9,6 +9,10 @@
 //! loss is vocabulary-parallel, logits are never gathered in training). Norms stay whole on every
 //! rank. LoRA and IA3 adapters split with their base layer.
 
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Mutex, OnceLock};
+
 use burn::module::{Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -48,7 +52,45 @@ fn split<B: Backend, const D: usize>(
     Tensor::from_data(slice.into_data(), &t.device())
 }
 
-/// `p` replaced by its slice of each of `parts` parts (same id, same trainability).
+/// The slice of a parameter that [`shard`] asks of its loader: a dimension of the parameter and
+/// the index ranges along it that the rank keeps (concatenated along it).
+pub type SliceRequest = (usize, Vec<Range<usize>>);
+
+/// Parameters not read yet whose loader can read part of a tensor, with the slice asked of each.
+fn slices() -> &'static Mutex<HashMap<ParamId, Option<SliceRequest>>> {
+    static SLICES: OnceLock<Mutex<HashMap<ParamId, Option<SliceRequest>>>> = OnceLock::new();
+    SLICES.get_or_init(Default::default)
+}
+
+/// A loader that defers the read of `id` and can read part of its tensor says so: [`shard`]
+/// will then ask it for a rank's slice before the first read, so no rank reads a whole tensor
+/// of which it keeps a slice.
+pub fn offer_slices(id: ParamId) {
+    slices().lock().expect("slice requests").insert(id, None);
+}
+
+/// Called by the loader as it reads `id`: the slice asked of it, if any (the offer ends here).
+pub fn take_slice(id: ParamId) -> Option<SliceRequest> {
+    slices()
+        .lock()
+        .expect("slice requests")
+        .remove(&id)
+        .flatten()
+}
+
+/// Asks the loader of the unread `id` for a slice; false where it offered none.
+fn ask_slice(id: ParamId, request: SliceRequest) -> bool {
+    match slices().lock().expect("slice requests").get_mut(&id) {
+        Some(slot) => {
+            *slot = Some(request);
+            true
+        }
+        None => false,
+    }
+}
+
+/// `p` replaced by its slice of each of `parts` parts (same id, same trainability): read as
+/// that slice alone where `p` is unread and its loader reads slices, else cut from the whole.
 fn shard_param<B: Backend, const D: usize>(
     p: Param<Tensor<B, D>>,
     (dim, parts): (usize, usize),
@@ -56,10 +98,20 @@ fn shard_param<B: Backend, const D: usize>(
     tp: usize,
     sharded: &mut Split,
 ) -> Param<Tensor<B, D>> {
+    let part = p.lazy_shape().dims::<D>()[dim] / parts;
+    let n = part / tp;
+    // An unread parameter whose loader reads slices is read as this rank's slice alone.
+    let ranges = (0..parts)
+        .map(|k| k * part + rank * n..k * part + rank * n + n)
+        .collect();
+    let asked = !p.is_initialized() && ask_slice(p.id, (dim, ranges));
     let (id, t, mapper) = p.consume();
     let trainable = t.is_require_grad();
     // A fresh leaf (the slice of a detached tensor is still an op output).
-    let mut part = split(t.detach(), dim, parts, rank, tp).detach();
+    let mut part = match asked && t.dims()[dim] == n * parts {
+        true => t.detach(),
+        false => split(t.detach(), dim, parts, rank, tp).detach(),
+    };
     if trainable {
         part = part.require_grad();
     }

@@ -7,6 +7,7 @@
 //! parameters are replaced before they are ever materialized).
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
@@ -43,6 +44,32 @@ impl HostTensor {
         HostTensor::new(vec![c, r], out)
     }
 
+    /// Index `ranges` of dimension `dim` (0, or 1 of a 2-D tensor), concatenated along it.
+    pub fn block(&self, dim: usize, ranges: &[Range<usize>]) -> Self {
+        let cols = if self.shape.len() == 2 {
+            self.shape[1]
+        } else {
+            1
+        };
+        let rows = self.shape[0];
+        let kept: usize = ranges.iter().map(|r| r.len()).sum();
+        let mut data = Vec::with_capacity(kept * if dim == 0 { cols } else { rows });
+        let mut shape = self.shape.clone();
+        shape[dim] = kept;
+        if dim == 0 {
+            for r in ranges {
+                data.extend_from_slice(&self.data[r.start * cols..r.end * cols]);
+            }
+        } else {
+            for row in self.data.chunks_exact(cols) {
+                for r in ranges {
+                    data.extend_from_slice(&row[r.clone()]);
+                }
+            }
+        }
+        HostTensor::new(shape, data)
+    }
+
     /// Copies a device tensor to the host as `f32`.
     pub fn from_tensor<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Self {
         let shape = tensor.dims().to_vec();
@@ -75,6 +102,17 @@ pub trait TensorSource {
     fn check(&self, key: &str) -> Result<()> {
         let _ = key;
         Ok(())
+    }
+    /// Whether [`TensorSource::read_block`] reads parts of tensors (the default reads them
+    /// whole and cuts).
+    fn reads_blocks(&self) -> bool {
+        false
+    }
+    /// Index `ranges` of dimension `dim` of a 1-D or 2-D `key`, concatenated along it (the rows
+    /// or columns that tensor parallelism keeps), as `f32`.
+    fn read_block(&self, key: &str, dim: usize, ranges: &[Range<usize>]) -> Result<HostTensor> {
+        let whole = self.read(key)?;
+        Ok(whole.block(dim, ranges))
     }
 }
 
@@ -212,10 +250,17 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
             }
             let (source, key) = (lazy.clone(), binding.key.clone());
             self.used.insert(binding.key);
+            if D <= 2 && lazy.reads_blocks() {
+                collie_core::tp::offer_slices(param.id);
+            }
+            let id = param.id;
             let read = move |device: &B::Device, require_grad: bool| {
-                let host = source
-                    .read(&key)
-                    .unwrap_or_else(|e| panic!("{e} (checked when the model was loaded)"));
+                // Tensor parallelism may have asked for the slice it keeps.
+                let host = match collie_core::tp::take_slice(id) {
+                    Some((dim, ranges)) => read_slice(&*source, &key, transposed, dim, &ranges),
+                    None => source.read(&key),
+                }
+                .unwrap_or_else(|e| panic!("{e} (checked when the model was loaded)"));
                 let host = if transposed { host.transpose() } else { host };
                 let t = host.to_tensor::<B, D>(device);
                 if require_grad {
@@ -257,6 +302,19 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
         let id = param.id;
         param.transform_for_load(tensor, id)
     }
+}
+
+/// Index `ranges` of dimension `dim` of a parameter read from `key` of `source`, in the file's
+/// layout (a linear weight is stored `[out, in]`, the parameter `[in, out]`: `transposed`).
+fn read_slice(
+    source: &(dyn TensorSource + Send + Sync),
+    key: &str,
+    transposed: bool,
+    dim: usize,
+    ranges: &[Range<usize>],
+) -> Result<HostTensor> {
+    let file_dim = if transposed { 1 - dim } else { dim };
+    source.read_block(key, file_dim, ranges)
 }
 
 /// Replaces every parameter that `bind` maps to a checkpoint key with that tensor.
