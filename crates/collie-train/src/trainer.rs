@@ -294,12 +294,16 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             1 => None,
             pp => {
                 // A tied table not split over tensor-parallel ranks lives on the last stage.
-                let rows_from_last = model.head().is_tied() && model.embed().shard.is_none();
+                let tied = model.head().is_tied();
+                let rows_from_last = tied && model.embed().shard.is_none();
+                // `parameters` balances the stages with a tied table where it is held: on the
+                // last stage alone, or (split over tensor-parallel ranks) on the first and the last.
                 let mut params = block_params(&model);
-                if rows_from_last {
-                    // `parameters` balances the stages with the table where it is held.
-                    let n = params.len();
-                    params[n - 1] += std::mem::take(&mut params[0]);
+                let n = params.len();
+                match (tied, rows_from_last) {
+                    (true, true) => params[n - 1] += std::mem::take(&mut params[0]),
+                    (true, false) => params[n - 1] += params[0],
+                    _ => {}
                 }
                 let stages =
                     collie_dist::pp::Stages::partition(&config.parallel.partition, pp, &params)?;
