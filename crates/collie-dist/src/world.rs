@@ -136,12 +136,21 @@ pub fn finish_failed_start() {
 
 /// Prints `message` naming `rank` and ends the job.
 fn abort_world(rank: usize, size: usize, message: &str, code: i32) -> ! {
-    eprintln!("error: rank {rank} of {size}: {message}");
+    print_error(&format!("rank {rank} of {size}: {message}"));
     #[cfg(feature = "mpi")]
     if size > 1 {
         mpi_world::abort(code);
     }
     std::process::exit(code)
+}
+
+/// Prints `error: {message}` to stderr in one write: stderr is unbuffered, so `eprintln!` writes
+/// its pieces one by one, and under `mpirun` another process's output (mpirun's own notice of a
+/// failed rank) could land between "error: " and the message.
+pub fn print_error(message: &str) {
+    use std::io::Write;
+    let line = format!("error: {message}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Seconds a collective may wait before the watchdog ends the job (`COLLIE_DIST_TIMEOUT`,

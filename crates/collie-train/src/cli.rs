@@ -179,7 +179,7 @@ pub fn main<R: Recipe, F: Families>(recipe: R) -> ExitCode {
                 Some(d) if d.size() > 1 => d.abort(&message, 1),
                 _ => {
                     if collie_dist::world::launcher_rank() == 0 {
-                        eprintln!("error: {message}");
+                        collie_dist::world::print_error(&message);
                     }
                     collie_dist::world::finish_failed_start();
                     ExitCode::FAILURE
