@@ -1,7 +1,8 @@
 //! ZeRO over the data-parallel group (Rajbhandari et al., 2020), at parameter granularity: the
 //! trainable parameters, in module order, are cut into `dp` contiguous runs of about equal size,
 //! and replica `r` owns run `r`. Only the owner keeps optimizer state for a parameter and updates
-//! it; the updated parameters are then all-gathered so every replica holds the whole model.
+//! it; the updated parameters are then broadcast by their owners, a block at a time
+//! ([`ZeroPlan::gather`]), so every replica holds the whole model.
 //!
 //! - Stage 1: gradients are all-reduced as in plain data parallelism; each replica keeps only its
 //!   own parameters' gradients for the update.
@@ -311,53 +312,6 @@ impl ZeroPlan {
             mine: &mine,
             device,
         });
-    }
-
-    /// After each replica updated its own parameters: all-gathers them so every replica holds
-    /// the whole updated model.
-    pub fn gather_params<B: AutodiffBackend, M: AutodiffModule<B>>(
-        &self,
-        model: M,
-        group: &dyn Collectives,
-        device: &B::Device,
-    ) -> M {
-        let block = self.block();
-        // This replica's run, padded.
-        struct Own<'a> {
-            plan: &'a ZeroPlan,
-            buf: Vec<f32>,
-        }
-        impl<B: AutodiffBackend> ModuleVisitor<B> for Own<'_> {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                let Some(&i) = self.plan.by_id.get(&param.id) else {
-                    return;
-                };
-                let e = &self.plan.entries[i];
-                if e.owner == self.plan.rank {
-                    let at = e.offset - self.plan.runs[self.plan.rank].0;
-                    let data = param.val().into_data().convert::<f32>();
-                    self.buf[at..at + e.numel]
-                        .copy_from_slice(data.as_slice::<f32>().expect("f32 after convert"));
-                }
-            }
-        }
-        let mut own = Own {
-            plan: self,
-            buf: vec![0.0; block],
-        };
-        model.visit(&mut own);
-        let mut all = vec![0.0; block * self.size];
-        group.all_gather(&own.buf, &mut all);
-        let received = self
-            .entries
-            .iter()
-            .filter(|e| e.owner != self.rank)
-            .map(|e| {
-                let at = self.padded_offset(e);
-                (e.id, all[at..at + e.numel].to_vec())
-            })
-            .collect();
-        self.fill(model, received, device)
     }
 
     /// `module` with the parameters in `received` replaced by those values (in the plan's

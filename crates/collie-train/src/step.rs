@@ -114,7 +114,15 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             lr,
         );
         if let Some(plan) = self.zero.as_ref().filter(|p| p.stage < 3) {
-            self.model = plan.gather_params(self.model.clone(), &*self.dist.dp, &self.device);
+            // The updated parameters from their owners, a block at a time (one broadcast per
+            // owner of the block), so no buffer of the whole model is ever formed.
+            let (dp, device, m) = (&*self.dist.dp, &self.device, &mut self.model);
+            *m.embed_mut() = plan.gather(m.embed().clone(), dp, device);
+            *m.virtual_tokens_mut() = plan.gather(m.virtual_tokens().cloned(), dp, device);
+            for i in 0..m.layers().len() {
+                m.layers_mut()[i] = plan.gather(m.layers()[i].clone(), dp, device);
+            }
+            *m.head_mut() = plan.gather(m.head().clone(), dp, device);
         }
         if let Some(scaler) = &self.scaler {
             scaler.good_step(&mut self.state);
