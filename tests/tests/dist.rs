@@ -605,39 +605,39 @@ fn zero_checkpoint_of_two_replicas_resumes_in_one_process_and_back() {
     assert_resumed_legs("resharded", &cfg, &dir, &legs, &want);
 }
 
+/// Trains the fixture family `family` with AdamW in one process, then again in three legs — 2
+/// steps on 2 processes with `layout`, 1 step in one process, the rest with `layout` — each
+/// resuming the one before, and checks the losses against the uninterrupted run's (each leg's
+/// optimizer state shapes the losses of the steps after its first).
+fn assert_family_resumes_across(name: &str, family: &str, layout: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = format!(
+        "model.path={}",
+        fixture(&format!("families/{family}/model")).display()
+    );
+    let (want, _) = train(1, &tmp.path().join("straight"), ADAMW, &[&model]);
+    let dir = tmp.path().join("resharded");
+    let cfg = config(&dir, ADAMW);
+    let legs: [(usize, &[&str]); 3] = [
+        (2, &["train.max_steps=2", layout, &model]),
+        (1, &["train.max_steps=3", &model]),
+        (2, &[layout, &model]),
+    ];
+    assert_resumed_legs(name, &cfg, &dir, &legs, &want);
+}
+
 #[test]
 fn tied_table_of_a_pipeline_resumes_in_one_process_and_back() {
     // At pp2 a tied table and its AdamW moments live on the last stage alone (the first looks up
     // the rows it is sent): its checkpoint resumes in one process and back with the same losses.
-    let tmp = tempfile::tempdir().unwrap();
-    let gemma3 = format!("model.path={}", fixture("families/gemma3/model").display());
-    let (want, _) = train(1, &tmp.path().join("straight"), ADAMW, &[&gemma3]);
-    let dir = tmp.path().join("resharded");
-    let cfg = config(&dir, ADAMW);
-    let legs: [(usize, &[&str]); 3] = [
-        (2, &["train.max_steps=2", "parallel.pp=2", &gemma3]),
-        (1, &["train.max_steps=3", &gemma3]),
-        (2, &["parallel.pp=2", &gemma3]),
-    ];
-    assert_resumed_legs("gemma3 pp2", &cfg, &dir, &legs, &want);
+    assert_family_resumes_across("gemma3 pp2", "gemma3", "parallel.pp=2");
 }
 
 #[test]
 fn glm_fused_gate_up_state_resumes_across_tensor_parallel_layouts() {
     // GLM's gate_up_proj is split per half under tp2 (ColumnParts), its AdamW moments with it:
-    // a checkpoint written at tp2 must resume in one process and back with the same losses
-    // (each leg's state shapes the losses of the steps after its first).
-    let tmp = tempfile::tempdir().unwrap();
-    let glm = format!("model.path={}", fixture("families/glm/model").display());
-    let (want, _) = train(1, &tmp.path().join("straight"), ADAMW, &[&glm]);
-    let dir = tmp.path().join("resharded");
-    let cfg = config(&dir, ADAMW);
-    let legs: [(usize, &[&str]); 3] = [
-        (2, &["train.max_steps=2", "parallel.tp=2", &glm]),
-        (1, &["train.max_steps=3", &glm]),
-        (2, &["parallel.tp=2", &glm]),
-    ];
-    assert_resumed_legs("glm tp2 -> 1 -> tp2", &cfg, &dir, &legs, &want);
+    // a checkpoint written at tp2 must resume in one process and back with the same losses.
+    assert_family_resumes_across("glm tp2 -> 1 -> tp2", "glm", "parallel.tp=2");
 }
 
 #[test]

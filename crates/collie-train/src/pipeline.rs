@@ -175,14 +175,8 @@ impl<B: AutodiffBackend> Rows<B> {
             .iter()
             .flat_map(|b| b.input_ids.iter().copied())
             .collect();
-        let (distinct, _) = crate::blockwise::distinct_rows(&all);
+        let (distinct, local) = crate::blockwise::distinct_rows(&all);
         let k = distinct.len();
-        let lookup = |b: &Batch| -> Vec<i64> {
-            b.input_ids
-                .iter()
-                .map(|id| distinct.binary_search(id).expect("a listed id") as i64)
-                .collect()
-        };
         let compact = if stage.first() {
             let table = &model.embed().weight;
             let d = stage.hidden;
@@ -197,7 +191,17 @@ impl<B: AutodiffBackend> Rows<B> {
                 shard: None,
                 scale: model.embed().scale,
             };
-            Some((embed, batches.iter().map(lookup).collect()))
+            // Each batch's ids into the compact table, cut from the step's in batch order.
+            let mut rest = local.as_slice();
+            let ids = batches
+                .iter()
+                .map(|b| {
+                    let (this, after) = rest.split_at(b.input_ids.len());
+                    rest = after;
+                    this.to_vec()
+                })
+                .collect();
+            Some((embed, ids))
         } else {
             None
         };
