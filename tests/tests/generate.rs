@@ -163,3 +163,174 @@ fn streamed_blocks_give_each_family_its_own_logits_and_generations() {
         );
     }
 }
+
+fn load_llama(case: &str) -> collie_llama::Llama<B> {
+    collie_llama::load::<B>(fixture(case).to_str().unwrap(), &Default::default())
+        .unwrap()
+        .model
+}
+
+/// What a sequence of the continuous batch sent: its tokens and how it finished.
+type Received = std::sync::Arc<std::sync::Mutex<(Vec<u32>, Option<collie_train::batcher::Finish>)>>;
+
+/// A request whose sink records into the returned cell, and stops reading after `read_limit`
+/// tokens (a client that goes away).
+fn request(
+    prompt: &[u32],
+    config: &GenerationConfig,
+    read_limit: Option<usize>,
+) -> (collie_train::batcher::Request, Received) {
+    use collie_train::batcher::{Event, Request};
+    let got: Received = Default::default();
+    let cell = got.clone();
+    let sink = Box::new(move |e: Event| {
+        let mut g = cell.lock().unwrap();
+        match e {
+            Event::Token(t) => g.0.push(t),
+            Event::Finished(f) => g.1 = Some(f),
+        }
+        read_limit.is_none_or(|n| g.0.len() < n)
+    });
+    let req = Request {
+        prompt: prompt.to_vec(),
+        config: config.clone(),
+        sink,
+    };
+    (req, got)
+}
+
+#[test]
+fn continuous_batching_gives_each_sequence_its_tokens_alone() {
+    // Sequences join a running batch at different steps (their caches left-padded to the
+    // batch's, or the batch's to theirs), leave it at EOS, at their limit or when their reader
+    // goes, and each still gets the tokens `generate` gives it alone: greedy, and sampled with
+    // its own seed. Prefix tuning checks padding goes behind the cached virtual tokens.
+    use collie_train::batcher::{Batcher, Finish};
+    let device = Default::default();
+    let peft = |name: &str| {
+        let base = collie_llama::load::<B>(fixture("train/model").to_str().unwrap(), &device)
+            .unwrap()
+            .model;
+        collie_peft::adapter_io::load(base, &fixture(&format!("peft/{name}")), &device)
+            .unwrap()
+            .0
+    };
+    let models = [
+        ("gqa_tied_theta", load_llama("llama/gqa_tied_theta")),
+        ("mistral_window", load_llama("llama/mistral_window")),
+        ("prefix", peft("prefix")),
+        ("prompt", peft("prompt")),
+    ];
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![5, 17, 33, 2, 9, 41, 8],
+        vec![12, 3],
+        vec![70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80],
+        vec![40, 41, 42],
+        vec![9],
+    ];
+    for (case, model) in &models {
+        let greedy = GenerationConfig {
+            max_new_tokens: 7,
+            ..Default::default()
+        };
+        let sampled = |seed| GenerationConfig {
+            temperature: Some(1.3),
+            seed,
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let configs = [
+            greedy.clone(),
+            sampled(3),
+            GenerationConfig {
+                max_new_tokens: 12,
+                ..greedy.clone()
+            },
+            sampled(8),
+            greedy.clone(),
+        ];
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&configs)
+            .map(|(p, c)| generate(model, std::slice::from_ref(p), c, &device, |_, _| {}))
+            .map(|r| r.unwrap().remove(0))
+            .collect();
+        let mut batch = Batcher::new(model, device, 0);
+        let mut got = Vec::new();
+        let admit = |batch: &mut Batcher<_, _>, which: &[usize], limit: Option<usize>| {
+            let (reqs, cells): (Vec<_>, Vec<_>) = which
+                .iter()
+                .map(|&i| request(&prompts[i], &configs[i], limit))
+                .unzip();
+            batch.admit(reqs);
+            cells
+        };
+        // 0 alone, 1 and 2 join after two steps (2 is longer than the batch), 3 after four more
+        // (shorter), 4 reads three tokens and goes.
+        got.extend(admit(&mut batch, &[0], None));
+        batch.step();
+        batch.step();
+        got.extend(admit(&mut batch, &[1, 2], None));
+        assert_eq!(batch.len(), 3, "{case}");
+        for _ in 0..4 {
+            batch.step();
+        }
+        got.extend(admit(&mut batch, &[3], None));
+        let gone = admit(&mut batch, &[4], Some(3)).remove(0);
+        while !batch.is_empty() {
+            batch.step();
+        }
+        for (i, cell) in got.iter().enumerate() {
+            let (tokens, finish) = cell.lock().unwrap().clone();
+            assert_eq!(tokens, alone[i], "{case}: sequence {i}");
+            assert_eq!(finish, Some(Finish::Length), "{case}: sequence {i}");
+        }
+        let (tokens, finish) = gone.lock().unwrap().clone();
+        assert_eq!(tokens, alone[4][..3], "{case}: the reader that left");
+        assert_eq!(
+            finish, None,
+            "{case}: nothing is sent after the reader left"
+        );
+    }
+}
+
+#[test]
+fn continuous_batching_stops_at_eos_and_refuses_bad_settings() {
+    use collie_train::batcher::{Batcher, Finish};
+    let device = Default::default();
+    let model = load_llama("llama/mha_untied");
+    let free = GenerationConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let tokens = generate(&model, &[vec![5, 6, 7]], &free, &device, |_, _| {}).unwrap();
+    let eos = tokens[0][2];
+    let first = tokens[0].iter().position(|&t| t == eos).unwrap();
+    let stop = GenerationConfig {
+        eos_ids: vec![eos],
+        ..free.clone()
+    };
+    let mut batch = Batcher::new(&model, device, 0);
+    let (req, got) = request(&[5, 6, 7], &stop, None);
+    let (bad, refused) = request(
+        &[5],
+        &GenerationConfig {
+            top_p: Some(1.5),
+            ..free.clone()
+        },
+        None,
+    );
+    let (empty, nothing) = request(&[], &free, None);
+    batch.admit(vec![req, bad, empty]);
+    while !batch.is_empty() {
+        batch.step();
+    }
+    let (t, f) = got.lock().unwrap().clone();
+    assert_eq!(t, tokens[0][..=first]);
+    assert_eq!(f, Some(Finish::Eos));
+    for cell in [refused, nothing] {
+        let (t, f) = cell.lock().unwrap().clone();
+        assert!(t.is_empty());
+        assert!(matches!(f, Some(Finish::Invalid(_))), "{f:?}");
+    }
+}

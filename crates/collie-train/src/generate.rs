@@ -60,7 +60,8 @@ impl GenerationConfig {
         self.temperature.is_none_or(|t| t <= 0.0)
     }
 
-    fn validate(&self) -> Result<(), GenerateError> {
+    /// Checks the sampling parameters (`top_p` in (0, 1], `top_k` ≥ 1).
+    pub fn validate(&self) -> Result<(), GenerateError> {
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
                 return Err(GenerateError::InvalidParameter(format!(
@@ -89,7 +90,7 @@ fn argmax(xs: &[f32]) -> usize {
 }
 
 /// Picks the next token from one row of logits.
-fn pick(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
+pub fn pick(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
     if cfg.greedy() {
         return argmax(logits) as u32;
     }
@@ -140,7 +141,8 @@ fn pick(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> u32 {
     argmax(&probs) as u32
 }
 
-fn int_tensor<B: Backend>(
+/// `[rows, cols]` ids or mask as an int tensor.
+pub(crate) fn int_tensor<B: Backend>(
     values: Vec<i64>,
     shape: [usize; 2],
     device: &B::Device,

@@ -8,11 +8,13 @@
 //! - [`cli`]: the command line shared by the recipe binaries.
 //! - [`checkpoint`]: atomic `step-N` checkpoints (HF weights + optimizer + trainer state).
 //! - [`eval`]: token NLL / perplexity, classification, generation metrics.
-//! - [`generate`]: batched autoregressive decoding with a KV cache.
+//! - [`generate`]: batched autoregressive decoding with a KV cache; [`batcher`]: the same with
+//!   continuous batching (sequences join and leave the running batch between steps).
 //! - [`streamed`]: forward passes of a model spread over ranks (ZeRO-3, stage-local pipelines),
 //!   each block gathered as it runs.
 //! - [`metrics`], [`plot`], [`textmetrics`]: monitors, `loss.png`, BLEU / ROUGE-L.
 
+pub mod batcher;
 pub mod blockwise;
 pub mod checkpoint;
 pub mod cli;

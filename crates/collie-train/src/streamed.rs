@@ -69,6 +69,10 @@ impl<B: Backend, M: BlockModel<B>> CausalLm<B> for Streamed<'_, B, M> {
         vec![None; self.model.layers().len()]
     }
 
+    fn cache_prefix(&self) -> usize {
+        self.model.cache_prefix()
+    }
+
     fn logits(&self, ids: Tensor<B, 2, Int>, padding: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3> {
         let s = ids.dims()[1];
         self.logits_tail(ids, padding, s)

@@ -11,6 +11,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use collie_core::attention::{attention, positions_from_padding, AttentionKind, AttnMask};
+use collie_core::lm::RowCache;
 use collie_core::model::{BlockModel, DecoderLayer, KvSlot, LmHead};
 use collie_core::nn::ParallelMode::{Column, ColumnParts, Full, Row};
 use collie_core::nn::{
@@ -305,6 +306,36 @@ impl<B: Backend> KvCache<B> {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl<B: Backend> RowCache<B> for KvCache<B> {
+    fn slots(&self) -> usize {
+        self.len()
+    }
+
+    fn select_rows(self, rows: &[usize]) -> Self {
+        KvCache {
+            layers: self.layers.select_rows(rows),
+        }
+    }
+
+    fn pad_front(self, after: usize, n: usize) -> Self {
+        KvCache {
+            layers: self.layers.pad_front(after, n),
+        }
+    }
+
+    fn drop_front(self, after: usize, n: usize) -> Self {
+        KvCache {
+            layers: self.layers.drop_front(after, n),
+        }
+    }
+
+    fn cat_rows(parts: Vec<Self>) -> Self {
+        KvCache {
+            layers: RowCache::cat_rows(parts.into_iter().map(|c| c.layers).collect()),
+        }
     }
 }
 
@@ -816,6 +847,10 @@ impl<B: Backend> collie_core::lm::CausalLm<B> for Llama<B> {
 
     fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())
+    }
+
+    fn cache_prefix(&self) -> usize {
+        self.n_virtual()
     }
 
     fn logits(&self, ids: Tensor<B, 2, Int>, padding: Option<&Tensor<B, 2, Int>>) -> Tensor<B, 3> {

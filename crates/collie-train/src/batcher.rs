@@ -1,0 +1,309 @@
+//! Continuous batching: generation for sequences that arrive and finish at different times.
+//!
+//! A [`Batcher`] keeps one running batch and its KV cache. [`Batcher::admit`] prefills new
+//! sequences (left-padded, as [`generate`](crate::generate::generate) does) and joins their
+//! caches to the batch's, padding the shorter side at the front so every row ends in the same
+//! column; [`Batcher::step`] decodes one token for every row. A row leaves the batch when it
+//! reaches an EOS id or its token limit, or when its sink says the reader is gone; columns every
+//! remaining row pads are dropped. Each row samples with its own settings and seeded generator,
+//! so a sequence's tokens do not depend on which others share its steps (up to the float
+//! rounding of padded attention), and a sequence alone runs exactly the calls of `generate`.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use collie_core::lm::{CausalLm, RowCache};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::generate::{int_tensor, pick, GenerateError, GenerationConfig};
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// It produced one of its EOS ids (the last token it sent).
+    Eos,
+    /// It reached `max_new_tokens`.
+    Length,
+    /// Its request was invalid (the message says why); nothing was generated.
+    Invalid(String),
+}
+
+/// What a sequence's sink receives: its tokens as they are chosen, then one [`Event::Finished`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The next token.
+    Token(u32),
+    /// The sequence is done; nothing follows.
+    Finished(Finish),
+}
+
+/// Where a sequence's events go; returns `false` once nobody reads them (the sequence is then
+/// dropped from the batch).
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+/// One sequence to generate.
+pub struct Request {
+    /// Prompt ids (not empty).
+    pub prompt: Vec<u32>,
+    /// Its sampling settings, token limit and EOS ids (`pad_id` must be the batch's).
+    pub config: GenerationConfig,
+    /// Where its tokens go.
+    pub sink: Sink,
+}
+
+struct Row {
+    config: GenerationConfig,
+    rng: StdRng,
+    produced: usize,
+    last: u32,
+    sink: Sink,
+}
+
+impl Row {
+    /// Picks and sends the next token; `false` when the row is done.
+    fn advance(&mut self, logits: &[f32]) -> bool {
+        let token = pick(logits, &self.config, &mut self.rng);
+        self.produced += 1;
+        self.last = token;
+        if !(self.sink)(Event::Token(token)) {
+            return false;
+        }
+        let finish = if self.config.eos_ids.contains(&token) {
+            Finish::Eos
+        } else if self.produced >= self.config.max_new_tokens {
+            Finish::Length
+        } else {
+            return true;
+        };
+        (self.sink)(Event::Finished(finish));
+        false
+    }
+}
+
+/// The running batch of one model.
+pub struct Batcher<'a, B: Backend, M: CausalLm<B>> {
+    model: &'a M,
+    device: B::Device,
+    pad_id: u32,
+    rows: Vec<Row>,
+    cache: Option<M::Cache>,
+    /// `[rows, width]` row-major: which cached positions (virtual tokens excluded) are tokens.
+    mask: Vec<i64>,
+}
+
+impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
+    /// An empty batch of `model`; `pad_id` fills padded slots.
+    pub fn new(model: &'a M, device: B::Device, pad_id: u32) -> Self {
+        Batcher {
+            model,
+            device,
+            pad_id,
+            rows: Vec::new(),
+            cache: None,
+            mask: Vec::new(),
+        }
+    }
+
+    /// Sequences in the batch.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no sequence is running.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Cached positions per row (padding included, virtual tokens excluded).
+    pub fn width(&self) -> usize {
+        self.mask.len().checked_div(self.rows.len()).unwrap_or(0)
+    }
+
+    /// The padding mask of the next call, or `None` when every slot is a token (the unmasked
+    /// path `generate` takes for unpadded prompts).
+    fn padding(&self, mask: &[i64], rows: usize) -> Option<Tensor<B, 2, burn::tensor::Int>> {
+        mask.contains(&0)
+            .then(|| int_tensor::<B>(mask.to_vec(), [rows, mask.len() / rows], &self.device))
+    }
+
+    /// Prefills `requests` together and sends each its first token; those that go on join the
+    /// batch. An invalid request gets [`Finish::Invalid`] and nothing else.
+    pub fn admit(&mut self, requests: Vec<Request>) {
+        let mut valid = Vec::with_capacity(requests.len());
+        for mut r in requests {
+            let problem = match r.config.validate() {
+                Err(e) => Some(e.to_string()),
+                Ok(()) if r.prompt.is_empty() => Some(GenerateError::EmptyPrompt(0).to_string()),
+                Ok(()) => None,
+            };
+            if let Some(message) = problem {
+                (r.sink)(Event::Finished(Finish::Invalid(message)));
+            } else if r.config.max_new_tokens == 0 {
+                (r.sink)(Event::Finished(Finish::Length));
+            } else {
+                valid.push(r);
+            }
+        }
+        if valid.is_empty() {
+            return;
+        }
+        let n = valid.len();
+        let width = valid.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        // Left padding keeps every prompt's last token in the last column.
+        let mut ids = Vec::with_capacity(n * width);
+        let mut mask = Vec::with_capacity(n * width);
+        for r in &valid {
+            let pad = width - r.prompt.len();
+            ids.extend(std::iter::repeat_n(self.pad_id as i64, pad));
+            ids.extend(r.prompt.iter().map(|&t| t as i64));
+            mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, width - pad)));
+        }
+        let mut cache = self.model.new_cache();
+        let padding = self.padding(&mask, n);
+        let input = int_tensor::<B>(ids, [n, width], &self.device);
+        let logits = self
+            .model
+            .logits_cached(input, padding.as_ref(), &mut cache);
+        let host = last_logits(logits);
+        let vocab = host.len() / n;
+        let mut keep = Vec::with_capacity(n);
+        let mut joined = Vec::with_capacity(n);
+        for (i, r) in valid.into_iter().enumerate() {
+            let mut row = Row {
+                rng: StdRng::seed_from_u64(r.config.seed),
+                config: r.config,
+                produced: 0,
+                last: self.pad_id,
+                sink: r.sink,
+            };
+            if row.advance(&host[i * vocab..(i + 1) * vocab]) {
+                keep.push(i);
+                joined.push(row);
+            }
+        }
+        if joined.is_empty() {
+            return;
+        }
+        let mut cache = if keep.len() < n {
+            cache.select_rows(&keep)
+        } else {
+            cache
+        };
+        let mut new_mask: Vec<i64> = keep
+            .iter()
+            .flat_map(|&i| mask[i * width..(i + 1) * width].iter().copied())
+            .collect();
+        let mut new_width = width;
+        let prefix = self.model.cache_prefix();
+        if let Some(old) = self.cache.take() {
+            // Both sides padded at the front to the longer one, then stacked.
+            let old_width = self.width();
+            let target = old_width.max(new_width);
+            let old = old.pad_front(prefix, target - old_width);
+            cache = cache.pad_front(prefix, target - new_width);
+            self.mask = pad_mask(&self.mask, self.rows.len(), old_width, target);
+            new_mask = pad_mask(&new_mask, joined.len(), new_width, target);
+            cache = RowCache::cat_rows(vec![old, cache]);
+            new_width = target;
+        }
+        debug_assert_eq!(cache.slots(), prefix + new_width);
+        self.mask.extend(new_mask);
+        self.rows.extend(joined);
+        self.cache = Some(cache);
+    }
+
+    /// One decoding step for every running sequence.
+    pub fn step(&mut self) {
+        let Some(mut cache) = self.cache.take() else {
+            return;
+        };
+        let n = self.rows.len();
+        let width = self.width();
+        // The new column: every row attends to its new token.
+        let mask: Vec<i64> = (0..n)
+            .flat_map(|r| {
+                self.mask[r * width..(r + 1) * width]
+                    .iter()
+                    .copied()
+                    .chain([1])
+            })
+            .collect();
+        let input = int_tensor::<B>(
+            self.rows.iter().map(|r| r.last as i64).collect(),
+            [n, 1],
+            &self.device,
+        );
+        let padding = self.padding(&mask, n);
+        let logits = self
+            .model
+            .logits_cached(input, padding.as_ref(), &mut cache);
+        let host = last_logits(logits);
+        let vocab = host.len() / n;
+        let width = width + 1;
+        let mut keep = Vec::with_capacity(n);
+        for (i, row) in self.rows.iter_mut().enumerate() {
+            if row.advance(&host[i * vocab..(i + 1) * vocab]) {
+                keep.push(i);
+            }
+        }
+        if keep.is_empty() {
+            self.rows.clear();
+            self.mask.clear();
+            return;
+        }
+        let mut mask = mask;
+        if keep.len() < n {
+            cache = cache.select_rows(&keep);
+            mask = keep
+                .iter()
+                .flat_map(|&i| mask[i * width..(i + 1) * width].iter().copied())
+                .collect();
+            let mut i = 0;
+            self.rows.retain(|_| {
+                i += 1;
+                keep.contains(&(i - 1))
+            });
+        }
+        // Columns every remaining row pads hold nothing any row reads.
+        let rows = keep.len();
+        let unused = (0..rows)
+            .map(|r| {
+                mask[r * width..(r + 1) * width]
+                    .iter()
+                    .take_while(|m| **m == 0)
+                    .count()
+            })
+            .min()
+            .unwrap_or(0);
+        if unused > 0 {
+            cache = cache.drop_front(self.model.cache_prefix(), unused);
+            mask = (0..rows)
+                .flat_map(|r| mask[r * width + unused..(r + 1) * width].iter().copied())
+                .collect();
+        }
+        self.mask = mask;
+        self.cache = Some(cache);
+    }
+}
+
+/// Every row's `[rows, width]` mask padded at the front to `target` columns.
+fn pad_mask(mask: &[i64], rows: usize, width: usize, target: usize) -> Vec<i64> {
+    (0..rows)
+        .flat_map(|r| {
+            std::iter::repeat_n(0, target - width)
+                .chain(mask[r * width..(r + 1) * width].iter().copied())
+        })
+        .collect()
+}
+
+/// The last position's logits of every row, on the host: `[rows, s, vocab]` → `rows · vocab`.
+fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
+    let [rows, s, vocab] = logits.dims();
+    logits
+        .slice([0..rows, s - 1..s])
+        .reshape([rows, vocab])
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 logits")
+}
