@@ -5,9 +5,9 @@ use std::io::Write;
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use collie_core::device::DeviceSpec;
-use collie_core::model::ModelConfig;
 use collie_data::chat::{render, BuiltinTemplate, ChatMessage, TemplateTokens};
 use collie_io::family::TrainModel;
+use collie_io::tokenizer::TokenizerBundle;
 use collie_train::generate::{generate, GenerationConfig};
 
 /// Arguments of `collie generate`.
@@ -75,15 +75,7 @@ impl crate::model::WithModel for Task {
                 messages.push(ChatMessage::new("system", system));
             }
             messages.push(ChatMessage::new("user", &args.prompt));
-            let template = match (&args.template, &tok.chat_template) {
-                (Some(name), _) => name.parse::<BuiltinTemplate>()?.source().to_string(),
-                (None, Some(own)) => own.clone(),
-                (None, None) => BuiltinTemplate::ChatMl.source().to_string(),
-            };
-            let tokens = TemplateTokens {
-                bos_token: tok.bos_token.clone(),
-                eos_token: tok.eos_token.clone(),
-            };
+            let (template, tokens) = chat_template(tok, args.template.as_deref())?;
             let text = render(&template, &messages, true, &tokens)?;
             // The template writes any BOS itself, as apply_chat_template assumes.
             tok.encode(&text, false)?
@@ -94,11 +86,7 @@ impl crate::model::WithModel for Task {
             bail!("the prompt encodes to no tokens");
         }
         let eos_ids = crate::model::eos_ids(&loaded)?;
-        let pad_id = loaded
-            .config
-            .pad_id()
-            .or(eos_ids.first().copied())
-            .unwrap_or(0);
+        let pad_id = crate::model::pad_id(&loaded, &eos_ids);
         let cfg = GenerationConfig {
             max_new_tokens: args.max_new_tokens,
             temperature: args.temperature,
@@ -148,6 +136,24 @@ impl crate::model::WithModel for Task {
         }
         Ok(())
     }
+}
+
+/// The chat template a model is prompted with: the built-in `name` when given, else the
+/// tokenizer's own, else ChatML; with the BOS / EOS text it refers to.
+pub fn chat_template(
+    tok: &TokenizerBundle,
+    name: Option<&str>,
+) -> Result<(String, TemplateTokens)> {
+    let template = match (name, &tok.chat_template) {
+        (Some(name), _) => name.parse::<BuiltinTemplate>()?.source().to_string(),
+        (None, Some(own)) => own.clone(),
+        (None, None) => BuiltinTemplate::ChatMl.source().to_string(),
+    };
+    let tokens = TemplateTokens {
+        bos_token: tok.bos_token.clone(),
+        eos_token: tok.eos_token.clone(),
+    };
+    Ok((template, tokens))
 }
 
 /// Runs `collie generate`.

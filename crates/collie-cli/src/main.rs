@@ -1,4 +1,4 @@
-//! `collie`: generate text, measure perplexity, convert checkpoints, merge adapters and benchmark,
+//! `collie`: generate text, serve a model over HTTP, measure perplexity, convert checkpoints, merge adapters and benchmark,
 //! on any backend.
 
 mod bench;
@@ -8,6 +8,7 @@ mod eval_ppl;
 mod generate;
 mod merge;
 mod model;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Continue a prompt (greedy unless --temperature is given).
     Generate(generate::Args),
+    /// Serve a model over HTTP: OpenAI-compatible API with continuous batching, and a chat page.
+    Serve(serve::Args),
     /// Perplexity of a model on a JSONL file of {"text": ...} lines.
     EvalPpl(eval_ppl::Args),
     /// Sentence vectors from a BERT-family encoder, one JSON line per input line.
@@ -48,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
     let device: DeviceSpec = cli.device.parse()?;
     match cli.command {
         Command::Generate(args) => generate::run(args, device),
+        Command::Serve(args) => serve::run(args, device),
         Command::EvalPpl(args) => eval_ppl::run(args, device),
         Command::Embed(args) => embed::run(args, device),
         Command::Convert(args) => convert::run(args, device),

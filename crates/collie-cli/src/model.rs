@@ -101,6 +101,16 @@ pub fn eos_ids<B: Backend, M: ModelFiles<B>>(loaded: &Loaded<B, M>) -> Result<Ve
     Ok(loaded.config.eos_ids())
 }
 
+/// The id generation pads finished or shorter rows with: the config's pad id, else the first
+/// EOS id, else 0.
+pub fn pad_id<B: Backend, M: ModelFiles<B>>(loaded: &Loaded<B, M>, eos_ids: &[u32]) -> u32 {
+    loaded
+        .config
+        .pad_id()
+        .or(eos_ids.first().copied())
+        .unwrap_or(0)
+}
+
 /// The storage dtype a `--dtype` flag names.
 pub fn save_dtype(name: &str) -> Result<collie_io::safetensors::SaveDtype> {
     use collie_io::safetensors::SaveDtype;
