@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 #   libopenmpi-dev openmpi-bin       the MPI tests (mpirun) and the mpi crate
 #   libclang-dev pkg-config          the mpi crate's bindings (bindgen)
 #   python3-pip                      assets are fetched with `python3 -m pip download`
+#   chromium                         the chat page of `collie serve` in a headless browser
 packages=(mesa-vulkan-drivers libvulkan1 fonts-dejavu-core libopenmpi-dev openmpi-bin libclang-dev
-  pkg-config)
+  pkg-config chromium)
 missing=()
 if command -v dpkg >/dev/null 2>&1; then
   for p in "${packages[@]}"; do
@@ -25,6 +26,8 @@ else
   # Not Debian: check for the programs themselves and name what is missing.
   command -v mpirun >/dev/null 2>&1 || missing+=("Open MPI (mpirun and its headers)")
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 ||
+    missing+=("Chromium (chromium or google-chrome)")
   python3 -m pip --version >/dev/null 2>&1 || missing+=("pip for python3")
 fi
 if [ ${#missing[@]} -gt 0 ]; then
@@ -47,4 +50,4 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
-exec cargo test --workspace --features collie-tests/wgpu,collie-tests/mpi "$@"
+exec cargo test --workspace --features collie-tests/wgpu,collie-tests/mpi,collie-cli/browser-test "$@"

@@ -4,56 +4,13 @@
 //! client that leaves mid-stream frees its slot, and a full queue answers 503.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 mod common;
 
-use common::{fixtures, ok as collie};
-
-/// A running `collie serve`, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn model() -> String {
-    fixtures().join("train/model").to_str().unwrap().to_string()
-}
-
-/// Starts the server with `extra` flags and waits for its address line.
-fn serve(extra: &[&str]) -> Server {
-    let model = model();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(["serve", "--model", &model, "--port", "0"])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start collie serve");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("collie serve exited before listening")
-            .unwrap();
-        if let Some(rest) = line.split_once(" on http://") {
-            break format!("http://{}", rest.1.split_whitespace().next().unwrap());
-        }
-    };
-    // Keep reading what the server logs so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server { child, url }
-}
+use common::{fixtures, ok as collie, serve, Server};
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
@@ -93,7 +50,7 @@ fn get(server: &Server, path: &str) -> Value {
 
 /// `collie generate --json` with `extra` flags: its text and (prompt, new) token counts.
 fn generate(prompt: &str, extra: &[&str]) -> (String, usize, usize) {
-    let model = model();
+    let model = common::train_model();
     let mut args = vec!["generate", "--model", &model, "--prompt", prompt, "--json"];
     args.extend_from_slice(extra);
     let v: Value = serde_json::from_str(collie(&args).trim()).unwrap();
@@ -440,6 +397,10 @@ fn the_model_field_selects_a_served_adapter() {
         let (status, v) = post_json(&server, "/v1/chat/completions", &body);
         assert_eq!(status, 200, "{name}: {v}");
         assert_eq!(v["model"], name);
-        assert_eq!(v["choices"][0]["message"]["content"], want.as_str(), "{name}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            want.as_str(),
+            "{name}"
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! What the CLI's integration tests share: the fixture root and running the `collie` binary.
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// `tests/fixtures` of the workspace.
 pub fn fixtures() -> PathBuf {
@@ -32,4 +33,54 @@ pub fn ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// A running `collie serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tiny train fixture model (with a tokenizer and chat template).
+pub fn train_model() -> String {
+    fixtures().join("train/model").to_str().unwrap().to_string()
+}
+
+/// Starts `collie serve` on the train fixture model with `extra` flags, on a free loopback port,
+/// and waits for its address line.
+pub fn serve(extra: &[&str]) -> Server {
+    serve_model(&train_model(), extra)
+}
+
+/// Starts `collie serve --model model` with `extra` flags on a free loopback port and waits for
+/// its address line.
+pub fn serve_model(model: &str, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_collie"))
+        .args(["serve", "--model", model, "--port", "0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start collie serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("collie serve exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split_once(" on http://") {
+            break format!("http://{}", rest.1.split_whitespace().next().unwrap());
+        }
+    };
+    // Keep reading what the server logs so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, url }
 }
