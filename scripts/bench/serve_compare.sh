@@ -8,6 +8,8 @@
 # PYTHON: a Python with scripts/fixtures/requirements-serve.txt installed (default python3);
 # COLLIE: the collie binary (default target/release/collie); MODEL: an asset spec of a GGUF file;
 # CLIENTS, REQUESTS, MAX_TOKENS, THREADS: the load and llama.cpp's thread count (default: cores).
+# llama-cpp-python's server decodes one request at a time; --interrupt_requests False makes it
+# queue concurrent requests instead of cancelling the running one (its default).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 collie="${COLLIE:-$here/../../target/release/collie}"
@@ -35,7 +37,7 @@ echo "# model: $model; load: clients $clients x $requests streamed requests, max
 
 echo "# collie serve --max-batch 16"
 "$collie" serve --model "$model" --served-name model --port $port_collie --max-batch 16 \
-  2>/tmp/collie-serve.log &
+  >/tmp/collie-serve.log 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 wait_up "http://127.0.0.1:$port_collie/health" $pid
@@ -49,7 +51,7 @@ name="${spec%%==*}"; rest="${spec#*==}"; version="${rest%%/*}"; inner="${rest#*/
 file="${COLLIE_CACHE:-$HOME/.cache/collie}/pypi/$name-$version/$inner"
 echo "# llama.cpp server (llama-cpp-python $("$python" -c 'import llama_cpp; print(llama_cpp.__version__)'), $threads threads): $file"
 "$python" -m llama_cpp.server --model "$file" --port $port_llama --n_ctx 2048 \
-  --n_threads "$threads" --model_alias model 2>/tmp/llama-serve.log &
+  --n_threads "$threads" --model_alias model --interrupt_requests False >/tmp/llama-serve.log 2>&1 &
 pid=$!
 wait_up "http://127.0.0.1:$port_llama/v1/models" $pid
 "$python" "$here/serve_load.py" "http://127.0.0.1:$port_llama" model --clients $clients \

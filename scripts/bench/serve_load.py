@@ -15,35 +15,43 @@ import statistics
 import threading
 import time
 
-import httpx
+import http.client
+import urllib.parse
 
 TOPICS = ["the sea", "mountains", "a city at night", "trains", "coffee", "the moon", "rivers",
           "libraries", "winter", "bicycles", "gardens", "music", "bridges", "the desert",
           "storms", "markets", "islands", "clocks", "bread", "forests"]
 
 
-def one(client, url, model, prompt, max_tokens):
+def one(url, model, prompt, max_tokens):
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "temperature": 0, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
+    host = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=600)
     start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"{r.status}: {r.read()[:200]!r}")
     first, chunks, usage = None, 0, None
-    with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            for c in chunk.get("choices", []):
-                if (c.get("delta") or {}).get("content"):
-                    chunks += 1
-                    if first is None:
-                        first = time.perf_counter() - start
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
+        for c in chunk.get("choices", []):
+            if (c.get("delta") or {}).get("content"):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - start
+    conn.close()
     return first if first is not None else time.perf_counter() - start, usage or chunks
 
 
@@ -51,14 +59,13 @@ def phase(url, model, clients, requests, max_tokens):
     ttfts, tokens, lock = [], [0], threading.Lock()
 
     def run(c):
-        with httpx.Client() as client:
-            for i in range(requests):
-                topic = TOPICS[(c * requests + i) % len(TOPICS)]
-                prompt = f"Write a short paragraph about {topic}."
-                ttft, n = one(client, url, model, prompt, max_tokens)
-                with lock:
-                    ttfts.append(ttft)
-                    tokens[0] += n
+        for i in range(requests):
+            topic = TOPICS[(c * requests + i) % len(TOPICS)]
+            prompt = f"Write a short paragraph about {topic}."
+            ttft, n = one(url, model, prompt, max_tokens)
+            with lock:
+                ttfts.append(ttft)
+                tokens[0] += n
 
     start = time.perf_counter()
     threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
@@ -83,7 +90,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
     # One request first so that neither side's first-call costs land in the table.
-    one(httpx.Client(), args.url, args.model, "Hello", 4)
+    one(args.url, args.model, "Hello", 4)
     for c in args.clients:
         print(json.dumps(phase(args.url, args.model, c, args.requests, args.max_tokens)), flush=True)
 

@@ -143,21 +143,6 @@ impl<B: Backend> AttnMask<B> {
     }
 }
 
-/// Repeats each key/value head `n_rep` times so GQA/MQA heads line up with the query heads.
-///
-/// # Shapes
-/// - x: `[batch, kv_heads, seq, head_dim]` → `[batch, kv_heads · n_rep, seq, head_dim]`
-pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kvh, s, d] = x.dims();
-    // [batch, kv_heads, n_rep, seq, head_dim] -> [batch, heads, seq, head_dim]
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kvh, n_rep, s, d])
-        .reshape([b, kvh * n_rep, s, d])
-}
-
 /// Causal + padding + document mask, `true` where attention is forbidden.
 ///
 /// `segments` gives every key slot's segment (an HF attention mask: `1` = token, `0` = padding;
@@ -221,8 +206,10 @@ pub fn attention<B: Backend>(
     }
 }
 
-/// The naive path: K/V repeated to every query head, the whole score matrix materialized
-/// (HF's eager attention).
+/// The naive path: the whole score matrix materialized (HF's eager attention). Query heads are
+/// grouped by the key/value head they share, so GQA multiplies each group against its K/V once
+/// instead of repeating K/V to every query head (the same products, without copying the cache
+/// `n_rep` times).
 ///
 /// # Shapes
 /// - q: `[batch, heads, s_q, head_dim]`
@@ -238,10 +225,9 @@ pub fn naive_attention<B: Backend>(
     let [b, h, s_q, d] = q.dims();
     let [_, kvh, s_k, _] = k.dims();
     let n_rep = h / kvh;
-    let k = repeat_kv(k, n_rep);
-    let v = repeat_kv(v, n_rep);
-    // [batch, 1, s_q, s_k] -> [batch, heads, s_q, s_k]
-    let mask = mask.map(|m| m.clone().expand([b, h, s_q, s_k]));
+    // Query head j reads key/value head j / n_rep (HF's repeat_kv order):
+    // [batch, heads, s_q, head_dim] -> [batch, kv_heads, n_rep · s_q, head_dim]
+    let q = q.reshape([b, kvh, n_rep * s_q, d]);
     // Spelled out rather than Burn's fused attention op: that op's autotuned GPU kernels
     // returned wrong rows for some short key lengths on wgpu (one query over 9 keys, Burn 0.21),
     // and the reference path should be the same arithmetic on every backend. The softmax runs in
@@ -253,10 +239,25 @@ pub fn naive_attention<B: Backend>(
         .cast(DType::F32)
         .mul_scalar(1.0 / (d as f64).sqrt());
     let scores = match mask {
-        Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
+        Some(m) => {
+            // [batch, kv_heads, n_rep · s_q, s_k] -> [batch, kv_heads, n_rep, s_q, s_k]; the
+            // mask [batch, 1, s_q, s_k] is the same for every head.
+            let m = m
+                .clone()
+                .unsqueeze_dim::<5>(1)
+                .expand([b, kvh, n_rep, s_q, s_k]);
+            scores
+                .reshape([b, kvh, n_rep, s_q, s_k])
+                .mask_fill(m, f32::NEG_INFINITY)
+                .reshape([b, kvh, n_rep * s_q, s_k])
+        }
         None => scores,
     };
-    softmax_spelled(scores, 3).cast(dtype).matmul(v)
+    // [batch, kv_heads, n_rep · s_q, head_dim] -> [batch, heads, s_q, head_dim]
+    softmax_spelled(scores, 3)
+        .cast(dtype)
+        .matmul(v)
+        .reshape([b, h, s_q, d])
 }
 
 /// `exp(x − max) / Σ exp(x − max)` along `dim`, as tensor ops. Burn's `softmax` is a backend op:
