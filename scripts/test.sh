@@ -50,4 +50,4 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
-exec cargo test --workspace --features collie-tests/wgpu,collie-tests/mpi,collie-cli/browser-test "$@"
+exec cargo test --workspace --features collie-tests/wgpu,collie-tests/mpi,collie-cli/mpi,collie-cli/browser-test "$@"

@@ -191,7 +191,9 @@ fn request(
         }
         read_limit.is_none_or(|n| g.0.len() < n)
     });
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let req = Request {
+        id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         prompt: prompt.to_vec(),
         config: config.clone(),
         sink,
@@ -333,4 +335,40 @@ fn continuous_batching_stops_at_eos_and_refuses_bad_settings() {
         assert!(t.is_empty());
         assert!(matches!(f, Some(Finish::Invalid(_))), "{f:?}");
     }
+}
+
+#[test]
+fn a_cancelled_sequence_leaves_and_the_others_keep_their_tokens() {
+    use collie_train::batcher::Batcher;
+    let device = Default::default();
+    let model = load_llama("llama/gqa_tied_theta");
+    let cfg = GenerationConfig {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let prompts = [vec![5u32, 17, 33, 2], vec![12, 3, 40, 41, 42, 43]];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate(&model, std::slice::from_ref(p), &cfg, &device, |_, _| {}))
+        .map(|r| r.unwrap().remove(0))
+        .collect();
+    let mut batch = Batcher::new(&model, device, 0);
+    let (a, got_a) = request(&prompts[0], &cfg, None);
+    let (b, got_b) = request(&prompts[1], &cfg, None);
+    let (id_a, id_b) = (a.id, b.id);
+    batch.admit(vec![a, b]);
+    batch.step();
+    batch.step();
+    assert_eq!(batch.ids(), [id_a, id_b]);
+    // The longer prompt's row leaves: the shorter one's padding columns go with it.
+    batch.cancel(&[id_b, 999]);
+    assert_eq!(batch.ids(), [id_a]);
+    assert_eq!(batch.width(), prompts[0].len() + 2);
+    while !batch.is_empty() {
+        batch.step();
+    }
+    assert_eq!(got_a.lock().unwrap().0, alone[0]);
+    let (tokens, finish) = got_b.lock().unwrap().clone();
+    assert_eq!(tokens, alone[1][..3], "three tokens before the cancel");
+    assert_eq!(finish, None);
 }

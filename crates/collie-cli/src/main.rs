@@ -67,8 +67,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes, outermost first, without the "collie" wrapper.
+            // Under mpirun every rank meets an error that gets here alike (one met by a single
+            // rank ends the job through `Dist::abort`): rank 0 says it.
             let chain: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
+            if collie_dist::world::launcher_rank() == 0 {
+                collie_dist::world::print_error(&chain.join(": "));
+            }
             ExitCode::FAILURE
         }
     }

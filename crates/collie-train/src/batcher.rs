@@ -43,6 +43,8 @@ pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
 
 /// One sequence to generate.
 pub struct Request {
+    /// Names the sequence for [`Batcher::cancel`] (unique among the running ones).
+    pub id: u64,
     /// Prompt ids (not empty).
     pub prompt: Vec<u32>,
     /// Its sampling settings, token limit and EOS ids (`pad_id` must be the batch's).
@@ -52,6 +54,7 @@ pub struct Request {
 }
 
 struct Row {
+    id: u64,
     config: GenerationConfig,
     rng: StdRng,
     produced: usize,
@@ -170,6 +173,7 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
         let mut joined = Vec::with_capacity(n);
         for (i, r) in valid.into_iter().enumerate() {
             let mut row = Row {
+                id: r.id,
                 rng: StdRng::seed_from_u64(r.config.seed),
                 config: r.config,
                 produced: 0,
@@ -239,21 +243,50 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
             .logits_cached(input, padding.as_ref(), &mut cache);
         let host = last_logits(logits);
         let vocab = host.len() / n;
-        let width = width + 1;
         let mut keep = Vec::with_capacity(n);
         for (i, row) in self.rows.iter_mut().enumerate() {
             if row.advance(&host[i * vocab..(i + 1) * vocab]) {
                 keep.push(i);
             }
         }
+        self.mask = mask;
+        self.cache = Some(cache);
+        self.retain(&keep);
+    }
+
+    /// Ids of the running sequences, in batch order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.rows.iter().map(|r| r.id).collect()
+    }
+
+    /// Drops the running sequences `ids` names (their sinks hear nothing more); others are
+    /// ignored. Every process of a distributed engine cancels the same ids at the same step.
+    pub fn cancel(&mut self, ids: &[u64]) {
+        let keep: Vec<usize> = (self.rows.iter().enumerate())
+            .filter(|(_, r)| !ids.contains(&r.id))
+            .map(|(i, _)| i)
+            .collect();
+        if keep.len() < self.rows.len() {
+            self.retain(&keep);
+        }
+    }
+
+    /// Keeps the rows at `keep` (ascending) of the cache, mask and rows, then drops the columns
+    /// every remaining row pads.
+    fn retain(&mut self, keep: &[usize]) {
+        let n = self.rows.len();
+        let width = self.width();
+        let Some(mut cache) = self.cache.take() else {
+            return;
+        };
         if keep.is_empty() {
             self.rows.clear();
             self.mask.clear();
             return;
         }
-        let mut mask = mask;
+        let mut mask = std::mem::take(&mut self.mask);
         if keep.len() < n {
-            cache = cache.select_rows(&keep);
+            cache = cache.select_rows(keep);
             mask = keep
                 .iter()
                 .flat_map(|&i| mask[i * width..(i + 1) * width].iter().copied())

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// How to pick tokens and when to stop.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenerationConfig {
     /// Upper bound on new tokens per prompt.
     pub max_new_tokens: usize,

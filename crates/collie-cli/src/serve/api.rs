@@ -3,7 +3,7 @@
 //! engine thread as a [`Job`]; its tokens come back over a channel and are sent as one JSON answer
 //! or as server-sent events.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -24,18 +24,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use super::engine::Job;
 use super::text::TextStream;
 
 /// Largest request body accepted (bytes).
 pub const BODY_LIMIT: usize = 4 << 20;
-
-/// A request for the engine thread: which served model, and the sequence.
-pub struct Job {
-    /// Index into the served models.
-    pub model: usize,
-    /// The sequence to generate.
-    pub request: Request,
-}
 
 /// How busy the engine is, for `/health`.
 #[derive(Default)]
@@ -64,6 +57,11 @@ pub struct App {
     pub max_context: usize,
     /// The engine's bounded queue.
     pub jobs: SyncSender<Job>,
+    /// Whether other ranks decode in lockstep with this one: a sink must then never drop its
+    /// sequence itself (the engine cancels it on every rank at once).
+    pub lockstep: bool,
+    /// Numbers the sequences.
+    pub sequences: AtomicU64,
     /// Numbers the responses.
     pub counter: AtomicU64,
     /// The engine's load.
@@ -104,10 +102,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = match self.status.as_u16() {
-            503 => "server_error",
-            s if s >= 500 => "server_error",
-            _ => "invalid_request_error",
+        let kind = match self.status.is_server_error() {
+            true => "server_error",
+            false => "invalid_request_error",
         };
         let body = json!({"error": {
             "message": self.message,
@@ -385,13 +382,25 @@ impl App {
     /// Queues `p`; its events come back on the returned channel.
     fn submit(&self, p: &Prepared) -> ApiResult<UnboundedReceiver<Event>> {
         let (tx, rx) = unbounded_channel();
+        let gone = Arc::new(AtomicBool::new(false));
+        let flag = gone.clone();
+        let lockstep = self.lockstep;
+        let sink = move |e| {
+            let delivered = tx.send(e).is_ok();
+            if !delivered {
+                flag.store(true, Ordering::Relaxed);
+            }
+            delivered || lockstep
+        };
         let job = Job {
             model: p.model,
             request: Request {
+                id: self.sequences.fetch_add(1, Ordering::Relaxed),
                 prompt: p.prompt.clone(),
                 config: p.config.clone(),
-                sink: Box::new(move |e| tx.send(e).is_ok()),
+                sink: Box::new(sink),
             },
+            gone,
         };
         // Counted before it is sent: the engine takes it off as soon as it receives the job.
         self.load.waiting.fetch_add(1, Ordering::Relaxed);

@@ -1,28 +1,29 @@
 //! `collie serve`: an OpenAI-compatible HTTP server with continuous batching and a chat page.
 //!
 //! Two threads of work: the HTTP side ([`api`], on a small tokio runtime) checks and tokenizes
-//! requests and streams answers; the engine (this thread, which owns the models) runs one
-//! [`Batcher`] per served model. Requests that arrive while others decode join the running batch
-//! at the next step; a bounded queue holds those beyond `--max-batch`, and a full queue answers
-//! 503.
+//! requests and streams answers; the engine ([`engine`], this thread, which owns the models)
+//! runs one `Batcher` per served model. Requests that arrive while others decode join the running
+//! batch at the next step; a bounded queue holds those beyond `--max-batch`, and a full queue
+//! answers 503. Under `mpirun` with `--tp N`, every rank holds its slice of the weights, rank 0
+//! serves HTTP, and all ranks decode in lockstep.
 
 mod api;
+mod engine;
 mod text;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use collie_core::device::DeviceSpec;
-use collie_core::lm::CausalLm;
-use collie_io::family::TrainModel;
-use collie_train::batcher::Batcher;
+use collie_dist::Dist;
+use collie_io::family::{ModelFiles, TrainModel};
 
-use api::{App, Job, Load};
+use api::{App, Load};
 
 /// Arguments of `collie serve`.
 #[derive(clap::Args, Debug)]
@@ -57,6 +58,10 @@ pub struct Args {
     /// `max_position_embeddings`).
     #[arg(long)]
     max_context: Option<usize>,
+    /// Tensor-parallel ranks (under `mpirun -np N`, built with the `mpi` feature): each rank
+    /// holds a slice of every split weight and takes part in every decoding step.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
 }
 
 /// What `--served-name` and `--adapter` ask to serve.
@@ -99,17 +104,20 @@ fn served(args: &Args) -> Result<Served> {
     Ok(Served { base, own, named })
 }
 
-struct Task(Args);
+struct Task {
+    args: Args,
+    dist: Arc<Dist>,
+}
 
 impl crate::model::WithModel for Task {
     type Output = ();
 
     fn model_spec(&self) -> &str {
-        &self.0.model
+        &self.args.model
     }
 
     fn run<B: AutodiffBackend, M: TrainModel<B>>(self, device: B::Device) -> Result<()> {
-        let args = self.0;
+        let Task { args, dist } = self;
         if args.max_batch == 0 {
             bail!("--max-batch must be at least 1");
         }
@@ -118,7 +126,14 @@ impl crate::model::WithModel for Task {
             own,
             named,
         } = served(&args)?;
-        let loaded = crate::model::load::<B::InnerBackend, M::Inner>(&args.model, &device)?;
+        let tp = dist.dims.tp;
+        // Tensor parallelism reads each split tensor's slice only (the model stays lazy until
+        // sharded); one process reads every weight once and shares it among the adapters.
+        let loaded = match tp {
+            1 => crate::model::load::<B::InnerBackend, M::Inner>(&args.model, &device)?,
+            _ => M::Inner::load_lazy(&args.model, &device)
+                .with_context(|| format!("loading model `{}`", args.model))?,
+        };
         let tok = loaded.tokenizer()?.clone();
         let (template, template_tokens) =
             crate::generate::chat_template(&tok, args.template.as_deref())?;
@@ -134,25 +149,34 @@ impl crate::model::WithModel for Task {
             (None, Some(n)) => n,
             (None, None) => 2048,
         };
-        // Each adapter goes on a copy of the base (its tensors are shared, not copied).
-        let adapted = |dir: &PathBuf| -> Result<M::Inner> {
-            let (model, config) = collie_peft::adapter_io::load(loaded.model.clone(), dir, &device)
-                .with_context(|| format!("applying adapter {}", dir.display()))?;
-            tracing::info!(
-                "applied {} adapter {}",
-                config.kind.peft_type(),
-                dir.display()
-            );
+        // Each served model is the base (its tensors shared, not copied), with its adapter.
+        let build = |dir: Option<&PathBuf>| -> Result<M::Inner> {
+            let mut model = loaded.model.clone();
+            if let Some(dir) = dir {
+                let (adapted, config) = collie_peft::adapter_io::load(model, dir, &device)
+                    .with_context(|| format!("applying adapter {}", dir.display()))?;
+                tracing::info!(
+                    "applied {} adapter {}",
+                    config.kind.peft_type(),
+                    dir.display()
+                );
+                model = adapted;
+            }
+            let (model, _) =
+                collie_core::tp::shard(model, &dist.tp).with_context(|| format!("--tp {tp}"))?;
+            collie_io::module::materialize(&model);
             Ok(model)
         };
-        let mut models = vec![match &own {
-            Some(dir) => adapted(dir)?,
-            None => loaded.model.clone(),
-        }];
+        let mut models = vec![build(own.as_ref())?];
         let mut names = vec![base_name];
         for (name, dir) in named {
-            models.push(adapted(&dir)?);
+            models.push(build(Some(&dir))?);
             names.push(name);
+        }
+        let world = (dist.size() > 1).then_some(&dist.world);
+        if !dist.is_main() {
+            engine::follow(&models, device, pad_id, &dist.world);
+            return Ok(());
         }
         let (jobs, queue) = sync_channel(args.queue);
         let load = Arc::new(Load::default());
@@ -165,6 +189,8 @@ impl crate::model::WithModel for Task {
             pad_id,
             max_context,
             jobs,
+            lockstep: world.is_some(),
+            sequences: AtomicU64::new(0),
             counter: AtomicU64::new(0),
             load: load.clone(),
         });
@@ -178,12 +204,16 @@ impl crate::model::WithModel for Task {
         let http = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || http_thread(listener, app))?;
+        let ranks = match tp {
+            1 => String::new(),
+            n => format!(", tensor parallel over {n} ranks"),
+        };
         eprintln!(
-            "collie serve: {} on http://{local} (max batch {}, context {max_context})",
+            "collie serve: {} on http://{local} (max batch {}, context {max_context}{ranks})",
             names.join(", "),
             args.max_batch
         );
-        engine(&models, device, pad_id, args.max_batch, queue, &load);
+        engine::lead(&models, device, pad_id, args.max_batch, queue, &load, world);
         match http.join() {
             Ok(result) => result,
             Err(_) => bail!("the HTTP thread panicked"),
@@ -206,53 +236,20 @@ fn http_thread(listener: std::net::TcpListener, app: Arc<App>) -> Result<()> {
     })
 }
 
-/// Decodes for every served model until the queue's senders are gone: a step of each running
-/// batch, with the requests that arrived since the last step joined first.
-fn engine<B: Backend, M: CausalLm<B>>(
-    models: &[M],
-    device: B::Device,
-    pad_id: u32,
-    max_batch: usize,
-    queue: Receiver<Job>,
-    load: &Load,
-) {
-    let mut batches: Vec<Batcher<B, M>> = models
-        .iter()
-        .map(|m| Batcher::new(m, device.clone(), pad_id))
-        .collect();
-    loop {
-        let running: usize = batches.iter().map(Batcher::len).sum();
-        let mut arrived = Vec::new();
-        if running == 0 {
-            match queue.recv() {
-                Ok(job) => arrived.push(job),
-                Err(_) => return,
-            }
-        }
-        while running + arrived.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => arrived.push(job),
-                Err(_) => break,
-            }
-        }
-        load.waiting.fetch_sub(arrived.len(), Ordering::Relaxed);
-        for (m, batch) in batches.iter_mut().enumerate() {
-            let (these, rest): (Vec<Job>, Vec<Job>) =
-                arrived.into_iter().partition(|j| j.model == m);
-            arrived = rest;
-            if !these.is_empty() {
-                batch.admit(these.into_iter().map(|j| j.request).collect());
-            }
-        }
-        for batch in &mut batches {
-            batch.step();
-        }
-        let running = batches.iter().map(Batcher::len).sum();
-        load.running.store(running, Ordering::Relaxed);
-    }
-}
-
-/// Runs `collie serve`.
+/// Runs `collie serve`. Under `mpirun`, a failure on one rank ends every rank (the others
+/// would wait for it in their next collective).
 pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
-    crate::model::run(device, Task(args))
+    let dist = Arc::new(Dist::init(Some(1), args.tp, 1).context("--tp")?);
+    let result = crate::model::run(
+        device,
+        Task {
+            args,
+            dist: dist.clone(),
+        },
+    );
+    if let (Err(e), true) = (&result, dist.size() > 1) {
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        dist.abort(&chain.join(": "), 1);
+    }
+    result
 }

@@ -44,6 +44,16 @@ pub struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // SIGTERM first: mpirun passes it on to its ranks (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -63,9 +73,17 @@ pub fn serve(extra: &[&str]) -> Server {
 /// Starts `collie serve --model model` with `extra` flags on a free loopback port and waits for
 /// its address line.
 pub fn serve_model(model: &str, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_collie"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_collie"));
+    command
         .args(["serve", "--model", model, "--port", "0"])
-        .args(extra)
+        .args(extra);
+    serve_with(command)
+}
+
+/// Starts `command` (a `collie serve` command line, perhaps under `mpirun`) and waits for the
+/// address line.
+pub fn serve_with(mut command: Command) -> Server {
+    let mut child = command
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
