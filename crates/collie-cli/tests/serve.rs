@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{fixtures, ok as collie, serve, Server};
+use common::{fixtures, health, ok as collie, open_stream, serve, Server};
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
@@ -321,20 +321,11 @@ fn a_client_that_leaves_frees_its_slot_and_a_full_queue_answers_503() {
         "--max-context",
         "200000",
     ]);
-    let mut body = chat_body("Tell me a long story", 150_000);
-    body["stream"] = json!(true);
-    let response = agent()
-        .post(&format!("{}/v1/chat/completions", server.url))
-        .send_string(&body.to_string())
-        .unwrap();
-    let mut reader = BufReader::new(response.into_reader());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("data: "), "{line}");
+    let reader = open_stream(&server, chat_body("Tell me a long story", 150_000));
     let wait_for = |what: &str, f: &dyn Fn(&Value) -> bool| {
         let start = Instant::now();
         loop {
-            let h = get(&server, "/health");
+            let h = health(&server);
             if f(&h) {
                 return;
             }

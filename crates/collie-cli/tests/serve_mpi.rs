@@ -5,7 +5,6 @@
 //! one error.
 #![cfg(feature = "mpi")]
 
-use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{ok as collie, serve_with, train_model, Server};
+use common::{health, ok as collie, open_stream, serve_with, train_model, Server};
 
 /// `mpirun -np N` as root in a container, with `collie` and `args` after it.
 fn mpirun(np: usize, args: &[&str]) -> Command {
@@ -43,14 +42,6 @@ fn post(server: &Server, body: &Value) -> Value {
 fn chat(prompt: &str, max_tokens: usize) -> Value {
     json!({"messages": [{"role": "user", "content": prompt}], "temperature": 0,
            "max_tokens": max_tokens})
-}
-
-fn health(server: &Server) -> Value {
-    ureq::get(&format!("{}/health", server.url))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap()
 }
 
 #[test]
@@ -117,15 +108,7 @@ fn tensor_parallel_serving_answers_as_one_process_does() {
     }
     // A client that leaves mid-stream: rank 0 cancels it on both ranks, and the next request
     // is answered (a rank still holding the row would desynchronize the batch).
-    let mut body = chat("Tell me a long story", 90_000);
-    body["stream"] = json!(true);
-    let response = ureq::post(&format!("{}/v1/chat/completions", server.url))
-        .send_string(&body.to_string())
-        .unwrap();
-    let mut reader = BufReader::new(response.into_reader());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("data: "), "{line}");
+    let reader = open_stream(&server, chat("Tell me a long story", 90_000));
     drop(reader);
     let start = Instant::now();
     while health(&server)["running"] != 0 {

@@ -10,7 +10,6 @@
 //! rounding of padded attention), and a sequence alone runs exactly the calls of `generate`.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 use collie_core::lm::{CausalLm, RowCache};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -122,11 +121,29 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
         self.mask.len().checked_div(self.rows.len()).unwrap_or(0)
     }
 
-    /// The padding mask of the next call, or `None` when every slot is a token (the unmasked
-    /// path `generate` takes for unpadded prompts).
-    fn padding(&self, mask: &[i64], rows: usize) -> Option<Tensor<B, 2, burn::tensor::Int>> {
-        mask.contains(&0)
-            .then(|| int_tensor::<B>(mask.to_vec(), [rows, mask.len() / rows], &self.device))
+    /// The model on `ids` after `cache` (which it extends), with the padding `mask` of every
+    /// slot; the last position's logits of every row, on the host (`rows · vocab`). A mask
+    /// without padding is not passed: the unmasked path `generate` takes for unpadded prompts.
+    fn last_logits(
+        &self,
+        ids: Vec<i64>,
+        [rows, cols]: [usize; 2],
+        mask: &[i64],
+        cache: &mut M::Cache,
+    ) -> Vec<f32> {
+        let padding = mask
+            .contains(&0)
+            .then(|| int_tensor::<B>(mask.to_vec(), [rows, mask.len() / rows], &self.device));
+        let input = int_tensor::<B>(ids, [rows, cols], &self.device);
+        let logits = self.model.logits_cached(input, padding.as_ref(), cache);
+        let [rows, s, vocab] = logits.dims();
+        logits
+            .slice([0..rows, s - 1..s])
+            .reshape([rows, vocab])
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 logits")
     }
 
     /// Prefills `requests` together and sends each its first token; those that go on join the
@@ -162,12 +179,7 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
             mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, width - pad)));
         }
         let mut cache = self.model.new_cache();
-        let padding = self.padding(&mask, n);
-        let input = int_tensor::<B>(ids, [n, width], &self.device);
-        let logits = self
-            .model
-            .logits_cached(input, padding.as_ref(), &mut cache);
-        let host = last_logits(logits);
+        let host = self.last_logits(ids, [n, width], &mask, &mut cache);
         let vocab = host.len() / n;
         let mut keep = Vec::with_capacity(n);
         let mut joined = Vec::with_capacity(n);
@@ -232,16 +244,8 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
                     .chain([1])
             })
             .collect();
-        let input = int_tensor::<B>(
-            self.rows.iter().map(|r| r.last as i64).collect(),
-            [n, 1],
-            &self.device,
-        );
-        let padding = self.padding(&mask, n);
-        let logits = self
-            .model
-            .logits_cached(input, padding.as_ref(), &mut cache);
-        let host = last_logits(logits);
+        let last = self.rows.iter().map(|r| r.last as i64).collect();
+        let host = self.last_logits(last, [n, 1], &mask, &mut cache);
         let vocab = host.len() / n;
         let mut keep = Vec::with_capacity(n);
         for (i, row) in self.rows.iter_mut().enumerate() {
@@ -327,16 +331,4 @@ fn pad_mask(mask: &[i64], rows: usize, width: usize, target: usize) -> Vec<i64> 
                 .chain(mask[r * width..(r + 1) * width].iter().copied())
         })
         .collect()
-}
-
-/// The last position's logits of every row, on the host: `[rows, s, vocab]` → `rows · vocab`.
-fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
-    let [rows, s, vocab] = logits.dims();
-    logits
-        .slice([0..rows, s - 1..s])
-        .reshape([rows, vocab])
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 logits")
 }

@@ -102,3 +102,26 @@ pub fn serve_with(mut command: Command) -> Server {
     std::thread::spawn(move || lines.for_each(drop));
     Server { child, url }
 }
+
+/// `GET /health` of `server`.
+pub fn health(server: &Server) -> serde_json::Value {
+    ureq::get(&format!("{}/health", server.url))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
+}
+
+/// Starts a streamed chat completion with `body` (`stream` set here) and reads its first event;
+/// the reader holds the connection open.
+pub fn open_stream(server: &Server, mut body: serde_json::Value) -> impl BufRead {
+    body["stream"] = serde_json::json!(true);
+    let response = ureq::post(&format!("{}/v1/chat/completions", server.url))
+        .send_string(&body.to_string())
+        .unwrap();
+    let mut reader = BufReader::new(response.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("data: "), "{line}");
+    reader
+}
