@@ -206,10 +206,27 @@ pub fn attention<B: Backend>(
     }
 }
 
-/// The naive path: the whole score matrix materialized (HF's eager attention). Query heads are
-/// grouped by the key/value head they share, so GQA multiplies each group against its K/V once
-/// instead of repeating K/V to every query head (the same products, without copying the cache
-/// `n_rep` times).
+/// Repeats each key/value head `n_rep` times so GQA/MQA heads line up with the query heads.
+///
+/// # Shapes
+/// - x: `[batch, kv_heads, seq, head_dim]` → `[batch, kv_heads · n_rep, seq, head_dim]`
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kvh, s, d] = x.dims();
+    // [batch, kv_heads, n_rep, seq, head_dim] -> [batch, heads, seq, head_dim]
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n_rep, s, d])
+        .reshape([b, kvh * n_rep, s, d])
+}
+
+/// The naive path: the whole score matrix materialized (HF's eager attention).
+///
+/// Several queries per row run HF's layout: K/V repeated to every query head, one product per
+/// head (the rounding the parity fixtures pin). One query per row — decoding — groups the query
+/// heads of each key/value head into the rows of one product instead: the same dot products
+/// without copying every layer's cache `n_rep` times per token, which dominated batched decoding.
 ///
 /// # Shapes
 /// - q: `[batch, heads, s_q, head_dim]`
@@ -225,9 +242,17 @@ pub fn naive_attention<B: Backend>(
     let [b, h, s_q, d] = q.dims();
     let [_, kvh, s_k, _] = k.dims();
     let n_rep = h / kvh;
-    // Query head j reads key/value head j / n_rep (HF's repeat_kv order):
-    // [batch, heads, s_q, head_dim] -> [batch, kv_heads, n_rep · s_q, head_dim]
-    let q = q.reshape([b, kvh, n_rep * s_q, d]);
+    // (groups, rows per group) of the products: the query head j of a decoding step reads
+    // key/value head j / n_rep (repeat_kv's order).
+    let (q, k, v, groups, rows) = if s_q == 1 && n_rep > 1 {
+        // [batch, heads, 1, head_dim] -> [batch, kv_heads, n_rep, head_dim]
+        (q.reshape([b, kvh, n_rep, d]), k, v, kvh, n_rep)
+    } else {
+        (q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), h, s_q)
+    };
+    // [batch, 1, s_q, s_k] -> [batch, groups, rows, s_k] (a decoding step's one mask row serves
+    // every head of a group)
+    let mask = mask.map(|m| m.clone().expand([b, groups, rows, s_k]));
     // Spelled out rather than Burn's fused attention op: that op's autotuned GPU kernels
     // returned wrong rows for some short key lengths on wgpu (one query over 9 keys, Burn 0.21),
     // and the reference path should be the same arithmetic on every backend. The softmax runs in
@@ -239,21 +264,10 @@ pub fn naive_attention<B: Backend>(
         .cast(DType::F32)
         .mul_scalar(1.0 / (d as f64).sqrt());
     let scores = match mask {
-        Some(m) => {
-            // [batch, kv_heads, n_rep · s_q, s_k] -> [batch, kv_heads, n_rep, s_q, s_k]; the
-            // mask [batch, 1, s_q, s_k] is the same for every head.
-            let m = m
-                .clone()
-                .unsqueeze_dim::<5>(1)
-                .expand([b, kvh, n_rep, s_q, s_k]);
-            scores
-                .reshape([b, kvh, n_rep, s_q, s_k])
-                .mask_fill(m, f32::NEG_INFINITY)
-                .reshape([b, kvh, n_rep * s_q, s_k])
-        }
+        Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
         None => scores,
     };
-    // [batch, kv_heads, n_rep · s_q, head_dim] -> [batch, heads, s_q, head_dim]
+    // [batch, groups, rows, head_dim] -> [batch, heads, s_q, head_dim]
     softmax_spelled(scores, 3)
         .cast(dtype)
         .matmul(v)
