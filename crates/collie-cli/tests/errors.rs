@@ -302,3 +302,26 @@ fn unknown_or_missing_device() {
         assert_mentions(&line, &["cuda", "--features cuda"]);
     }
 }
+
+#[test]
+fn serve_refuses_bad_flags_before_listening() {
+    let model = fixtures().join("train/model");
+    let model = model.to_str().unwrap();
+    let lora = fixtures().join("peft/lora");
+    let lora = format!("a={}", lora.display());
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["--adapter", "/no/such/adapter"], &["/no/such/adapter"]),
+        (
+            &["--adapter", &lora, "--adapter", &lora],
+            &["`a`", "already served"],
+        ),
+        (&["--max-batch", "0"], &["--max-batch"]),
+        (&["--host", "not a host"], &["--host", "not a host"]),
+        (&["--template", "nonsense"], &["nonsense"]),
+    ];
+    for (extra, mentions) in cases {
+        let mut args = vec!["serve", "--model", model, "--port", "0"];
+        args.extend_from_slice(extra);
+        assert_mentions(&fails(&args, &[]), mentions);
+    }
+}
