@@ -164,11 +164,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 /// `x` summed over `group` on the host, as a tensor of `x`'s dtype and device (no graph).
 fn host_all_reduce<B: Backend>(x: Tensor<B, 1>, group: &dyn Collectives) -> Tensor<B, 1> {
     let (device, dtype, n) = (x.device(), x.dtype(), x.dims()[0]);
-    let mut values = x
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 after convert");
+    let mut values = crate::host::to_host(x);
     group.all_reduce_sum(&mut values);
     Tensor::<B, 1>::from_data(TensorData::new(values, [n]), &device).cast(dtype)
 }
@@ -280,11 +276,7 @@ pub fn gather_along<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let tp = group.size();
     let (device, dtype, local) = (t.device(), t.dtype(), t.dims());
-    let send = t
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 after convert");
+    let send = crate::host::to_host(t);
     let mut all = vec![0.0f32; send.len() * tp];
     group.all_gather(&send, &mut all);
     let mut whole = local;

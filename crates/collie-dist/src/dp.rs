@@ -9,9 +9,10 @@ use std::collections::HashSet;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use collie_core::dist::{Collectives, Pending};
+use collie_core::host::to_host;
 
 /// Elements per all-reduce call: gradients travel in buckets of this size, as DDP's 25 MB.
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
@@ -125,14 +126,6 @@ impl Reduction {
     }
 }
 
-/// `g` as host f32 values.
-pub(crate) fn host_values<B: Backend, const D: usize>(g: Tensor<B, D>) -> Vec<f32> {
-    g.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 after convert")
-}
-
 /// Registers `data` as the gradient of `id` (its rank is the data's).
 pub(crate) fn register<B: AutodiffBackend>(
     grads: &mut GradientsParams,
@@ -234,7 +227,7 @@ fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
             if !self.bucket.entries.is_empty() && self.bucket.values.len() + n > BUCKET_ELEMS {
                 self.flush();
             }
-            let values = host_values(g);
+            let values = to_host(g);
             if self.bucket.entries.is_empty() {
                 self.bucket.values = values;
             } else {

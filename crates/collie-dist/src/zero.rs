@@ -27,6 +27,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use collie_core::dist::Collectives;
+use collie_core::host::to_host;
 
 use crate::dp::{Bucket, Reduction};
 
@@ -441,14 +442,7 @@ impl ZeroPlan {
                 .filter(|e| e.owner == owner)
                 .collect();
             let mut buf = if owner == self.rank {
-                concat(mine.iter().map(|e| {
-                    owned[&e.id]
-                        .clone()
-                        .into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .expect("f32 after convert")
-                }))
+                concat(mine.iter().map(|e| to_host(owned[&e.id].clone())))
             } else {
                 vec![0.0; mine.iter().map(|e| e.numel).sum()]
             };
@@ -502,7 +496,7 @@ impl ZeroPlan {
                     return;
                 }
                 let g = self.grads.remove::<B::InnerBackend, D>(param.id);
-                self.taken.push((i, g.map(crate::dp::host_values)));
+                self.taken.push((i, g.map(to_host)));
             }
         }
         let mut take = Take::<B> {

@@ -73,12 +73,7 @@ impl HostTensor {
     /// Copies a device tensor to the host as `f32`.
     pub fn from_tensor<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Self {
         let shape = tensor.dims().to_vec();
-        let data = tensor
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("converted to f32");
-        HostTensor::new(shape, data)
+        HostTensor::new(shape, collie_core::host::to_host(tensor))
     }
 
     /// Uploads to `device`.

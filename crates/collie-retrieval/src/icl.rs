@@ -60,10 +60,6 @@ fn step<B: Backend, M: CausalLm<B>>(
     log_softmax(logits.reshape([n, vocab]), 1)
 }
 
-fn host(t: Tensor<impl Backend, 2>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().expect("f32")
-}
-
 /// The mean NLL of each choice after `prompt`, and the index of the lowest. The prompt runs
 /// once; every choice continues from a copy of its KV cache.
 pub fn classify<B: Backend, M: CausalLm<B>>(
@@ -81,7 +77,7 @@ where
     let first = step(model, &p, &mut cache, device);
     let [n, vocab] = first.dims();
     // [vocab]: the distribution of the first choice token.
-    let last = host(first.slice([n - 1..n, 0..vocab]));
+    let last = collie_core::host::to_host(first.slice([n - 1..n, 0..vocab]));
     let mut losses = Vec::with_capacity(choices.len());
     for choice in choices {
         let c = tok.encode(choice, false)?;
@@ -93,7 +89,7 @@ where
         let mut nll = -(last[c[0] as usize] as f64);
         if c.len() > 1 {
             let mut cont = cache.clone();
-            let lp = host(step(model, &c[..c.len() - 1], &mut cont, device));
+            let lp = collie_core::host::to_host(step(model, &c[..c.len() - 1], &mut cont, device));
             for (i, &t) in c[1..].iter().enumerate() {
                 nll -= lp[i * vocab + t as usize] as f64;
             }
@@ -124,7 +120,7 @@ pub fn generate_line<B: Backend, M: CausalLm<B>>(
     let mut new = Vec::new();
     for _ in 0..max_new {
         let [n, vocab] = lp.dims();
-        let row = host(lp.slice([n - 1..n, 0..vocab]));
+        let row = collie_core::host::to_host(lp.slice([n - 1..n, 0..vocab]));
         // The first maximum, as torch.argmax.
         let next = row
             .iter()

@@ -10,6 +10,7 @@
 //! rounding of padded attention), and a sequence alone runs exactly the calls of `generate`.
 
 use burn::tensor::backend::Backend;
+use collie_core::host::to_host;
 use collie_core::lm::{CausalLm, RowCache};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -137,13 +138,7 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
         let input = int_tensor::<B>(ids, [rows, cols], &self.device);
         let logits = self.model.logits_cached(input, padding.as_ref(), cache);
         let [rows, s, vocab] = logits.dims();
-        logits
-            .slice([0..rows, s - 1..s])
-            .reshape([rows, vocab])
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("f32 logits")
+        to_host(logits.slice([0..rows, s - 1..s]).reshape([rows, vocab]))
     }
 
     /// Prefills `requests` together and sends each its first token; those that go on join the

@@ -374,11 +374,7 @@ pub(crate) fn add_rows<B: Backend>(
 ) -> Tensor<B, 2> {
     let d = shape[1];
     let mut buf = match whole {
-        Some(t) => t
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("f32 after convert"),
+        Some(t) => collie_core::host::to_host(t),
         None => vec![0.0; shape[0] * d],
     };
     let g = g.into_data().convert::<f32>();

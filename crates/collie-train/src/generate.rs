@@ -189,11 +189,7 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         let [_, s, vocab] = logits.dims();
         // [batch, s, vocab] -> [batch, vocab] at the last position
         let last = logits.slice([0..batch, s - 1..s]).reshape([batch, vocab]);
-        let host = last
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("f32 logits");
+        let host = collie_core::host::to_host(last);
         let mut next = Vec::with_capacity(batch);
         for row in 0..batch {
             if done[row] {

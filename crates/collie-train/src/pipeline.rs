@@ -19,6 +19,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use collie_core::dist::Collectives;
+use collie_core::host::to_host;
 use collie_core::loss::cross_entropy_sum_sharded;
 use collie_core::model::{BlockModel, DecoderLayer, LmHead};
 use collie_core::nn::{to_dtype, Embedding};
@@ -80,14 +81,6 @@ enum Saved<B: AutodiffBackend> {
     /// Under activation checkpointing: the input received from the previous stage (`None` on
     /// the first stage), without any graph.
     Input(Option<Tensor<B::InnerBackend, 3>>),
-}
-
-/// `t` as host f32 values.
-fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("f32 after convert")
 }
 
 /// Sends `values` to stage `to`, followed by `counts` where the step carries expert counts.
@@ -211,7 +204,7 @@ impl<B: AutodiffBackend> Rows<B> {
                 device,
             );
             let picked = model.embed().weight.val().inner().select(0, at);
-            group.send(host(picked), 0);
+            group.send(to_host(picked), 0);
         }
         Some(Rows {
             ids: distinct,
@@ -283,7 +276,7 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                         device,
                     );
                     let counts = merge_counts(counts, local.as_ref());
-                    let values = host(to_dtype(x, DType::F32));
+                    let values = to_host(to_dtype(x, DType::F32));
                     send_with_counts(group, stage.index + 1, values, counts.as_ref());
                     saved[i] = Some(Saved::Input(input));
                     continue;
@@ -318,7 +311,7 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                     }
                     Saved::Loss(leaf, loss, counts)
                 } else {
-                    let values = host(to_dtype(x.clone().detach(), DType::F32));
+                    let values = to_host(to_dtype(x.clone().detach(), DType::F32));
                     send_with_counts(group, stage.index + 1, values, counts.as_ref());
                     Saved::Inner(leaf, x, log)
                 });
@@ -365,7 +358,7 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
                     }
                 };
                 if let Some(leaf) = leaf {
-                    let g = host(leaf.grad(&grads).expect("gradient of the stage input"));
+                    let g = to_host(leaf.grad(&grads).expect("gradient of the stage input"));
                     send_with_counts(group, stage.index - 1, g, counts.as_ref());
                 }
                 if let Some(g) = compact.and_then(|(e, _)| e.weight.grad_remove(&mut grads)) {
@@ -382,7 +375,7 @@ pub fn step<B: AutodiffBackend, M: TrainModel<B>>(
     // The lookups' share of a tied table's gradient goes back to the last stage, which adds it
     // at the rows it sent (the head's share is there already).
     if let Some(g) = rows_grad {
-        group.send(host(g), stage.count - 1);
+        group.send(to_host(g), stage.count - 1);
     }
     if let Some(rows) = rows.filter(|_| stage.last() && model.embed().weight.is_require_grad()) {
         let k = rows.ids.len();

@@ -126,11 +126,7 @@ impl<B: Backend> Encoder<B> {
                 e = normalize(e);
             }
             let [b, d] = e.dims();
-            let v = e
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .expect("f32 data");
+            let v = collie_core::host::to_host(e);
             out.extend((0..b).map(|i| v[i * d..(i + 1) * d].to_vec()));
         }
         Ok(out)
