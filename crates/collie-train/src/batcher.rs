@@ -15,7 +15,9 @@ use collie_core::lm::{CausalLm, RowCache};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::generate::{int_tensor, pick, GenerateError, GenerationConfig};
+use crate::generate::{
+    int_tensor, left_pad, pick, with_token_column, GenerateError, GenerationConfig,
+};
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,16 +165,7 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
             return;
         }
         let n = valid.len();
-        let width = valid.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-        // Left padding keeps every prompt's last token in the last column.
-        let mut ids = Vec::with_capacity(n * width);
-        let mut mask = Vec::with_capacity(n * width);
-        for r in &valid {
-            let pad = width - r.prompt.len();
-            ids.extend(std::iter::repeat_n(self.pad_id as i64, pad));
-            ids.extend(r.prompt.iter().map(|&t| t as i64));
-            mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, width - pad)));
-        }
+        let (ids, mask, width) = left_pad(valid.iter().map(|r| r.prompt.as_slice()), self.pad_id);
         let mut cache = self.model.new_cache();
         let host = self.last_logits(ids, [n, width], &mask, &mut cache);
         let vocab = host.len() / n;
@@ -200,10 +193,7 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
         } else {
             cache
         };
-        let mut new_mask: Vec<i64> = keep
-            .iter()
-            .flat_map(|&i| mask[i * width..(i + 1) * width].iter().copied())
-            .collect();
+        let mut new_mask = mask_rows(&mask, width, &keep);
         let mut new_width = width;
         let prefix = self.model.cache_prefix();
         if let Some(old) = self.cache.take() {
@@ -229,16 +219,7 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
             return;
         };
         let n = self.rows.len();
-        let width = self.width();
-        // The new column: every row attends to its new token.
-        let mask: Vec<i64> = (0..n)
-            .flat_map(|r| {
-                self.mask[r * width..(r + 1) * width]
-                    .iter()
-                    .copied()
-                    .chain([1])
-            })
-            .collect();
+        let mask = with_token_column(&self.mask, n);
         let last = self.rows.iter().map(|r| r.last as i64).collect();
         let host = self.last_logits(last, [n, 1], &mask, &mut cache);
         let vocab = host.len() / n;
@@ -286,10 +267,7 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
         let mut mask = std::mem::take(&mut self.mask);
         if keep.len() < n {
             cache = cache.select_rows(keep);
-            mask = keep
-                .iter()
-                .flat_map(|&i| mask[i * width..(i + 1) * width].iter().copied())
-                .collect();
+            mask = mask_rows(&mask, width, keep);
             let mut i = 0;
             self.rows.retain(|_| {
                 i += 1;
@@ -316,6 +294,13 @@ impl<'a, B: Backend, M: CausalLm<B>> Batcher<'a, B, M> {
         self.mask = mask;
         self.cache = Some(cache);
     }
+}
+
+/// The rows `keep` of a `[rows, width]` mask.
+fn mask_rows(mask: &[i64], width: usize, keep: &[usize]) -> Vec<i64> {
+    keep.iter()
+        .flat_map(|&i| mask[i * width..(i + 1) * width].iter().copied())
+        .collect()
 }
 
 /// Every row's `[rows, width]` mask padded at the front to `target` columns.

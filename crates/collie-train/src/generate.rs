@@ -150,6 +150,31 @@ pub(crate) fn int_tensor<B: Backend>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+/// Prompts left-padded to the longest (every row's last token in the last column): the ids, the
+/// HF attention mask (`1` = token, `0` = padding), both `[rows, width]` row-major, and the width.
+pub(crate) fn left_pad<'p>(
+    prompts: impl ExactSizeIterator<Item = &'p [u32]> + Clone,
+    pad_id: u32,
+) -> (Vec<i64>, Vec<i64>, usize) {
+    let width = prompts.clone().map(<[u32]>::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * width);
+    let mut mask = Vec::with_capacity(prompts.len() * width);
+    for p in prompts {
+        let pad = width - p.len();
+        ids.extend(std::iter::repeat_n(pad_id as i64, pad).chain(p.iter().map(|&t| t as i64)));
+        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
+    }
+    (ids, mask, width)
+}
+
+/// The `[rows, width]` mask with a new last column of ones: every row attends to its new token.
+pub(crate) fn with_token_column(mask: &[i64], rows: usize) -> Vec<i64> {
+    let width = mask.len() / rows;
+    (0..rows)
+        .flat_map(|r| mask[r * width..(r + 1) * width].iter().copied().chain([1]))
+        .collect()
+}
+
 /// Generates a continuation of each prompt; returns the new tokens of each (EOS included when
 /// reached). `on_token(row, id)` is called as each token is chosen, for streaming.
 pub fn generate<B: Backend, M: CausalLm<B>>(
@@ -169,15 +194,7 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         return Ok(outputs);
     }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    // Left padding keeps every row's last token in the last column.
-    let mut ids = Vec::with_capacity(batch * width);
-    let mut mask = Vec::with_capacity(batch * width);
-    for p in prompts {
-        let pad = width - p.len();
-        ids.extend(std::iter::repeat_n(cfg.pad_id as i64, pad).chain(p.iter().map(|&t| t as i64)));
-        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
-    }
+    let (ids, mut mask, width) = left_pad(prompts.iter().map(Vec::as_slice), cfg.pad_id);
     let padded = mask.contains(&0);
     let mut cache = model.new_cache();
     let mut input = int_tensor::<B>(ids, [batch, width], device);
@@ -207,16 +224,7 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         if done.iter().all(|d| *d) {
             break;
         }
-        // The new column of the mask: every row attends to its new token.
-        let old_width = mask.len() / batch;
-        mask = (0..batch)
-            .flat_map(|r| {
-                mask[r * old_width..(r + 1) * old_width]
-                    .iter()
-                    .copied()
-                    .chain([1])
-            })
-            .collect();
+        mask = with_token_column(&mask, batch);
         input = int_tensor::<B>(
             next.into_iter().map(i64::from).collect(),
             [batch, 1],

@@ -60,10 +60,8 @@ pub struct App {
     /// Whether other ranks decode in lockstep with this one: a sink must then never drop its
     /// sequence itself (the engine cancels it on every rank at once).
     pub lockstep: bool,
-    /// Numbers the sequences.
+    /// Numbers the sequences (their engine ids and response ids).
     pub sequences: AtomicU64,
-    /// Numbers the responses.
-    pub counter: AtomicU64,
     /// The engine's load.
     pub load: Arc<Load>,
 }
@@ -359,7 +357,7 @@ impl App {
             let nanos = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);
-            nanos ^ self.counter.load(Ordering::Relaxed).rotate_left(32)
+            nanos ^ self.sequences.load(Ordering::Relaxed).rotate_left(32)
         });
         Ok(Prepared {
             model,
@@ -379,8 +377,8 @@ impl App {
         })
     }
 
-    /// Queues `p`; its events come back on the returned channel.
-    fn submit(&self, p: &Prepared) -> ApiResult<UnboundedReceiver<Event>> {
+    /// Queues `p`; its id, and the channel its events come back on.
+    fn submit(&self, p: &Prepared) -> ApiResult<(u64, UnboundedReceiver<Event>)> {
         let (tx, rx) = unbounded_channel();
         let gone = Arc::new(AtomicBool::new(false));
         let flag = gone.clone();
@@ -392,10 +390,11 @@ impl App {
             }
             delivered || lockstep
         };
+        let id = self.sequences.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             model: p.model,
             request: Request {
-                id: self.sequences.fetch_add(1, Ordering::Relaxed),
+                id,
                 prompt: p.prompt.clone(),
                 config: p.config.clone(),
                 sink: Box::new(sink),
@@ -409,7 +408,7 @@ impl App {
             self.load.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         match sent {
-            Ok(()) => Ok(rx),
+            Ok(()) => Ok((id, rx)),
             Err(TrySendError::Full(_)) => Err(ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: "the server's queue is full; retry later".into(),
@@ -540,8 +539,7 @@ struct Meta {
 }
 
 impl Meta {
-    fn new(app: &App, p: &Prepared, kind: Kind) -> Self {
-        let n = app.counter.fetch_add(1, Ordering::Relaxed);
+    fn new(app: &App, p: &Prepared, kind: Kind, n: u64) -> Self {
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -594,11 +592,11 @@ impl Meta {
 
 /// Queues the sequence and answers with its text: whole, or streamed as it comes.
 async fn respond(app: Arc<App>, p: Prepared, kind: Kind) -> Response {
-    let rx = match app.submit(&p) {
-        Ok(rx) => rx,
+    let (id, rx) = match app.submit(&p) {
+        Ok(sent) => sent,
         Err(e) => return e.into_response(),
     };
-    let meta = Meta::new(&app, &p, kind);
+    let meta = Meta::new(&app, &p, kind, id);
     if p.stream {
         return stream(app, p, meta, rx).into_response();
     }

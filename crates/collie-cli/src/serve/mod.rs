@@ -191,7 +191,6 @@ impl crate::model::WithModel for Task {
             jobs,
             lockstep: world.is_some(),
             sequences: AtomicU64::new(0),
-            counter: AtomicU64::new(0),
             load: load.clone(),
         });
         let addr: SocketAddr = format!("{}:{}", args.host, args.port)
