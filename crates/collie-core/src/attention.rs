@@ -240,38 +240,52 @@ pub fn naive_attention<B: Backend>(
     mask: Option<&Tensor<B, 4, Bool>>,
 ) -> Tensor<B, 4> {
     let [b, h, s_q, d] = q.dims();
-    let [_, kvh, s_k, _] = k.dims();
+    let kvh = k.dims()[1];
     let n_rep = h / kvh;
-    // (groups, rows per group) of the products: the query head j of a decoding step reads
-    // key/value head j / n_rep (repeat_kv's order).
-    let (q, k, v, groups, rows) = if s_q == 1 && n_rep > 1 {
+    // The products run over [batch, groups, rows per group, …]: the query head j of a decoding
+    // step reads key/value head j / n_rep (repeat_kv's order).
+    let (q, k, v) = if s_q == 1 && n_rep > 1 {
         // [batch, heads, 1, head_dim] -> [batch, kv_heads, n_rep, head_dim]
-        (q.reshape([b, kvh, n_rep, d]), k, v, kvh, n_rep)
+        (q.reshape([b, kvh, n_rep, d]), k, v)
     } else {
-        (q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), h, s_q)
+        (q, repeat_kv(k, n_rep), repeat_kv(v, n_rep))
     };
-    // [batch, 1, s_q, s_k] -> [batch, groups, rows, s_k] (a decoding step's one mask row serves
-    // every head of a group)
-    let mask = mask.map(|m| m.clone().expand([b, groups, rows, s_k]));
     // Spelled out rather than Burn's fused attention op: that op's autotuned GPU kernels
     // returned wrong rows for some short key lengths on wgpu (one query over 9 keys, Burn 0.21),
     // and the reference path should be the same arithmetic on every backend. The softmax runs in
     // f32 (transformers' eager attention and autocast do too); the two matmuls stay in the
     // compute dtype.
     let dtype = q.dtype();
-    let scores = q
-        .matmul(k.swap_dims(2, 3))
-        .cast(DType::F32)
-        .mul_scalar(1.0 / (d as f64).sqrt());
-    let scores = match mask {
-        Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
-        None => scores,
+    let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
+    let scale = 1.0 / (d as f64).sqrt();
+    let probs = match crate::fused::kernels::<B>() {
+        Some(k) => (k.softmax)(scores, mask.cloned(), scale as f32),
+        None => masked_softmax_unfused(scores, mask, scale),
     };
     // [batch, groups, rows, head_dim] -> [batch, heads, s_q, head_dim]
+    probs.cast(dtype).matmul(v).reshape([b, h, s_q, d])
+}
+
+/// `softmax(scale · scores)` over keys with the hidden ones at `−∞`, as tensor operations: the
+/// reference of the fused kernel ([`crate::fused::FusedKernels::softmax`]).
+///
+/// # Shapes
+/// - scores: `[batch, groups, rows, s_k]` (f32)
+/// - mask: `[batch, 1, rows or 1, s_k]`, `true` = hidden (a decoding step's one mask row serves
+///   every head of a group)
+/// - returns `[batch, groups, rows, s_k]`
+pub fn masked_softmax_unfused<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let dims = scores.dims();
+    let scores = scores.mul_scalar(scale);
+    let scores = match mask {
+        Some(m) => scores.mask_fill(m.clone().expand(dims), f32::NEG_INFINITY),
+        None => scores,
+    };
     softmax_spelled(scores, 3)
-        .cast(dtype)
-        .matmul(v)
-        .reshape([b, h, s_q, d])
 }
 
 /// `exp(x − max) / Σ exp(x − max)` along `dim`, as tensor ops. Burn's `softmax` is a backend op:

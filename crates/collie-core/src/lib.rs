@@ -14,6 +14,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod flash;
+pub mod fused;
 pub mod host;
 pub mod lm;
 pub mod loss;

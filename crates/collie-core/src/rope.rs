@@ -6,7 +6,7 @@
 //! `cos`/`sin` tables are then built on the device for the positions of each batch.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 
 /// Frequency scaling applied on top of the base RoPE frequencies (HF `rope_type`).
 #[derive(Debug, Clone, PartialEq)]
@@ -175,10 +175,39 @@ impl Rope {
 /// feature `i` with `i + d/2` (`rotate_half`) or, `interleaved`, `2i` with `2i + 1`. Tables
 /// narrower than the head rotate its first features only; the rest pass through (partial rotary).
 ///
+/// On a backend with fused kernels ([`crate::fused`]) and in f32, one pass that also lays a
+/// strided `x` (the projection's `[batch, seq, heads, d]` viewed head-major) out contiguously
+/// for attention; otherwise [`apply_rotary_unfused`].
+///
 /// # Shapes
 /// - x: `[batch, heads, seq, head_dim]`
 /// - cos, sin: `[batch, seq, rotary_dim]` (`rotary_dim ≤ head_dim`)
 pub fn apply_rotary<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+    interleaved: bool,
+) -> Tensor<B, 4> {
+    let [b, _, s, _] = x.dims();
+    let [tb, ts, _] = cos.dims();
+    // The kernel reads one table row per (batch row, position): no broadcasting.
+    let fits = [x.dtype(), cos.dtype(), sin.dtype()]
+        .iter()
+        .all(|&t| t == DType::F32)
+        && (tb, ts) == (b, s)
+        && sin.dims() == cos.dims();
+    match crate::fused::kernels::<B>() {
+        Some(k) if fits => (k.rope)(x, cos.clone(), sin.clone(), interleaved),
+        _ => apply_rotary_unfused(x, cos, sin, interleaved),
+    }
+}
+
+/// [`apply_rotary`] as tensor operations: the reference arithmetic of the fused kernel
+/// ([`crate::fused::FusedKernels::rope`]), and the path of backends without it.
+///
+/// # Shapes
+/// - as [`apply_rotary`]
+pub fn apply_rotary_unfused<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
@@ -189,7 +218,10 @@ pub fn apply_rotary<B: Backend>(
     if rd < d {
         let rot = x.clone().slice([0..b, 0..h, 0..s, 0..rd]);
         let pass = x.slice([0..b, 0..h, 0..s, rd..d]);
-        return Tensor::cat(vec![apply_rotary(rot, cos, sin, interleaved), pass], 3);
+        return Tensor::cat(
+            vec![apply_rotary_unfused(rot, cos, sin, interleaved), pass],
+            3,
+        );
     }
     let half = d / 2;
     let rotated = if interleaved {

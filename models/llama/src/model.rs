@@ -541,7 +541,7 @@ impl<B: Backend> Mlp<B> {
             }
             _ => unreachable!("an MLP is built with an up projection, and a gate apart or fused"),
         };
-        self.down_proj.forward(self.act.forward(gate) * up)
+        self.down_proj.forward(self.act.glu(gate, up))
     }
 }
 

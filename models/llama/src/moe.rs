@@ -172,7 +172,7 @@ impl<B: Backend> SparseMoe<B> {
             let rows = rows.clone().slice([run.clone(), 0..d]);
             let gate = expert.gate_proj.forward(rows.clone());
             let up = expert.up_proj.forward(rows);
-            let y = expert.down_proj.forward(self.act.forward(gate) * up);
+            let y = expert.down_proj.forward(self.act.glu(gate, up));
             outputs.push(y * weights.clone().slice([run]).unsqueeze_dim(1));
         }
         // Each token's expert outputs added in expert order, as transformers' expert loop adds.

@@ -2,7 +2,9 @@
 
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
+
+use crate::fused::Gate;
 
 /// An MLP activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,6 +37,42 @@ impl Activation {
             Activation::Silu => silu(x),
             Activation::GeluTanh => gelu_tanh(x),
         }
+    }
+
+    /// The gated unit `act(gate) · up` (SwiGLU, GeGLU): the backend's fused kernel
+    /// ([`crate::fused`]) when it has one and both are f32, else [`Activation::glu_unfused`].
+    ///
+    /// # Shapes
+    /// - gate, up: `[..., d_ff]` → same
+    pub fn glu<const D: usize, B: Backend>(
+        &self,
+        gate: Tensor<B, D>,
+        up: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        let f32s = gate.dtype() == DType::F32 && up.dtype() == DType::F32;
+        match crate::fused::kernels::<B>() {
+            Some(k) if f32s && gate.dims() == up.dims() => {
+                let dims = gate.dims();
+                let d = dims[D - 1];
+                let kind = match self {
+                    Activation::Silu => Gate::Silu,
+                    Activation::GeluTanh => Gate::GeluTanh,
+                };
+                // [..., d_ff] -> [rows, d_ff] -> [..., d_ff]
+                let rows = gate.shape().num_elements() / d.max(1);
+                (k.glu)(kind, gate.reshape([rows, d]), up.reshape([rows, d])).reshape(dims)
+            }
+            _ => self.glu_unfused(gate, up),
+        }
+    }
+
+    /// `act(gate) · up` as tensor operations (the reference arithmetic).
+    pub fn glu_unfused<const D: usize, B: Backend>(
+        &self,
+        gate: Tensor<B, D>,
+        up: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        self.forward(gate) * up
     }
 }
 

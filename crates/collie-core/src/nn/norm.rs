@@ -65,9 +65,45 @@ impl NormConfig {
 }
 
 impl<B: Backend> Norm<B> {
+    /// The norm by the backend's fused kernel ([`crate::fused`]) when it has one and everything
+    /// is f32, else by [`Norm::forward_unfused`].
+    ///
     /// # Shapes
     /// - x: `[..., d_model]` → same
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let weight = self.weight.val();
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let all_f32 = [
+            Some(x.dtype()),
+            Some(weight.dtype()),
+            bias.as_ref().map(|b| b.dtype()),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|t| t == DType::F32);
+        match crate::fused::kernels::<B>() {
+            Some(k) if all_f32 => {
+                let dims = x.dims();
+                let d = dims[D - 1];
+                let spec = crate::fused::NormSpec {
+                    eps: self.eps as f32,
+                    offset: self.offset as f32,
+                    center: bias.is_some(),
+                };
+                // [..., d_model] -> [rows, d_model] -> [..., d_model]
+                let rows = x.shape().num_elements() / d.max(1);
+                (k.norm)(x.reshape([rows, d]), weight, bias, spec).reshape(dims)
+            }
+            _ => self.forward_unfused(x),
+        }
+    }
+
+    /// The norm as tensor operations: the reference arithmetic, and the path of backends
+    /// without fused kernels and of reduced-precision inputs.
+    ///
+    /// # Shapes
+    /// - x: `[..., d_model]` → same
+    pub fn forward_unfused<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let x = super::to_dtype(x, DType::F32);
         let x = match self.bias {

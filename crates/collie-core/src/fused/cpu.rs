@@ -1,0 +1,172 @@
+//! [`FlexKernels`]: the fused kernels on Burn's Flex (CPU) backend, [`collie_kernels`] over the
+//! tensors' contiguous f32 buffers.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
+use collie_kernels::{glu, norm, rope, softmax};
+
+use super::{FusedKernels, Gate, NormSpec};
+
+/// The CPU kernels.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FlexKernels;
+
+/// The contiguous buffer of a float tensor (copied only when it is a strided view).
+fn buffer<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+    let t = t.into_primitive().tensor();
+    assert_eq!(t.dtype(), DType::F32, "fused kernels take f32 tensors");
+    t.to_contiguous()
+}
+
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 buffer")
+}
+
+fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+        TensorData::new(values, shape),
+    )))
+}
+
+impl FusedKernels<Flex> for FlexKernels {
+    fn softmax(
+        scores: Tensor<Flex, 4>,
+        mask: Option<Tensor<Flex, 4, Bool>>,
+        scale: f32,
+    ) -> Tensor<Flex, 4> {
+        let shape @ [_, groups, rows, keys] = scores.dims();
+        let s = buffer(scores);
+        let mut out = vec![0.0f32; s.layout().num_elements()];
+        match mask {
+            Some(m) => {
+                let mask_rows = m.dims()[2];
+                assert!(
+                    mask_rows == rows || mask_rows == 1,
+                    "softmax mask rows {mask_rows} vs {rows}"
+                );
+                // Bool tensors hold one byte per element.
+                let m = m.into_primitive().to_contiguous();
+                let hidden = softmax::RowMask {
+                    hidden: m.bytes(),
+                    rows_per_batch: groups * rows,
+                    rows,
+                    mask_rows,
+                };
+                softmax::forward(f32s(&s), keys, scale, Some(hidden), &mut out);
+            }
+            None => softmax::forward(f32s(&s), keys, scale, None, &mut out),
+        }
+        tensor(out, shape)
+    }
+
+    fn softmax_backward(p: Tensor<Flex, 4>, dp: Tensor<Flex, 4>, scale: f32) -> Tensor<Flex, 4> {
+        let shape = p.dims();
+        let (p, dp) = (buffer(p), buffer(dp));
+        let mut ds = vec![0.0f32; p.layout().num_elements()];
+        softmax::backward(f32s(&p), f32s(&dp), shape[3], scale, &mut ds);
+        tensor(ds, shape)
+    }
+
+    fn norm(
+        x: Tensor<Flex, 2>,
+        weight: Tensor<Flex, 1>,
+        bias: Option<Tensor<Flex, 1>>,
+        spec: NormSpec,
+    ) -> (Tensor<Flex, 2>, Tensor<Flex, 1>) {
+        let shape @ [rows, _] = x.dims();
+        let (x, w) = (buffer(x), buffer(weight));
+        let b = bias.map(buffer);
+        let mut y = vec![0.0f32; x.layout().num_elements()];
+        let mut sigma = vec![0.0f32; rows];
+        norm::forward(
+            f32s(&x),
+            f32s(&w),
+            b.as_ref().map(f32s),
+            spec,
+            &mut y,
+            &mut sigma,
+        );
+        (tensor(y, shape), tensor(sigma, [rows]))
+    }
+
+    fn norm_backward(
+        x: Tensor<Flex, 2>,
+        weight: Tensor<Flex, 1>,
+        sigma: Tensor<Flex, 1>,
+        dy: Tensor<Flex, 2>,
+        spec: NormSpec,
+    ) -> (Tensor<Flex, 2>, Tensor<Flex, 1>, Tensor<Flex, 1>) {
+        let shape @ [_, d] = x.dims();
+        let (x, w, sigma, dy) = (buffer(x), buffer(weight), buffer(sigma), buffer(dy));
+        let mut dx = vec![0.0f32; x.layout().num_elements()];
+        let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
+        norm::backward(
+            f32s(&x),
+            f32s(&w),
+            f32s(&sigma),
+            f32s(&dy),
+            spec,
+            &mut dx,
+            &mut dw,
+            &mut db,
+        );
+        (tensor(dx, shape), tensor(dw, [d]), tensor(db, [d]))
+    }
+
+    fn rope(
+        x: Tensor<Flex, 4>,
+        cos: Tensor<Flex, 3>,
+        sin: Tensor<Flex, 3>,
+        interleaved: bool,
+        sign: f32,
+    ) -> Tensor<Flex, 4> {
+        let shape @ [_, _, _, d] = x.dims();
+        let r = cos.dims()[2];
+        let mut x = x.into_primitive().tensor();
+        assert_eq!(x.dtype(), DType::F32, "fused kernels take f32 tensors");
+        // Read through the strides (the [batch, seq, heads, d] projection viewed head-major);
+        // anything else (negative strides) is copied first.
+        if x.layout().strides().iter().any(|&s| s < 0) {
+            x = x.to_contiguous();
+        }
+        let strides = x.layout().strides();
+        let view = rope::View4 {
+            shape,
+            strides: std::array::from_fn(|i| strides[i] as usize),
+            offset: x.layout().start_offset(),
+        };
+        let (cos, sin) = (buffer(cos), buffer(sin));
+        let mut out = vec![0.0f32; shape.iter().product()];
+        let tables = rope::Tables {
+            cos: f32s(&cos),
+            sin: f32s(&sin),
+            width: r.min(d),
+            interleaved,
+        };
+        rope::apply(x.storage::<f32>(), view, tables, sign, &mut out);
+        tensor(out, shape)
+    }
+
+    fn glu(kind: Gate, gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+        let shape = gate.dims();
+        let (g, u) = (buffer(gate), buffer(up));
+        let mut y = vec![0.0f32; g.layout().num_elements()];
+        glu::forward(kind, f32s(&g), f32s(&u), &mut y);
+        tensor(y, shape)
+    }
+
+    fn glu_backward(
+        kind: Gate,
+        gate: Tensor<Flex, 2>,
+        up: Tensor<Flex, 2>,
+        dy: Tensor<Flex, 2>,
+    ) -> (Tensor<Flex, 2>, Tensor<Flex, 2>) {
+        let shape = gate.dims();
+        let (g, u, d) = (buffer(gate), buffer(up), buffer(dy));
+        let n = g.layout().num_elements();
+        let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
+        glu::backward(kind, f32s(&g), f32s(&u), f32s(&d), &mut dg, &mut du);
+        (tensor(dg, shape), tensor(du, shape))
+    }
+}

@@ -1,0 +1,391 @@
+//! Fused kernels for the element-wise half of a step: the attention softmax, RMSNorm/LayerNorm,
+//! the gated MLP activations and rotary embeddings, each one pass over its rows forward and one backward, where
+//! the layers otherwise run a chain of tensor operations (each a pass over memory, each a node
+//! that autodiff keeps alive).
+//!
+//! The layers ([`crate::nn::Norm`], [`crate::nn::Activation::glu`], the naive attention,
+//! [`crate::rope::apply_rotary`]) ask
+//! [`kernels`] for backend `B`'s functions and run them when the input is f32; otherwise, and
+//! on backends without kernels (wgpu and CUDA, where Burn's fusion already merges element-wise
+//! chains), they run their unfused arithmetic, which stays the reference the kernels are tested
+//! against. [`register`] records, per backend, the inference functions (for `I`) and
+//! differentiable ops whose backward calls the kernels (for `Autodiff<I>`), as
+//! [`crate::flash`] does for attention. The same kernel serves training, recomputation
+//! (activation checkpointing runs the inner backend) and inference, so they agree bit for bit.
+//!
+//! `COLLIE_FUSED=0` in the environment skips the registration: every layer runs unfused
+//! (for comparisons and benchmarks).
+
+#[cfg(feature = "cpu")]
+mod cpu;
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::{OnceLock, RwLock};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor, TensorPrimitive};
+pub use collie_kernels::glu::Gate;
+pub use collie_kernels::norm::NormSpec;
+
+#[cfg(feature = "cpu")]
+pub use cpu::FlexKernels;
+
+/// Backend `I`'s fused kernels (no autodiff). Tensors are f32; shapes as documented per method.
+pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
+    /// `softmax(scale · scores)` over the last dimension, hidden keys 0.
+    ///
+    /// # Shapes
+    /// - scores: `[batch, groups, rows, keys]`
+    /// - mask: `[batch, 1, rows or 1, keys]`, `true` = hidden
+    fn softmax(scores: Tensor<I, 4>, mask: Option<Tensor<I, 4, Bool>>, scale: f32) -> Tensor<I, 4>;
+
+    /// Gradient of the scores from the probabilities `p` and their gradient `dp` (same shapes).
+    fn softmax_backward(p: Tensor<I, 4>, dp: Tensor<I, 4>, scale: f32) -> Tensor<I, 4>;
+
+    /// The norm of each row and its root `σ`.
+    ///
+    /// # Shapes
+    /// - x: `[rows, d]`, weight and bias: `[d]` → (`[rows, d]`, `[rows]`)
+    fn norm(
+        x: Tensor<I, 2>,
+        weight: Tensor<I, 1>,
+        bias: Option<Tensor<I, 1>>,
+        spec: NormSpec,
+    ) -> (Tensor<I, 2>, Tensor<I, 1>);
+
+    /// `(dx, dweight, dbias)` from the output's gradient `dy` and the forward's `σ`.
+    fn norm_backward(
+        x: Tensor<I, 2>,
+        weight: Tensor<I, 1>,
+        sigma: Tensor<I, 1>,
+        dy: Tensor<I, 2>,
+        spec: NormSpec,
+    ) -> (Tensor<I, 2>, Tensor<I, 1>, Tensor<I, 1>);
+
+    /// Rotary embedding of `x` by the tables, `sign = −1` for the transpose (the backward).
+    /// `x` may be any strided view; the result is contiguous.
+    ///
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch, seq, rotary_dim]` → x's shape
+    fn rope(
+        x: Tensor<I, 4>,
+        cos: Tensor<I, 3>,
+        sin: Tensor<I, 3>,
+        interleaved: bool,
+        sign: f32,
+    ) -> Tensor<I, 4>;
+
+    /// `act(gate) · up` (same shapes).
+    fn glu(kind: Gate, gate: Tensor<I, 2>, up: Tensor<I, 2>) -> Tensor<I, 2>;
+
+    /// `(dgate, dup)` from the output's gradient `dy`.
+    fn glu_backward(
+        kind: Gate,
+        gate: Tensor<I, 2>,
+        up: Tensor<I, 2>,
+        dy: Tensor<I, 2>,
+    ) -> (Tensor<I, 2>, Tensor<I, 2>);
+}
+
+/// [`FusedKernels::softmax`] as a plain function.
+pub type SoftmaxFn<B> = fn(Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, f32) -> Tensor<B, 4>;
+/// [`FusedKernels::norm`] as a plain function returning the normalized rows only.
+pub type NormFn<B> = fn(Tensor<B, 2>, Tensor<B, 1>, Option<Tensor<B, 1>>, NormSpec) -> Tensor<B, 2>;
+
+/// [`FusedKernels::rope`] (forward) as a plain function.
+pub type RopeFn<B> = fn(Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 3>, bool) -> Tensor<B, 4>;
+
+/// Backend `B`'s fused ops as plain functions (inference kernels, or differentiable ops).
+#[derive(Debug)]
+pub struct Fused<B: Backend> {
+    /// See [`FusedKernels::softmax`].
+    pub softmax: SoftmaxFn<B>,
+    /// See [`FusedKernels::norm`]; returns the normalized rows only.
+    pub norm: NormFn<B>,
+    /// See [`FusedKernels::glu`].
+    pub glu: fn(Gate, Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+    /// See [`FusedKernels::rope`]; the tables are constants (never differentiated).
+    pub rope: RopeFn<B>,
+}
+
+impl<B: Backend> Clone for Fused<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Fused<B> {}
+
+type Registry = RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
+
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// Whether `COLLIE_FUSED` leaves the fused kernels on (anything but `0`).
+fn enabled() -> bool {
+    std::env::var("COLLIE_FUSED").map_or(true, |v| v != "0")
+}
+
+/// Makes [`kernels`] return `K`'s kernels for `I` and differentiable ops over them for
+/// `Autodiff<I>`, unless `COLLIE_FUSED=0`. Idempotent.
+pub fn register<I: Backend, K: FusedKernels<I>>() {
+    if !enabled() {
+        return;
+    }
+    let inference = Fused::<I> {
+        softmax: K::softmax,
+        norm: |x, w, b, spec| K::norm(x, w, b, spec).0,
+        glu: K::glu,
+        rope: |x, cos, sin, interleaved| K::rope(x, cos, sin, interleaved, 1.0),
+    };
+    let autodiff = Fused::<Autodiff<I>> {
+        softmax: softmax_autodiff::<I, K>,
+        norm: norm_autodiff::<I, K>,
+        glu: glu_autodiff::<I, K>,
+        rope: rope_autodiff::<I, K>,
+    };
+    let mut r = registry().write().expect("registry lock");
+    r.insert(TypeId::of::<I>(), Box::new(inference));
+    r.insert(TypeId::of::<Autodiff<I>>(), Box::new(autodiff));
+}
+
+/// Backend `B`'s fused ops, if [`register`] has seen it.
+pub fn kernels<B: Backend>() -> Option<Fused<B>> {
+    registry()
+        .read()
+        .expect("registry lock")
+        .get(&TypeId::of::<B>())
+        .and_then(|f| f.downcast_ref::<Fused<B>>())
+        .copied()
+}
+
+/// The inner backend's view of an autodiff tensor (same buffer).
+fn inner<I: Backend, const D: usize>(
+    t: &burn::tensor::ops::FloatTensor<Autodiff<I>>,
+) -> Tensor<I, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t.primitive.clone()))
+}
+
+/// The float primitive of an inner tensor.
+fn prim<I: Backend, const D: usize>(t: Tensor<I, D>) -> I::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+/// The gradient flowing into `ops`' output.
+fn grad_out<I: Backend, S, const N: usize, const D: usize>(
+    ops: &Ops<S, N>,
+    grads: &mut Gradients,
+) -> Tensor<I, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(grads.consume::<I>(&ops.node)))
+}
+
+/// Adds `g` to the gradient of the parent `node`, when it is tracked.
+fn give<I: Backend, const D: usize>(grads: &mut Gradients, node: Option<NodeId>, g: Tensor<I, D>) {
+    if let Some(node) = node {
+        grads.register::<I>(node, prim(g));
+    }
+}
+
+/// Backward of the softmax: keeps the probabilities.
+#[derive(Debug)]
+struct SoftmaxBackward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for SoftmaxBackward<I, K> {
+    type State = (Tensor<I, 4>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dp = grad_out::<I, _, 1, 4>(&ops, grads);
+        let [node] = ops.parents.map(|n| n.map(|n| n.id));
+        let (p, scale) = ops.state;
+        give(grads, node, K::softmax_backward(p, dp, scale));
+    }
+}
+
+fn softmax_autodiff<I: Backend, K: FusedKernels<I>>(
+    scores: Tensor<Autodiff<I>, 4>,
+    mask: Option<Tensor<Autodiff<I>, 4, Bool>>,
+    scale: f32,
+) -> Tensor<Autodiff<I>, 4> {
+    // Bool tensors are not tracked: the autodiff primitive is the inner one.
+    let mask = mask.map(|m| Tensor::<I, 4, Bool>::from_primitive(m.into_primitive()));
+    let s = scores.into_primitive().tensor();
+    let si = inner::<I, 4>(&s);
+    let out = match SoftmaxBackward::<I, K>(PhantomData)
+        .prepare::<NoCheckpointing>([s.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let p = K::softmax(si, mask, scale);
+            prep.finish((p.clone(), scale), prim(p))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(K::softmax(si, mask, scale))),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of a norm: keeps the input, the weight and each row's `σ`.
+#[derive(Debug)]
+struct NormBackward<I, K, const N: usize>(PhantomData<(I, K)>);
+
+#[derive(Debug, Clone)]
+struct NormSaved<I: Backend> {
+    x: Tensor<I, 2>,
+    weight: Tensor<I, 1>,
+    sigma: Tensor<I, 1>,
+    spec: NormSpec,
+}
+
+impl<I: Backend, K: FusedKernels<I>, const N: usize> Backward<I, N> for NormBackward<I, K, N> {
+    type State = NormSaved<I>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grad_out::<I, _, N, 2>(&ops, grads);
+        let s = ops.state;
+        let (dx, dw, db) = K::norm_backward(s.x, s.weight, s.sigma, dy, s.spec);
+        let mut parents = ops.parents.into_iter().map(|n| n.map(|n| n.id));
+        give(grads, parents.next().flatten(), dx);
+        give(grads, parents.next().flatten(), dw);
+        if let Some(node) = parents.next() {
+            give(grads, node, db);
+        }
+    }
+}
+
+fn norm_autodiff<I: Backend, K: FusedKernels<I>>(
+    x: Tensor<Autodiff<I>, 2>,
+    weight: Tensor<Autodiff<I>, 1>,
+    bias: Option<Tensor<Autodiff<I>, 1>>,
+    spec: NormSpec,
+) -> Tensor<Autodiff<I>, 2> {
+    let (x, w) = (
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+    );
+    let b = bias.map(|b| b.into_primitive().tensor());
+    let (xi, wi) = (inner::<I, 2>(&x), inner::<I, 1>(&w));
+    let bi = b.as_ref().map(inner::<I, 1>);
+    let forward = |prep_tracked: bool| {
+        let (y, sigma) = K::norm(xi.clone(), wi.clone(), bi.clone(), spec);
+        let saved = prep_tracked.then(|| NormSaved {
+            x: xi.clone(),
+            weight: wi.clone(),
+            sigma,
+            spec,
+        });
+        (prim(y), saved)
+    };
+    let out = match &b {
+        Some(b) => match NormBackward::<I, K, 3>(PhantomData)
+            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, saved) = forward(true);
+                prep.finish(saved.expect("saved"), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(false).0),
+        },
+        None => match NormBackward::<I, K, 2>(PhantomData)
+            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, saved) = forward(true);
+                prep.finish(saved.expect("saved"), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(false).0),
+        },
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of a gated unit: keeps gate and up.
+#[derive(Debug)]
+struct GluBackward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 2> for GluBackward<I, K> {
+    type State = (Gate, Tensor<I, 2>, Tensor<I, 2>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grad_out::<I, _, 2, 2>(&ops, grads);
+        let [node_g, node_u] = ops.parents.map(|n| n.map(|n| n.id));
+        let (kind, gate, up) = ops.state;
+        let (dg, du) = K::glu_backward(kind, gate, up, dy);
+        give(grads, node_g, dg);
+        give(grads, node_u, du);
+    }
+}
+
+fn glu_autodiff<I: Backend, K: FusedKernels<I>>(
+    kind: Gate,
+    gate: Tensor<Autodiff<I>, 2>,
+    up: Tensor<Autodiff<I>, 2>,
+) -> Tensor<Autodiff<I>, 2> {
+    let (g, u) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
+    let (gi, ui) = (inner::<I, 2>(&g), inner::<I, 2>(&u));
+    let out = match GluBackward::<I, K>(PhantomData)
+        .prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = K::glu(kind, gi.clone(), ui.clone());
+            prep.finish((kind, gi, ui), prim(y))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(K::glu(kind, gi, ui))),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of the rotary embedding: the rotation by `−sin`.
+#[derive(Debug)]
+struct RopeBackward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for RopeBackward<I, K> {
+    type State = (Tensor<I, 3>, Tensor<I, 3>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grad_out::<I, _, 1, 4>(&ops, grads);
+        let [node] = ops.parents.map(|n| n.map(|n| n.id));
+        let (cos, sin, interleaved) = ops.state;
+        give(grads, node, K::rope(dy, cos, sin, interleaved, -1.0));
+    }
+}
+
+fn rope_autodiff<I: Backend, K: FusedKernels<I>>(
+    x: Tensor<Autodiff<I>, 4>,
+    cos: Tensor<Autodiff<I>, 3>,
+    sin: Tensor<Autodiff<I>, 3>,
+    interleaved: bool,
+) -> Tensor<Autodiff<I>, 4> {
+    // The tables come from positions (integers): nothing to differentiate.
+    let (cos, sin) = (cos.inner(), sin.inner());
+    let x = x.into_primitive().tensor();
+    let xi = inner::<I, 4>(&x);
+    let out = match RopeBackward::<I, K>(PhantomData)
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = K::rope(xi, cos.clone(), sin.clone(), interleaved, 1.0);
+            prep.finish((cos, sin, interleaved), prim(y))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(K::rope(xi, cos, sin, interleaved, 1.0))),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}

@@ -1,0 +1,354 @@
+//! The fused CPU kernels (`collie_core::fused`) against the layers' unfused arithmetic: values
+//! and gradients (relative to the largest element, f32) of the attention softmax, RMSNorm,
+//! Gemma's offset norm, LayerNorm, SwiGLU and GeGLU, on odd shapes (one row, widths that are not
+//! a multiple of the SIMD lanes, rows over several parallel blocks, causal / padded / decoding
+//! masks); the inference kernel equals the differentiable op bit for bit (recomputation relies on
+//! it); and the portable and AVX2 fallbacks give the same bits as the best instruction set.
+
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use collie_core::attention::{masked_softmax_unfused, AttnMask};
+use collie_core::device::{Cpu, RegisterOps};
+use collie_core::fused::{kernels, Gate};
+use collie_core::nn::{Activation, NormConfig};
+use collie_kernels::simd::{set_level, Level, LEVEL_LOCK};
+use collie_tests::compare::{assert_within, max_rel, max_rel_diff, values};
+
+type A = Autodiff<Cpu>;
+
+/// Largest relative difference, fused vs unfused (worst achieved: see each use).
+const TOL: f64 = 1e-6;
+
+fn setup() {
+    Cpu::register_ops();
+    assert!(
+        kernels::<A>().is_some() && kernels::<Cpu>().is_some(),
+        "CPU kernels registered"
+    );
+}
+
+fn random<const D: usize>(shape: [usize; D], seed: u64, scale: f64) -> Tensor<A, D> {
+    Cpu::seed(&Default::default(), seed);
+    Tensor::random(shape, Distribution::Normal(0.0, scale), &Default::default())
+}
+
+/// Causal + left-padding mask `[batch, 1, s_q, s_k]` (row 1 padded by `pad`).
+fn padded_mask(batch: usize, s_q: usize, s_k: usize, pad: usize) -> Tensor<A, 4, Bool> {
+    let seg: Vec<i64> = (0..batch)
+        .flat_map(|r| (0..s_k).map(move |j| i64::from(r == 0 || j >= pad)))
+        .collect();
+    let seg =
+        Tensor::<A, 2, Int>::from_data(TensorData::new(seg, [batch, s_k]), &Default::default());
+    AttnMask::new(batch, s_q, s_k, Some(seg), None, 0).rows(0..s_q, &Default::default())
+}
+
+/// `(output, d input)` of `sum(f(x) · w)` for one softmax implementation.
+fn softmax_run(
+    fused: bool,
+    scores: &Tensor<A, 4>,
+    mask: Option<&Tensor<A, 4, Bool>>,
+    w: &Tensor<A, 4>,
+    scale: f64,
+) -> (Tensor<Cpu, 4>, Tensor<Cpu, 4>) {
+    let x = scores.clone().detach().require_grad();
+    let p = if fused {
+        (kernels::<A>().unwrap().softmax)(x.clone(), mask.cloned(), scale as f32)
+    } else {
+        masked_softmax_unfused(x.clone(), mask, scale)
+    };
+    let grads = (p.clone() * w.clone()).sum().backward();
+    (p.inner(), x.grad(&grads).unwrap())
+}
+
+#[test]
+fn attention_softmax_equals_unfused() {
+    setup();
+    // (name, [batch, groups, rows, keys], mask rows: Some(rows or 1) or none)
+    let cases: [(&str, [usize; 4], Option<usize>); 5] = [
+        ("causal + padding, 37 keys", [2, 3, 37, 37], Some(37)),
+        ("kv cache, 6 queries over 41 keys", [2, 4, 6, 41], Some(6)),
+        ("decoding step, heads grouped", [2, 2, 4, 23], Some(1)),
+        ("no mask", [1, 2, 5, 19], None),
+        ("one row of one key", [1, 1, 1, 1], Some(1)),
+    ];
+    for (i, (name, shape @ [b, _, rows, keys], mask_rows)) in cases.into_iter().enumerate() {
+        let scores = random(shape, 10 + i as u64, 3.0);
+        let w = random(shape, 20 + i as u64, 1.0);
+        let mask = mask_rows.map(|mr| {
+            let m = padded_mask(b, rows, keys, 3.min(keys - 1));
+            if mr == 1 {
+                m.slice([0..b, 0..1, rows - 1..rows, 0..keys])
+            } else {
+                m
+            }
+        });
+        let scale = 0.125;
+        let (p, dx) = softmax_run(true, &scores, mask.as_ref(), &w, scale);
+        let (p0, dx0) = softmax_run(false, &scores, mask.as_ref(), &w, scale);
+        assert_within(
+            &format!("{name}: probabilities"),
+            max_rel(p.clone(), p0),
+            TOL,
+        );
+        assert_within(&format!("{name}: d scores"), max_rel(dx, dx0), TOL);
+        // inference kernel == differentiable op, bit for bit
+        let inf = (kernels::<Cpu>().unwrap().softmax)(
+            scores.clone().inner(),
+            mask.clone()
+                .map(|m| Tensor::from_primitive(m.into_primitive())),
+            scale as f32,
+        );
+        assert_eq!(
+            values(inf),
+            values(p),
+            "{name}: inference vs training forward"
+        );
+    }
+}
+
+#[test]
+fn norms_equal_unfused() {
+    setup();
+    let device = Default::default();
+    let specs = [
+        ("rmsnorm", NormConfig::new(37)),
+        ("gemma offset", NormConfig::new(37).with_offset(1.0)),
+        (
+            "layernorm",
+            NormConfig::new(37).with_layer_norm(true).with_eps(1e-12),
+        ),
+    ];
+    for (name, config) in specs {
+        for shape in [[1, 1, 37], [3, 5, 37], [2, 700, 37]] {
+            let mut norm = config.init::<A>(&device);
+            // non-trivial weight and bias
+            norm.weight = Param::from_tensor(random([37], 1, 0.5).add_scalar(1.0 - config.offset));
+            norm.bias = norm.bias.map(|_| Param::from_tensor(random([37], 2, 0.5)));
+            let x = random(shape, 3, 2.0);
+            let w = random(shape, 4, 1.0);
+            let mut out = Vec::new();
+            for fused in [true, false] {
+                let xg = x.clone().detach().require_grad();
+                let y = if fused {
+                    norm.forward(xg.clone())
+                } else {
+                    norm.forward_unfused(xg.clone())
+                };
+                let grads = (y.clone() * w.clone()).sum().backward();
+                let dw = norm.weight.val().grad(&grads).unwrap();
+                let db = norm.bias.as_ref().map(|b| b.val().grad(&grads).unwrap());
+                out.push((y.inner(), xg.grad(&grads).unwrap(), dw, db));
+            }
+            let (unfused, fused) = (out.pop().unwrap(), out.pop().unwrap());
+            let what = format!("{name} {shape:?}");
+            assert_within(
+                &format!("{what}: y"),
+                max_rel(fused.0.clone(), unfused.0),
+                TOL,
+            );
+            assert_within(&format!("{what}: dx"), max_rel(fused.1, unfused.1), TOL);
+            assert_within(
+                &format!("{what}: dweight"),
+                max_rel(fused.2, unfused.2),
+                TOL,
+            );
+            if let (Some(a), Some(b)) = (fused.3, unfused.3) {
+                assert_within(&format!("{what}: dbias"), max_rel(a, b), TOL);
+            }
+            // inference == training forward
+            let inf = norm.valid().forward(x.clone().inner());
+            assert_eq!(
+                values(inf),
+                values(fused.0),
+                "{what}: inference vs training forward"
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_norm_weight_still_gives_input_gradients() {
+    setup();
+    let mut norm = NormConfig::new(19).init::<A>(&Default::default());
+    norm.weight = norm.weight.set_require_grad(false);
+    let x = random([4, 19], 5, 1.0).require_grad();
+    let grads = norm.forward(x.clone()).sum().backward();
+    let x0 = x.clone().detach().require_grad();
+    let grads0 = norm.forward_unfused(x0.clone()).sum().backward();
+    assert_within(
+        "frozen weight: dx",
+        max_rel(x.grad(&grads).unwrap(), x0.grad(&grads0).unwrap()),
+        TOL,
+    );
+    assert!(norm.weight.val().grad(&grads).is_none());
+}
+
+/// `(y, dgate, dup)` of `sum(act(g) · u · w)` in f64 on the host.
+fn glu_f64(gate: Gate, g: &[f32], u: &[f32], w: &[f32]) -> [Vec<f64>; 3] {
+    let (k, c) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for ((&g, &u), &w) in g.iter().zip(u).zip(w) {
+        let (g, u, w) = (g as f64, u as f64, w as f64);
+        let (a, da) = match gate {
+            Gate::Silu => {
+                let s = 1.0 / (1.0 + (-g).exp());
+                (g * s, s * (1.0 + g * (1.0 - s)))
+            }
+            Gate::GeluTanh => {
+                let t = (k * (g + c * g * g * g)).tanh();
+                (
+                    0.5 * g * (1.0 + t),
+                    0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3.0 * c * g * g),
+                )
+            }
+        };
+        out[0].push(a * u);
+        out[1].push(w * u * da);
+        out[2].push(w * a);
+    }
+    out
+}
+
+#[test]
+fn gated_units_equal_unfused() {
+    setup();
+    for (act, gate) in [
+        (Activation::Silu, Gate::Silu),
+        (Activation::GeluTanh, Gate::GeluTanh),
+    ] {
+        for shape in [[1, 1, 1], [2, 7, 37], [1, 3, 4099]] {
+            let g = random(shape, 6, 3.0);
+            let u = random(shape, 7, 1.0);
+            let w = random(shape, 8, 1.0);
+            let truth = glu_f64(
+                gate,
+                &values(g.clone()),
+                &values(u.clone()),
+                &values(w.clone()),
+            );
+            let mut out = Vec::new();
+            for fused in [true, false] {
+                let (gg, ug) = (g.clone().require_grad(), u.clone().require_grad());
+                let y = if fused {
+                    act.glu(gg.clone(), ug.clone())
+                } else {
+                    act.glu_unfused(gg.clone(), ug.clone())
+                };
+                let grads = (y.clone() * w.clone()).sum().backward();
+                out.push([
+                    y.inner(),
+                    gg.grad(&grads).unwrap(),
+                    ug.grad(&grads).unwrap(),
+                ]);
+            }
+            let (unfused, fused) = (out.pop().unwrap(), out.pop().unwrap());
+            for (i, what) in ["y", "dgate", "dup"].into_iter().enumerate() {
+                let what = format!("{gate:?} {shape:?}: {what}");
+                let err = max_rel_diff(&values(fused[i].clone()), &truth[i]);
+                let err0 = max_rel_diff(&values(unfused[i].clone()), &truth[i]);
+                assert_within(&format!("{what} vs f64"), err, TOL);
+                println!("{what}: unfused vs f64 {err0:.2e}");
+                assert_within(
+                    &format!("{what} vs unfused"),
+                    max_rel(fused[i].clone(), unfused[i].clone()),
+                    TOL,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fallback_instruction_sets_give_the_same_bits() {
+    setup();
+    let _turn = LEVEL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let norm = NormConfig::new(37).init::<A>(&Default::default());
+    let x = random([3, 11, 37], 9, 2.0);
+    let mask = padded_mask(3, 11, 11, 4);
+    let scores = random([3, 2, 11, 11], 10, 3.0);
+    let run = || {
+        let xg = x.clone().require_grad();
+        let y = Activation::Silu.glu(norm.forward(xg.clone()), xg.clone());
+        let s = scores.clone().require_grad();
+        let p = (kernels::<A>().unwrap().softmax)(s.clone(), Some(mask.clone()), 0.3);
+        let grads = (y.clone().sum() + (p.clone() * p.clone()).sum()).backward();
+        [
+            values(y.inner()),
+            values(p.inner()),
+            values(xg.grad(&grads).unwrap()),
+            values(s.grad(&grads).unwrap()),
+        ]
+    };
+    let mut results = Vec::new();
+    for level in [Level::Portable, Level::Avx2, Level::Best] {
+        set_level(level);
+        results.push((level, run()));
+    }
+    set_level(Level::Best);
+    let (_, best) = results.pop().unwrap();
+    for (level, r) in results {
+        assert!(r == best, "{level:?} differs from the best instruction set");
+    }
+}
+
+#[test]
+fn rotary_embedding_equals_unfused() {
+    use collie_core::rope::{apply_rotary, apply_rotary_unfused, Rope, RopeScaling};
+    setup();
+    let device = Default::default();
+    // (name, [batch, seq, heads, head_dim], rotary_dim, interleaved)
+    let cases = [
+        ("rotate_half d16", [2, 7, 3, 16], 16, false),
+        ("partial rotary 6 of 10", [1, 5, 2, 10], 6, false),
+        ("interleaved (GLM) d8", [2, 4, 2, 8], 8, true),
+        ("one position", [1, 1, 1, 4], 4, false),
+    ];
+    for (i, (name, [b, s, h, d], rd, interleaved)) in cases.into_iter().enumerate() {
+        let rope = Rope::new(rd, 10000.0, &RopeScaling::None);
+        let rope = if interleaved {
+            rope.interleaved()
+        } else {
+            rope
+        };
+        let positions: Vec<i64> = (0..b * s)
+            .map(|j| (j % s) as i64 + 3 * (j / s) as i64)
+            .collect();
+        let positions = Tensor::<A, 2, Int>::from_data(TensorData::new(positions, [b, s]), &device);
+        let (cos, sin) = rope.cos_sin(positions);
+        // the projection's layout, viewed head-major (a strided input)
+        let x = random([b, s, h, d], 30 + i as u64, 1.0);
+        let w = random([b, h, s, d], 40 + i as u64, 1.0);
+        let mut out = Vec::new();
+        for fused in [true, false] {
+            let xg = x.clone().require_grad();
+            let xv = xg.clone().swap_dims(1, 2);
+            let y = if fused {
+                apply_rotary(xv, &cos, &sin, interleaved)
+            } else {
+                apply_rotary_unfused(xv, &cos, &sin, interleaved)
+            };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            out.push((y.inner(), xg.grad(&grads).unwrap()));
+        }
+        let (unfused, fused) = (out.pop().unwrap(), out.pop().unwrap());
+        assert_within(
+            &format!("{name}: y"),
+            max_rel(fused.0.clone(), unfused.0),
+            TOL,
+        );
+        assert_within(&format!("{name}: dx"), max_rel(fused.1, unfused.1), TOL);
+        let inf = apply_rotary(
+            x.clone().inner().swap_dims(1, 2),
+            &cos.clone().inner(),
+            &sin.clone().inner(),
+            interleaved,
+        );
+        assert_eq!(
+            values(inf),
+            values(fused.0),
+            "{name}: inference vs training forward"
+        );
+    }
+}
