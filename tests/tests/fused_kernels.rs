@@ -352,3 +352,87 @@ fn rotary_embedding_equals_unfused() {
         );
     }
 }
+
+#[test]
+fn lm_head_cross_entropy_equals_unfused() {
+    use collie_core::loss::{cross_entropy_sum, cross_entropy_sum_unfused, IGNORE_INDEX};
+    setup();
+    let device = Default::default();
+    for (rows, vocab) in [(1, 7), (9, 1037), (5, 49)] {
+        let logits = random([rows, vocab], 50 + rows as u64, 4.0);
+        let ids: Vec<i64> = (0..rows)
+            .map(|r| {
+                if r % 4 == 2 {
+                    IGNORE_INDEX
+                } else {
+                    ((r * 131) % vocab) as i64
+                }
+            })
+            .collect();
+        let targets = Tensor::<A, 1, Int>::from_data(TensorData::new(ids, [rows]), &device);
+        let mut out = Vec::new();
+        for fused in [true, false] {
+            let z = logits.clone().require_grad();
+            let (sum, count) = if fused {
+                cross_entropy_sum(z.clone(), targets.clone())
+            } else {
+                cross_entropy_sum_unfused(z.clone(), targets.clone())
+            };
+            let grads = sum.clone().div(count.clone()).backward();
+            out.push((sum.inner(), count.inner(), z.grad(&grads).unwrap()));
+        }
+        let (unfused, fused) = (out.pop().unwrap(), out.pop().unwrap());
+        let what = format!("{rows}x{vocab}");
+        assert_within(&format!("{what}: loss"), max_rel(fused.0, unfused.0), TOL);
+        assert_eq!(values(fused.1), values(unfused.1), "{what}: counted tokens");
+        assert_within(
+            &format!("{what}: d logits"),
+            max_rel(fused.2, unfused.2),
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn adamw_kernel_equals_the_tensor_arithmetic_bit_for_bit() {
+    use collie_core::fused::AdamWStep;
+    use collie_optim::adamw::adamw_unfused;
+    setup();
+    let k = kernels::<Cpu>().unwrap();
+    let n = 3 * 16384 + 5;
+    let (b1, b2, lr) = (0.9f64, 0.95f64, 3e-4f64);
+    let mut fused = (
+        random([n], 80, 1.0).inner(),
+        Tensor::zeros([n], &Default::default()),
+        Tensor::zeros([n], &Default::default()),
+    );
+    let mut plain = fused.clone();
+    for (step, decay) in [
+        (1, Some(1.0 - lr * 0.1)),
+        (2, None),
+        (3, Some(1.0 - lr * 0.1)),
+    ] {
+        let g = random([n], 81 + step as u64, 0.1).inner();
+        let s = AdamWStep {
+            one_minus_b1: 1.0 - b1,
+            b2,
+            one_minus_b2: 1.0 - b2,
+            bias2_sqrt: (1.0 - b2.powi(step)).sqrt(),
+            eps: 1e-8,
+            decay,
+            step_size: lr / (1.0 - b1.powi(step)),
+        };
+        // the parameter is also held elsewhere (as the model holds it): updated in a copy
+        let held = fused.0.clone();
+        fused = (k.adamw)(fused.0, g.clone(), fused.1, fused.2, s);
+        plain = adamw_unfused(plain.0, g, plain.1, plain.2, s);
+        assert_ne!(
+            values(held),
+            values(fused.0.clone()),
+            "the held parameter is untouched"
+        );
+    }
+    assert_eq!(values(fused.0), values(plain.0), "θ");
+    assert_eq!(values(fused.1), values(plain.1), "m");
+    assert_eq!(values(fused.2), values(plain.2), "v");
+}

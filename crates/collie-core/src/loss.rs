@@ -71,6 +71,26 @@ pub fn cross_entropy_sum<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    match crate::fused::kernels::<B>() {
+        // One pass per row forward and one backward (crate::fused), no log-probabilities kept.
+        Some(k) if logits.dtype() == DType::F32 => {
+            let valid = targets.clone().not_equal_elem(IGNORE_INDEX);
+            let sum = (k.xent)(logits, targets).sum();
+            (sum, valid.float().sum())
+        }
+        _ => cross_entropy_sum_unfused(logits, targets),
+    }
+}
+
+/// [`cross_entropy_sum`] as tensor operations (`log_softmax`, gather): the reference of the
+/// fused kernel ([`crate::fused::FusedKernels::xent`]) and the path of backends without it.
+///
+/// # Shapes
+/// - as [`cross_entropy_sum`]
+pub fn cross_entropy_sum_unfused<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [n, _] = logits.dims();
     let valid = targets.clone().not_equal_elem(IGNORE_INDEX);
     // Ignored targets point at class 0; their term is multiplied by zero below.

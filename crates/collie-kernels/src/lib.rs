@@ -4,7 +4,9 @@
 //! - [`softmax`]: scaled, masked softmax over attention scores;
 //! - [`norm`]: RMSNorm and LayerNorm;
 //! - [`glu`]: SwiGLU's `silu(gate) · up` and GeGLU;
-//! - [`rope`]: rotary position embeddings, read through strides.
+//! - [`rope`]: rotary position embeddings, read through strides;
+//! - [`xent`]: cross-entropy of the LM head's logits against target ids;
+//! - [`adamw`]: one AdamW update over a parameter's buffer.
 //!
 //! Every kernel splits its rows over rayon's threads (fixed row blocks, so results never
 //! depend on the thread count) and runs each block through [`simd::run`], which compiles the
@@ -17,11 +19,13 @@
 //! The crate has no Burn dependency: `collie_core::fused` adapts these kernels to Burn's CPU
 //! backend and to autodiff. Kept apart so the test profile can build it optimized.
 
+pub mod adamw;
 pub mod glu;
 pub mod norm;
 pub mod rope;
 pub mod simd;
 pub mod softmax;
+pub mod xent;
 
 use rayon::prelude::*;
 

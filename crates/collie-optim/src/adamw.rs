@@ -7,7 +7,8 @@
 //! ```
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
+use collie_core::fused::AdamWStep;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{OptimizerState, Slots, StateError};
@@ -81,18 +82,27 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
             None => (g.zeros_like(), g.zeros_like()),
         };
         let step = self.slots.counters.get(path).copied().unwrap_or(0) + 1;
-        // exp_avg.lerp_(grad, 1 - β1)
-        let m = m.clone() + (g.clone() - m).mul_scalar(1.0 - b1);
-        // exp_avg_sq.mul_(β2).addcmul_(grad, grad, value = 1 - β2)
-        let v = v.mul_scalar(b2) + (g.clone() * g).mul_scalar(1.0 - b2);
         let bias1 = 1.0 - b1.powi(step as i32);
         let bias2_sqrt = (1.0 - b2.powi(step as i32)).sqrt();
-        let denom = v.clone().sqrt().div_scalar(bias2_sqrt).add_scalar(eps);
-        let mut theta = param.reshape([n]);
-        if weight_decay != 0.0 {
-            theta = theta.mul_scalar(1.0 - lr * weight_decay);
-        }
-        let theta = theta - (m.clone() / denom).mul_scalar(lr / bias1);
+        let all_f32 = [param.dtype(), g.dtype(), m.dtype(), v.dtype()]
+            .iter()
+            .all(|&t| t == DType::F32);
+        let s = AdamWStep {
+            one_minus_b1: 1.0 - b1,
+            b2,
+            one_minus_b2: 1.0 - b2,
+            bias2_sqrt,
+            eps,
+            decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+            step_size: lr / bias1,
+        };
+        let theta = param.reshape([n]);
+        // One pass over the buffers where the backend has the kernel (collie_core::fused), the
+        // same arithmetic as tensor operations otherwise.
+        let (theta, m, v) = match collie_core::fused::kernels::<B>() {
+            Some(k) if all_f32 => (k.adamw)(theta, g, m, v, s),
+            _ => adamw_unfused(theta, g, m, v, s),
+        };
         self.slots.tensors.insert(path.to_string(), vec![m, v]);
         self.slots.counters.insert(path.to_string(), step);
         theta.reshape(shape)
@@ -110,4 +120,29 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
         self.slots = Slots::import(state, &SLOTS, device)?;
         Ok(())
     }
+}
+
+/// One AdamW step as tensor operations, in the order of the module docs: the reference of the
+/// fused kernel (`collie_core::fused::FusedKernels::adamw`) and the path of backends without it.
+///
+/// # Shapes
+/// - theta, g, m, v: `[n]` → `(θ, m, v)`, each `[n]`
+pub fn adamw_unfused<B: Backend>(
+    theta: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    s: AdamWStep,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    // exp_avg.lerp_(grad, 1 - β1)
+    let m = m.clone() + (g.clone() - m).mul_scalar(s.one_minus_b1);
+    // exp_avg_sq.mul_(β2).addcmul_(grad, grad, value = 1 - β2)
+    let v = v.mul_scalar(s.b2) + (g.clone() * g).mul_scalar(s.one_minus_b2);
+    let denom = v.clone().sqrt().div_scalar(s.bias2_sqrt).add_scalar(s.eps);
+    let theta = match s.decay {
+        Some(decay) => theta.mul_scalar(decay),
+        None => theta,
+    };
+    let theta = theta - (m.clone() / denom).mul_scalar(s.step_size);
+    (theta, m, v)
 }

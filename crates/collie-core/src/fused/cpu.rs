@@ -4,9 +4,10 @@
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
-use collie_kernels::{glu, norm, rope, softmax};
+use collie_kernels::{adamw, glu, norm, rope, softmax, xent};
 
-use super::{FusedKernels, Gate, NormSpec};
+use super::{AdamWStep, FusedKernels, Gate, NormSpec};
+use crate::loss::IGNORE_INDEX;
 
 /// The CPU kernels.
 #[derive(Debug, Clone, Copy, Default)]
@@ -146,6 +147,59 @@ impl FusedKernels<Flex> for FlexKernels {
         };
         rope::apply(x.storage::<f32>(), view, tables, sign, &mut out);
         tensor(out, shape)
+    }
+
+    fn xent(logits: Tensor<Flex, 2>, targets: &[i64]) -> (Tensor<Flex, 1>, Tensor<Flex, 1>) {
+        let [rows, vocab] = logits.dims();
+        let z = buffer(logits);
+        let (mut nll, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+        xent::forward(f32s(&z), vocab, targets, IGNORE_INDEX, &mut nll, &mut lse);
+        (tensor(nll, [rows]), tensor(lse, [rows]))
+    }
+
+    fn xent_backward(
+        logits: Tensor<Flex, 2>,
+        targets: &[i64],
+        lse: Tensor<Flex, 1>,
+        g: Tensor<Flex, 1>,
+    ) -> Tensor<Flex, 2> {
+        let shape @ [_, vocab] = logits.dims();
+        let (z, lse, g) = (buffer(logits), buffer(lse), buffer(g));
+        let mut dz = vec![0.0f32; z.layout().num_elements()];
+        xent::backward(
+            f32s(&z),
+            vocab,
+            targets,
+            IGNORE_INDEX,
+            f32s(&lse),
+            f32s(&g),
+            &mut dz,
+        );
+        tensor(dz, shape)
+    }
+
+    fn adamw(
+        theta: Tensor<Flex, 1>,
+        grad: Tensor<Flex, 1>,
+        m: Tensor<Flex, 1>,
+        v: Tensor<Flex, 1>,
+        step: AdamWStep,
+    ) -> (Tensor<Flex, 1>, Tensor<Flex, 1>, Tensor<Flex, 1>) {
+        let shape = theta.dims();
+        // Updated in place where the buffer is this call's alone (the moments), else copied
+        // once (the parameter, which the model still holds).
+        let (mut t, mut m, mut v) = (buffer(theta), buffer(m), buffer(v));
+        let g = buffer(grad);
+        adamw::step(
+            t.storage_mut::<f32>(),
+            m.storage_mut::<f32>(),
+            v.storage_mut::<f32>(),
+            f32s(&g),
+            step,
+        );
+        let wrap = |t: FlexTensor| Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t));
+        debug_assert_eq!(wrap(t.clone()).dims(), shape);
+        (wrap(t), wrap(m), wrap(v))
     }
 
     fn glu(kind: Gate, gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Tensor<Flex, 2> {

@@ -1,10 +1,11 @@
 //! Fused kernels for the element-wise half of a step: the attention softmax, RMSNorm/LayerNorm,
-//! the gated MLP activations and rotary embeddings, each one pass over its rows forward and one backward, where
+//! the gated MLP activations, rotary embeddings, the LM head's cross-entropy and the AdamW
+//! update, each one pass over its rows forward and one backward, where
 //! the layers otherwise run a chain of tensor operations (each a pass over memory, each a node
 //! that autodiff keeps alive).
 //!
 //! The layers ([`crate::nn::Norm`], [`crate::nn::Activation::glu`], the naive attention,
-//! [`crate::rope::apply_rotary`]) ask
+//! [`crate::rope::apply_rotary`], [`crate::loss::cross_entropy_sum`], `collie_optim::AdamW`) ask
 //! [`kernels`] for backend `B`'s functions and run them when the input is f32; otherwise, and
 //! on backends without kernels (wgpu and CUDA, where Burn's fusion already merges element-wise
 //! chains), they run their unfused arithmetic, which stays the reference the kernels are tested
@@ -32,7 +33,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, Int, Tensor, TensorPrimitive};
+pub use collie_kernels::adamw::AdamWStep;
 pub use collie_kernels::glu::Gate;
 pub use collie_kernels::norm::NormSpec;
 
@@ -84,6 +86,30 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
         sign: f32,
     ) -> Tensor<I, 4>;
 
+    /// Per-row cross-entropy of `logits` against `targets` (0 where the target is
+    /// [`crate::loss::IGNORE_INDEX`]) and each row's log-sum-exp.
+    ///
+    /// # Shapes
+    /// - logits: `[rows, vocab]`, targets: `rows` ids → (`[rows]`, `[rows]`)
+    fn xent(logits: Tensor<I, 2>, targets: &[i64]) -> (Tensor<I, 1>, Tensor<I, 1>);
+
+    /// Gradient of the logits from the per-row loss gradient `g` (`[rows]`).
+    fn xent_backward(
+        logits: Tensor<I, 2>,
+        targets: &[i64],
+        lse: Tensor<I, 1>,
+        g: Tensor<I, 1>,
+    ) -> Tensor<I, 2>;
+
+    /// One AdamW step: `(θ, m, v)` updated from the gradient (all `[n]`).
+    fn adamw(
+        theta: Tensor<I, 1>,
+        grad: Tensor<I, 1>,
+        m: Tensor<I, 1>,
+        v: Tensor<I, 1>,
+        step: AdamWStep,
+    ) -> (Tensor<I, 1>, Tensor<I, 1>, Tensor<I, 1>);
+
     /// `act(gate) · up` (same shapes).
     fn glu(kind: Gate, gate: Tensor<I, 2>, up: Tensor<I, 2>) -> Tensor<I, 2>;
 
@@ -104,6 +130,15 @@ pub type NormFn<B> = fn(Tensor<B, 2>, Tensor<B, 1>, Option<Tensor<B, 1>>, NormSp
 /// [`FusedKernels::rope`] (forward) as a plain function.
 pub type RopeFn<B> = fn(Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 3>, bool) -> Tensor<B, 4>;
 
+/// [`FusedKernels::adamw`] as a plain function.
+pub type AdamWFn<B> = fn(
+    Tensor<B, 1>,
+    Tensor<B, 1>,
+    Tensor<B, 1>,
+    Tensor<B, 1>,
+    AdamWStep,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
+
 /// Backend `B`'s fused ops as plain functions (inference kernels, or differentiable ops).
 #[derive(Debug)]
 pub struct Fused<B: Backend> {
@@ -115,6 +150,11 @@ pub struct Fused<B: Backend> {
     pub glu: fn(Gate, Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
     /// See [`FusedKernels::rope`]; the tables are constants (never differentiated).
     pub rope: RopeFn<B>,
+    /// See [`FusedKernels::xent`]; returns the per-row losses.
+    pub xent: fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Tensor<B, 1>,
+    /// See [`FusedKernels::adamw`] (optimizers run on the inner backend; on `Autodiff<I>` the
+    /// step is untracked).
+    pub adamw: AdamWFn<B>,
 }
 
 impl<B: Backend> Clone for Fused<B> {
@@ -148,12 +188,23 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         norm: |x, w, b, spec| K::norm(x, w, b, spec).0,
         glu: K::glu,
         rope: |x, cos, sin, interleaved| K::rope(x, cos, sin, interleaved, 1.0),
+        xent: |logits, targets| K::xent(logits, &host_ids(targets)).0,
+        adamw: K::adamw,
     };
     let autodiff = Fused::<Autodiff<I>> {
         softmax: softmax_autodiff::<I, K>,
         norm: norm_autodiff::<I, K>,
         glu: glu_autodiff::<I, K>,
         rope: rope_autodiff::<I, K>,
+        xent: xent_autodiff::<I, K>,
+        adamw: |theta, grad, m, v, step| {
+            let (t, m, v) = K::adamw(theta.inner(), grad.inner(), m.inner(), v.inner(), step);
+            (
+                Tensor::from_inner(t),
+                Tensor::from_inner(m),
+                Tensor::from_inner(v),
+            )
+        },
     };
     let mut r = registry().write().expect("registry lock");
     r.insert(TypeId::of::<I>(), Box::new(inference));
@@ -386,6 +437,51 @@ fn rope_autodiff<I: Backend, K: FusedKernels<I>>(
             prep.finish((cos, sin, interleaved), prim(y))
         }
         OpsKind::UnTracked(prep) => prep.finish(prim(K::rope(xi, cos, sin, interleaved, 1.0))),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Target ids on the host (one read of `rows` integers).
+fn host_ids<B: Backend>(targets: Tensor<B, 1, Int>) -> Vec<i64> {
+    targets
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("i64 after convert")
+}
+
+/// Backward of the cross-entropy: keeps the logits, the targets and each row's log-sum-exp.
+#[derive(Debug)]
+struct XentBackward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for XentBackward<I, K> {
+    type State = (Tensor<I, 2>, Vec<i64>, Tensor<I, 1>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grad_out::<I, _, 1, 1>(&ops, grads);
+        let [node] = ops.parents.map(|n| n.map(|n| n.id));
+        let (logits, targets, lse) = ops.state;
+        give(grads, node, K::xent_backward(logits, &targets, lse, g));
+    }
+}
+
+fn xent_autodiff<I: Backend, K: FusedKernels<I>>(
+    logits: Tensor<Autodiff<I>, 2>,
+    targets: Tensor<Autodiff<I>, 1, Int>,
+) -> Tensor<Autodiff<I>, 1> {
+    let targets = host_ids(targets);
+    let z = logits.into_primitive().tensor();
+    let zi = inner::<I, 2>(&z);
+    let out = match XentBackward::<I, K>(PhantomData)
+        .prepare::<NoCheckpointing>([z.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (nll, lse) = K::xent(zi.clone(), &targets);
+            prep.finish((zi, targets, lse), prim(nll))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(K::xent(zi, &targets).0)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
