@@ -242,11 +242,15 @@ pub fn naive_attention<B: Backend>(
     let [b, h, s_q, d] = q.dims();
     let kvh = k.dims()[1];
     let n_rep = h / kvh;
-    // The products run over [batch, groups, rows per group, …]: the query head j of a decoding
-    // step reads key/value head j / n_rep (repeat_kv's order).
-    let (q, k, v) = if s_q == 1 && n_rep > 1 {
-        // [batch, heads, 1, head_dim] -> [batch, kv_heads, n_rep, head_dim]
-        (q.reshape([b, kvh, n_rep, d]), k, v)
+    let fused = crate::fused::kernels::<B>();
+    // The products run over [batch, groups, rows per group, …]: the query head j reads
+    // key/value head j / n_rep (repeat_kv's order). Grouped — the query heads of a key/value
+    // head stacked into the rows of one product, K/V used as they are — for a decoding step,
+    // and always where the fused softmax (which maps each row to its mask row) runs; else HF's
+    // layout with K/V repeated to every head.
+    let (q, k, v) = if n_rep > 1 && (s_q == 1 || fused.is_some()) {
+        // [batch, heads, s_q, head_dim] -> [batch, kv_heads, n_rep · s_q, head_dim]
+        (q.reshape([b, kvh, n_rep * s_q, d]), k, v)
     } else {
         (q, repeat_kv(k, n_rep), repeat_kv(v, n_rep))
     };
@@ -258,7 +262,7 @@ pub fn naive_attention<B: Backend>(
     let dtype = q.dtype();
     let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
     let scale = 1.0 / (d as f64).sqrt();
-    let probs = match crate::fused::kernels::<B>() {
+    let probs = match fused {
         Some(k) => (k.softmax)(scores, mask.cloned(), scale as f32),
         None => masked_softmax_unfused(scores, mask, scale),
     };

@@ -9,8 +9,9 @@ use crate::{dot, par_rows, simd, sum};
 /// Which mask row each score row reads.
 ///
 /// Scores are `[batch, groups, rows, keys]`; the mask is `[batch, 1, mask_rows, keys]` with
-/// `mask_rows` either `rows` (one mask row per query) or 1 (one row shared by all, as in a
-/// decoding step whose query heads are grouped into rows).
+/// `rows` a multiple of `mask_rows`: row `i` of a group reads mask row `i % mask_rows` (the
+/// query heads of a key/value head stacked into the rows of one group, each a copy of the
+/// queries; `mask_rows = 1` for a decoding step).
 #[derive(Debug, Clone, Copy)]
 pub struct RowMask<'a> {
     /// `[batch, mask_rows, keys]`, nonzero = hidden.
@@ -19,7 +20,7 @@ pub struct RowMask<'a> {
     pub rows_per_batch: usize,
     /// Score rows per group.
     pub rows: usize,
-    /// `rows` or 1.
+    /// A divisor of `rows`.
     pub mask_rows: usize,
 }
 
@@ -28,11 +29,7 @@ impl RowMask<'_> {
     #[inline(always)]
     fn row(&self, r: usize, keys: usize) -> &[u8] {
         let b = r / self.rows_per_batch;
-        let i = if self.mask_rows == 1 {
-            0
-        } else {
-            r % self.rows
-        };
+        let i = (r % self.rows) % self.mask_rows;
         let start = (b * self.mask_rows + i) * keys;
         &self.hidden[start..start + keys]
     }
@@ -235,6 +232,34 @@ mod tests {
                 1e-30,
             );
             assert!(err < 1e-6, "plain row {r}: {err}");
+        }
+    }
+
+    #[test]
+    fn stacked_query_heads_read_their_query_mask_row() {
+        // 3 heads of 4 queries stacked into 12 rows of one group; the mask has 4 rows
+        let (b, rows, mask_rows, keys) = (2, 12, 4, 9);
+        let scores = values(b * rows * keys, 5, 4.0);
+        let hidden: Vec<u8> = (0..b * mask_rows * keys)
+            .map(|i| ((i * 7) % 5 == 0) as u8)
+            .collect();
+        let mask = RowMask {
+            hidden: &hidden,
+            rows_per_batch: rows,
+            rows,
+            mask_rows,
+        };
+        let mut out = vec![0.0; scores.len()];
+        forward(&scores, keys, 0.5, Some(mask), &mut out);
+        for r in 0..b * rows {
+            let m = (r / rows) * mask_rows + (r % rows) % mask_rows;
+            let want = reference(
+                &scores[r * keys..(r + 1) * keys],
+                &hidden[m * keys..(m + 1) * keys],
+                0.5,
+            );
+            let err = max_rel(&out[r * keys..(r + 1) * keys], &want, 1e-30);
+            assert!(err < 1e-6, "row {r}: {err}");
         }
     }
 

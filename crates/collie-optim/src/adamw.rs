@@ -93,7 +93,7 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
             one_minus_b2: 1.0 - b2,
             bias2_sqrt,
             eps,
-            decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+            decay: (weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
             step_size: lr / bias1,
         };
         let theta = param.reshape([n]);

@@ -43,7 +43,7 @@ impl FusedKernels<Flex> for FlexKernels {
             Some(m) => {
                 let mask_rows = m.dims()[2];
                 assert!(
-                    mask_rows == rows || mask_rows == 1,
+                    mask_rows > 0 && rows.is_multiple_of(mask_rows),
                     "softmax mask rows {mask_rows} vs {rows}"
                 );
                 // Bool tensors hold one byte per element.

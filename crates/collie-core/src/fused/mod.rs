@@ -47,7 +47,8 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
     ///
     /// # Shapes
     /// - scores: `[batch, groups, rows, keys]`
-    /// - mask: `[batch, 1, rows or 1, keys]`, `true` = hidden
+    /// - mask: `[batch, 1, mask_rows, keys]`, `true` = hidden; `rows` a multiple of
+    ///   `mask_rows`, row `i` of a group reads mask row `i % mask_rows` (query heads stacked)
     fn softmax(scores: Tensor<I, 4>, mask: Option<Tensor<I, 4, Bool>>, scale: f32) -> Tensor<I, 4>;
 
     /// Gradient of the scores from the probabilities `p` and their gradient `dp` (same shapes).
