@@ -57,6 +57,26 @@ where
         });
 }
 
+/// Largest element of `x` (exact in any order; a NaN is skipped, as `f32::max` does).
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; simd::LANES];
+    let mut chunks = x.chunks_exact(simd::LANES);
+    for c in &mut chunks {
+        for l in 0..simd::LANES {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for l in lanes {
+        max = max.max(l);
+    }
+    max
+}
+
 /// Sum of `x · y` with [`simd::LANES`] accumulators (the order every level shares).
 #[inline(always)]
 fn dot(x: &[f32], y: &[f32]) -> f32 {

@@ -4,7 +4,7 @@
 //! One row is one query of one head; a mask row (`true`/nonzero = hidden) serves the rows of
 //! every head of its batch row ([`RowMask`]).
 
-use crate::{dot, par_rows, simd, sum};
+use crate::{dot, par_rows, row_max, simd, sum};
 
 /// Which mask row each score row reads.
 ///
@@ -78,21 +78,7 @@ pub fn forward(scores: &[f32], keys: usize, scale: f32, mask: Option<RowMask>, o
 /// Turns scaled scores into probabilities in place.
 #[inline(always)]
 fn normalize(o: &mut [f32]) {
-    // max needs no fixed order: it is exact.
-    let mut lanes = [f32::NEG_INFINITY; simd::LANES];
-    let mut chunks = o.chunks_exact(simd::LANES);
-    for c in &mut chunks {
-        for l in 0..simd::LANES {
-            lanes[l] = lanes[l].max(c[l]);
-        }
-    }
-    let mut max = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    for l in lanes {
-        max = max.max(l);
-    }
+    let max = row_max(o);
     // A NaN score makes the whole row NaN, as in the unfused arithmetic.
     for x in o.iter_mut() {
         *x = simd::exp(*x - max);

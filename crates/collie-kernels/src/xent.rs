@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::{par_rows, rows_per_task, simd};
+use crate::{par_rows, row_max, rows_per_task, simd};
 
 /// Targets outside the vocabulary (other than the ignored id) are the caller's bug.
 fn check(targets: &[i64], vocab: usize, ignore: i64) {
@@ -19,26 +19,6 @@ fn check(targets: &[i64], vocab: usize, ignore: i64) {
     {
         panic!("cross-entropy: target {t} of row {row} outside the vocabulary of {vocab}");
     }
-}
-
-/// Row maximum (exact in any order).
-#[inline(always)]
-fn row_max(z: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; simd::LANES];
-    let mut chunks = z.chunks_exact(simd::LANES);
-    for c in &mut chunks {
-        for l in 0..simd::LANES {
-            lanes[l] = lanes[l].max(c[l]);
-        }
-    }
-    let mut max = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    for l in lanes {
-        max = max.max(l);
-    }
-    max
 }
 
 /// `Σ e^{z − max}` with fixed-order partial sums.

@@ -33,6 +33,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Int, Tensor, TensorPrimitive};
 pub use collie_kernels::adamw::AdamWStep;
 pub use collie_kernels::glu::Gate;
@@ -223,9 +224,7 @@ pub fn kernels<B: Backend>() -> Option<Fused<B>> {
 }
 
 /// The inner backend's view of an autodiff tensor (same buffer).
-fn inner<I: Backend, const D: usize>(
-    t: &burn::tensor::ops::FloatTensor<Autodiff<I>>,
-) -> Tensor<I, D> {
+fn inner<I: Backend, const D: usize>(t: &FloatTensor<Autodiff<I>>) -> Tensor<I, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t.primitive.clone()))
 }
 
@@ -247,6 +246,41 @@ fn give<I: Backend, const D: usize>(grads: &mut Gradients, node: Option<NodeId>,
     if let Some(node) = node {
         grads.register::<I>(node, prim(g));
     }
+}
+
+/// Records an op with `parents` on `Autodiff<I>`: `forward(tracked)` computes the output on the
+/// inner backend and, when the graph tracks it, the state `op`'s backward keeps.
+fn record<I: Backend, BO: Backward<I, N>, const N: usize>(
+    op: BO,
+    parents: [&FloatTensor<Autodiff<I>>; N],
+    forward: impl FnOnce(bool) -> (I::FloatTensorPrimitive, Option<BO::State>),
+) -> FloatTensor<Autodiff<I>> {
+    match op
+        .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (y, state) = forward(true);
+            prep.finish(state.expect("a tracked op keeps its state"), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(false).0),
+    }
+}
+
+/// [`record`] for a one-input op: `forward` gets the input on the inner backend.
+fn unary<I: Backend, BO: Backward<I, 1>, const D: usize, const E: usize>(
+    op: BO,
+    x: Tensor<Autodiff<I>, D>,
+    forward: impl FnOnce(Tensor<I, D>, bool) -> (Tensor<I, E>, Option<BO::State>),
+) -> Tensor<Autodiff<I>, E> {
+    let x = x.into_primitive().tensor();
+    let xi = inner::<I, D>(&x);
+    let out = record(op, [&x], |tracked| {
+        let (y, state) = forward(xi, tracked);
+        (prim(y), state)
+    });
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// Backward of the softmax: keeps the probabilities.
@@ -271,20 +305,15 @@ fn softmax_autodiff<I: Backend, K: FusedKernels<I>>(
 ) -> Tensor<Autodiff<I>, 4> {
     // Bool tensors are not tracked: the autodiff primitive is the inner one.
     let mask = mask.map(|m| Tensor::<I, 4, Bool>::from_primitive(m.into_primitive()));
-    let s = scores.into_primitive().tensor();
-    let si = inner::<I, 4>(&s);
-    let out = match SoftmaxBackward::<I, K>(PhantomData)
-        .prepare::<NoCheckpointing>([s.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let p = K::softmax(si, mask, scale);
-            prep.finish((p.clone(), scale), prim(p))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(prim(K::softmax(si, mask, scale))),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    unary(
+        SoftmaxBackward::<I, K>(PhantomData),
+        scores,
+        |s, tracked| {
+            let p = K::softmax(s, mask, scale);
+            let state = tracked.then(|| (p.clone(), scale));
+            (p, state)
+        },
+    )
 }
 
 /// Backward of a norm: keeps the input, the weight and each row's `σ`.
@@ -328,9 +357,9 @@ fn norm_autodiff<I: Backend, K: FusedKernels<I>>(
     let b = bias.map(|b| b.into_primitive().tensor());
     let (xi, wi) = (inner::<I, 2>(&x), inner::<I, 1>(&w));
     let bi = b.as_ref().map(inner::<I, 1>);
-    let forward = |prep_tracked: bool| {
+    let forward = |tracked: bool| {
         let (y, sigma) = K::norm(xi.clone(), wi.clone(), bi.clone(), spec);
-        let saved = prep_tracked.then(|| NormSaved {
+        let saved = tracked.then(|| NormSaved {
             x: xi.clone(),
             weight: wi.clone(),
             sigma,
@@ -339,28 +368,8 @@ fn norm_autodiff<I: Backend, K: FusedKernels<I>>(
         (prim(y), saved)
     };
     let out = match &b {
-        Some(b) => match NormBackward::<I, K, 3>(PhantomData)
-            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (y, saved) = forward(true);
-                prep.finish(saved.expect("saved"), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(false).0),
-        },
-        None => match NormBackward::<I, K, 2>(PhantomData)
-            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (y, saved) = forward(true);
-                prep.finish(saved.expect("saved"), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(false).0),
-        },
+        Some(b) => record(NormBackward::<I, K, 3>(PhantomData), [&x, &w, b], forward),
+        None => record(NormBackward::<I, K, 2>(PhantomData), [&x, &w], forward),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
@@ -389,17 +398,10 @@ fn glu_autodiff<I: Backend, K: FusedKernels<I>>(
 ) -> Tensor<Autodiff<I>, 2> {
     let (g, u) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
     let (gi, ui) = (inner::<I, 2>(&g), inner::<I, 2>(&u));
-    let out = match GluBackward::<I, K>(PhantomData)
-        .prepare::<NoCheckpointing>([g.node.clone(), u.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let y = K::glu(kind, gi.clone(), ui.clone());
-            prep.finish((kind, gi, ui), prim(y))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(prim(K::glu(kind, gi, ui))),
-    };
+    let out = record(GluBackward::<I, K>(PhantomData), [&g, &u], |tracked| {
+        let y = K::glu(kind, gi.clone(), ui.clone());
+        (prim(y), tracked.then_some((kind, gi, ui)))
+    });
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
@@ -426,20 +428,10 @@ fn rope_autodiff<I: Backend, K: FusedKernels<I>>(
 ) -> Tensor<Autodiff<I>, 4> {
     // The tables come from positions (integers): nothing to differentiate.
     let (cos, sin) = (cos.inner(), sin.inner());
-    let x = x.into_primitive().tensor();
-    let xi = inner::<I, 4>(&x);
-    let out = match RopeBackward::<I, K>(PhantomData)
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let y = K::rope(xi, cos.clone(), sin.clone(), interleaved, 1.0);
-            prep.finish((cos, sin, interleaved), prim(y))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(prim(K::rope(xi, cos, sin, interleaved, 1.0))),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    unary(RopeBackward::<I, K>(PhantomData), x, |x, tracked| {
+        let y = K::rope(x, cos.clone(), sin.clone(), interleaved, 1.0);
+        (y, tracked.then_some((cos, sin, interleaved)))
+    })
 }
 
 /// Target ids on the host (one read of `rows` integers).
@@ -471,18 +463,8 @@ fn xent_autodiff<I: Backend, K: FusedKernels<I>>(
     targets: Tensor<Autodiff<I>, 1, Int>,
 ) -> Tensor<Autodiff<I>, 1> {
     let targets = host_ids(targets);
-    let z = logits.into_primitive().tensor();
-    let zi = inner::<I, 2>(&z);
-    let out = match XentBackward::<I, K>(PhantomData)
-        .prepare::<NoCheckpointing>([z.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let (nll, lse) = K::xent(zi.clone(), &targets);
-            prep.finish((zi, targets, lse), prim(nll))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(prim(K::xent(zi, &targets).0)),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    unary(XentBackward::<I, K>(PhantomData), logits, |z, tracked| {
+        let (nll, lse) = K::xent(z.clone(), &targets);
+        (nll, tracked.then_some((z, targets, lse)))
+    })
 }
