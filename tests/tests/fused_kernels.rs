@@ -295,7 +295,9 @@ fn fallback_instruction_sets_give_the_same_bits() {
 
 #[test]
 fn rotary_embedding_equals_unfused() {
-    use collie_core::rope::{apply_rotary, apply_rotary_unfused, Rope, RopeScaling};
+    use collie_core::rope::{
+        apply_rotary, apply_rotary_heads, apply_rotary_unfused, Rope, RopeScaling,
+    };
     setup();
     let device = Default::default();
     // (name, [batch, seq, heads, head_dim], rotary_dim, interleaved)
@@ -338,7 +340,22 @@ fn rotary_embedding_equals_unfused() {
             max_rel(fused.0.clone(), unfused.0),
             TOL,
         );
-        assert_within(&format!("{name}: dx"), max_rel(fused.1, unfused.1), TOL);
+        assert_within(&format!("{name}: dx"), max_rel(fused.1.clone(), unfused.1), TOL);
+        // the sequence-major entry: same values, gradient in the projection's order
+        let xg = x.clone().require_grad();
+        let y = apply_rotary_heads(xg.clone(), &cos, &sin, interleaved);
+        let grads = (y.clone() * w.clone()).sum().backward();
+        assert_eq!(
+            values(y.inner()),
+            values(fused.0.clone()),
+            "{name}: heads entry, y"
+        );
+        let dx = xg.grad(&grads).unwrap();
+        assert_eq!(
+            values(dx.clone()),
+            values(fused.1.clone()),
+            "{name}: heads entry, dx"
+        );
         let inf = apply_rotary(
             x.clone().inner().swap_dims(1, 2),
             &cos.clone().inner(),

@@ -188,9 +188,24 @@ pub fn apply_rotary<B: Backend>(
     sin: &Tensor<B, 3>,
     interleaved: bool,
 ) -> Tensor<B, 4> {
-    let [b, _, s, _] = x.dims();
+    apply_rotary_heads(x.swap_dims(1, 2), cos, sin, interleaved)
+}
+
+/// [`apply_rotary`] of a projection's output in its own `[batch, seq, heads, head_dim]` order,
+/// returned head-major for attention: with fused kernels one pass forward, and the gradient
+/// comes back in the projection's order (no transposed copy either way).
+///
+/// # Shapes
+/// - x: `[batch, seq, heads, head_dim]`; cos, sin: `[batch, seq, rotary_dim]`
+/// - returns `[batch, heads, seq, head_dim]`
+pub fn apply_rotary_heads<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+    interleaved: bool,
+) -> Tensor<B, 4> {
+    let [b, s, _, _] = x.dims();
     let [tb, ts, _] = cos.dims();
-    // The kernel reads one table row per (batch row, position): no broadcasting.
     let fits = [x.dtype(), cos.dtype(), sin.dtype()]
         .iter()
         .all(|&t| t == DType::F32)
@@ -198,7 +213,7 @@ pub fn apply_rotary<B: Backend>(
         && sin.dims() == cos.dims();
     match crate::fused::kernels::<B>() {
         Some(k) if fits => (k.rope)(x, cos.clone(), sin.clone(), interleaved),
-        _ => apply_rotary_unfused(x, cos, sin, interleaved),
+        _ => apply_rotary_unfused(x.swap_dims(1, 2), cos, sin, interleaved),
     }
 }
 

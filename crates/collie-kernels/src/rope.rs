@@ -33,12 +33,14 @@ pub struct Tables<'a> {
     pub interleaved: bool,
 }
 
-/// Rotates `x` (read through `view`) into `out` (`[batch, heads, seq, d]`, contiguous);
-/// `sign = 1` rotates forward, `−1` applies the transpose (the backward).
+/// Rotates `x` (read through `view`, logically `[batch, heads, seq, d]`) into `out`, contiguous
+/// in `[batch, heads, seq, d]` order, or in `[batch, seq, heads, d]` order when `seq_major_out`
+/// (the layout of the projection a backward returns its gradient to); `sign = 1` rotates
+/// forward, `−1` applies the transpose (the backward).
 ///
 /// # Panics
 /// If the lengths do not agree with the shapes.
-pub fn apply(x: &[f32], view: View4, t: Tables, sign: f32, out: &mut [f32]) {
+pub fn apply(x: &[f32], view: View4, t: Tables, sign: f32, seq_major_out: bool, out: &mut [f32]) {
     let [b, h, s, d] = view.shape;
     let r = t.width;
     assert!(
@@ -59,7 +61,11 @@ pub fn apply(x: &[f32], view: View4, t: Tables, sign: f32, out: &mut [f32]) {
         |first, block| {
             for (i, o) in block.chunks_exact_mut(d).enumerate() {
                 let row = first + i;
-                let (bi, hi, si) = (row / (h * s), (row / s) % h, row % s);
+                let (bi, hi, si) = if seq_major_out {
+                    (row / (s * h), row % h, (row / h) % s)
+                } else {
+                    (row / (h * s), (row / s) % h, row % s)
+                };
                 let start = view.offset + bi * sb + hi * sh + si * ss;
                 let k = (bi * s + si) * r;
                 let (c, sn) = (&t.cos[k..k + r], &t.sin[k..k + r]);
@@ -183,6 +189,7 @@ mod tests {
                             interleaved: inter,
                         },
                         sign,
+                        false,
                         &mut out,
                     );
                     out
@@ -217,7 +224,7 @@ mod tests {
             width: d,
             interleaved: false,
         };
-        apply(&stored, view, t, 1.0, &mut got);
+        apply(&stored, view, t, 1.0, false, &mut got);
         // the same values transposed by hand, contiguous
         let mut x = vec![0.0; stored.len()];
         for bi in 0..b {
@@ -236,7 +243,22 @@ mod tests {
             offset: 0,
         };
         let mut want = vec![0.0; x.len()];
-        apply(&x, contiguous, t, 1.0, &mut want);
+        apply(&x, contiguous, t, 1.0, false, &mut want);
         assert_eq!(got, want);
+        // and written back in the stored order: the transpose of the head-major result
+        let mut back = vec![0.0; x.len()];
+        apply(&stored, view, t, 1.0, true, &mut back);
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    for j in 0..d {
+                        assert_eq!(
+                            back[((bi * s + si) * h + hi) * d + j],
+                            want[((bi * h + hi) * s + si) * d + j]
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use collie_core::nn::{
     Activation, Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig, ParallelMode,
     VirtualTarget, VirtualTokens,
 };
-use collie_core::rope::{apply_rotary, Rope};
+use collie_core::rope::{apply_rotary_heads, Rope};
 use collie_core::router::RouterLog;
 
 use crate::config::LlamaConfig;
@@ -493,17 +493,16 @@ impl<B: Backend> Attention<B> {
             Some(n) => n.forward(k),
             None => k,
         };
-        // [batch, s_q, heads, head_dim] -> [batch, heads, s_q, head_dim]
-        let (q, k) = (q.swap_dims(1, 2), k.swap_dims(1, 2));
-        let v = v.swap_dims(1, 2);
         // HF scales the scores by `query_pre_attn_scalar^-½` where a family sets it; scaling the
         // queries by the ratio to `head_dim^-½` gives those scores.
         let q = match self.scale {
             Some(scale) => q.mul_scalar(scale * (hd as f64).sqrt()),
             None => q,
         };
-        let q = apply_rotary(q, &ctx.cos, &ctx.sin, ctx.interleaved);
-        let k = apply_rotary(k, &ctx.cos, &ctx.sin, ctx.interleaved);
+        // [batch, s_q, heads, head_dim] -> [batch, heads, s_q, head_dim], rotated on the way
+        let q = apply_rotary_heads(q, &ctx.cos, &ctx.sin, ctx.interleaved);
+        let k = apply_rotary_heads(k, &ctx.cos, &ctx.sin, ctx.interleaved);
+        let v = v.swap_dims(1, 2);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {

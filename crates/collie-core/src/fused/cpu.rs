@@ -121,8 +121,9 @@ impl FusedKernels<Flex> for FlexKernels {
         sin: Tensor<Flex, 3>,
         interleaved: bool,
         sign: f32,
+        seq_major_out: bool,
     ) -> Tensor<Flex, 4> {
-        let shape @ [_, _, _, d] = x.dims();
+        let shape @ [b, h, s, d] = x.dims();
         let r = cos.dims()[2];
         let mut x = x.into_primitive().tensor();
         assert_eq!(x.dtype(), DType::F32, "fused kernels take f32 tensors");
@@ -145,8 +146,19 @@ impl FusedKernels<Flex> for FlexKernels {
             width: r.min(d),
             interleaved,
         };
-        rope::apply(x.storage::<f32>(), view, tables, sign, &mut out);
-        tensor(out, shape)
+        rope::apply(
+            x.storage::<f32>(),
+            view,
+            tables,
+            sign,
+            seq_major_out,
+            &mut out,
+        );
+        if seq_major_out {
+            tensor(out, [b, s, h, d])
+        } else {
+            tensor(out, shape)
+        }
     }
 
     fn xent(logits: Tensor<Flex, 2>, targets: &[i64]) -> (Tensor<Flex, 1>, Tensor<Flex, 1>) {

@@ -76,16 +76,18 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
     ) -> (Tensor<I, 2>, Tensor<I, 1>, Tensor<I, 1>);
 
     /// Rotary embedding of `x` by the tables, `sign = −1` for the transpose (the backward).
-    /// `x` may be any strided view; the result is contiguous.
+    /// `x` may be any strided view; the result is contiguous, `[batch, heads, seq, head_dim]`,
+    /// or `[batch, seq, heads, head_dim]` when `seq_major_out`.
     ///
     /// # Shapes
-    /// - x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch, seq, rotary_dim]` → x's shape
+    /// - x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch, seq, rotary_dim]`
     fn rope(
         x: Tensor<I, 4>,
         cos: Tensor<I, 3>,
         sin: Tensor<I, 3>,
         interleaved: bool,
         sign: f32,
+        seq_major_out: bool,
     ) -> Tensor<I, 4>;
 
     /// Per-row cross-entropy of `logits` against `targets` (0 where the target is
@@ -150,7 +152,9 @@ pub struct Fused<B: Backend> {
     pub norm: NormFn<B>,
     /// See [`FusedKernels::glu`].
     pub glu: fn(Gate, Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
-    /// See [`FusedKernels::rope`]; the tables are constants (never differentiated).
+    /// Rotary embedding of the projection's `[batch, seq, heads, head_dim]` into the head-major
+    /// `[batch, heads, seq, head_dim]` attention reads ([`FusedKernels::rope`]); the backward
+    /// returns the gradient in the projection's order. The tables are constants.
     pub rope: RopeFn<B>,
     /// See [`FusedKernels::xent`]; returns the per-row losses.
     pub xent: fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Tensor<B, 1>,
@@ -189,7 +193,9 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         softmax: K::softmax,
         norm: |x, w, b, spec| K::norm(x, w, b, spec).0,
         glu: K::glu,
-        rope: |x, cos, sin, interleaved| K::rope(x, cos, sin, interleaved, 1.0),
+        rope: |x, cos, sin, interleaved| {
+            K::rope(x.swap_dims(1, 2), cos, sin, interleaved, 1.0, false)
+        },
         xent: |logits, targets| K::xent(logits, &host_ids(targets)).0,
         adamw: K::adamw,
     };
@@ -405,7 +411,7 @@ fn glu_autodiff<I: Backend, K: FusedKernels<I>>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// Backward of the rotary embedding: the rotation by `−sin`.
+/// Backward of the rotary embedding: the rotation by `−sin`, written in the input's order.
 #[derive(Debug)]
 struct RopeBackward<I, K>(PhantomData<(I, K)>);
 
@@ -416,7 +422,7 @@ impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for RopeBackward<I, K> {
         let dy = grad_out::<I, _, 1, 4>(&ops, grads);
         let [node] = ops.parents.map(|n| n.map(|n| n.id));
         let (cos, sin, interleaved) = ops.state;
-        give(grads, node, K::rope(dy, cos, sin, interleaved, -1.0));
+        give(grads, node, K::rope(dy, cos, sin, interleaved, -1.0, true));
     }
 }
 
@@ -429,7 +435,14 @@ fn rope_autodiff<I: Backend, K: FusedKernels<I>>(
     // The tables come from positions (integers): nothing to differentiate.
     let (cos, sin) = (cos.inner(), sin.inner());
     unary(RopeBackward::<I, K>(PhantomData), x, |x, tracked| {
-        let y = K::rope(x, cos.clone(), sin.clone(), interleaved, 1.0);
+        let y = K::rope(
+            x.swap_dims(1, 2),
+            cos.clone(),
+            sin.clone(),
+            interleaved,
+            1.0,
+            false,
+        );
         (y, tracked.then_some((cos, sin, interleaved)))
     })
 }
