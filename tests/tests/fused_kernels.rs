@@ -340,7 +340,11 @@ fn rotary_embedding_equals_unfused() {
             max_rel(fused.0.clone(), unfused.0),
             TOL,
         );
-        assert_within(&format!("{name}: dx"), max_rel(fused.1.clone(), unfused.1), TOL);
+        assert_within(
+            &format!("{name}: dx"),
+            max_rel(fused.1.clone(), unfused.1),
+            TOL,
+        );
         // the sequence-major entry: same values, gradient in the projection's order
         let xg = x.clone().require_grad();
         let y = apply_rotary_heads(xg.clone(), &cos, &sin, interleaved);

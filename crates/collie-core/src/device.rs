@@ -102,7 +102,8 @@ pub fn dispatch<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> 
 /// What backend `I`'s custom ops need before a model runs on `I` or `Autodiff<I>`: the
 /// tensor-parallel collectives ([`crate::dist::register_autodiff`]), memory-efficient attention
 /// ([`crate::flash::register`]; CubeCL kernels on wgpu and CUDA, the chunked tensor-op kernels
-/// elsewhere) and, on the CPU, the fused element-wise kernels ([`crate::fused::register`]). [`dispatch`] calls it; code that builds a backend itself (tests) calls it too.
+/// elsewhere) and, on the CPU, the fused element-wise kernels ([`crate::fused::register`]).
+/// [`dispatch`] calls it; code that builds a backend itself (tests) calls it too.
 pub trait RegisterOps: burn::tensor::backend::Backend {
     /// Registers this backend's custom ops (idempotent).
     fn register_ops();

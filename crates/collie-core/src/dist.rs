@@ -150,10 +150,6 @@ pub fn solo() -> Group {
 // Tensor-parallel collectives inside the autodiff graph (Megatron's `f` and `g`).
 // ---------------------------------------------------------------------------------------------
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
@@ -199,24 +195,12 @@ fn copy_autodiff<I: Backend>(x: Tensor<Autodiff<I>, 1>, group: &Group) -> Tensor
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-type Registry = RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
-
-/// `f` for each autodiff backend type in use, by `TypeId` (the model code is generic over
-/// `B: Backend` and cannot name the autodiff structure of `B`).
-fn registry() -> &'static Registry {
-    static R: OnceLock<Registry> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
-
 /// Makes [`copy_to_group`] differentiable on `Autodiff<I>`; `collie_core::device::dispatch` calls
 /// it for every backend it runs.
 pub fn register_autodiff<I: Backend>() {
     type Copy<I> = fn(Tensor<Autodiff<I>, 1>, &Group) -> Tensor<Autodiff<I>, 1>;
     let f: Copy<I> = copy_autodiff::<I>;
-    registry()
-        .write()
-        .expect("registry lock")
-        .insert(TypeId::of::<Autodiff<I>>(), Box::new(f));
+    crate::registry::insert(f);
 }
 
 /// Megatron's `f` before a column-parallel layer: the identity forward; backward, the gradient is
@@ -231,10 +215,7 @@ pub fn copy_to_group<B: Backend, const D: usize>(x: Tensor<B, D>, group: &Group)
     }
     let dims = x.dims();
     let n: usize = dims.iter().product();
-    let registry = registry().read().expect("registry lock");
-    let f = registry
-        .get(&TypeId::of::<B>())
-        .and_then(|f| f.downcast_ref::<fn(Tensor<B, 1>, &Group) -> Tensor<B, 1>>())
+    let f = crate::registry::get::<fn(Tensor<B, 1>, &Group) -> Tensor<B, 1>>()
         .unwrap_or_else(|| {
             panic!(
                 "tensor parallelism on the autodiff backend {} needs collie_core::dist::register_autodiff",

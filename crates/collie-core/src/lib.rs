@@ -20,6 +20,7 @@ pub mod lm;
 pub mod loss;
 pub mod model;
 pub mod nn;
+mod registry;
 pub mod rope;
 pub mod router;
 pub mod tp;

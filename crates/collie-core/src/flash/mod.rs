@@ -24,11 +24,8 @@ mod chunked;
 #[cfg(feature = "gpu-kernels")]
 pub mod cube;
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::marker::PhantomData;
-use std::sync::{OnceLock, RwLock};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -77,21 +74,13 @@ pub trait FlashKernels<I: Backend>: Debug + Send + Sync + 'static {
 type FlashFn<B> =
     fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<&AttnMask<B>>) -> Tensor<B, 4>;
 
-type Registry = RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
-
-fn registry() -> &'static Registry {
-    static R: OnceLock<Registry> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
-
 /// Makes [`flash_attention`] run `K`'s kernels on `I` (inference) and on `Autodiff<I>` (with
 /// the recomputing backward). Idempotent; the last registration of a backend wins.
 pub fn register<I: Backend, K: FlashKernels<I>>() {
     let inference: FlashFn<I> = |q, k, v, mask| K::forward(q, k, v, mask).0;
     let autodiff: FlashFn<Autodiff<I>> = flash_autodiff::<I, K>;
-    let mut r = registry().write().expect("registry lock");
-    r.insert(TypeId::of::<I>(), Box::new(inference));
-    r.insert(TypeId::of::<Autodiff<I>>(), Box::new(autodiff));
+    crate::registry::insert(inference);
+    crate::registry::insert(autodiff);
 }
 
 /// Memory-efficient attention (see the module docs); `mask` `None` lets every query see every
@@ -116,12 +105,7 @@ pub fn flash_attention<B: Backend>(
         kvh > 0 && h % kvh == 0 && d == dk,
         "flash attention: {h} query heads of width {d} vs {kvh} key/value heads of width {dk}"
     );
-    let f = registry()
-        .read()
-        .expect("registry lock")
-        .get(&TypeId::of::<B>())
-        .and_then(|f| f.downcast_ref::<FlashFn<B>>())
-        .copied();
+    let f = crate::registry::get::<FlashFn<B>>();
     match f {
         Some(f) => f(q, k, v, mask),
         None if !B::ad_enabled(&q.device()) => Chunked::forward(q, k, v, mask).0,

@@ -20,11 +20,8 @@
 #[cfg(feature = "cpu")]
 mod cpu;
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::marker::PhantomData;
-use std::sync::{OnceLock, RwLock};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -171,13 +168,6 @@ impl<B: Backend> Clone for Fused<B> {
 
 impl<B: Backend> Copy for Fused<B> {}
 
-type Registry = RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
-
-fn registry() -> &'static Registry {
-    static R: OnceLock<Registry> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
-
 /// Whether `COLLIE_FUSED` leaves the fused kernels on (anything but `0`).
 fn enabled() -> bool {
     std::env::var("COLLIE_FUSED").map_or(true, |v| v != "0")
@@ -214,19 +204,13 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
             )
         },
     };
-    let mut r = registry().write().expect("registry lock");
-    r.insert(TypeId::of::<I>(), Box::new(inference));
-    r.insert(TypeId::of::<Autodiff<I>>(), Box::new(autodiff));
+    crate::registry::insert(inference);
+    crate::registry::insert(autodiff);
 }
 
 /// Backend `B`'s fused ops, if [`register`] has seen it.
 pub fn kernels<B: Backend>() -> Option<Fused<B>> {
-    registry()
-        .read()
-        .expect("registry lock")
-        .get(&TypeId::of::<B>())
-        .and_then(|f| f.downcast_ref::<Fused<B>>())
-        .copied()
+    crate::registry::get::<Fused<B>>()
 }
 
 /// The inner backend's view of an autodiff tensor (same buffer).
