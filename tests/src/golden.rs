@@ -40,7 +40,7 @@ pub struct Golden {
     pub values: Vec<f64>,
 }
 
-/// Reads every tensor of a safetensors file (f32, f64 or i64).
+/// Reads every tensor of a safetensors file (f32, f64, i64 or u8).
 pub fn read_golden(path: &std::path::Path) -> HashMap<String, Golden> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
@@ -61,6 +61,7 @@ pub fn read_golden(path: &std::path::Path) -> HashMap<String, Golden> {
                     .chunks_exact(8)
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
                     .collect(),
+                Dtype::U8 => data.iter().map(|&b| b as f64).collect(),
                 other => panic!("unexpected dtype {other:?} for {name}"),
             };
             (

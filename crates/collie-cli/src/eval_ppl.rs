@@ -17,6 +17,8 @@ pub struct Args {
     /// A PEFT adapter directory (HF peft format) to apply to the model.
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    quantize: crate::model::QuantizeArg,
     /// JSONL file, one {"text": ...} object per line.
     #[arg(long)]
     data: PathBuf,
@@ -73,6 +75,7 @@ impl crate::model::WithModel for Task {
         let loaded = crate::model::load_adapted::<B::InnerBackend, M::Inner>(
             &args.model,
             args.adapter.as_deref(),
+            args.quantize.get()?,
             &device,
         )?;
         let tok = loaded.tokenizer()?;

@@ -19,6 +19,8 @@ pub struct Args {
     /// A PEFT adapter directory (HF peft format) to apply to the model.
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    quantize: crate::model::QuantizeArg,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -66,6 +68,7 @@ impl crate::model::WithModel for Task {
         let loaded = crate::model::load_adapted::<B::InnerBackend, M::Inner>(
             &args.model,
             args.adapter.as_deref(),
+            args.quantize.get()?,
             &device,
         )?;
         let tok = loaded.tokenizer()?;

@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod embed;
 mod eval_ppl;
+mod export;
 mod generate;
 mod merge;
 mod model;
@@ -42,6 +43,8 @@ enum Command {
     Convert(convert::Args),
     /// Fold a LoRA / IA3 adapter into its base model and write an HF model directory.
     Merge(merge::Args),
+    /// Write a model (an adapter folded in) as a GGUF file llama.cpp loads.
+    Export(export::Args),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -56,6 +59,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Embed(args) => embed::run(args, device),
         Command::Convert(args) => convert::run(args, device),
         Command::Merge(args) => merge::run(args, device),
+        Command::Export(args) => export::run(args, device),
         Command::Bench(cmd) => bench::run(cmd, device),
     }
 }

@@ -49,6 +49,7 @@ impl crate::model::WithModel for Task {
         let mut loaded = crate::model::load_adapted::<B::InnerBackend, M::Inner>(
             &args.model,
             Some(&args.adapter),
+            collie_io::quant::Quantize::None,
             &device,
         )?;
         collie_peft::lora::merge_and_unload(&mut loaded.model);

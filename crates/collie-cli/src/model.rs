@@ -9,6 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use collie_core::device::{dispatch, BackendTask, DeviceSpec};
 use collie_core::model::ModelConfig;
 use collie_io::family::{token_ids, Families, Loaded, ModelFiles, ModelTask, TrainModel};
+use collie_io::quant::Quantize;
 use collie_models::Registry;
 use serde_json::Value;
 
@@ -67,13 +68,34 @@ pub fn load<B: Backend, M: ModelFiles<B>>(spec: &str, device: &B::Device) -> Res
     M::load(spec, device).with_context(|| format!("loading model `{spec}`"))
 }
 
-/// Loads `spec` and applies the PEFT adapter in `adapter`, if any.
+/// The `--quantize` flag of the commands that run a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct QuantizeArg {
+    /// Store the linear weights as `q8_0` or `q4_k` (encoded on load), or `keep` a GGUF file's
+    /// blocks as they are; `none` (default) loads them as f32.
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
+}
+
+impl QuantizeArg {
+    /// The parsed flag.
+    pub fn get(&self) -> Result<Quantize> {
+        self.quantize
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--{e}"))
+    }
+}
+
+/// Loads `spec` with its linear weights stored as `quantize` says, and applies the PEFT
+/// adapter in `adapter`, if any.
 pub fn load_adapted<B: Backend, M: ModelFiles<B>>(
     spec: &str,
     adapter: Option<&Path>,
+    quantize: Quantize,
     device: &B::Device,
 ) -> Result<Loaded<B, M>> {
-    let mut loaded = load::<B, M>(spec, device)?;
+    let mut loaded = M::load_quantized(spec, device, quantize)
+        .with_context(|| format!("loading model `{spec}`"))?;
     if let Some(dir) = adapter {
         let (model, config) = collie_peft::adapter_io::load(loaded.model, dir, device)
             .with_context(|| format!("applying adapter {}", dir.display()))?;

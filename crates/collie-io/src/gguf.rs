@@ -2,17 +2,19 @@
 //!
 //! Parsing and dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants) come
 //! from the `rlx-gguf` crate; this module adds typed metadata access, truncation checks and the
-//! [`TensorSource`] view in PyTorch's dimension order. Mapping tensor names to a model, and undoing
-//! llama.cpp's q/k row permutation, is the model adapter's job.
+//! [`TensorSource`] view in PyTorch's dimension order. [`GgufOut`] writes GGUF files (tensors in
+//! F32 or one of [`crate::quant`]'s types). Mapping tensor names to a model, and llama.cpp's q/k
+//! row permutation, is the model adapter's job.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use rlx_gguf::MetaValue;
-use rlx_gguf::{GgmlType, GgufFile};
+use rlx_gguf::{GgmlType, GgufFile, GgufWriter};
 
 use crate::error::{IoError, Result};
 use crate::module::{HostTensor, TensorSource};
+use crate::quant::{quantize, QuantType};
 
 /// An open, memory-mapped GGUF file.
 pub struct GgufSource {
@@ -171,6 +173,23 @@ impl GgufSource {
         self.file.get(key).map(|t| format!("{:?}", t.dtype))
     }
 
+    /// Storage type, GGML shape (innermost first) and bytes of tensor `key`, as stored.
+    pub fn raw(&self, key: &str) -> Result<(GgmlType, Vec<usize>, &[u8])> {
+        let err = |message: String| IoError::Gguf {
+            path: self.path.clone(),
+            message,
+        };
+        let t = self
+            .file
+            .get(key)
+            .ok_or_else(|| err(format!("no tensor `{key}`")))?;
+        let bytes = self
+            .file
+            .tensor_bytes(t)
+            .map_err(|e| err(format!("tensor `{key}`: {e:#}")))?;
+        Ok((t.dtype, t.shape.clone(), bytes))
+    }
+
     /// Whether the file stores `key` in a block-quantized type.
     pub fn is_quantized(&self, key: &str) -> bool {
         self.file.get(key).is_some_and(|t| {
@@ -209,5 +228,98 @@ impl TensorSource for GgufSource {
             ggml_shape.into_iter().rev().collect(),
             data,
         ))
+    }
+}
+
+/// A GGUF file being assembled: metadata and tensors, written at once by [`GgufOut::write`].
+pub struct GgufOut {
+    writer: GgufWriter,
+}
+
+impl GgufOut {
+    /// An empty file of architecture `arch` (`general.architecture`).
+    pub fn new(arch: &str) -> Self {
+        let mut writer = GgufWriter::new();
+        writer.set_arch(arch);
+        GgufOut { writer }
+    }
+
+    /// Sets metadata `key`.
+    pub fn set(&mut self, key: &str, value: MetaValue) {
+        self.writer.set_meta(key, value);
+    }
+
+    /// Sets a string-array key (`tokenizer.ggml.tokens`, `tokenizer.ggml.merges`).
+    pub fn set_strings<S: AsRef<str>>(&mut self, key: &str, items: &[S]) {
+        let items = items
+            .iter()
+            .map(|s| MetaValue::String(s.as_ref().to_string()))
+            .collect();
+        self.set(key, MetaValue::Array(items));
+    }
+
+    /// Adds tensor `name` of PyTorch shape `shape` (outermost first) holding `data`, stored as
+    /// `ty` (F32 when `None`). Rows (the innermost dimension) must be a whole number of the
+    /// type's blocks.
+    pub fn add(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: &[f32],
+        ty: Option<QuantType>,
+    ) -> Result<()> {
+        let err = |message: String| IoError::Gguf {
+            path: PathBuf::from(name),
+            message,
+        };
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(err(format!(
+                "shape {shape:?} does not hold {} values",
+                data.len()
+            )));
+        }
+        let row = shape.last().copied().unwrap_or(1);
+        let (dtype, bytes) = match ty {
+            None => (
+                GgmlType::F32,
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Some(ty) => {
+                if row % ty.block_len() != 0 {
+                    return Err(err(format!(
+                        "rows of {row} values cannot be stored as {} (blocks of {})",
+                        ty.name(),
+                        ty.block_len()
+                    )));
+                }
+                let dtype = match ty {
+                    QuantType::F16 => GgmlType::F16,
+                    QuantType::Q8_0 => GgmlType::Q8_0,
+                    QuantType::Q4K => GgmlType::Q4K,
+                };
+                (dtype, quantize(data, ty))
+            }
+        };
+        let ggml_shape = shape.iter().rev().copied().collect();
+        self.writer
+            .add_tensor_bytes(name, ggml_shape, dtype, bytes)
+            .map_err(|e| err(format!("{e:#}")))
+    }
+
+    /// Writes the file to `path`: into a temporary file beside it, renamed into place.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let name = path
+            .file_name()
+            .map_or_else(|| "out.gguf".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = path.with_file_name(format!(".{name}.partial"));
+        let result = self.writer.write_to_path(&tmp).map_err(|e| IoError::Gguf {
+            path: path.to_path_buf(),
+            message: format!("cannot write: {e:#}"),
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, path).map_err(|e| IoError::io(path, e))
     }
 }

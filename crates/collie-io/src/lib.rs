@@ -21,6 +21,7 @@ pub mod family;
 pub mod gguf;
 pub mod json;
 pub mod module;
+pub mod quant;
 pub mod safetensors;
 pub mod sharded;
 pub mod tokenizer;

@@ -137,6 +137,10 @@ pub enum Convert {
     /// Any other rearrangement (undoing llama.cpp's q/k row permutation, cutting one part out
     /// of a fused tensor), followed by an optional transpose. Its result's shape is checked.
     Custom(Box<dyn Fn(HostTensor) -> HostTensor>, bool),
+    /// Read by the caller in another form (a layer's quantized blocks): key and shape (in the
+    /// file's layout, transposed when `true`) are checked and the key counts as used; the
+    /// parameter is left as it is.
+    Elsewhere(bool),
 }
 
 /// The checkpoint key of a parameter and how to convert it.
@@ -206,7 +210,7 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
         let expected: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
         let transposed = matches!(
             binding.convert,
-            Convert::Transpose | Convert::Custom(_, true)
+            Convert::Transpose | Convert::Custom(_, true) | Convert::Elsewhere(true)
         );
         let expected_in_file: Vec<usize> = if transposed {
             expected.iter().rev().copied().collect()
@@ -234,6 +238,10 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
         let custom = matches!(binding.convert, Convert::Custom(..));
         if found != expected_in_file && !custom {
             self.error = Some(mismatch(found));
+            return param;
+        }
+        if let Convert::Elsewhere(_) = binding.convert {
+            self.used.insert(binding.key);
             return param;
         }
         if let (Some(lazy), false) = (&self.lazy, custom) {
@@ -276,7 +284,7 @@ impl<B: Backend, F: FnMut(&ParamInfo) -> Option<Binding>> ModuleMapper<B> for Lo
             }
         };
         let host = match binding.convert {
-            Convert::Identity => host,
+            Convert::Identity | Convert::Elsewhere(_) => host,
             Convert::Transpose => host.transpose(),
             Convert::Custom(f, transpose) => {
                 let h = f(host);

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use serde_json::{json, Value};
 
 use crate::error::{IoError, Result};
-use crate::gguf::GgufSource;
+use crate::gguf::{GgufSource, MetaValue};
 use crate::json::{read_json, write_json};
 
 /// Token ids and the byte range of each in the encoded text.
@@ -204,6 +204,114 @@ impl TokenizerBundle {
         })
     }
 
+    /// llama.cpp's `tokenizer.*` metadata for this tokenizer, for writing a GGUF file: byte-level
+    /// BPE vocabularies (`tokenizer.ggml.model = "gpt2"`), with the `pre` name of the
+    /// pre-tokenizer split (the inverse of what [`TokenizerBundle::from_gguf`] builds), token
+    /// types (special added tokens as control, other added tokens as user-defined), merges,
+    /// BOS/EOS ids, whether BOS is added, and the chat template. `pad_id` comes from the model
+    /// config. Other tokenizer kinds are an error naming the kind.
+    pub fn gguf_metadata(&self, pad_id: Option<u32>) -> Result<Vec<(String, MetaValue)>> {
+        let json: Value = serde_json::from_str(
+            &self
+                .tokenizer
+                .to_string(false)
+                .map_err(|e| self.error(format!("cannot serialize: {e}")))?,
+        )
+        .map_err(|e| self.error(format!("cannot serialize: {e}")))?;
+        let model = &json["model"];
+        let kind = model["type"].as_str().unwrap_or("?");
+        let pre = gguf_pre_name(&json["pre_tokenizer"]);
+        let (true, Some(pre)) = (kind == "BPE", pre) else {
+            return Err(self.error(format!(
+                "only byte-level BPE tokenizers can be written to GGUF (this one is {kind} with                  pre-tokenizer {})",
+                json["pre_tokenizer"]
+            )));
+        };
+        let vocab = self.tokenizer.get_vocab(true);
+        let n = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
+        let mut tokens: Vec<Option<String>> = vec![None; n];
+        for (t, id) in vocab {
+            tokens[id as usize] = Some(t);
+        }
+        const NORMAL: i32 = 1;
+        const UNUSED: i32 = 5;
+        let mut types: Vec<i32> = tokens
+            .iter()
+            .map(|t| if t.is_some() { NORMAL } else { UNUSED })
+            .collect();
+        for a in json["added_tokens"].as_array().into_iter().flatten() {
+            if let Some(id) = a["id"].as_u64().filter(|&i| (i as usize) < n) {
+                let special = a["special"].as_bool().unwrap_or(false);
+                types[id as usize] = if special { CONTROL } else { USER_DEFINED } as i32;
+            }
+        }
+        // Ids no token holds (a vocabulary with holes) get llama.cpp's converter's filler.
+        let tokens: Vec<String> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
+            .collect();
+        let merges: Vec<String> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| match m {
+                Value::String(s) => Some(s.clone()),
+                Value::Array(p) => {
+                    let p: Vec<&str> = p.iter().filter_map(Value::as_str).collect();
+                    Some(p.join(" "))
+                }
+                _ => None,
+            })
+            .collect();
+        let strings = |items: &[String]| {
+            MetaValue::Array(items.iter().map(|s| MetaValue::String(s.clone())).collect())
+        };
+        let mut out = vec![
+            (
+                "tokenizer.ggml.model".into(),
+                MetaValue::String("gpt2".into()),
+            ),
+            ("tokenizer.ggml.pre".into(), MetaValue::String(pre.into())),
+            ("tokenizer.ggml.tokens".into(), strings(&tokens)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
+            ),
+        ];
+        if !merges.is_empty() {
+            out.push(("tokenizer.ggml.merges".into(), strings(&merges)));
+        }
+        let id_of = |t: &Option<String>| t.as_deref().and_then(|t| self.token_id(t));
+        let bos = id_of(&self.bos_token);
+        let first_special = json["post_processor"]["single"][0]["SpecialToken"]["id"].as_str();
+        let add_bos = bos.is_some() && first_special == self.bos_token.as_deref();
+        for (key, id) in [
+            ("bos_token_id", bos),
+            ("eos_token_id", id_of(&self.eos_token)),
+            ("padding_token_id", pad_id),
+        ] {
+            if let Some(id) = id {
+                out.push((format!("tokenizer.ggml.{key}"), MetaValue::U32(id)));
+            }
+        }
+        out.push((
+            "tokenizer.ggml.add_bos_token".into(),
+            MetaValue::Bool(add_bos),
+        ));
+        out.push((
+            "tokenizer.ggml.add_eos_token".into(),
+            MetaValue::Bool(false),
+        ));
+        if let Some(t) = &self.chat_template {
+            out.push((
+                "tokenizer.chat_template".into(),
+                MetaValue::String(t.clone()),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Token ids of `text`; with `add_special_tokens` the post-processor adds BOS/EOS as HF does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
@@ -326,6 +434,35 @@ fn split_regex(pre: &str) -> Option<&'static str> {
         "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_SPLIT,
         _ => return None,
     })
+}
+
+/// llama.cpp's `pre` name of a byte-level pre-tokenizer: `gpt2` for GPT-2's own split, the
+/// name whose regex [`split_regex`] gives for a split followed by a byte-level step, `smollm`
+/// for single digits split before GPT-2's; `None` for anything else.
+fn gguf_pre_name(pre: &Value) -> Option<&'static str> {
+    let byte_level = |v: &Value, regex: bool| {
+        v["type"] == "ByteLevel" && v["use_regex"].as_bool().unwrap_or(true) == regex
+    };
+    if byte_level(pre, true) {
+        return Some("gpt2");
+    }
+    let steps = pre["pretokenizers"]
+        .as_array()
+        .filter(|_| pre["type"] == "Sequence")?;
+    match steps.as_slice() {
+        [split, last] if split["type"] == "Split" && byte_level(last, false) => {
+            let regex = split["pattern"]["Regex"].as_str()?;
+            ["llama-bpe", "qwen2", "tekken", "gpt-4o"]
+                .into_iter()
+                .find(|name| split_regex(name) == Some(regex))
+        }
+        [digits, last] if digits["type"] == "Digits" && byte_level(last, true) => digits
+            ["individual_digits"]
+            .as_bool()
+            .filter(|b| *b)
+            .map(|_| "smollm"),
+        _ => None,
+    }
 }
 
 /// A GGUF vocabulary and the special-token facts both tokenizer kinds need.

@@ -522,6 +522,7 @@ fn load_encoder<B: Backend>(
                 adapter: None,
                 parallel: l.parallel,
                 tp: l.tp.clone(),
+                quant: None,
             }
         })
         .collect();

@@ -136,6 +136,7 @@ pub(crate) fn torch_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::De
         adapter: None,
         parallel: Default::default(),
         tp: None,
+        quant: None,
     }
 }
 

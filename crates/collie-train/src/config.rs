@@ -173,6 +173,26 @@ pub struct ModelSection {
     /// (memory-efficient kernels, memory linear in the sequence length; `docs/architecture.md`).
     #[serde(default)]
     pub attention: collie_core::attention::AttentionKind,
+    /// How the frozen base's linear weights are stored: `none` (float), `q8_0` / `q4_k`
+    /// (llama.cpp's block formats, encoded on load) or `keep` (a GGUF file's blocks as they
+    /// are). A quantized base is frozen: it needs a `[peft]` method (QLoRA with `lora`).
+    #[serde(default = "default_quantize", skip_serializing_if = "is_no_quantize")]
+    pub quantize: String,
+}
+
+fn default_quantize() -> String {
+    "none".into()
+}
+
+fn is_no_quantize(q: &str) -> bool {
+    q == "none"
+}
+
+impl ModelSection {
+    /// `quantize` parsed (checked by [`TrainConfig::validate`]).
+    pub fn quantize(&self) -> collie_io::quant::Quantize {
+        self.quantize.parse().unwrap_or_default()
+    }
 }
 
 /// `[data]`.
@@ -641,6 +661,34 @@ impl TrainConfig {
                 "model.path",
                 "empty (only `init = \"scratch\"` with `data.format = \"tokens\"` runs without a tokenizer)",
             ));
+        }
+        if let Err(e) = self.model.quantize.parse::<collie_io::quant::Quantize>() {
+            return Err(key_error("model.quantize", e));
+        }
+        if self.model.quantize != "none" {
+            if !self.peft.enabled() {
+                return Err(key_error(
+                    "model.quantize",
+                    format!(
+                        "`{}` freezes the base weights, so there is nothing to train without a \
+                         [peft] method (e.g. kind = \"lora\": QLoRA)",
+                        self.model.quantize
+                    ),
+                ));
+            }
+            if self.model.init == ModelInit::Scratch {
+                return Err(key_error(
+                    "model.quantize",
+                    "a quantized base needs pretrained weights (init = \"pretrained\")",
+                ));
+            }
+            if self.parallel.tp > 1 || self.parallel.zero == 3 {
+                return Err(key_error(
+                    "model.quantize",
+                    "a quantized base is not split across ranks (parallel.tp = 1 and \
+                     parallel.zero < 3; data parallelism and pipeline stages work)",
+                ));
+            }
         }
         if let Some(name) = &self.data.template {
             if let Err(e) = name.parse::<collie_data::chat::BuiltinTemplate>() {

@@ -24,6 +24,7 @@ use collie_dist::dp::all_reduce_scalars;
 use collie_dist::zero::ZeroPlan;
 use collie_dist::Dist;
 use collie_io::family::TrainModel;
+use collie_io::quant::Quantize;
 use collie_io::tokenizer::TokenizerBundle;
 use collie_optim::clip::global_norm;
 use serde_json::{json, Map, Value};
@@ -254,7 +255,10 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             ModelInit::Pretrained => {
                 // Read as the model is sharded below: a rank holds its slices and one whole
                 // tensor at a time, never the whole model.
-                let loaded = M::load_lazy(&config.model.path, device)?;
+                let loaded = match config.model.quantize() {
+                    Quantize::None => M::load_lazy(&config.model.path, device)?,
+                    q => M::load_quantized(&config.model.path, device, q)?,
+                };
                 (loaded.config, loaded.model, loaded.tokenizer)
             }
         };
@@ -430,7 +434,10 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         // checkpoint of a parallel run, whose pieces are put back together as they are read.
         let mut model = if self.peft_active() {
             // The checkpoint holds the adapter; the base comes from where it came from before.
-            let base = M::load_lazy(&self.config.model.path, &self.device)?.model;
+            let base = match self.config.model.quantize() {
+                Quantize::None => M::load_lazy(&self.config.model.path, &self.device)?.model,
+                q => M::load_quantized(&self.config.model.path, &self.device, q)?.model,
+            };
             collie_peft::adapter_io::load(base, &dir, &self.device)?.0
         } else {
             M::load_lazy(&dir.display().to_string(), &self.device)?.model

@@ -1,9 +1,14 @@
 //! State-dict adapter for GGUF files: llama.cpp's metadata → [`LlamaConfig`], its tensor names →
-//! our parameter paths, and its q/k row permutation undone.
+//! our parameter paths, and its q/k row permutation undone; [`save_gguf`] writes the other way.
+
+use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use collie_io::gguf::GgufSource;
-use collie_io::module::{load_module, Binding, Convert, ParamInfo, TensorSource};
+use collie_core::nn::Adaptable;
+use collie_core::rope::RopeScaling;
+use collie_io::gguf::{GgufOut, GgufSource, MetaValue};
+use collie_io::module::{load_module, torch_state_lazy, Binding, Convert, ParamInfo, TensorSource};
+use collie_io::quant::QuantType;
 use collie_io::{HostTensor, IoError};
 use serde_json::{json, Map, Value};
 
@@ -177,6 +182,39 @@ pub fn load_gguf<B: Backend>(
     src: &GgufSource,
     device: &B::Device,
 ) -> Result<(LlamaConfig, Llama<B>)> {
+    load(src, device, false)
+}
+
+/// [`load_gguf`] with the blocks' linear weights kept as the file stores them (frozen
+/// [`collie_core::nn::QuantWeight`]s, q/k rows put back in HF's order by moving whole rows);
+/// norms, embeddings and the LM head dequantized to `f32`.
+pub fn load_gguf_keep<B: Backend>(
+    src: &GgufSource,
+    device: &B::Device,
+) -> Result<(LlamaConfig, Llama<B>)> {
+    load(src, device, true)
+}
+
+/// Row `i` of HF's q/k layout is row `from[i]` of llama.cpp's ([`unpermute_rows`]).
+fn unpermute_order(rows: usize, n_heads: usize) -> Vec<usize> {
+    let hd = rows / n_heads;
+    let half = hd / 2;
+    let mut from = vec![0; rows];
+    for h in 0..n_heads {
+        for i in 0..half {
+            for p in 0..2 {
+                from[h * hd + p * half + i] = h * hd + 2 * i + p;
+            }
+        }
+    }
+    from
+}
+
+fn load<B: Backend>(
+    src: &GgufSource,
+    device: &B::Device,
+    keep: bool,
+) -> Result<(LlamaConfig, Llama<B>)> {
     let config = config_from_gguf(src)?;
     let model = config.init::<B>(device)?;
     // Only llama.cpp's `llama` architecture permutes q/k (it rotates interleaved pairs).
@@ -187,6 +225,13 @@ pub fn load_gguf<B: Backend>(
     let bind = |info: &ParamInfo| -> Option<Binding> {
         let key = gguf_key(&info.path)?;
         let linear = info.is_linear_weight();
+        if keep && linear && key.starts_with("blk.") {
+            // Read below as blocks; the float parameter is never materialized.
+            return Some(Binding {
+                key,
+                convert: Convert::Elsewhere(true),
+            });
+        }
         let n = if info.path.contains("attn.q_proj.") {
             Some(heads)
         } else if info.path.contains("attn.k_proj.") {
@@ -209,8 +254,240 @@ pub fn load_gguf<B: Backend>(
         };
         Some(Binding { key, convert })
     };
-    let model = load_module(model, src, bind)?;
+    let mut model = load_module(model, src, bind)?;
+    if keep {
+        for slot in model.linears_mut() {
+            let Some(base) = gguf_module(&slot.name).filter(|b| b.starts_with("blk.")) else {
+                continue;
+            };
+            let key = format!("{base}.weight");
+            let mut blocks = collie_io::quant::gguf_blocks(src, &key)?;
+            let n = match base.rsplit('.').next() {
+                Some("attn_q") => Some(heads),
+                Some("attn_k") => Some(kv_heads),
+                _ => None,
+            };
+            if let Some(n) = n.filter(|_| permuted) {
+                let rows = slot.linear.dims()[1];
+                blocks = blocks.permute_rows(&unpermute_order(rows, n));
+            }
+            slot.linear
+                .set_quantized(blocks.into_weight())
+                .map_err(|m| IoError::Gguf {
+                    path: src.path().to_path_buf(),
+                    message: format!("`{key}`: {m}"),
+                })?;
+        }
+    }
     Ok((config, model))
+}
+
+/// llama.cpp's q/k permutation (its converter's `permute`): each head's rows go from HF's
+/// `[first half | second half]` rotation layout to interleaved pairs. Inverse of
+/// [`unpermute_rows`].
+pub fn permute_rows(t: HostTensor, n_heads: usize) -> HostTensor {
+    let rows = t.shape[0];
+    let cols = t.data.len() / rows;
+    let hd = rows / n_heads;
+    let half = hd / 2;
+    let mut out = vec![0.0f32; t.data.len()];
+    for h in 0..n_heads {
+        for i in 0..half {
+            for p in 0..2 {
+                let src = h * hd + p * half + i;
+                let dst = h * hd + 2 * i + p;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    HostTensor::new(t.shape, out)
+}
+
+/// llama.cpp's architecture for a model type this writer serves (Mistral is written as `llama`,
+/// as llama.cpp's converter does).
+fn gguf_architecture(config: &LlamaConfig) -> Result<&'static str> {
+    let arch = match config.model_type.as_str() {
+        "llama" | "mistral" => "llama",
+        "qwen2" => "qwen2",
+        "qwen3" => "qwen3",
+        other => return Err(LlamaError::UnknownArchitecture(format!(
+            "model type `{other}` cannot be written as GGUF (llama, mistral, qwen2 and qwen3 can)"
+        ))),
+    };
+    let unsupported = |what: &str| {
+        Err(LlamaError::Config(format!(
+            "a {} model with {what} cannot be written as GGUF",
+            config.model_type
+        )))
+    };
+    if config.sliding_window.is_some()
+        && config.use_sliding_window != Some(false)
+        && arch != "llama"
+    {
+        return unsupported("sliding-window attention");
+    }
+    if config.mlp_bias == Some(true) {
+        return unsupported("MLP biases");
+    }
+    if config.activation()? != collie_core::nn::Activation::Silu {
+        return unsupported("an activation other than SiLU");
+    }
+    Ok(arch)
+}
+
+/// Writes `model` as a GGUF file llama.cpp loads: its architecture's metadata, its tensor names,
+/// q/k rows permuted for the `llama` architecture, 2-D weights stored as `ty` (F32 when `None`;
+/// a matrix whose rows are not a whole number of `ty`'s blocks falls back to Q8_0, then F16),
+/// norms and biases in F32, and `tokenizer` (`tokenizer.*` keys) when given. `general.file_type`
+/// names the type most weights have (llama.cpp's `LLAMA_FTYPE_*`).
+pub fn save_gguf<B: Backend>(
+    model: &Llama<B>,
+    config: &LlamaConfig,
+    tokenizer: &[(String, MetaValue)],
+    path: &Path,
+    ty: Option<QuantType>,
+) -> Result<()> {
+    let arch = gguf_architecture(config)?;
+    let mut out = GgufOut::new(arch);
+    let key = |k: &str| format!("{arch}.{k}");
+    let u32_of = |v: usize| MetaValue::U32(v as u32);
+    let (theta, scaling) = config.rope()?;
+    let name = config
+        .extra
+        .get("_name_or_path")
+        .and_then(Value::as_str)
+        .unwrap_or(&config.model_type);
+    out.set("general.name", MetaValue::String(name.to_string()));
+    let file_type = match ty {
+        None => 0,
+        Some(QuantType::F16) => 1,
+        Some(QuantType::Q8_0) => 7,
+        // LLAMA_FTYPE_MOSTLY_Q4_K_S: every matrix Q4_K.
+        Some(QuantType::Q4K) => 14,
+    };
+    out.set("general.file_type", MetaValue::U32(file_type));
+    if matches!(ty, Some(QuantType::Q8_0 | QuantType::Q4K)) {
+        out.set("general.quantization_version", MetaValue::U32(2));
+    }
+    out.set(&key("vocab_size"), u32_of(config.vocab_size));
+    out.set(
+        &key("context_length"),
+        u32_of(config.max_position_embeddings),
+    );
+    out.set(&key("embedding_length"), u32_of(config.hidden_size));
+    out.set(
+        &key("feed_forward_length"),
+        u32_of(config.intermediate_size),
+    );
+    out.set(&key("block_count"), u32_of(config.num_hidden_layers));
+    out.set(
+        &key("attention.head_count"),
+        u32_of(config.num_attention_heads),
+    );
+    out.set(&key("attention.head_count_kv"), u32_of(config.kv_heads()));
+    out.set(
+        &key("attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(config.rms_norm_eps as f32),
+    );
+    out.set(&key("rope.freq_base"), MetaValue::F32(theta as f32));
+    out.set(&key("rope.dimension_count"), u32_of(config.head_dim()));
+    if config.head_dim() * config.num_attention_heads != config.hidden_size {
+        out.set(&key("attention.key_length"), u32_of(config.head_dim()));
+        out.set(&key("attention.value_length"), u32_of(config.head_dim()));
+    }
+    match scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            out.set(
+                &key("rope.scaling.type"),
+                MetaValue::String("linear".into()),
+            );
+            out.set(&key("rope.scaling.factor"), MetaValue::F32(factor));
+        }
+        other => {
+            return Err(LlamaError::Config(format!(
+                "RoPE scaling {other:?} cannot be written as GGUF (linear can)"
+            )))
+        }
+    }
+    for (k, v) in tokenizer {
+        out.set(k, v.clone());
+    }
+    let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
+    let permuted = arch == "llama";
+    // One tensor read (and converted) at a time: a lazily loaded model streams from its files.
+    for t in torch_state_lazy(model, gguf_key) {
+        let mut value = t.read();
+        let n = if t.name.contains(".attn_q.") {
+            Some(heads)
+        } else if t.name.contains(".attn_k.") {
+            Some(kv_heads)
+        } else {
+            None
+        };
+        if let Some(n) = n.filter(|_| permuted) {
+            value = permute_rows(value, n);
+        }
+        let matrix = value.shape.len() == 2 && t.name.ends_with(".weight");
+        let row = value.shape.last().copied().unwrap_or(1);
+        let stored = ty
+            .filter(|_| matrix)
+            .map(|ty| collie_io::quant::fallback(ty, row));
+        out.add(&t.name, &value.shape, &value.data, stored)?;
+    }
+    out.write(path)?;
+    Ok(())
+}
+
+/// GGUF tensor name (without `.weight`) of an HF linear module name
+/// (`model.layers.3.self_attn.q_proj` → `blk.3.attn_q`, `lm_head` → `output`).
+pub fn gguf_module(hf_name: &str) -> Option<String> {
+    if hf_name == "lm_head" {
+        return Some("output".into());
+    }
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (index, module) = rest.split_once('.')?;
+    index.parse::<usize>().ok()?;
+    let row = crate::model::BLOCK_MODULES
+        .iter()
+        .find(|m| m.1 == module && !m.2.is_empty())?;
+    Some(format!("blk.{index}.{}", row.2))
+}
+
+/// Writes LoRA adapters as llama.cpp's adapter GGUF (what its `convert_lora_to_gguf.py` writes
+/// and `--lora` loads): `general.type = "adapter"`, `adapter.type = "lora"`,
+/// `adapter.lora.alpha`, and per adapted matrix `<name>.weight.lora_a` (`[r, d_in]`) and
+/// `.lora_b` (`[d_out, r]`) in F32, `lora_b`'s rows permuted as the base's q/k rows are.
+/// `lora` holds `(HF module name, A, B)` in peft's layout; llama.cpp scales by `alpha / r`.
+pub fn save_gguf_lora(
+    config: &LlamaConfig,
+    lora: &[(String, HostTensor, HostTensor)],
+    alpha: f32,
+    path: &Path,
+) -> Result<()> {
+    let arch = gguf_architecture(config)?;
+    let mut out = GgufOut::new(arch);
+    out.set("general.type", MetaValue::String("adapter".into()));
+    out.set("adapter.type", MetaValue::String("lora".into()));
+    out.set("adapter.lora.alpha", MetaValue::F32(alpha));
+    let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
+    for (name, a, b) in lora {
+        let base = gguf_module(name).ok_or_else(|| {
+            LlamaError::Config(format!(
+                "LoRA on `{name}`: llama.cpp has no tensor for this module"
+            ))
+        })?;
+        let b = match (arch, base.rsplit('.').next()) {
+            ("llama", Some("attn_q")) => permute_rows(b.clone(), heads),
+            ("llama", Some("attn_k")) => permute_rows(b.clone(), kv_heads),
+            _ => b.clone(),
+        };
+        out.add(&format!("{base}.weight.lora_a"), &a.shape, &a.data, None)?;
+        out.add(&format!("{base}.weight.lora_b"), &b.shape, &b.data, None)?;
+    }
+    out.write(path)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -234,6 +511,16 @@ mod tests {
         );
         assert_eq!(gguf_key("head.lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_key("layers.2.attn.q_proj.adapter.a").is_none());
+        assert_eq!(
+            gguf_module("model.layers.11.self_attn.k_proj").unwrap(),
+            "blk.11.attn_k"
+        );
+        assert_eq!(
+            gguf_module("model.layers.0.mlp.down_proj").unwrap(),
+            "blk.0.ffn_down"
+        );
+        assert_eq!(gguf_module("lm_head").unwrap(), "output");
+        assert!(gguf_module("model.layers.0.self_attn.qkv_proj").is_none());
     }
 
     #[test]
@@ -253,7 +540,15 @@ mod tests {
                 }
             }
         }
-        let back = unpermute_rows(HostTensor::new(vec![rows, cols], permuted), n_heads);
+        let order = unpermute_order(rows, n_heads);
+        let moved: Vec<f32> = order
+            .iter()
+            .flat_map(|&r| permuted[r * cols..(r + 1) * cols].to_vec())
+            .collect();
+        assert_eq!(moved, hf, "row order of the kept blocks");
+        let back = unpermute_rows(HostTensor::new(vec![rows, cols], permuted.clone()), n_heads);
         assert_eq!(back.data, hf);
+        let again = permute_rows(HostTensor::new(vec![rows, cols], hf), n_heads);
+        assert_eq!(again.data, permuted);
     }
 }

@@ -22,7 +22,8 @@ use std::path::Path;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use collie_io::family::{Loaded, ModelFiles, ModelResult, TrainModel};
-use collie_io::gguf::GgufSource;
+use collie_io::gguf::{GgufSource, MetaValue};
+use collie_io::quant::QuantType;
 use collie_io::safetensors::SaveDtype;
 use collie_io::tokenizer::TokenizerBundle;
 
@@ -47,6 +48,10 @@ impl<B: Backend> ModelFiles<B> for Llama<B> {
         gguf::load_gguf(src, device)
     }
 
+    fn load_gguf_keep(src: &GgufSource, device: &B::Device) -> ModelResult<(LlamaConfig, Self)> {
+        gguf::load_gguf_keep(src, device)
+    }
+
     fn save_hf_dir(
         &self,
         config: &LlamaConfig,
@@ -55,6 +60,25 @@ impl<B: Backend> ModelFiles<B> for Llama<B> {
         dtype: SaveDtype,
     ) -> ModelResult<()> {
         hf::save_hf_dir(self, config, tokenizer, dir, dtype)
+    }
+
+    fn save_gguf(
+        &self,
+        config: &LlamaConfig,
+        tokenizer: &[(String, MetaValue)],
+        path: &Path,
+        ty: Option<QuantType>,
+    ) -> ModelResult<()> {
+        gguf::save_gguf(self, config, tokenizer, path, ty)
+    }
+
+    fn save_gguf_lora(
+        config: &LlamaConfig,
+        lora: &[(String, collie_io::HostTensor, collie_io::HostTensor)],
+        alpha: f32,
+        path: &Path,
+    ) -> ModelResult<()> {
+        gguf::save_gguf_lora(config, lora, alpha, path)
     }
 }
 

@@ -49,6 +49,7 @@ fn linear(
         adapter: None,
         parallel: mode,
         tp: Some(dist.tp.clone()),
+        quant: None,
     }
 }
 

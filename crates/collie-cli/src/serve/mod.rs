@@ -35,6 +35,8 @@ pub struct Args {
     /// the model `NAME` beside it (requests pick it by their `model` field). Repeatable.
     #[arg(long)]
     adapter: Vec<String>,
+    #[command(flatten)]
+    quantize: crate::model::QuantizeArg,
     /// The id the model is served as (default: the model path's last component).
     #[arg(long)]
     served_name: Option<String>,
@@ -129,10 +131,13 @@ impl crate::model::WithModel for Task {
         let tp = dist.dims.tp;
         // Tensor parallelism reads each split tensor's slice only (the model stays lazy until
         // sharded); one process reads every weight once and shares it among the adapters.
-        let loaded = match tp {
-            1 => crate::model::load::<B::InnerBackend, M::Inner>(&args.model, &device)?,
-            _ => M::Inner::load_lazy(&args.model, &device)
+        let quantize = args.quantize.get()?;
+        let loaded = match (tp, quantize) {
+            (1, q) => M::Inner::load_quantized(&args.model, &device, q)
                 .with_context(|| format!("loading model `{}`", args.model))?,
+            (_, collie_io::quant::Quantize::None) => M::Inner::load_lazy(&args.model, &device)
+                .with_context(|| format!("loading model `{}`", args.model))?,
+            _ => bail!("--quantize: a quantized model is not split across ranks (--tp 1)"),
         };
         let tok = loaded.tokenizer()?.clone();
         let (template, template_tokens) =

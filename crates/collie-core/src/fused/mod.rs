@@ -224,7 +224,7 @@ fn prim<I: Backend, const D: usize>(t: Tensor<I, D>) -> I::FloatTensorPrimitive 
 }
 
 /// The gradient flowing into `ops`' output.
-fn grad_out<I: Backend, S, const N: usize, const D: usize>(
+pub(crate) fn grad_out<I: Backend, S, const N: usize, const D: usize>(
     ops: &Ops<S, N>,
     grads: &mut Gradients,
 ) -> Tensor<I, D> {
@@ -232,7 +232,11 @@ fn grad_out<I: Backend, S, const N: usize, const D: usize>(
 }
 
 /// Adds `g` to the gradient of the parent `node`, when it is tracked.
-fn give<I: Backend, const D: usize>(grads: &mut Gradients, node: Option<NodeId>, g: Tensor<I, D>) {
+pub(crate) fn give<I: Backend, const D: usize>(
+    grads: &mut Gradients,
+    node: Option<NodeId>,
+    g: Tensor<I, D>,
+) {
     if let Some(node) = node {
         grads.register::<I>(node, prim(g));
     }
@@ -259,7 +263,7 @@ fn record<I: Backend, BO: Backward<I, N>, const N: usize>(
 }
 
 /// [`record`] for a one-input op: `forward` gets the input on the inner backend.
-fn unary<I: Backend, BO: Backward<I, 1>, const D: usize, const E: usize>(
+pub(crate) fn unary<I: Backend, BO: Backward<I, 1>, const D: usize, const E: usize>(
     op: BO,
     x: Tensor<Autodiff<I>, D>,
     forward: impl FnOnce(Tensor<I, D>, bool) -> (Tensor<I, E>, Option<BO::State>),

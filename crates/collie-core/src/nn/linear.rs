@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::adapter::Adapter;
+use super::quant::{quant_matmul, QuantWeight};
 use crate::dist::{copy_to_group, reduce_from_group, Group};
 
 /// How a [`Linear`]'s weight is laid out across a tensor-parallel group.
@@ -73,6 +74,9 @@ pub struct Linear<B: Backend> {
     /// layer, `g` after a row layer); `None` for a whole layer.
     #[module(skip)]
     pub tp: Option<Group>,
+    /// A frozen quantized base weight ([`Linear::set_quantized`]); `weight` is then empty.
+    #[module(skip)]
+    pub quant: Option<QuantWeight>,
 }
 
 impl LinearConfig {
@@ -93,6 +97,7 @@ impl LinearConfig {
             adapter: None,
             parallel: ParallelMode::Full,
             tp: None,
+            quant: None,
         }
     }
 }
@@ -112,7 +117,10 @@ impl<B: Backend> Linear<B> {
             Some(Adapter::Ia3(ia3)) if ia3.on_input => ia3.rescale(x),
             _ => x,
         };
-        let mut y = matmul_2d(x.clone(), self.weight.val());
+        let mut y = match &self.quant {
+            Some(w) => quant_matmul(x.clone(), w),
+            None => matmul_2d(x.clone(), self.weight.val()),
+        };
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<D>();
         }
@@ -148,7 +156,13 @@ impl<B: Backend> Linear<B> {
 
     /// `[d_in, d_out]` of the (local shard of the) weight.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.lazy_shape().dims()
+        match &self.quant {
+            Some(w) => {
+                let [d_out, d_in] = w.shape();
+                [d_in, d_out]
+            }
+            None => self.weight.lazy_shape().dims(),
+        }
     }
 }
 

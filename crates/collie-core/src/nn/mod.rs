@@ -12,6 +12,7 @@ mod embedding;
 mod linear;
 mod norm;
 mod prompt;
+pub mod quant;
 
 pub use activation::{gelu_tanh, Activation};
 pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
@@ -20,6 +21,7 @@ pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
 pub use norm::{Norm, NormConfig};
 pub use prompt::{EncoderActivation, VirtualTarget, VirtualTokens};
+pub use quant::{QuantBlocks, QuantWeight};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
