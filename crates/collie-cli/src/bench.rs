@@ -88,6 +88,13 @@ pub struct MemoryArgs {
     /// `[model] attention`: naive or flash.
     #[arg(long, default_value = "naive")]
     attention: String,
+    /// Train a LoRA adapter of this rank on every linear layer (alpha 2r) instead of every
+    /// parameter.
+    #[arg(long)]
+    lora: Option<usize>,
+    /// `[model] quantize` of the frozen base (`q8_0`, `q4_k`; needs --lora).
+    #[arg(long, default_value = "none")]
+    quantize: String,
     /// Dense peak of the device in TFLOPS, for MFU (989 for an H100 SXM / H200 in bf16).
     #[arg(long)]
     peak_tflops: Option<f64>,
@@ -355,13 +362,42 @@ impl BackendTask for Memory {
         );
         let model_table = toml::to_string(&model).context("writing the model config")?;
         let text = format!("{text}[model.config]\n{model_table}");
-        let config = TrainConfig::parse(&text, "bench memory", &[])?;
+        let mut config = TrainConfig::parse(&text, "bench memory", &[])?;
+        // Set after validation, which keeps users from adapting a random model: here the random
+        // weights stand in for a pretrained base of the preset's shape.
+        if let Some(r) = args.lora {
+            let table = format!(
+                "kind = \"lora\"\nr = {r}\nalpha = {}\ntarget_modules = \"all-linear\"\n",
+                2 * r
+            );
+            config.peft = toml::from_str(&table).context("the LoRA config")?;
+        }
+        if args.quantize != "none" {
+            if args.lora.is_none() {
+                bail!("--quantize: a quantized base is frozen; add --lora R");
+            }
+            args.quantize
+                .parse::<collie_io::quant::Quantize>()
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
+            config.model.quantize = args.quantize.clone();
+        }
         let options = RunOptions {
             quiet: true,
             ..Default::default()
         };
         let mut trainer = Trainer::<B, collie_llama::Llama<B>>::new(config, &options, &device)?;
-        let params = burn::module::Module::num_params(&trainer.model);
+        // A quantized weight is not a float parameter: its elements are counted here.
+        let quantized: usize = {
+            use collie_core::nn::Adaptable;
+            let mut model = trainer.model.clone();
+            model
+                .linears_mut()
+                .iter()
+                .filter_map(|s| s.linear.quant.as_ref())
+                .map(|q| q.shape().iter().product::<usize>())
+                .sum()
+        };
+        let params = burn::module::Module::num_params(&trainer.model) + quantized;
         let mut seconds = Vec::new();
         for _ in 0..args.steps {
             seconds.push(trainer.train_step()?.seconds);
@@ -404,6 +440,8 @@ impl BackendTask for Memory {
             "tokens_per_s": tokens_per_s,
             "dtype": args.dtype,
             "attention": args.attention,
+            "lora": args.lora,
+            "quantize": args.quantize,
             "flops_per_token": flops_per_token,
             "mfu": mfu,
         });

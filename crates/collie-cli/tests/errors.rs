@@ -325,3 +325,64 @@ fn serve_refuses_bad_flags_before_listening() {
         assert_mentions(&fails(&args, &[]), mentions);
     }
 }
+
+#[test]
+fn export_and_quantize_refuse_what_they_cannot_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(tmp.path());
+    let hf = hf.to_str().unwrap();
+    let out = tmp.path().join("out.gguf");
+    let out = out.to_str().unwrap();
+    let line = fails(
+        &["export", "--model", hf, "--gguf", out, "--type", "q3_k"],
+        &[],
+    );
+    assert_mentions(&line, &["--type", "q3_k"]);
+    let gemma = fixtures().join("llama/gemma3_local");
+    let line = fails(
+        &["export", "--model", gemma.to_str().unwrap(), "--gguf", out],
+        &[],
+    );
+    // llama.cpp cannot load a model without its tokenizer (the family refusal itself is
+    // tests/tests/gguf_export.rs).
+    assert_mentions(&line, &["gemma3_local", "no tokenizer"]);
+    // An adapter made for another base model.
+    let gguf = fixtures().join("gguf/tiny_llama.gguf");
+    let adapter = fixtures().join("peft/lora");
+    let line = fails(
+        &[
+            "export",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--gguf-lora",
+            out,
+        ],
+        &[],
+    );
+    assert_mentions(&line, &["another base model"]);
+    let prompt = fixtures().join("peft/prompt");
+    let line = fails(
+        &[
+            "export",
+            "--model",
+            hf,
+            "--adapter",
+            prompt.to_str().unwrap(),
+            "--gguf",
+            out,
+        ],
+        &[],
+    );
+    assert_mentions(&line, &["virtual tokens"]);
+    assert!(!Path::new(out).exists(), "nothing written");
+    let mut args = generate(hf);
+    args.extend(["--quantize".to_string(), "keep".to_string()]);
+    let line = fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_mentions(&line, &["keep", "not a GGUF file"]);
+    let mut args = generate(hf);
+    args.extend(["--quantize".to_string(), "q3".to_string()]);
+    let line = fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_mentions(&line, &["--quantize", "q3"]);
+}

@@ -44,6 +44,11 @@ fn expected() -> Value {
 
 /// Runs `generate --json` for one fixture case and checks prompt ids, new ids and text.
 fn assert_generates_like_transformers(model: &str, case: &Value) {
+    assert_generates_with(model, case, &[]);
+}
+
+/// [`assert_generates_like_transformers`] with `extra` flags.
+fn assert_generates_with(model: &str, case: &Value, extra: &[&str]) {
     let prompt = case["prompt"].as_str().unwrap();
     let mut args = vec![
         "generate",
@@ -58,6 +63,7 @@ fn assert_generates_like_transformers(model: &str, case: &Value) {
     if case["chat"].as_bool().unwrap() {
         args.push("--chat");
     }
+    args.extend_from_slice(extra);
     let got = collie(&args);
     assert_eq!(
         got["prompt_ids"], case["prompt_ids"],
@@ -80,16 +86,23 @@ fn greedy_generation_matches_transformers() {
 /// `eval-ppl` of `model` on the SmolLM2 sentences against transformers' (fixture `dir`),
 /// within `bound` relative.
 fn assert_ppl_like_transformers(model: &str, dir: &str, bound: f64) {
+    assert_ppl_with(model, dir, bound, &[]);
+}
+
+/// [`assert_ppl_like_transformers`] with `extra` flags.
+fn assert_ppl_with(model: &str, dir: &str, bound: f64, extra: &[&str]) {
     let expected = &expected_of(dir)["eval_ppl"];
     let data = fixtures().join("sentences.jsonl");
-    let got = collie(&[
+    let mut args = vec![
         "eval-ppl",
         "--model",
         model,
         "--data",
         data.to_str().unwrap(),
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let got = collie(&args);
     assert_eq!(got["tokens"], expected["tokens"]);
     for key in ["nll", "ppl"] {
         let (a, b) = (got[key].as_f64().unwrap(), expected[key].as_f64().unwrap());
@@ -103,6 +116,18 @@ fn assert_ppl_like_transformers(model: &str, dir: &str, bound: f64) {
 fn eval_ppl_matches_transformers() {
     // Worst achieved: 1.7e-6 (ppl).
     assert_ppl_like_transformers(MODEL, "smollm2", 1.5e-5);
+}
+
+#[test]
+fn a_kept_q4_1_base_generates_and_scores_like_transformers() {
+    // `--quantize keep` holds the file's Q4_1 blocks (never a float copy of a block's weight)
+    // and decodes them per product as the reader does: the same tokens and perplexity.
+    let expected = expected();
+    let cases = expected["generations"].as_array().unwrap();
+    for case in [&cases[0], &cases[3]] {
+        assert_generates_with(MODEL, case, &["--quantize", "keep"]);
+    }
+    assert_ppl_with(MODEL, "smollm2", 1.5e-5, &["--quantize", "keep"]);
 }
 
 #[test]

@@ -69,6 +69,13 @@ fn fold<B: Backend>(linear: &mut Linear<B>, merge: bool) {
     if adapter.is_merged() == merge {
         return;
     }
+    if merge && linear.quant.is_some() {
+        // A quantized base cannot absorb a float delta: the layer becomes float.
+        linear.dequantize_weight();
+    }
+    let Some(adapter) = &linear.adapter else {
+        return;
+    };
     let delta = weight_delta(adapter);
     let is_lora = matches!(adapter, Adapter::Lora(_));
     let on_output = matches!(adapter, Adapter::Ia3(a) if !a.on_input);

@@ -676,10 +676,10 @@ impl TrainConfig {
                     ),
                 ));
             }
-            if self.model.init == ModelInit::Scratch {
+            if self.model.init == ModelInit::Scratch && self.model.quantize == "keep" {
                 return Err(key_error(
                     "model.quantize",
-                    "a quantized base needs pretrained weights (init = \"pretrained\")",
+                    "`keep` keeps a GGUF file's blocks: it needs init = \"pretrained\"",
                 ));
             }
             if self.parallel.tp > 1 || self.parallel.zero == 3 {

@@ -249,7 +249,11 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                     Some(tokenizer)
                 };
                 B::seed(device, config.train.seed);
-                let model = M::init(&model_config, device)?;
+                let mut model = M::init(&model_config, device)?;
+                if let Quantize::To(ty) = config.model.quantize() {
+                    // Each random weight is drawn, encoded and dropped in turn.
+                    collie_io::quant::quantize_linears(&mut model, ty)?;
+                }
                 (model_config, model, tokenizer)
             }
             ModelInit::Pretrained => {

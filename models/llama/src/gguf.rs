@@ -311,9 +311,11 @@ fn gguf_architecture(config: &LlamaConfig) -> Result<&'static str> {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
-        other => return Err(LlamaError::UnknownArchitecture(format!(
+        other => {
+            return Err(LlamaError::UnknownArchitecture(format!(
             "model type `{other}` cannot be written as GGUF (llama, mistral, qwen2 and qwen3 can)"
-        ))),
+        )))
+        }
     };
     let unsupported = |what: &str| {
         Err(LlamaError::Config(format!(
