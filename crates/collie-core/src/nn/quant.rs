@@ -88,8 +88,8 @@ impl QuantWeight {
     }
 }
 
-/// Values decoded at once by [`quant_matmul`] (16 MiB of f32): bands of whole rows.
-pub const BAND_VALUES: usize = 1 << 22;
+/// Values decoded at once by [`quant_matmul`] (4 MiB of f32): bands of whole rows.
+pub const BAND_VALUES: usize = 1 << 20;
 
 /// `x · Wᵀ` over bands of `W`'s rows (output features); nothing tracked.
 fn forward_plain<B: Backend>(x: Tensor<B, 2>, w: &QuantWeight) -> Tensor<B, 2> {
