@@ -159,22 +159,18 @@ pub fn gguf_key(path: &str) -> Option<String> {
 /// llama.cpp writes row `h·hd + 2i + t` from HF row `h·hd + t·hd/2 + i` (`t` ∈ {0, 1});
 /// this puts every row back. Works on weights (`[rows, cols]`) and biases (`[rows]`).
 pub fn unpermute_rows(t: HostTensor, n_heads: usize) -> HostTensor {
-    let rows = t.shape[0];
-    let cols = t.data.len() / rows;
-    let hd = rows / n_heads;
-    let half = hd / 2;
-    let mut out = vec![0.0f32; t.data.len()];
-    for h in 0..n_heads {
-        for i in 0..half {
-            for p in 0..2 {
-                let src = h * hd + 2 * i + p;
-                let dst = h * hd + p * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    HostTensor::new(t.shape, out)
+    let order = unpermute_order(t.shape[0], n_heads);
+    move_rows(t, &order)
+}
+
+/// Row `i` of the result is row `from[i]` of `t` (a weight `[rows, cols]` or a bias `[rows]`).
+fn move_rows(t: HostTensor, from: &[usize]) -> HostTensor {
+    let cols = t.data.len() / t.shape[0];
+    let data = from
+        .iter()
+        .flat_map(|&r| t.data[r * cols..(r + 1) * cols].iter().copied())
+        .collect();
+    HostTensor::new(t.shape, data)
 }
 
 /// Loads config and weights from a GGUF file (every tensor dequantized to `f32`).
@@ -287,21 +283,11 @@ fn load<B: Backend>(
 /// [`unpermute_rows`].
 pub fn permute_rows(t: HostTensor, n_heads: usize) -> HostTensor {
     let rows = t.shape[0];
-    let cols = t.data.len() / rows;
-    let hd = rows / n_heads;
-    let half = hd / 2;
-    let mut out = vec![0.0f32; t.data.len()];
-    for h in 0..n_heads {
-        for i in 0..half {
-            for p in 0..2 {
-                let src = h * hd + p * half + i;
-                let dst = h * hd + 2 * i + p;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
+    let mut from = vec![0; rows];
+    for (hf, &cpp) in unpermute_order(rows, n_heads).iter().enumerate() {
+        from[cpp] = hf;
     }
-    HostTensor::new(t.shape, out)
+    move_rows(t, &from)
 }
 
 /// llama.cpp's architecture for a model type this writer serves (Mistral is written as `llama`,
