@@ -224,3 +224,39 @@ fn what_cannot_be_written_says_so() {
     let err = wordpiece.gguf_metadata(None).unwrap_err().to_string();
     assert!(err.contains("WordPiece"), "{err}");
 }
+
+#[test]
+fn pre_tokenizer_names_are_llama_cpps() {
+    // llama.cpp refuses unknown `pre` names (`gpt2` among them: its name is `gpt-2`).
+    let dir = tempfile::tempdir().unwrap();
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                                        "trim_offsets": true, "use_regex": true});
+    let digits = serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": true}, byte_level.clone()]});
+    for (pre, name) in [(byte_level, "gpt-2"), (digits, "smollm")] {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": pre, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]},
+        });
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        let tok = TokenizerBundle::from_hf_dir(dir.path()).unwrap();
+        let keys = tok.gguf_metadata(None).unwrap();
+        let get = |k: &str| {
+            keys.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get("tokenizer.ggml.pre").and_then(|v| v.as_str().map(str::to_string)),
+            Some(name.to_string())
+        );
+        assert_eq!(
+            get("tokenizer.ggml.merges").and_then(|v| v.as_array().map(|a| a.len())),
+            Some(1)
+        );
+    }
+}

@@ -436,7 +436,7 @@ fn split_regex(pre: &str) -> Option<&'static str> {
     })
 }
 
-/// llama.cpp's `pre` name of a byte-level pre-tokenizer: `gpt2` for GPT-2's own split, the
+/// llama.cpp's `pre` name of a byte-level pre-tokenizer: `gpt-2` for GPT-2's own split, the
 /// name whose regex [`split_regex`] gives for a split followed by a byte-level step, `smollm`
 /// for single digits split before GPT-2's; `None` for anything else.
 fn gguf_pre_name(pre: &Value) -> Option<&'static str> {
@@ -444,7 +444,8 @@ fn gguf_pre_name(pre: &Value) -> Option<&'static str> {
         v["type"] == "ByteLevel" && v["use_regex"].as_bool().unwrap_or(true) == regex
     };
     if byte_level(pre, true) {
-        return Some("gpt2");
+        // llama.cpp's name of GPT-2's own split (it refuses `gpt2`).
+        return Some("gpt-2");
     }
     let steps = pre["pretokenizers"]
         .as_array()
