@@ -55,15 +55,6 @@ fn ids() -> burn::tensor::Tensor<B, 2, burn::tensor::Int> {
     read_golden(&fixture("gguf/tiny_llama.safetensors"))["ids"].int2::<B>(&Default::default())
 }
 
-fn tokenizer_keys(path: &std::path::Path) -> Vec<(String, collie_io::gguf::MetaValue)> {
-    let src = GgufSource::open(path).unwrap();
-    src.metadata()
-        .iter()
-        .filter(|(k, _)| k.starts_with("tokenizer."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
 fn same_encodings(a: &TokenizerBundle, b: &TokenizerBundle, what: &str) {
     let texts = [
         "Hello world, this is a test.",
@@ -87,7 +78,7 @@ fn exported_gguf_reads_back_as_the_same_model() {
     let src = collie_llama::load::<B>(tiny().to_str().unwrap(), &device).unwrap();
     let logits = values(src.model.forward(ids(), None));
     let dir = tempfile::tempdir().unwrap();
-    let keys = tokenizer_keys(&tiny());
+    let keys = GgufSource::open(&tiny()).unwrap().tokenizer_keys();
 
     // F32: every weight exact, so the same logits bit for bit.
     let f32_path = dir.path().join("f32.gguf");

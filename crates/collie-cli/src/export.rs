@@ -9,7 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use collie_core::device::DeviceSpec;
 use collie_core::nn::{Adaptable, Adapter};
 use collie_io::family::{ModelFiles, TrainModel};
-use collie_io::gguf::{GgufSource, MetaValue};
+use collie_io::gguf::GgufSource;
 use collie_io::quant::QuantType;
 use collie_io::HostTensor;
 
@@ -45,19 +45,6 @@ fn quant_type(name: &str) -> Result<Option<QuantType>> {
         "q4_k" => Some(QuantType::Q4K),
         other => bail!("--type `{other}`: expected f32, f16, q8_0 or q4_k"),
     })
-}
-
-/// The `tokenizer.*` keys of a GGUF source, as they are.
-fn gguf_tokenizer_keys(path: &Path) -> Result<Vec<(String, MetaValue)>> {
-    let src = GgufSource::open(path)?;
-    let mut keys: Vec<(String, MetaValue)> = src
-        .metadata()
-        .iter()
-        .filter(|(k, _)| k.starts_with("tokenizer."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    keys.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(keys)
 }
 
 struct Task(Args);
@@ -111,7 +98,7 @@ impl crate::model::WithModel for Task {
         // A GGUF source keeps its own tokenizer keys (its `pre` name, scores, token types);
         // others are written from their tokenizer.json.
         let tokenizer = if loaded.path.is_file() {
-            gguf_tokenizer_keys(&loaded.path)?
+            GgufSource::open(&loaded.path)?.tokenizer_keys()
         } else {
             let pad = collie_core::model::ModelConfig::pad_id(&loaded.config);
             loaded

@@ -173,6 +173,18 @@ impl GgufSource {
         self.file.get(key).map(|t| format!("{:?}", t.dtype))
     }
 
+    /// The `tokenizer.*` metadata keys as stored, by name (what a GGUF writer copies).
+    pub fn tokenizer_keys(&self) -> Vec<(String, MetaValue)> {
+        let mut keys: Vec<(String, MetaValue)> = self
+            .metadata()
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        keys
+    }
+
     /// Storage type, GGML shape (innermost first) and bytes of tensor `key`, as stored.
     pub fn raw(&self, key: &str) -> Result<(GgmlType, Vec<usize>, &[u8])> {
         let err = |message: String| IoError::Gguf {
@@ -292,12 +304,7 @@ impl GgufOut {
                         ty.block_len()
                     )));
                 }
-                let dtype = match ty {
-                    QuantType::F16 => GgmlType::F16,
-                    QuantType::Q8_0 => GgmlType::Q8_0,
-                    QuantType::Q4K => GgmlType::Q4K,
-                };
-                (dtype, quantize(data, ty))
+                (ty.ggml(), quantize(data, ty))
             }
         };
         let ggml_shape = shape.iter().rev().copied().collect();

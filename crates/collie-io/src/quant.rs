@@ -62,6 +62,15 @@ impl QuantType {
         }
     }
 
+    /// The GGUF tensor type.
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            QuantType::F16 => GgmlType::F16,
+            QuantType::Q8_0 => GgmlType::Q8_0,
+            QuantType::Q4K => GgmlType::Q4K,
+        }
+    }
+
     /// llama.cpp's name of the type (`f16`, `q8_0`, `q4_k`).
     pub fn name(self) -> &'static str {
         match self {
@@ -101,12 +110,7 @@ pub fn quantize(x: &[f32], ty: QuantType) -> Vec<u8> {
 
 /// Decodes `n` values of type `ty` (the reader's dequantization, for checks and tests).
 pub fn dequantize(bytes: &[u8], ty: QuantType, n: usize) -> crate::Result<Vec<f32>> {
-    let t = match ty {
-        QuantType::F16 => rlx_gguf::GgmlType::F16,
-        QuantType::Q8_0 => rlx_gguf::GgmlType::Q8_0,
-        QuantType::Q4K => rlx_gguf::GgmlType::Q4K,
-    };
-    rlx_gguf::dequant_typed(t, bytes, n, ty.name()).map_err(|e| crate::IoError::Gguf {
+    rlx_gguf::dequant_typed(ty.ggml(), bytes, n, ty.name()).map_err(|e| crate::IoError::Gguf {
         path: ty.name().into(),
         message: format!("cannot decode {n} values: {e:#}"),
     })
@@ -259,12 +263,7 @@ pub fn quantize_weight(name: &str, w: &HostTensor, ty: QuantType) -> Result<Quan
             ),
         });
     }
-    let gt = match ty {
-        QuantType::F16 => GgmlType::F16,
-        QuantType::Q8_0 => GgmlType::Q8_0,
-        QuantType::Q4K => GgmlType::Q4K,
-    };
-    Ok(Blocks::new(name, gt, rows, cols, quantize(&w.data, ty))?.into_weight())
+    Ok(Blocks::new(name, ty.ggml(), rows, cols, quantize(&w.data, ty))?.into_weight())
 }
 
 /// A GGUF tensor's blocks as they are: `[rows, cols]` in PyTorch's order (`name` for messages).

@@ -153,6 +153,19 @@ pub fn gguf_key(path: &str) -> Option<String> {
     })
 }
 
+/// The heads whose rows llama.cpp permutes in GGUF tensor `name` (`blk.N.attn_q…` /
+/// `blk.N.attn_k…`), for its `llama` architecture only (it rotates interleaved pairs).
+fn permuted_heads(config: &LlamaConfig, arch: &str, name: &str) -> Option<usize> {
+    if arch != "llama" {
+        return None;
+    }
+    match name.split('.').nth(2)? {
+        "attn_q" => Some(config.num_attention_heads),
+        "attn_k" => Some(config.kv_heads()),
+        _ => None,
+    }
+}
+
 /// Undoes llama.cpp's q/k permutation, which reorders each head's rows from HF's
 /// `[first half | second half]` rotation layout to interleaved pairs.
 ///
@@ -213,11 +226,9 @@ fn load<B: Backend>(
 ) -> Result<(LlamaConfig, Llama<B>)> {
     let config = config_from_gguf(src)?;
     let model = config.init::<B>(device)?;
-    // Only llama.cpp's `llama` architecture permutes q/k (it rotates interleaved pairs).
-    let permuted = src.get_str("general.architecture") == Some("llama");
+    let arch = src.get_str("general.architecture").unwrap_or("");
     // llama.cpp stores Gemma's norms as `1 + w`; the model holds HF's `w`.
     let shifted_norms = config.norm_offset();
-    let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
     let bind = |info: &ParamInfo| -> Option<Binding> {
         let key = gguf_key(&info.path)?;
         let linear = info.is_linear_weight();
@@ -228,15 +239,8 @@ fn load<B: Backend>(
                 convert: Convert::Elsewhere(true),
             });
         }
-        let n = if info.path.contains("attn.q_proj.") {
-            Some(heads)
-        } else if info.path.contains("attn.k_proj.") {
-            Some(kv_heads)
-        } else {
-            None
-        };
         let norm = info.path.ends_with("norm.weight") && shifted_norms != 0.0;
-        let convert = match n.filter(|_| permuted) {
+        let convert = match permuted_heads(&config, arch, &key) {
             Some(n) => Convert::Custom(Box::new(move |t| unpermute_rows(t, n)), linear),
             None if norm => Convert::Custom(
                 Box::new(move |mut t| {
@@ -258,12 +262,7 @@ fn load<B: Backend>(
             };
             let key = format!("{base}.weight");
             let mut blocks = collie_io::quant::gguf_blocks(src, &key)?;
-            let n = match base.rsplit('.').next() {
-                Some("attn_q") => Some(heads),
-                Some("attn_k") => Some(kv_heads),
-                _ => None,
-            };
-            if let Some(n) = n.filter(|_| permuted) {
+            if let Some(n) = permuted_heads(&config, arch, &base) {
                 let rows = slot.linear.dims()[1];
                 blocks = blocks.permute_rows(&unpermute_order(rows, n));
             }
@@ -402,19 +401,10 @@ pub fn save_gguf<B: Backend>(
     for (k, v) in tokenizer {
         out.set(k, v.clone());
     }
-    let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
-    let permuted = arch == "llama";
     // One tensor read (and converted) at a time: a lazily loaded model streams from its files.
     for t in torch_state_lazy(model, gguf_key) {
         let mut value = t.read();
-        let n = if t.name.contains(".attn_q.") {
-            Some(heads)
-        } else if t.name.contains(".attn_k.") {
-            Some(kv_heads)
-        } else {
-            None
-        };
-        if let Some(n) = n.filter(|_| permuted) {
+        if let Some(n) = permuted_heads(config, arch, &t.name) {
             value = permute_rows(value, n);
         }
         let matrix = value.shape.len() == 2 && t.name.ends_with(".weight");
@@ -459,17 +449,15 @@ pub fn save_gguf_lora(
     out.set("general.type", MetaValue::String("adapter".into()));
     out.set("adapter.type", MetaValue::String("lora".into()));
     out.set("adapter.lora.alpha", MetaValue::F32(alpha));
-    let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
     for (name, a, b) in lora {
         let base = gguf_module(name).ok_or_else(|| {
             LlamaError::Config(format!(
                 "LoRA on `{name}`: llama.cpp has no tensor for this module"
             ))
         })?;
-        let b = match (arch, base.rsplit('.').next()) {
-            ("llama", Some("attn_q")) => permute_rows(b.clone(), heads),
-            ("llama", Some("attn_k")) => permute_rows(b.clone(), kv_heads),
-            _ => b.clone(),
+        let b = match permuted_heads(config, arch, &base) {
+            Some(n) => permute_rows(b.clone(), n),
+            None => b.clone(),
         };
         out.add(&format!("{base}.weight.lora_a"), &a.shape, &a.data, None)?;
         out.add(&format!("{base}.weight.lora_b"), &b.shape, &b.data, None)?;
