@@ -68,8 +68,11 @@ fn classification_picks_the_lowest_loss_candidate() {
     }
     let path = tmp.path().join("cls.jsonl");
     write_lines(&path, &lines);
-    let acc = classification(&loaded.model, tok, &path, &device).unwrap();
-    assert_eq!(acc, 0.5);
+    // One candidate per pass, chunks across the cases' boundary, and all six (padded) in one.
+    for batch_size in [1, 4, 6] {
+        let acc = classification(&loaded.model, tok, &path, batch_size, &device).unwrap();
+        assert_eq!(acc, 0.5, "batch size {batch_size}");
+    }
 }
 
 #[test]

@@ -247,6 +247,10 @@ pub struct TrainSection {
     /// Evaluate every N steps (0 = only before and after training, when eval data is given).
     #[serde(default)]
     pub eval_every: u64,
+    /// Evaluate before the first step too (HF's `eval_on_start`; off, a run evaluates only during
+    /// and after training).
+    #[serde(default = "yes")]
+    pub eval_on_start: bool,
     /// Save a checkpoint every N steps (0 = only at the end).
     #[serde(default)]
     pub save_every: u64,

@@ -175,15 +175,18 @@ fn line_error(path: &Path, line: u64, message: &str) -> DataError {
 }
 
 /// Accuracy of picking, for each `{"input", "candidates", "label"}`, the candidate with the
-/// lowest summed NLL after the input (lm-evaluation-harness's `acc`).
+/// lowest summed NLL after the input (lm-evaluation-harness's `acc`). Candidate sequences are
+/// scored `batch_size` at a time (every row's sum from one forward pass).
 pub fn classification<B: Backend, M: CausalLm<B>>(
     model: &M,
     tokenizer: &TokenizerBundle,
     path: &Path,
+    batch_size: usize,
     device: &B::Device,
 ) -> Result<f64, crate::error::TrainError> {
     let rows = read_jsonl(path)?;
-    let mut correct = 0;
+    // Every candidate of every row, flattened; `labels[i]` and `spans[i]` say which are row i's.
+    let (mut examples, mut spans, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     for (line, v) in &rows {
         let input = v
             .get("input")
@@ -205,37 +208,56 @@ pub fn classification<B: Backend, M: CausalLm<B>>(
                 )
             })?;
         let prefix = tokenizer.encode(input, true)?;
-        let examples: Vec<Example> = candidates
-            .iter()
-            .map(|c| -> Result<Example, collie_io::IoError> {
-                let cont = tokenizer.encode(c, false)?;
-                Ok(Example {
-                    labels: std::iter::repeat_n(IGNORE, prefix.len())
-                        .chain(cont.iter().map(|&t| t as i64))
-                        .collect(),
-                    input_ids: [prefix.clone(), cont].concat(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        // One row per candidate; per-row sums via one batch each (candidates are few).
-        let losses: Vec<f64> = examples
-            .iter()
-            .map(|e| {
-                batch_nll(model, &collate(std::slice::from_ref(e)), device)
-                    .0
-                    .into_scalar()
-                    .elem::<f64>()
-            })
-            .collect();
-        let best = losses
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i)
-            .unwrap_or(0);
-        correct += usize::from(best as u64 == label);
+        spans.push(examples.len()..examples.len() + candidates.len());
+        labels.push(label as usize);
+        for c in &candidates {
+            let cont = tokenizer.encode(c, false)?;
+            examples.push(Example {
+                labels: std::iter::repeat_n(IGNORE, prefix.len())
+                    .chain(cont.iter().map(|&t| t as i64))
+                    .collect(),
+                input_ids: [prefix.clone(), cont].concat(),
+            });
+        }
     }
+    let mut losses = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        losses.extend(row_nll(model, &collate(chunk), device));
+    }
+    let correct = spans
+        .into_iter()
+        .zip(labels)
+        .filter(|(span, label)| {
+            let best = losses[span.clone()]
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i);
+            best == Some(*label)
+        })
+        .count();
     Ok(correct as f64 / rows.len().max(1) as f64)
+}
+
+/// Each row's summed NLL of its target tokens, from one forward pass over the batch.
+fn row_nll<B: Backend, M: CausalLm<B>>(model: &M, batch: &Batch, device: &B::Device) -> Vec<f64> {
+    let logits = shifted_logits(model, batch, device);
+    let targets: Vec<i64> = batch.shifted_labels().collect();
+    // Row i's positions are i·(cols − 1) .. (i + 1)·(cols − 1) of the shifted logits.
+    let width = batch.cols - 1;
+    (0..batch.rows)
+        .map(|i| {
+            let range = i * width..(i + 1) * width;
+            let t = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(targets[range.clone()].to_vec(), [width]),
+                device,
+            );
+            cross_entropy_sum_sharded(logits.clone().slice([range]), t, model.vocab_shard())
+                .0
+                .into_scalar()
+                .elem::<f64>()
+        })
+        .collect()
 }
 
 /// Scores of generation evaluation.

@@ -277,6 +277,7 @@ pub(crate) fn write_summary(dir: &Path, s: &Summary) -> Result<(), TrainError> {
         "train_peak_rss_bytes_per_rank": s.train_peak_rss_bytes_per_rank,
         "checkpoint": s.checkpoint,
         "stopped_early": s.stopped_early,
+        "trainable_params": s.trainable_params,
     });
     collie_io::json::write_json(&dir.join("summary.json"), &v).map_err(TrainError::from)
 }

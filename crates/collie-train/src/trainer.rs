@@ -87,6 +87,9 @@ pub struct Summary {
     pub checkpoint: PathBuf,
     /// Whether early stopping ended the run.
     pub stopped_early: bool,
+    /// Parameters the optimizer updated (in this process's model: a stage's under pipeline
+    /// parallelism, a shard's under ZeRO-3).
+    pub trainable_params: usize,
 }
 
 /// What one optimizer step did.
@@ -691,7 +694,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             let path = collie_core::asset::resolve(path).map_err(collie_io::IoError::from)?;
             out.insert(
                 "eval_accuracy".into(),
-                classification(model, tok, &path, device)?,
+                classification(model, tok, &path, batch_size, device)?,
             );
         }
         if let Some(path) = &self.config.eval.generation {
@@ -858,7 +861,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         );
         let peak = options.peak_tflops.or(self.config.output.peak_tflops);
         let mut eval_first = None;
-        if self.has_eval() && self.state.step == 0 {
+        if self.has_eval() && self.state.step == 0 && self.config.train.eval_on_start {
             let m = self.evaluate()?;
             progress.println(&format!("eval before training: {}", fmt_metrics(&m)));
             write_line(&mut log, &eval_line(0, &m))?;
@@ -1004,6 +1007,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
             train_peak_rss_bytes_per_rank: peaks[n..].to_vec(),
             checkpoint,
             stopped_early,
+            trainable_params: collie_peft::TrainableReport::of(&self.model).trainable,
         };
         if !main {
             return Ok(summary);
