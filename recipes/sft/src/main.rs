@@ -30,6 +30,15 @@ struct Options {
     samples: Vec<String>,
     /// New tokens per sample answer.
     sample_tokens: usize,
+    /// Sentiment tasks of collie-retrieval's registry (`movie2`, `product2`, …) written to
+    /// `eval.classification` for zero-shot accuracy: `Sentiment of the sentence: {text}\n`
+    /// followed by each label's `It was {label} .`, the lowest NLL picked.
+    classification_tasks: Vec<String>,
+    /// Examples per classification task (a seeded sample, the same in every run).
+    classification_examples: usize,
+    /// The first question and answer of this many held-out conversations, written to
+    /// `eval.generation` for ROUGE-L of greedy answers (0: none).
+    generation_questions: usize,
 }
 
 impl Default for Options {
@@ -39,6 +48,9 @@ impl Default for Options {
             heldout_fraction: 0.05,
             samples: Vec::new(),
             sample_tokens: 40,
+            classification_tasks: Vec::new(),
+            classification_examples: 100,
+            generation_questions: 0,
         }
     }
 }
@@ -60,6 +72,35 @@ fn conversations(dir: &Path) -> Result<Vec<Value>> {
         .collect())
 }
 
+/// Where `eval.{key}` sends the rows the recipe writes; an error when it is unset.
+fn eval_path<'a>(path: &'a Option<String>, key: &str) -> Result<&'a Path> {
+    match path {
+        Some(p) => Ok(Path::new(p)),
+        None => bail!("config key `eval.{key}` must name where the recipe writes its {key} rows"),
+    }
+}
+
+/// `n` examples of the classification task `name` (seeded, the same in every run) as
+/// `{"input", "candidates", "label"}` rows.
+fn sentiment_rows(name: &str, n: usize) -> Result<Vec<Value>> {
+    let task = collie_retrieval::tasks::task(name)?;
+    if !task.is_classification() {
+        bail!("recipe.classification_tasks: `{name}` is not a classification task");
+    }
+    let sample = collie_retrieval::tasks::split(name, task.load()?, 0, n, 0, 0)?.test;
+    let candidates: Vec<String> = (0..task.labels.len()).map(|i| task.verbalize(i)).collect();
+    Ok(sample
+        .iter()
+        .map(|e| {
+            json!({
+                "input": format!("{}{}\n", task.instruction, e.input),
+                "candidates": candidates,
+                "label": e.label,
+            })
+        })
+        .collect())
+}
+
 struct Sft;
 
 impl Recipe for Sft {
@@ -68,7 +109,18 @@ impl Recipe for Sft {
 
     fn prepare(&self, config: &mut TrainConfig) -> Result<()> {
         let options: Options = config.recipe_options()?;
+        if !options.classification_tasks.is_empty() {
+            let path = eval_path(&config.eval.classification, "classification")?;
+            let mut rows = Vec::new();
+            for name in &options.classification_tasks {
+                rows.extend(sentiment_rows(name, options.classification_examples)?);
+            }
+            write_jsonl(path, &rows)?;
+        }
         let Some(corpus) = &options.corpus else {
+            if options.generation_questions > 0 {
+                bail!("recipe.generation_questions needs `recipe.corpus`: the questions come from its held-out conversations");
+            }
             return Ok(());
         };
         let dir = collie_core::asset::resolve(corpus)?;
@@ -84,6 +136,18 @@ impl Recipe for Sft {
             train.len(),
             held_out.len()
         );
+        if options.generation_questions > 0 {
+            // Each conversation's first user turn and the reply to it.
+            let rows: Vec<Value> = held_out
+                .iter()
+                .take(options.generation_questions)
+                .map(|c| {
+                    let m = &c["messages"];
+                    json!({"input": m[0]["content"], "output": m[1]["content"]})
+                })
+                .collect();
+            write_jsonl(eval_path(&config.eval.generation, "generation")?, &rows)?;
+        }
         Ok(())
     }
 

@@ -251,3 +251,28 @@ fn the_lora_config_is_valid() {
     let config = collie_train::TrainConfig::parse(&text, "lora.toml", &[]).unwrap();
     assert_eq!(config.peft.kind, collie_peft::PeftKind::Lora);
 }
+
+#[test]
+fn study_evaluation_settings() {
+    check(
+        &["recipe.generation_questions=3"],
+        &[GOOD],
+        &["recipe.generation_questions", "recipe.corpus"],
+    );
+    check(
+        &["recipe.classification_tasks=[\"movie2\"]"],
+        &[GOOD],
+        &["eval.classification"],
+    );
+    let cls = "eval.classification=cls.jsonl";
+    check(
+        &[cls, "recipe.classification_tasks=[\"chatqa\"]"],
+        &[GOOD],
+        &["chatqa", "not a classification task"],
+    );
+    check(
+        &[cls, "recipe.classification_tasks=[\"sst2\"]"],
+        &[GOOD],
+        &["unknown task `sst2`", "movie2"],
+    );
+}
