@@ -223,6 +223,15 @@ def report():
               f"{row['peak_rss_mib']['mean']:,.0f} | {row['tokens_per_sec']['mean']:.1f} | "
               f"{pm(row['eval_loss'], '.4f')} | {pm(row['accuracy'], '.3f')} | "
               f"{pm(row['rouge_l'], '.4f')} |")
+    # Which differences exceed the seed spread: the two methods' ranges over seeds do not overlap.
+    for metric, better in [("eval_loss", "lower"), ("accuracy", "higher"), ("rouge_l", "higher")]:
+        print(f"\n{metric} ({better} is better): beyond the seed spread, better than")
+        for a in rows:
+            va = a[metric]["values"]
+            beats = [b["method"] for b in rows if b is not a and (
+                max(va) < min(b[metric]["values"]) if better == "lower"
+                else min(va) > max(b[metric]["values"]))]
+            print(f"  {a['method']}: {', '.join(beats) if beats else '-'}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -95,7 +95,7 @@ pub const BAND_VALUES: usize = 1 << 20;
 fn forward_plain<B: Backend>(x: Tensor<B, 2>, w: &QuantWeight) -> Tensor<B, 2> {
     let device = x.device();
     let dtype = x.dtype();
-    let parts: Vec<Tensor<B, 2>> = w
+    let mut parts: Vec<Tensor<B, 2>> = w
         .bands()
         .map(|band| {
             let wb = super::to_dtype(w.dequantize_band::<B>(band, &device), dtype);
@@ -103,7 +103,11 @@ fn forward_plain<B: Backend>(x: Tensor<B, 2>, w: &QuantWeight) -> Tensor<B, 2> {
             x.clone().matmul(wb.transpose())
         })
         .collect();
-    Tensor::cat(parts, 1)
+    // One band (most matrices of small models) needs no concatenation, which would copy it.
+    match parts.len() {
+        1 => parts.pop().expect("one band"),
+        _ => Tensor::cat(parts, 1),
+    }
 }
 
 /// `dy · W` summed over the bands of `W`'s rows.
