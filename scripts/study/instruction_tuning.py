@@ -8,9 +8,11 @@ PEFT methods with AdamW, on SmolLM2-135M-Instruct and recipe-sft's chatterbot da
     python3 scripts/study/instruction_tuning.py report   # docs/instruction_tuning.{json,png} + table
 
 Each run is `recipe-sft --config recipes/sft/configs/study.toml --set ...` under
-`/usr/bin/time -v` (peak RSS), one at a time (tokens/s is measured per run). Results go to
-runs/study/{sweep,final}.json; a phase skips the runs its JSON already holds, so it can be resumed.
-Standard library only, except `report`, which needs matplotlib for the plot.
+`/usr/bin/time -v` (peak RSS), one at a time (tokens/s is measured per run), in runs/study/. Every
+run's numbers go to docs/instruction_tuning_{sweep,runs}.json; a phase skips the runs its file
+already holds, so it can be resumed.
+Standard library only, except `report`, which needs matplotlib for the plot
+(`pip install -r scripts/study/requirements.txt`).
 """
 
 import argparse
@@ -27,6 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "recipes/sft/configs/study.toml"
 RUNS = ROOT / "runs" / "study"
+# Every run's numbers (no checkpoints), kept in git: the doc's raw data, and where a resumed
+# phase finds what is done.
+SWEEP_JSON = ROOT / "docs" / "instruction_tuning_sweep.json"
+FINAL_JSON = ROOT / "docs" / "instruction_tuning_runs.json"
 
 LORA = ["peft.kind=lora", "peft.r=16", "peft.alpha=32", "peft.dropout=0.05",
         "peft.target_modules=all-linear"]
@@ -121,7 +127,7 @@ def save(path, data):
 def sweep(exe):
     """Each method's grid; where the best lr is at an end of it, one more lr ×3 beyond that end,
     up to twice."""
-    path = RUNS / "sweep.json"
+    path = SWEEP_JSON
     done = load(path)
     for name, _, sets, lrs in METHODS:
         if isinstance(lrs, str):
@@ -158,8 +164,8 @@ def chosen_lr(sweep_runs, name):
 
 
 def final(exe):
-    sweep_runs = load(RUNS / "sweep.json")
-    path = RUNS / "final.json"
+    sweep_runs = load(SWEEP_JSON)
+    path = FINAL_JSON
     done = load(path)
     for name, group, sets, lrs in METHODS:
         lr = chosen_lr(sweep_runs, lrs if isinstance(lrs, str) else name)
@@ -179,8 +185,8 @@ def final(exe):
 
 
 def report():
-    sweep_runs = load(RUNS / "sweep.json")
-    runs = load(RUNS / "final.json")
+    sweep_runs = load(SWEEP_JSON)
+    runs = load(FINAL_JSON)
     rows = []
     for name, group, _, _ in METHODS:
         rs = [r for r in runs.values() if r["method"] == name]
@@ -210,6 +216,12 @@ def report():
     docs = ROOT / "docs"
     save(docs / "instruction_tuning.json", {"base": base, "rows": [
         {k: v for k, v in row.items() if k != "losses"} for row in rows]})
+    print("| method | held-out loss after 12 steps, by lr (chosen in bold) |\n|---|---|")
+    for row in rows:
+        cells = [f"**{lr}: {v:.4f}**" if float(lr) == row["lr"] else f"{lr}: {v:.4f}"
+                 for lr, v in sorted(row["sweep"].items(), key=lambda kv: float(kv[0]))]
+        print(f"| {row['method']} | {', '.join(cells) or 'the rate of LoRA r16'} |")
+    print()
     print("| method | lr | trainable | peak RSS MiB | tokens/s | held-out loss | sentiment acc |"
           " ROUGE-L |")
     print("|---|---|---|---|---|---|---|---|")
