@@ -185,8 +185,9 @@ pub fn classification<B: Backend, M: CausalLm<B>>(
     device: &B::Device,
 ) -> Result<f64, crate::error::TrainError> {
     let rows = read_jsonl(path)?;
-    // Every candidate of every row, flattened; `labels[i]` and `spans[i]` say which are row i's.
-    let (mut examples, mut spans, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    // Every candidate of every row, flattened; `answers[i]` holds row i's candidates' span of
+    // `examples` and the right one's index.
+    let (mut examples, mut answers) = (Vec::new(), Vec::new());
     for (line, v) in &rows {
         let input = v
             .get("input")
@@ -208,8 +209,10 @@ pub fn classification<B: Backend, M: CausalLm<B>>(
                 )
             })?;
         let prefix = tokenizer.encode(input, true)?;
-        spans.push(examples.len()..examples.len() + candidates.len());
-        labels.push(label as usize);
+        answers.push((
+            examples.len()..examples.len() + candidates.len(),
+            label as usize,
+        ));
         for c in &candidates {
             let cont = tokenizer.encode(c, false)?;
             examples.push(Example {
@@ -224,9 +227,8 @@ pub fn classification<B: Backend, M: CausalLm<B>>(
     for chunk in examples.chunks(batch_size.max(1)) {
         losses.extend(row_nll(model, &collate(chunk), device));
     }
-    let correct = spans
+    let correct = answers
         .into_iter()
-        .zip(labels)
         .filter(|(span, label)| {
             let best = losses[span.clone()]
                 .iter()
