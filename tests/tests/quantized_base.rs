@@ -9,6 +9,24 @@ use collie_io::quant::{QuantType, Quantize};
 use collie_llama::Llama;
 use common::*;
 
+#[test]
+fn quantized_suite_on_cpu() {
+    let checks = collie_tests::suite::quant::checks::<B>(&Default::default());
+    collie_tests::suite::assert_all("cpu", &checks);
+}
+
+/// The CubeCL decoder: every block type decoded on the device equals the host decoder, and the
+/// model's logits and gradients through it equal the dequantized model's.
+#[cfg(feature = "wgpu")]
+#[test]
+fn quantized_suite_on_wgpu() {
+    use collie_core::device::{RegisterOps, Wgpu};
+    Wgpu::register_ops();
+    assert!(collie_core::nn::quant::decodes_on_device::<Wgpu>());
+    let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+    collie_tests::suite::assert_all("wgpu", &collie_tests::suite::quant::checks::<Wgpu>(&device));
+}
+
 fn ids() -> burn::tensor::Tensor<B, 2, burn::tensor::Int> {
     read_golden(&fixture("gguf/tiny_llama.safetensors"))["ids"].int2::<B>(&Default::default())
 }
@@ -148,6 +166,10 @@ dir = "{out}"
 
 #[test]
 fn lora_on_a_kept_base_trains_as_on_the_dequantized_base() {
+    // The backend's custom ops, as `collie` registers them before a run; registered here too so
+    // that the suite test of this binary, which registers them, cannot switch them on between
+    // the two runs compared below.
+    <B as collie_core::device::RegisterOps>::register_ops();
     let dir = tempfile::tempdir().unwrap();
     let (_, float) = train_run(lora_config("none", &dir.path().join("float")), None);
     let (_, kept) = train_run(lora_config("keep", &dir.path().join("keep")), None);

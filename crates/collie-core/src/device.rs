@@ -124,6 +124,7 @@ impl RegisterOps for Wgpu {
     fn register_ops() {
         crate::dist::register_autodiff::<Wgpu>();
         crate::nn::quant::register::<Wgpu>();
+        crate::nn::quant::cube::register::<Wgpu>();
         crate::flash::register::<Wgpu, crate::flash::cube::Cube>();
     }
 }
@@ -133,6 +134,7 @@ impl RegisterOps for Cuda {
     fn register_ops() {
         crate::dist::register_autodiff::<Cuda>();
         crate::nn::quant::register::<Cuda>();
+        crate::nn::quant::cube::register::<Cuda>();
         crate::flash::register::<Cuda, crate::flash::cube::Cube>();
     }
 }

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
-use collie_core::nn::{Adaptable, QuantBlocks, QuantWeight};
+use collie_core::nn::{Adaptable, BlockFormat, QuantBlocks, QuantWeight};
 use half::f16;
 use rlx_gguf::GgmlType;
 
@@ -212,6 +212,7 @@ impl QuantBlocks for Blocks {
             GgmlType::Q5_1 => "Q5_1",
             GgmlType::F16 => "F16",
             GgmlType::BF16 => "BF16",
+            GgmlType::F32 => "F32",
             _ => "other",
         }
     }
@@ -222,6 +223,24 @@ impl QuantBlocks for Blocks {
 
     fn bytes(&self) -> usize {
         self.data.len()
+    }
+
+    fn raw(&self) -> Option<(BlockFormat, &[u8])> {
+        let format = match self.ty {
+            GgmlType::F32 => BlockFormat::F32,
+            GgmlType::F16 => BlockFormat::F16,
+            GgmlType::BF16 => BlockFormat::BF16,
+            GgmlType::Q8_0 => BlockFormat::Q8_0,
+            GgmlType::Q4_0 => BlockFormat::Q4_0,
+            GgmlType::Q4_1 => BlockFormat::Q4_1,
+            GgmlType::Q5_0 => BlockFormat::Q5_0,
+            GgmlType::Q5_1 => BlockFormat::Q5_1,
+            GgmlType::Q4K => BlockFormat::Q4K,
+            GgmlType::Q5K => BlockFormat::Q5K,
+            GgmlType::Q6K => BlockFormat::Q6K,
+            _ => return None,
+        };
+        Some((format, &self.data))
     }
 
     fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {

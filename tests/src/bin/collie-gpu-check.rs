@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             Box::new(|| suite::optim::reference::<Cuda>(&device)),
         ),
         ("peft", Box::new(|| suite::peft::logits::<Cuda>(&device))),
+        ("quant", Box::new(|| suite::quant::checks::<Cuda>(&device))),
         (
             "bf16",
             Box::new(|| {

@@ -219,9 +219,9 @@ pub fn llama<I: RegisterOps>(device: &I::Device) -> Vec<Check> {
 }
 
 /// Every float parameter's gradient, flattened, in visiting order.
-struct GradCollector<'a, I: Backend> {
-    grads: &'a <Autodiff<I> as burn::tensor::backend::AutodiffBackend>::Gradients,
-    out: &'a mut Vec<Tensor<I, 1>>,
+pub(crate) struct GradCollector<'a, I: Backend> {
+    pub(crate) grads: &'a <Autodiff<I> as burn::tensor::backend::AutodiffBackend>::Gradients,
+    pub(crate) out: &'a mut Vec<Tensor<I, 1>>,
 }
 
 impl<I: Backend> burn::module::ModuleVisitor<Autodiff<I>> for GradCollector<'_, I> {

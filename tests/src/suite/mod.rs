@@ -8,11 +8,12 @@ pub mod flash;
 pub mod llama;
 pub mod optim;
 pub mod peft;
+pub mod quant;
 
 /// One measured quantity against its tolerance.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {
-    /// The suite (`llama`, `flash`, `optim`, `peft`, `bf16`).
+    /// The suite (`llama`, `flash`, `optim`, `peft`, `bf16`, `quant`).
     pub suite: &'static str,
     /// The fixture or configuration.
     pub case: String,

@@ -21,7 +21,7 @@ pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
 pub use norm::{Norm, NormConfig};
 pub use prompt::{EncoderActivation, VirtualTarget, VirtualTokens};
-pub use quant::{QuantBlocks, QuantWeight};
+pub use quant::{BlockFormat, QuantBlocks, QuantWeight};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};

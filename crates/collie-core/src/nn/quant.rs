@@ -9,19 +9,81 @@
 //! the weight again instead of keeping a float copy in the graph; the weight itself gets no
 //! gradient. The decoding is the GGUF reader's, so logits equal those of the same file
 //! dequantized to f32 up to the order of the f32 sums.
+//!
+//! On wgpu and CUDA the bands are decoded on the device by a CubeCL kernel ([`cube`]) from a copy
+//! of the blocks kept there (uploaded on first use), so a product moves no weight bytes between
+//! host and device; formats without a kernel are decoded on the host and uploaded band by band.
 
+#[cfg(feature = "gpu-kernels")]
+pub mod cube;
+
+use std::any::Any;
 use std::fmt::Debug;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{Tensor, TensorData};
 
 use super::Linear;
+
+/// A llama.cpp block layout the device kernels decode (ggml's `block_*` structs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// IEEE single per value.
+    F32,
+    /// IEEE half per value.
+    F16,
+    /// bfloat16 per value.
+    BF16,
+    /// f16 scale, 32 signed bytes.
+    Q8_0,
+    /// f16 scale, 32 nibbles offset by 8.
+    Q4_0,
+    /// f16 scale and minimum, 32 nibbles.
+    Q4_1,
+    /// f16 scale, 32 five-bit values offset by 16 (high bits in a u32).
+    Q5_0,
+    /// f16 scale and minimum, 32 five-bit values.
+    Q5_1,
+    /// 256-value super-block: f16 scale and minimum, eight 6-bit sub-block scales and minima.
+    Q4K,
+    /// Q4_K with a fifth bit per value.
+    Q5K,
+    /// 256-value super-block: 6-bit values, sixteen signed 8-bit scales, f16 scale.
+    Q6K,
+}
+
+impl BlockFormat {
+    /// Values per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            BlockFormat::F32 | BlockFormat::F16 | BlockFormat::BF16 => 1,
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => 256,
+            _ => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::F32 => 4,
+            BlockFormat::F16 | BlockFormat::BF16 => 2,
+            BlockFormat::Q8_0 => 34,
+            BlockFormat::Q4_0 => 18,
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q5_0 => 22,
+            BlockFormat::Q5_1 => 24,
+            BlockFormat::Q4K => 144,
+            BlockFormat::Q5K => 176,
+            BlockFormat::Q6K => 210,
+        }
+    }
+}
 
 /// A `[rows, cols]` matrix (PyTorch's `[d_out, d_in]`) stored in blocks along each row.
 pub trait QuantBlocks: Debug + Send + Sync {
@@ -33,43 +95,94 @@ pub trait QuantBlocks: Debug + Send + Sync {
     fn bytes(&self) -> usize;
     /// Decodes `rows` into `out` (`rows.len() · cols` values, row-major).
     fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]);
+    /// The layout and bytes (row after row, each a whole number of blocks) when the device
+    /// kernels read this storage type; `None` otherwise (the host decodes it).
+    fn raw(&self) -> Option<(BlockFormat, &[u8])> {
+        None
+    }
 }
 
-/// A frozen quantized weight (cheap to clone: the blocks are shared).
+/// A frozen quantized weight (cheap to clone: the blocks, and their device copy, are shared).
 #[derive(Clone, Debug)]
-pub struct QuantWeight(Arc<dyn QuantBlocks>);
+pub struct QuantWeight {
+    blocks: Arc<dyn QuantBlocks>,
+    /// The blocks on the device last used (a device decoder's own type), kept between products.
+    on_device: Arc<Mutex<Option<Arc<dyn Any + Send + Sync>>>>,
+}
+
+/// Decodes rows of a weight on backend `B`'s device (`None`: not this format, decode on the host).
+pub type DeviceDecodeFn<B> =
+    fn(&QuantWeight, Range<usize>, &<B as BackendTypes>::Device) -> Option<Tensor<B, 2>>;
+
+/// Whether backend `B` decodes quantized rows on its device (wgpu and CUDA, once registered).
+pub fn decodes_on_device<B: Backend>() -> bool {
+    crate::registry::get::<DeviceDecodeFn<B>>().is_some()
+}
 
 impl QuantWeight {
     /// Wraps `blocks`.
     pub fn new(blocks: Arc<dyn QuantBlocks>) -> Self {
-        QuantWeight(blocks)
+        QuantWeight {
+            blocks,
+            on_device: Arc::default(),
+        }
     }
 
     /// `[d_out, d_in]`.
     pub fn shape(&self) -> [usize; 2] {
-        self.0.shape()
+        self.blocks.shape()
     }
 
     /// The storage type's name.
     pub fn type_name(&self) -> &str {
-        self.0.type_name()
+        self.blocks.type_name()
     }
 
     /// Bytes the blocks take.
     pub fn bytes(&self) -> usize {
-        self.0.bytes()
+        self.blocks.bytes()
     }
 
-    /// Rows `rows` decoded, `[rows.len(), d_in]`, in f32 on `device`.
+    /// The blocks themselves (the host decoder, the raw bytes).
+    pub fn blocks(&self) -> &dyn QuantBlocks {
+        self.blocks.as_ref()
+    }
+
+    /// The device copy `fits` accepts, or a new one from `make` that replaces the kept copy
+    /// (device decoders upload the blocks once, not once per product).
+    pub fn device_copy<T: Clone + Send + Sync + 'static>(
+        &self,
+        fits: impl Fn(&T) -> bool,
+        make: impl FnOnce(&[u8]) -> T,
+    ) -> Option<T> {
+        let (_, bytes) = self.blocks.raw()?;
+        let mut kept = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = kept.as_ref().and_then(|k| k.downcast_ref::<T>()) {
+            if fits(t) {
+                return Some(t.clone());
+            }
+        }
+        let t = make(bytes);
+        *kept = Some(Arc::new(t.clone()));
+        Some(t)
+    }
+
+    /// Rows `rows` decoded, `[rows.len(), d_in]`, in f32 on `device`: by the device's kernel
+    /// where the backend registered one for this format, on the host otherwise.
     pub fn dequantize_band<B: Backend>(
         &self,
         rows: Range<usize>,
         device: &B::Device,
     ) -> Tensor<B, 2> {
+        let on_device = crate::registry::get::<DeviceDecodeFn<B>>()
+            .and_then(|decode| decode(self, rows.clone(), device));
+        if let Some(t) = on_device {
+            return t;
+        }
         let cols = self.shape()[1];
         let mut out = vec![0f32; rows.len() * cols];
         let n = rows.len();
-        self.0.dequantize_rows(rows, &mut out);
+        self.blocks.dequantize_rows(rows, &mut out);
         Tensor::from_data(TensorData::new(out, [n, cols]), device)
     }
 
