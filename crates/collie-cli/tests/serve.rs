@@ -395,3 +395,27 @@ fn the_model_field_selects_a_served_adapter() {
         );
     }
 }
+
+/// `--quantize q8_0`: the server holds the linear weights as Q8_0 blocks and answers what
+/// `collie generate --quantize q8_0` generates from the same blocks.
+#[test]
+fn a_quantized_model_serves_what_generate_gives() {
+    let server = serve(&["--quantize", "q8_0"]);
+    assert!(
+        server
+            .startup
+            .iter()
+            .any(|l| l.contains("linear weights in q8_0 blocks")),
+        "{:?}",
+        server.startup
+    );
+    let prompt = "What is the capital of France?";
+    let (want, _, new_len) = generate(
+        prompt,
+        &["--chat", "--max-new-tokens", "12", "--quantize", "q8_0"],
+    );
+    let (status, v) = post_json(&server, "/v1/chat/completions", &chat_body(prompt, 12));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(v["usage"]["completion_tokens"], new_len);
+}

@@ -212,8 +212,15 @@ impl crate::model::WithModel for Task {
             1 => String::new(),
             n => format!(", tensor parallel over {n} ranks"),
         };
+        let weights = match quantize {
+            collie_io::quant::Quantize::None => String::new(),
+            collie_io::quant::Quantize::Keep => ", linear weights in the file's blocks".into(),
+            collie_io::quant::Quantize::To(ty) => {
+                format!(", linear weights in {} blocks", ty.name())
+            }
+        };
         eprintln!(
-            "collie serve: {} on http://{local} (max batch {}, context {max_context}{ranks})",
+            "collie serve: {} on http://{local} (max batch {}, context {max_context}{ranks}{weights})",
             names.join(", "),
             args.max_batch
         );

@@ -40,6 +40,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// What the server logged up to its address line (included).
+    pub startup: Vec<String>,
 }
 
 impl Drop for Server {
@@ -89,18 +91,27 @@ pub fn serve_with(mut command: Command) -> Server {
         .spawn()
         .expect("start collie serve");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut startup = Vec::new();
     let url = loop {
         let line = lines
             .next()
             .expect("collie serve exited before listening")
             .unwrap();
-        if let Some(rest) = line.split_once(" on http://") {
-            break format!("http://{}", rest.1.split_whitespace().next().unwrap());
+        let url = line
+            .split_once(" on http://")
+            .map(|(_, rest)| format!("http://{}", rest.split_whitespace().next().unwrap()));
+        startup.push(line);
+        if let Some(url) = url {
+            break url;
         }
     };
     // Keep reading what the server logs so it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    Server { child, url }
+    Server {
+        child,
+        url,
+        startup,
+    }
 }
 
 /// `GET /health` of `server`.
