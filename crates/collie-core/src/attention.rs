@@ -262,12 +262,37 @@ pub fn naive_attention<B: Backend>(
     let dtype = q.dtype();
     let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
     let scale = 1.0 / (d as f64).sqrt();
-    let probs = match fused {
-        Some(k) => (k.softmax)(scores, mask.cloned(), scale as f32),
-        None => masked_softmax_unfused(scores, mask, scale),
-    };
+    // The kernels looked up once: the grouped layout above was chosen for them.
+    let probs = softmax_by(fused, scores, mask, scale);
     // [batch, groups, rows, head_dim] -> [batch, heads, s_q, head_dim]
     probs.cast(dtype).matmul(v).reshape([b, h, s_q, d])
+}
+
+/// `softmax(scale · scores)` over keys with the hidden ones at `−∞`: the backend's fused kernel
+/// ([`crate::fused::FusedKernels::softmax`]) for f32 scores where it has one, else
+/// [`masked_softmax_unfused`].
+///
+/// # Shapes
+/// - as [`masked_softmax_unfused`]
+pub fn masked_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    softmax_by(crate::fused::kernels::<B>(), scores, mask, scale)
+}
+
+/// [`masked_softmax`] with the fused kernels `fused` (or none).
+fn softmax_by<B: Backend>(
+    fused: Option<crate::fused::Fused<B>>,
+    scores: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    match fused {
+        Some(k) if scores.dtype() == DType::F32 => (k.softmax)(scores, mask.cloned(), scale as f32),
+        _ => masked_softmax_unfused(scores, mask, scale),
+    }
 }
 
 /// `softmax(scale · scores)` over keys with the hidden ones at `−∞`, as tensor operations: the

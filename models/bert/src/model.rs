@@ -8,7 +8,7 @@
 
 use burn::module::Module;
 use burn::nn::DropoutConfig;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use collie_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig};
@@ -167,12 +167,11 @@ impl<B: Backend> SelfAttention<B> {
         let q = split(self.query.forward(x.clone()));
         let k = split(self.key.forward(x.clone()));
         let v = split(self.value.forward(x.clone()));
-        // [batch, heads, seq, seq]
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .div_scalar((hd as f64).sqrt())
-            .mask_fill(hidden_keys.clone().expand([b, h, s, s]), f32::NEG_INFINITY);
-        let probs = dropout(softmax(scores, 3), p_attn);
+        // [batch, heads, seq, seq]; the padding keys hidden (one mask row for every query)
+        let scores = q.matmul(k.swap_dims(2, 3));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let probs = collie_core::attention::masked_softmax(scores, Some(hidden_keys), scale);
+        let probs = dropout(probs, p_attn);
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
         let o = probs.matmul(v).swap_dims(1, 2).reshape([b, s, d]);
         self.norm

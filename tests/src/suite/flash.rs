@@ -7,7 +7,7 @@
 use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use collie_core::attention::{attention, AttentionKind, AttnMask};
 use collie_core::device::RegisterOps;
 
@@ -17,7 +17,7 @@ use crate::golden::{fixture, read_golden, LLAMA_CASES};
 /// Largest relative difference of an output or q/k/v gradient, and of the tiny LLaMAs' logits
 /// (worst achieved, CPU and wgpu: 6.9e-7).
 pub const OP_TOL: f64 = 5e-6;
-/// Largest relative difference of a parameter gradient of the tiny LLaMAs (worst achieved: 1.5e-6).
+/// Largest relative difference of a parameter gradient of the tiny LLaMAs (worst achieved: 2.4e-6).
 pub const GRAD_TOL: f64 = 1.5e-5;
 
 /// One attention call's shape and mask.
@@ -128,13 +128,19 @@ fn run<I: Backend>(
     seed: u64,
 ) -> [Tensor<I, 4>; 4] {
     type A<I> = Autodiff<I>;
-    I::seed(device, seed);
-    let n = Distribution::Normal(0.0, 1.0);
+    // Drawn here, not from the backend's global generator, which the other tests of a binary
+    // draw from concurrently (model initialization): both implementations get the same inputs.
+    let mut state = seed;
+    let mut normal = |shape: [usize; 4]| -> Tensor<A<I>, 4> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| standard_normal(&mut state)).collect();
+        Tensor::from_data(TensorData::new(values, shape), device)
+    };
     let (b, h, kvh, d) = (case.batch, case.heads, case.kv_heads, case.d);
-    let q = Tensor::<A<I>, 4>::random([b, h, case.s_q, d], n, device).require_grad();
-    let k = Tensor::<A<I>, 4>::random([b, kvh, case.s_k, d], n, device).require_grad();
-    let v = Tensor::<A<I>, 4>::random([b, kvh, case.s_k, d], n, device).require_grad();
-    let w = Tensor::<A<I>, 4>::random([b, h, case.s_q, d], n, device);
+    let q = normal([b, h, case.s_q, d]).require_grad();
+    let k = normal([b, kvh, case.s_k, d]).require_grad();
+    let v = normal([b, kvh, case.s_k, d]).require_grad();
+    let w = normal([b, h, case.s_q, d]);
     let segments = case.segments.as_ref().map(|s| {
         Tensor::<A<I>, 2, Int>::from_data(TensorData::new(s.clone(), [b, case.s_k]), device)
     });
@@ -149,6 +155,21 @@ fn run<I: Backend>(
         k.grad(&grads).unwrap(),
         v.grad(&grads).unwrap(),
     ]
+}
+
+/// A standard normal draw (Box–Muller over splitmix64).
+fn standard_normal(state: &mut u64) -> f32 {
+    let mut uniform = || {
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // (0, 1]: never 0, so the logarithm is finite.
+        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let (u1, u2) = (uniform(), uniform());
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// Flash against naive on every case: output, dq, dk, dv.
