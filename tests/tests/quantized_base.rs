@@ -128,6 +128,16 @@ fn lora_config_with(
     train_extra: &str,
     out: &std::path::Path,
 ) -> collie_train::TrainConfig {
+    lora_config_set(quantize, train_extra, out, &[])
+}
+
+/// [`lora_config_with`] with `--set` overrides (`optim.name=lomo`, …).
+fn lora_config_set(
+    quantize: &str,
+    train_extra: &str,
+    out: &std::path::Path,
+    sets: &[&str],
+) -> collie_train::TrainConfig {
     let text = format!(
         r#"
 [model]
@@ -161,7 +171,8 @@ dir = "{out}"
         data = fixture("train/io.jsonl").display(),
         out = out.display(),
     );
-    collie_train::TrainConfig::parse(&text, "qlora", &[]).unwrap()
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    collie_train::TrainConfig::parse(&text, "qlora", &sets).unwrap()
 }
 
 #[test]
@@ -193,6 +204,18 @@ fn lora_on_a_kept_base_trains_as_on_the_dequantized_base() {
         "QLoRA with activation checkpointing"
     );
     assert!(float[4] < float[0], "training lowers the loss: {float:?}");
+    // LOMO and AdaLomo update the adapter inside the block-wise backward walk: the same losses
+    // on a kept base as on the dequantized one.
+    for (optim, lr) in [("lomo", "optim.lr=0.01"), ("adalomo", "optim.lr=0.005")] {
+        let name = format!("optim.name={optim}");
+        let run = |quantize: &str| {
+            let out = dir.path().join(format!("{optim}-{quantize}"));
+            train_run(lora_config_set(quantize, "", &out, &[&name, lr]), None).1
+        };
+        let (float, kept) = (run("none"), run("keep"));
+        assert_eq!(float.len(), 5);
+        assert_eq!(max_rel_diff(&kept, &float), 0.0, "{optim} on a kept base");
+    }
 }
 
 #[test]
