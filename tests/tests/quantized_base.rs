@@ -120,21 +120,12 @@ fn weights_encoded_on_load_are_the_quantizers_blocks() {
 }
 
 fn lora_config(quantize: &str, out: &std::path::Path) -> collie_train::TrainConfig {
-    lora_config_with(quantize, "", out)
+    lora_config_set(quantize, out, &[])
 }
 
-fn lora_config_with(
-    quantize: &str,
-    train_extra: &str,
-    out: &std::path::Path,
-) -> collie_train::TrainConfig {
-    lora_config_set(quantize, train_extra, out, &[])
-}
-
-/// [`lora_config_with`] with `--set` overrides (`optim.name=lomo`, …).
+/// [`lora_config`] with `--set` overrides (`optim.name=lomo`, …).
 fn lora_config_set(
     quantize: &str,
-    train_extra: &str,
     out: &std::path::Path,
     sets: &[&str],
 ) -> collie_train::TrainConfig {
@@ -153,7 +144,6 @@ max_steps = 5
 micro_batch_size = 3
 max_grad_norm = 1.0
 seed = 3
-{train_extra}
 [optim]
 name = "adamw"
 lr = 5e-3
@@ -192,10 +182,10 @@ fn lora_on_a_kept_base_trains_as_on_the_dequantized_base() {
         "QLoRA (keep) vs LoRA on the dequantized base"
     );
     // Activation checkpointing recomputes each block on the inner backend: the same op there.
-    let config = lora_config_with(
+    let config = lora_config_set(
         "keep",
-        "activation_checkpointing = true",
         &dir.path().join("ckpt"),
+        &["train.activation_checkpointing=true"],
     );
     let (_, ckpt) = train_run(config, None);
     assert_eq!(
@@ -210,7 +200,7 @@ fn lora_on_a_kept_base_trains_as_on_the_dequantized_base() {
         let name = format!("optim.name={optim}");
         let run = |quantize: &str| {
             let out = dir.path().join(format!("{optim}-{quantize}"));
-            train_run(lora_config_set(quantize, "", &out, &[&name, lr]), None).1
+            train_run(lora_config_set(quantize, &out, &[&name, lr]), None).1
         };
         let (float, kept) = (run("none"), run("keep"));
         assert_eq!(float.len(), 5);

@@ -35,6 +35,15 @@ pub fn register<B: DeviceDecode>() {
     crate::registry::insert::<DeviceDecodeFn<B>>(B::decode);
 }
 
+/// The layout the kernel decodes `rows` of `w` from, or `None` when it cannot (a storage type
+/// without a kernel, no rows): the one check both the plain and the fused backend make before
+/// they launch or register a decode.
+fn decodable(w: &QuantWeight, rows: &Range<usize>) -> Option<BlockFormat> {
+    let (format, _) = w.blocks().raw()?;
+    let cols = w.shape()[1];
+    (!rows.is_empty() && cols.is_multiple_of(format.block_len())).then_some(format)
+}
+
 /// The kernel's number for a format (a comptime switch).
 fn code(f: BlockFormat) -> u32 {
     match f {
@@ -250,12 +259,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DeviceDeco
     for Cb<R, F, I, BT>
 {
     fn decode(w: &QuantWeight, rows: Range<usize>, device: &R::Device) -> Option<Tensor<Self, 2>> {
-        let (format, _) = w.blocks().raw()?;
+        let format = decodable(w, &rows)?;
         let [_, cols] = w.shape();
         let n = rows.len() * cols;
-        if n == 0 || cols % format.block_len() != 0 {
-            return None;
-        }
         let row_bytes = cols / format.block_len() * format.block_bytes();
         let blocks: CubeTensor<R> = w.device_copy(
             |t: &CubeTensor<R>| &t.device == device,
@@ -338,11 +344,8 @@ mod fusion {
             rows: Range<usize>,
             device: &B::Device,
         ) -> Option<Tensor<Self, 2>> {
-            let (format, _) = w.blocks().raw()?;
+            super::decodable(w, &rows)?;
             let [_, cols] = w.shape();
-            if rows.is_empty() || cols % format.block_len() != 0 {
-                return None;
-            }
             let client = burn_fusion::get_client::<B>(device);
             let out = TensorIr::uninit(
                 client.create_empty_handle(),
