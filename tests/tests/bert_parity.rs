@@ -1,7 +1,8 @@
 //! all-MiniLM-L6-v2 through `collie-bert` against sentence-transformers (mean pooling +
 //! normalization) and transformers' BertModel (position-0 hidden state) on 100 texts, including
 //! an empty one and one past the 256-token limit. Fixture: `scripts/fixtures/minilm_st.py`; the
-//! model comes through the asset resolver.
+//! model comes through the asset resolver. The fused CPU kernels are registered, as every
+//! binary does: the path users run (the unfused one equals it, `fused_kernels.rs`).
 
 mod common;
 
@@ -25,6 +26,8 @@ fn texts() -> Vec<String> {
 
 #[test]
 fn minilm_matches_sentence_transformers() {
+    use collie_core::device::RegisterOps;
+    B::register_ops();
     let device = Default::default();
     let encoder = collie_bert::load::<B>(MINILM, &device).unwrap();
     let texts = texts();

@@ -1,9 +1,10 @@
 //! The fused CPU kernels (`collie_core::fused`) against the layers' unfused arithmetic: values
 //! and gradients (relative to the largest element, f32) of the attention softmax, RMSNorm,
-//! Gemma's offset norm, LayerNorm, SwiGLU and GeGLU, on odd shapes (one row, widths that are not
+//! Gemma's offset norm, LayerNorm, SwiGLU, GeGLU and the exact GELU, on odd shapes (one row, widths that are not
 //! a multiple of the SIMD lanes, rows over several parallel blocks, causal / padded / decoding
 //! masks); the inference kernel equals the differentiable op bit for bit (recomputation relies on
-//! it); and the portable and AVX2 fallbacks give the same bits as the best instruction set.
+//! it); dropout applies one mask to values and gradients; and the portable and AVX2 fallbacks
+//! give the same bits as the best instruction set.
 
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Param};
@@ -11,8 +12,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use collie_core::attention::{masked_softmax_unfused, AttnMask};
 use collie_core::device::{Cpu, RegisterOps};
-use collie_core::fused::{kernels, Gate};
-use collie_core::nn::{Activation, NormConfig};
+use collie_core::fused::{kernels, DropoutMask, Gate};
+use collie_core::nn::{dropout, gelu, Activation, NormConfig};
 use collie_kernels::simd::{set_level, Level, LEVEL_LOCK};
 use collie_tests::compare::{assert_within, max_rel, max_rel_diff, values};
 
@@ -456,4 +457,77 @@ fn adamw_kernel_equals_the_tensor_arithmetic_bit_for_bit() {
     assert_eq!(values(fused.0), values(plain.0), "θ");
     assert_eq!(values(fused.1), values(plain.1), "m");
     assert_eq!(values(fused.2), values(plain.2), "v");
+}
+
+#[test]
+fn exact_gelu_equals_unfused() {
+    setup();
+    for shape in [[1, 1, 1], [2, 7, 37], [1, 3, 4099]] {
+        // normal(0, 3): values out to ±12, both tails
+        let x = random(shape, 90, 3.0);
+        let w = random(shape, 91, 1.0);
+        let mut out = Vec::new();
+        for fused in [true, false] {
+            let xg = x.clone().require_grad();
+            let y = if fused {
+                gelu(xg.clone())
+            } else {
+                burn::tensor::activation::gelu(xg.clone())
+            };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            out.push([y.inner(), xg.grad(&grads).unwrap()]);
+        }
+        let (unfused, fused) = (out.pop().unwrap(), out.pop().unwrap());
+        for (i, what) in ["y", "dx"].into_iter().enumerate() {
+            assert_within(
+                &format!("gelu {shape:?}: {what} vs unfused"),
+                max_rel(fused[i].clone(), unfused[i].clone()),
+                TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn dropout_applies_one_mask_to_values_and_gradients() {
+    setup();
+    let p = 0.3;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    for shape in [[1, 1, 1], [2, 7, 37], [1, 3, 4099]] {
+        let n: usize = shape.iter().product();
+        let x = random(shape, 92, 1.0);
+        let w = random(shape, 93, 1.0);
+        let xg = x.clone().require_grad();
+        let y = dropout(xg.clone(), p);
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let (xv, yv) = (values(x.clone()), values(y.inner()));
+        let (gv, wv) = (values(xg.grad(&grads).unwrap()), values(w));
+        let mut kept = 0usize;
+        for i in 0..n {
+            if yv[i] == 0.0 {
+                assert_eq!(gv[i], 0.0, "{shape:?} element {i}: dropped, yet a gradient");
+            } else {
+                kept += 1;
+                assert_eq!(yv[i], xv[i] * scale, "{shape:?} element {i}");
+                assert_eq!(gv[i], wv[i] * scale, "{shape:?} element {i}: gradient");
+            }
+        }
+        // binomial: within 5 standard deviations of n(1 − p)
+        let (mean, sd) = (n as f64 * (1.0 - p), (n as f64 * p * (1.0 - p)).sqrt());
+        assert!(
+            (kept as f64 - mean).abs() <= 5.0 * sd,
+            "{shape:?}: kept {kept} of {n}"
+        );
+        // without autodiff (evaluation) and at p = 0: the identity
+        assert_eq!(values(dropout(x.clone().inner(), p)), xv);
+        assert_eq!(values(dropout(x.clone(), 0.0)), xv);
+    }
+    // one mask, one result: the kernel on the inner backend equals the differentiable op
+    let k = (kernels::<Cpu>().unwrap(), kernels::<A>().unwrap());
+    let x = random([4099], 94, 1.0);
+    let mask = DropoutMask { p: 0.5, seed: 11 };
+    assert_eq!(
+        values((k.0.dropout)(x.clone().inner(), mask)),
+        values((k.1.dropout)(x.require_grad(), mask).inner())
+    );
 }

@@ -4,6 +4,8 @@
 //! - [`softmax`]: scaled, masked softmax over attention scores;
 //! - [`norm`]: RMSNorm and LayerNorm;
 //! - [`glu`]: SwiGLU's `silu(gate) · up` and GeGLU;
+//! - [`gelu`]: the exact (erf) GELU of BERT-family MLPs;
+//! - [`dropout`]: inverted dropout with a counter-based mask (nothing stored for the backward);
 //! - [`rope`]: rotary position embeddings, read through strides;
 //! - [`xent`]: cross-entropy of the LM head's logits against target ids;
 //! - [`adamw`]: one AdamW update over a parameter's buffer.
@@ -20,6 +22,8 @@
 //! backend and to autodiff. Kept apart so the test profile can build it optimized.
 
 pub mod adamw;
+pub mod dropout;
+pub mod gelu;
 pub mod glu;
 pub mod norm;
 pub mod rope;

@@ -7,11 +7,11 @@
 //! `model.train()` in PyTorch.
 
 use burn::module::Module;
-use burn::nn::DropoutConfig;
-use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use collie_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig};
+use collie_core::nn::{
+    dropout, gelu, Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig,
+};
 
 use crate::config::BertConfig;
 use crate::error::Result;
@@ -138,15 +138,6 @@ impl BertConfig {
             hidden_dropout: self.hidden_dropout_prob,
             attn_dropout: self.attention_probs_dropout_prob,
         })
-    }
-}
-
-/// Dropout with probability `p`; the identity unless gradients are recorded.
-fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
-    if p > 0.0 {
-        DropoutConfig::new(p).init().forward(x)
-    } else {
-        x
     }
 }
 

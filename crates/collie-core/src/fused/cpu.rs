@@ -4,9 +4,9 @@
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
-use collie_kernels::{adamw, glu, norm, rope, softmax, xent};
+use collie_kernels::{adamw, dropout, gelu, glu, norm, rope, softmax, xent};
 
-use super::{AdamWStep, FusedKernels, Gate, NormSpec};
+use super::{AdamWStep, DropoutMask, FusedKernels, Gate, NormSpec};
 use crate::loss::IGNORE_INDEX;
 
 /// The CPU kernels.
@@ -232,5 +232,28 @@ impl FusedKernels<Flex> for FlexKernels {
         let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
         glu::backward(kind, f32s(&g), f32s(&u), f32s(&d), &mut dg, &mut du);
         (tensor(dg, shape), tensor(du, shape))
+    }
+
+    fn gelu(x: Tensor<Flex, 1>) -> Tensor<Flex, 1> {
+        let shape = x.dims();
+        let x = buffer(x);
+        let mut y = vec![0.0f32; x.layout().num_elements()];
+        gelu::forward(f32s(&x), &mut y);
+        tensor(y, shape)
+    }
+
+    fn gelu_backward(x: Tensor<Flex, 1>, dy: Tensor<Flex, 1>) -> Tensor<Flex, 1> {
+        let shape = x.dims();
+        let (x, dy) = (buffer(x), buffer(dy));
+        let mut dx = vec![0.0f32; x.layout().num_elements()];
+        gelu::backward(f32s(&x), f32s(&dy), &mut dx);
+        tensor(dx, shape)
+    }
+
+    fn dropout(x: Tensor<Flex, 1>, mask: DropoutMask) -> Tensor<Flex, 1> {
+        // In place where the buffer is this call's alone (copied on write otherwise).
+        let mut x = buffer(x);
+        dropout::apply(mask, x.storage_mut::<f32>());
+        Tensor::from_primitive(TensorPrimitive::Float(x))
     }
 }

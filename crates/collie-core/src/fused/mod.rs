@@ -1,10 +1,11 @@
 //! Fused kernels for the element-wise half of a step: the attention softmax, RMSNorm/LayerNorm,
-//! the gated MLP activations, rotary embeddings, the LM head's cross-entropy and the AdamW
-//! update, each one pass over its rows forward and one backward, where
+//! the gated MLP activations, the exact GELU, dropout, rotary embeddings, the LM head's
+//! cross-entropy and the AdamW update, each one pass over its rows forward and one backward, where
 //! the layers otherwise run a chain of tensor operations (each a pass over memory, each a node
 //! that autodiff keeps alive).
 //!
-//! The layers ([`crate::nn::Norm`], [`crate::nn::Activation::glu`], the naive attention,
+//! The layers ([`crate::nn::Norm`], [`crate::nn::Activation::glu`], [`crate::nn::gelu`],
+//! [`crate::nn::dropout`], the naive attention,
 //! [`crate::rope::apply_rotary`], [`crate::loss::cross_entropy_sum`], `collie_optim::AdamW`) ask
 //! [`kernels`] for backend `B`'s functions and run them when the input is f32; otherwise, and
 //! on backends without kernels (wgpu and CUDA, where Burn's fusion already merges element-wise
@@ -33,6 +34,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Int, Tensor, TensorPrimitive};
 pub use collie_kernels::adamw::AdamWStep;
+pub use collie_kernels::dropout::Mask as DropoutMask;
 pub use collie_kernels::glu::Gate;
 pub use collie_kernels::norm::NormSpec;
 
@@ -121,6 +123,16 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
         up: Tensor<I, 2>,
         dy: Tensor<I, 2>,
     ) -> (Tensor<I, 2>, Tensor<I, 2>);
+
+    /// The exact GELU `x·Φ(x)` (same shape).
+    fn gelu(x: Tensor<I, 1>) -> Tensor<I, 1>;
+
+    /// `dx` from the output's gradient `dy`.
+    fn gelu_backward(x: Tensor<I, 1>, dy: Tensor<I, 1>) -> Tensor<I, 1>;
+
+    /// Inverted dropout of `x` by `mask` (same shape); its backward is the same call on the
+    /// output's gradient.
+    fn dropout(x: Tensor<I, 1>, mask: DropoutMask) -> Tensor<I, 1>;
 }
 
 /// [`FusedKernels::softmax`] as a plain function.
@@ -149,6 +161,10 @@ pub struct Fused<B: Backend> {
     pub norm: NormFn<B>,
     /// See [`FusedKernels::glu`].
     pub glu: fn(Gate, Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+    /// See [`FusedKernels::gelu`].
+    pub gelu: fn(Tensor<B, 1>) -> Tensor<B, 1>,
+    /// See [`FusedKernels::dropout`].
+    pub dropout: fn(Tensor<B, 1>, DropoutMask) -> Tensor<B, 1>,
     /// Rotary embedding of the projection's `[batch, seq, heads, head_dim]` into the head-major
     /// `[batch, heads, seq, head_dim]` attention reads ([`FusedKernels::rope`]); the backward
     /// returns the gradient in the projection's order. The tables are constants.
@@ -183,6 +199,8 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         softmax: K::softmax,
         norm: |x, w, b, spec| K::norm(x, w, b, spec).0,
         glu: K::glu,
+        gelu: K::gelu,
+        dropout: K::dropout,
         rope: |x, cos, sin, interleaved| {
             K::rope(x.swap_dims(1, 2), cos, sin, interleaved, 1.0, false)
         },
@@ -193,6 +211,8 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         softmax: softmax_autodiff::<I, K>,
         norm: norm_autodiff::<I, K>,
         glu: glu_autodiff::<I, K>,
+        gelu: gelu_autodiff::<I, K>,
+        dropout: dropout_autodiff::<I, K>,
         rope: rope_autodiff::<I, K>,
         xent: xent_autodiff::<I, K>,
         adamw: |theta, grad, m, v, step| {
@@ -397,6 +417,52 @@ fn glu_autodiff<I: Backend, K: FusedKernels<I>>(
         (prim(y), tracked.then_some((kind, gi, ui)))
     });
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of the exact GELU: keeps the input.
+#[derive(Debug)]
+struct GeluBackward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for GeluBackward<I, K> {
+    type State = Tensor<I, 1>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grad_out::<I, _, 1, 1>(&ops, grads);
+        let [node] = ops.parents.map(|n| n.map(|n| n.id));
+        give(grads, node, K::gelu_backward(ops.state, dy));
+    }
+}
+
+fn gelu_autodiff<I: Backend, K: FusedKernels<I>>(
+    x: Tensor<Autodiff<I>, 1>,
+) -> Tensor<Autodiff<I>, 1> {
+    unary(GeluBackward::<I, K>(PhantomData), x, |x, tracked| {
+        let y = K::gelu(x.clone());
+        (y, tracked.then_some(x))
+    })
+}
+
+/// Backward of dropout: the same mask on the gradient (nothing but the seed is kept).
+#[derive(Debug)]
+struct DropoutBackward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for DropoutBackward<I, K> {
+    type State = DropoutMask;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grad_out::<I, _, 1, 1>(&ops, grads);
+        let [node] = ops.parents.map(|n| n.map(|n| n.id));
+        give(grads, node, K::dropout(dy, ops.state));
+    }
+}
+
+fn dropout_autodiff<I: Backend, K: FusedKernels<I>>(
+    x: Tensor<Autodiff<I>, 1>,
+    mask: DropoutMask,
+) -> Tensor<Autodiff<I>, 1> {
+    unary(DropoutBackward::<I, K>(PhantomData), x, |x, tracked| {
+        (K::dropout(x, mask), tracked.then_some(mask))
+    })
 }
 
 /// Backward of the rotary embedding: the rotation by `−sin`, written in the input's order.

@@ -76,6 +76,23 @@ impl Activation {
     }
 }
 
+/// The exact GELU `x·Φ(x)` (PyTorch's `gelu`, HF `gelu`): the backend's fused kernel
+/// ([`crate::fused`]) when it has one and `x` is f32, else Burn's `gelu`.
+///
+/// # Shapes
+/// - x: any → same
+pub fn gelu<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match crate::fused::kernels::<B>() {
+        Some(k) if x.dtype() == DType::F32 => {
+            let dims = x.dims();
+            // [...] -> [n] -> [...]
+            let n = x.shape().num_elements();
+            (k.gelu)(x.reshape([n])).reshape(dims)
+        }
+        _ => burn::tensor::activation::gelu(x),
+    }
+}
+
 /// `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`, as PyTorch's
 /// `gelu(approximate="tanh")`. The cube is two multiplications: a float power of a negative base
 /// is undefined on some GPU backends.

@@ -58,13 +58,7 @@ impl<B: Backend> LoraAdapter<B> {
     /// # Shapes
     /// - x: `[..., d_in]` → `[..., d_out]`
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        // Burn's dropout acts only where gradients are recorded (training), as `nn.Dropout` in
-        // train mode.
-        let x = if self.dropout > 0.0 {
-            burn::nn::DropoutConfig::new(self.dropout).init().forward(x)
-        } else {
-            x
-        };
+        let x = super::dropout(x, self.dropout);
         let h = super::linear::matmul_2d(x, self.a.val());
         super::linear::matmul_2d(h, self.b.val()).mul_scalar(self.scaling)
     }

@@ -8,14 +8,16 @@
 
 mod activation;
 mod adapter;
+mod dropout;
 mod embedding;
 mod linear;
 mod norm;
 mod prompt;
 pub mod quant;
 
-pub use activation::{gelu_tanh, Activation};
+pub use activation::{gelu, gelu_tanh, Activation};
 pub use adapter::{Adapter, Ia3Adapter, LoraAdapter};
+pub use dropout::dropout;
 pub use embedding::VocabShard;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{matmul_2d, Linear, LinearConfig, ParallelMode};
