@@ -531,3 +531,42 @@ fn dropout_applies_one_mask_to_values_and_gradients() {
         values((k.1.dropout)(x.require_grad(), mask).inner())
     );
 }
+
+#[test]
+fn heads_swap_equals_swap_dims_bit_for_bit() {
+    use collie_core::attention::swap_seq_heads;
+    setup();
+    // one-element axes, odd widths, and a strided view (a narrowed fused projection)
+    for (shape, narrowed) in [
+        ([1, 1, 1, 1], false),
+        ([2, 7, 3, 5], false),
+        ([2, 9, 4, 64], true),
+    ] {
+        let [b, s, h, d] = shape;
+        let x = if narrowed {
+            random([b, s, 3 * h, d], 95, 1.0).narrow(2, h, h)
+        } else {
+            random(shape, 95, 1.0)
+        };
+        let w = random([b, h, s, d], 96, 1.0);
+        let mut out = Vec::new();
+        for fused in [true, false] {
+            let xg = x.clone().detach().require_grad();
+            let y = if fused {
+                swap_seq_heads(xg.clone())
+            } else {
+                xg.clone().swap_dims(1, 2)
+            };
+            assert_eq!(y.dims(), [b, h, s, d]);
+            // through a reshape, as the layers merge heads
+            let grads = (y.clone().reshape([b, h * s * d]) * w.clone().reshape([b, h * s * d]))
+                .sum()
+                .backward();
+            out.push((values(y.inner()), values(xg.grad(&grads).unwrap())));
+        }
+        assert!(
+            out[0] == out[1],
+            "{shape:?}: fused swap differs from swap_dims"
+        );
+    }
+}

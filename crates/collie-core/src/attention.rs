@@ -221,6 +221,22 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
         .reshape([b, kvh * n_rep, s, d])
 }
 
+/// `x.swap_dims(1, 2)` written contiguous: `[batch, seq, heads, head_dim]` ↔
+/// `[batch, heads, seq, head_dim]`, the heads split from a projection or merged back before the
+/// output one. The backend's fused copy ([`crate::fused::FusedKernels::swap12`]) for f32 where
+/// it has one: a row of features at a time, and the backward the same copy, so the projection's
+/// gradient arrives contiguous too. Elsewhere Burn's `swap_dims`, a strided view (the reshape
+/// after it, and its gradient's, copy it element by element on the CPU).
+///
+/// # Shapes
+/// - x: `[batch, a, b, head_dim]` → `[batch, b, a, head_dim]`
+pub fn swap_seq_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match crate::fused::kernels::<B>() {
+        Some(k) if x.dtype() == DType::F32 => (k.swap12)(x),
+        _ => x.swap_dims(1, 2),
+    }
+}
+
 /// The naive path: the whole score matrix materialized (HF's eager attention).
 ///
 /// Several queries per row run HF's layout: K/V repeated to every query head, one product per

@@ -7,6 +7,8 @@
 //! - [`gelu`]: the exact (erf) GELU of BERT-family MLPs;
 //! - [`dropout`]: inverted dropout with a counter-based mask (nothing stored for the backward);
 //! - [`rope`]: rotary position embeddings, read through strides;
+//! - [`transpose`]: a strided view's axes 1 and 2 swapped into contiguous memory (attention's
+//!   heads split from and merged into the sequence);
 //! - [`xent`]: cross-entropy of the LM head's logits against target ids;
 //! - [`adamw`]: one AdamW update over a parameter's buffer.
 //!
@@ -29,9 +31,22 @@ pub mod norm;
 pub mod rope;
 pub mod simd;
 pub mod softmax;
+pub mod transpose;
 pub mod xent;
 
 use rayon::prelude::*;
+
+/// A strided 4-d view of a buffer: shape, element strides and the offset of element 0
+/// (`[batch, heads, seq, d]` for attention's tensors).
+#[derive(Debug, Clone, Copy)]
+pub struct View4 {
+    /// The view's shape.
+    pub shape: [usize; 4],
+    /// Strides in elements (non-negative).
+    pub strides: [usize; 4],
+    /// Offset of `[0, 0, 0, 0]`.
+    pub offset: usize,
+}
 
 /// Elements a rayon task handles at least: below this, splitting costs more than it saves.
 const TASK_ELEMENTS: usize = 1 << 14;

@@ -7,18 +7,7 @@
 //! rotation's transpose is the rotation by `−sin`, so [`apply`] with `sign = −1` is the
 //! backward.
 
-use crate::par_rows;
-
-/// A strided 4-d view: shape, element strides and the offset of element 0.
-#[derive(Debug, Clone, Copy)]
-pub struct View4 {
-    /// `[batch, heads, seq, d]`.
-    pub shape: [usize; 4],
-    /// Strides in elements (non-negative).
-    pub strides: [usize; 4],
-    /// Offset of `[0, 0, 0, 0]`.
-    pub offset: usize,
-}
+use crate::{par_rows, View4};
 
 /// The angles: `cos`, `sin` `[batch, seq, width]` (`width ≤ d`, even), and how features pair.
 #[derive(Debug, Clone, Copy)]

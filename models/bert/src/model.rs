@@ -9,6 +9,7 @@
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use collie_core::attention::swap_seq_heads;
 use collie_core::nn::{
     dropout, gelu, Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig,
 };
@@ -153,8 +154,8 @@ impl<B: Backend> SelfAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let (h, hd) = (self.n_heads, d / self.n_heads);
-        // [batch, seq, hidden] -> [batch, heads, seq, head_dim]
-        let split = |t: Tensor<B, 3>| t.reshape([b, s, h, hd]).swap_dims(1, 2);
+        // [batch, seq, hidden] -> [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
+        let split = |t: Tensor<B, 3>| swap_seq_heads(t.reshape([b, s, h, hd]));
         let q = split(self.query.forward(x.clone()));
         let k = split(self.key.forward(x.clone()));
         let v = split(self.value.forward(x.clone()));
@@ -164,7 +165,7 @@ impl<B: Backend> SelfAttention<B> {
         let probs = collie_core::attention::masked_softmax(scores, Some(hidden_keys), scale);
         let probs = dropout(probs, p_attn);
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        let o = probs.matmul(v).swap_dims(1, 2).reshape([b, s, d]);
+        let o = swap_seq_heads(probs.matmul(v)).reshape([b, s, d]);
         self.norm
             .forward(x + dropout(self.output.forward(o), p_hidden))
     }

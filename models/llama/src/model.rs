@@ -10,7 +10,9 @@ use std::sync::Arc;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use collie_core::attention::{attention, positions_from_padding, AttentionKind, AttnMask};
+use collie_core::attention::{
+    attention, positions_from_padding, swap_seq_heads, AttentionKind, AttnMask,
+};
 use collie_core::lm::RowCache;
 use collie_core::model::{BlockModel, DecoderLayer, KvSlot, LmHead};
 use collie_core::nn::ParallelMode::{Column, ColumnParts, Full, Row};
@@ -502,7 +504,8 @@ impl<B: Backend> Attention<B> {
         // [batch, s_q, heads, head_dim] -> [batch, heads, s_q, head_dim], rotated on the way
         let q = apply_rotary_heads(q, &ctx.cos, &ctx.sin, ctx.interleaved);
         let k = apply_rotary_heads(k, &ctx.cos, &ctx.sin, ctx.interleaved);
-        let v = v.swap_dims(1, 2);
+        // [batch, s_q, kv_heads, head_dim] -> [batch, kv_heads, s_q, head_dim]
+        let v = swap_seq_heads(v);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -517,7 +520,7 @@ impl<B: Backend> Attention<B> {
         };
         let o = attention(q, k, v, ctx.mask.as_ref(), ctx.attention);
         // [batch, heads, s_q, head_dim] -> [batch, s_q, heads · head_dim]
-        let o = o.swap_dims(1, 2).reshape([b, s, h * hd]);
+        let o = swap_seq_heads(o).reshape([b, s, h * hd]);
         self.o_proj.forward(o)
     }
 }

@@ -4,7 +4,7 @@
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
-use collie_kernels::{adamw, dropout, gelu, glu, norm, rope, softmax, xent};
+use collie_kernels::{adamw, dropout, gelu, glu, norm, rope, softmax, transpose, xent, View4};
 
 use super::{AdamWStep, DropoutMask, FusedKernels, Gate, NormSpec};
 use crate::loss::IGNORE_INDEX;
@@ -18,6 +18,23 @@ fn buffer<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     let t = t.into_primitive().tensor();
     assert_eq!(t.dtype(), DType::F32, "fused kernels take f32 tensors");
     t.to_contiguous()
+}
+
+/// The buffer of a 4-d float tensor and the view it holds (copied only for negative strides).
+fn strided(t: Tensor<Flex, 4>) -> (FlexTensor, View4) {
+    let shape = t.dims();
+    let mut t = t.into_primitive().tensor();
+    assert_eq!(t.dtype(), DType::F32, "fused kernels take f32 tensors");
+    if t.layout().strides().iter().any(|&s| s < 0) {
+        t = t.to_contiguous();
+    }
+    let strides = t.layout().strides();
+    let view = View4 {
+        shape,
+        strides: std::array::from_fn(|i| strides[i] as usize),
+        offset: t.layout().start_offset(),
+    };
+    (t, view)
 }
 
 fn f32s(t: &FlexTensor) -> &[f32] {
@@ -125,19 +142,8 @@ impl FusedKernels<Flex> for FlexKernels {
     ) -> Tensor<Flex, 4> {
         let shape @ [b, h, s, d] = x.dims();
         let r = cos.dims()[2];
-        let mut x = x.into_primitive().tensor();
-        assert_eq!(x.dtype(), DType::F32, "fused kernels take f32 tensors");
-        // Read through the strides (the [batch, seq, heads, d] projection viewed head-major);
-        // anything else (negative strides) is copied first.
-        if x.layout().strides().iter().any(|&s| s < 0) {
-            x = x.to_contiguous();
-        }
-        let strides = x.layout().strides();
-        let view = rope::View4 {
-            shape,
-            strides: std::array::from_fn(|i| strides[i] as usize),
-            offset: x.layout().start_offset(),
-        };
+        // Read through the strides (the [batch, seq, heads, d] projection viewed head-major).
+        let (x, view) = strided(x);
         let (cos, sin) = (buffer(cos), buffer(sin));
         let mut out = vec![0.0f32; shape.iter().product()];
         let tables = rope::Tables {
@@ -255,5 +261,13 @@ impl FusedKernels<Flex> for FlexKernels {
         let mut x = buffer(x);
         dropout::apply(mask, x.storage_mut::<f32>());
         Tensor::from_primitive(TensorPrimitive::Float(x))
+    }
+
+    fn swap12(x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
+        let [a, b, c, d] = x.dims();
+        let (x, view) = strided(x);
+        let mut out = vec![0.0f32; a * b * c * d];
+        transpose::swap12(x.storage::<f32>(), view, &mut out);
+        tensor(out, [a, c, b, d])
     }
 }

@@ -1,11 +1,12 @@
 //! Fused kernels for the element-wise half of a step: the attention softmax, RMSNorm/LayerNorm,
-//! the gated MLP activations, the exact GELU, dropout, rotary embeddings, the LM head's
+//! the gated MLP activations, the exact GELU, dropout, rotary embeddings, the heads' transpose,
+//! the LM head's
 //! cross-entropy and the AdamW update, each one pass over its rows forward and one backward, where
 //! the layers otherwise run a chain of tensor operations (each a pass over memory, each a node
 //! that autodiff keeps alive).
 //!
 //! The layers ([`crate::nn::Norm`], [`crate::nn::Activation::glu`], [`crate::nn::gelu`],
-//! [`crate::nn::dropout`], the naive attention,
+//! [`crate::nn::dropout`], [`crate::attention::swap_seq_heads`], the naive attention,
 //! [`crate::rope::apply_rotary`], [`crate::loss::cross_entropy_sum`], `collie_optim::AdamW`) ask
 //! [`kernels`] for backend `B`'s functions and run them when the input is f32; otherwise, and
 //! on backends without kernels (wgpu and CUDA, where Burn's fusion already merges element-wise
@@ -133,6 +134,12 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
     /// Inverted dropout of `x` by `mask` (same shape); its backward is the same call on the
     /// output's gradient.
     fn dropout(x: Tensor<I, 1>, mask: DropoutMask) -> Tensor<I, 1>;
+
+    /// `x.swap_dims(1, 2)` written contiguous (any strided `x`); its own backward.
+    ///
+    /// # Shapes
+    /// - x: `[a, b, c, d]` → `[a, c, b, d]`
+    fn swap12(x: Tensor<I, 4>) -> Tensor<I, 4>;
 }
 
 /// [`FusedKernels::softmax`] as a plain function.
@@ -165,6 +172,8 @@ pub struct Fused<B: Backend> {
     pub gelu: fn(Tensor<B, 1>) -> Tensor<B, 1>,
     /// See [`FusedKernels::dropout`].
     pub dropout: fn(Tensor<B, 1>, DropoutMask) -> Tensor<B, 1>,
+    /// See [`FusedKernels::swap12`].
+    pub swap12: fn(Tensor<B, 4>) -> Tensor<B, 4>,
     /// Rotary embedding of the projection's `[batch, seq, heads, head_dim]` into the head-major
     /// `[batch, heads, seq, head_dim]` attention reads ([`FusedKernels::rope`]); the backward
     /// returns the gradient in the projection's order. The tables are constants.
@@ -201,6 +210,7 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         glu: K::glu,
         gelu: K::gelu,
         dropout: K::dropout,
+        swap12: K::swap12,
         rope: |x, cos, sin, interleaved| {
             K::rope(x.swap_dims(1, 2), cos, sin, interleaved, 1.0, false)
         },
@@ -213,6 +223,7 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         glu: glu_autodiff::<I, K>,
         gelu: gelu_autodiff::<I, K>,
         dropout: dropout_autodiff::<I, K>,
+        swap12: swap12_autodiff::<I, K>,
         rope: rope_autodiff::<I, K>,
         xent: xent_autodiff::<I, K>,
         adamw: |theta, grad, m, v, step| {
@@ -462,6 +473,28 @@ fn dropout_autodiff<I: Backend, K: FusedKernels<I>>(
 ) -> Tensor<Autodiff<I>, 1> {
     unary(DropoutBackward::<I, K>(PhantomData), x, |x, tracked| {
         (K::dropout(x, mask), tracked.then_some(mask))
+    })
+}
+
+/// Backward of the axis swap: the swap back.
+#[derive(Debug)]
+struct Swap12Backward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for Swap12Backward<I, K> {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grad_out::<I, _, 1, 4>(&ops, grads);
+        let [node] = ops.parents.map(|n| n.map(|n| n.id));
+        give(grads, node, K::swap12(dy));
+    }
+}
+
+fn swap12_autodiff<I: Backend, K: FusedKernels<I>>(
+    x: Tensor<Autodiff<I>, 4>,
+) -> Tensor<Autodiff<I>, 4> {
+    unary(Swap12Backward::<I, K>(PhantomData), x, |x, tracked| {
+        (K::swap12(x), tracked.then_some(()))
     })
 }
 
