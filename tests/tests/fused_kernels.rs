@@ -570,3 +570,72 @@ fn heads_swap_equals_swap_dims_bit_for_bit() {
         );
     }
 }
+
+#[test]
+fn products_equal_burns_matmul_bit_for_bit() {
+    use collie_core::attention::batched_matmul;
+    use collie_core::nn::matmul_2d;
+    setup();
+    // (rows, k, n): one row, odd sizes, and one large enough for gemm to split over threads
+    for (m, k, n) in [(1, 1, 1), (7, 37, 5), (200, 190, 210)] {
+        let x = random([m, k], 100, 1.0);
+        // the weight stored [n, k] and used transposed, as a tied LM head is
+        let w = random([n, k], 101, 1.0);
+        let dc = random([m, n], 102, 1.0);
+        for frozen in [false, true] {
+            let mut out = Vec::new();
+            for fused in [true, false] {
+                let xg = x.clone().detach().require_grad();
+                let wg = if frozen {
+                    w.clone().detach()
+                } else {
+                    w.clone().detach().require_grad()
+                };
+                let y = if fused {
+                    matmul_2d(xg.clone(), wg.clone().transpose())
+                } else {
+                    xg.clone().matmul(wg.clone().transpose())
+                };
+                let grads = (y.clone() * dc.clone()).sum().backward();
+                let dw = wg.grad(&grads).map(values);
+                assert_eq!(dw.is_none(), frozen, "a frozen weight gets no gradient");
+                out.push((values(y.inner()), values(xg.grad(&grads).unwrap()), dw));
+            }
+            assert!(out[0] == out[1], "[{m}, {k}] · [{k}, {n}] frozen={frozen}");
+        }
+    }
+    // attention's products: scores q · kᵀ (k read transposed) and probs · v, batches of heads
+    for [b, h, s, d] in [[1, 1, 1, 1], [2, 3, 9, 5], [2, 6, 33, 64]] {
+        let q = random([b, h, s, d], 103, 1.0);
+        let k = random([b, h, s, d], 104, 1.0);
+        let v = random([b, h, s, d], 105, 1.0);
+        let w = random([b, h, s, d], 106, 1.0);
+        let mut out = Vec::new();
+        for fused in [true, false] {
+            let (qg, kg, vg) = (
+                q.clone().detach().require_grad(),
+                k.clone().detach().require_grad(),
+                v.clone().detach().require_grad(),
+            );
+            let o = if fused {
+                let p = batched_matmul(qg.clone(), kg.clone().swap_dims(2, 3));
+                batched_matmul(p, vg.clone())
+            } else {
+                qg.clone()
+                    .matmul(kg.clone().swap_dims(2, 3))
+                    .matmul(vg.clone())
+            };
+            let grads = (o.clone() * w.clone()).sum().backward();
+            out.push(
+                [
+                    o.inner(),
+                    qg.grad(&grads).unwrap(),
+                    kg.grad(&grads).unwrap(),
+                    vg.grad(&grads).unwrap(),
+                ]
+                .map(values),
+            );
+        }
+        assert!(out[0] == out[1], "attention products {:?}", [b, h, s, d]);
+    }
+}

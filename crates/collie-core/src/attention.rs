@@ -221,6 +221,30 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
         .reshape([b, kvh * n_rep, s, d])
 }
 
+/// `a · b` per head: the backend's fused product for f32 where it has one
+/// ([`crate::fused::FusedKernels::batched_matmul`]), else Burn's `matmul`.
+///
+/// # Shapes
+/// - a: `[batch, heads, m, k]`, b: `[batch, heads, k, n]` → `[batch, heads, m, n]`
+pub fn batched_matmul<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    batched_matmul_by(crate::fused::kernels::<B>(), a, b)
+}
+
+/// [`batched_matmul`] with the fused kernels `fused` (or none).
+fn batched_matmul_by<B: Backend>(
+    fused: Option<crate::fused::Fused<B>>,
+    a: Tensor<B, 4>,
+    b: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let same_batch = a.dims()[..2] == b.dims()[..2];
+    match fused {
+        Some(k) if same_batch && a.dtype() == DType::F32 && b.dtype() == DType::F32 => {
+            (k.batched_matmul)(a, b)
+        }
+        _ => a.matmul(b),
+    }
+}
+
 /// `x.swap_dims(1, 2)` written contiguous: `[batch, seq, heads, head_dim]` ↔
 /// `[batch, heads, seq, head_dim]`, the heads split from a projection or merged back before the
 /// output one. The backend's fused copy ([`crate::fused::FusedKernels::swap12`]) for f32 where
@@ -276,12 +300,12 @@ pub fn naive_attention<B: Backend>(
     // f32 (transformers' eager attention and autocast do too); the two matmuls stay in the
     // compute dtype.
     let dtype = q.dtype();
-    let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32);
+    let scores = batched_matmul_by(fused, q, k.swap_dims(2, 3)).cast(DType::F32);
     let scale = 1.0 / (d as f64).sqrt();
     // The kernels looked up once: the grouped layout above was chosen for them.
     let probs = softmax_by(fused, scores, mask, scale);
     // [batch, groups, rows, head_dim] -> [batch, heads, s_q, head_dim]
-    probs.cast(dtype).matmul(v).reshape([b, h, s_q, d])
+    batched_matmul_by(fused, probs.cast(dtype), v).reshape([b, h, s_q, d])
 }
 
 /// `softmax(scale · scores)` over keys with the hidden ones at `−∞`: the backend's fused kernel

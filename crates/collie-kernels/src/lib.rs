@@ -10,7 +10,8 @@
 //! - [`transpose`]: a strided view's axes 1 and 2 swapped into contiguous memory (attention's
 //!   heads split from and merged into the sequence);
 //! - [`xent`]: cross-entropy of the LM head's logits against target ids;
-//! - [`adamw`]: one AdamW update over a parameter's buffer.
+//! - [`adamw`]: one AdamW update over a parameter's buffer;
+//! - [`matmul`]: products of strided views through `gemm`, into one fresh buffer.
 //!
 //! Every kernel splits its rows over rayon's threads (fixed row blocks, so results never
 //! depend on the thread count) and runs each block through [`simd::run`], which compiles the
@@ -27,6 +28,7 @@ pub mod adamw;
 pub mod dropout;
 pub mod gelu;
 pub mod glu;
+pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod simd;

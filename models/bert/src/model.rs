@@ -9,7 +9,7 @@
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use collie_core::attention::swap_seq_heads;
+use collie_core::attention::{batched_matmul, swap_seq_heads};
 use collie_core::nn::{
     dropout, gelu, Embedding, EmbeddingConfig, Linear, LinearConfig, Norm, NormConfig,
 };
@@ -160,12 +160,12 @@ impl<B: Backend> SelfAttention<B> {
         let k = split(self.key.forward(x.clone()));
         let v = split(self.value.forward(x.clone()));
         // [batch, heads, seq, seq]; the padding keys hidden (one mask row for every query)
-        let scores = q.matmul(k.swap_dims(2, 3));
+        let scores = batched_matmul(q, k.swap_dims(2, 3));
         let scale = 1.0 / (hd as f64).sqrt();
         let probs = collie_core::attention::masked_softmax(scores, Some(hidden_keys), scale);
         let probs = dropout(probs, p_attn);
         // [batch, heads, seq, head_dim] -> [batch, seq, hidden]
-        let o = swap_seq_heads(probs.matmul(v)).reshape([b, s, d]);
+        let o = swap_seq_heads(batched_matmul(probs, v)).reshape([b, s, d]);
         self.norm
             .forward(x + dropout(self.output.forward(o), p_hidden))
     }

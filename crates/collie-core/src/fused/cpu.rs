@@ -4,7 +4,9 @@
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
-use collie_kernels::{adamw, dropout, gelu, glu, norm, rope, softmax, transpose, xent, View4};
+use collie_kernels::{
+    adamw, dropout, gelu, glu, matmul, norm, rope, softmax, transpose, xent, View4,
+};
 
 use super::{AdamWStep, DropoutMask, FusedKernels, Gate, NormSpec};
 use crate::loss::IGNORE_INDEX;
@@ -20,18 +22,24 @@ fn buffer<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     t.to_contiguous()
 }
 
-/// The buffer of a 4-d float tensor and the view it holds (copied only for negative strides).
-fn strided(t: Tensor<Flex, 4>) -> (FlexTensor, View4) {
-    let shape = t.dims();
+/// The buffer of a float tensor of rank ≤ 4 and the view it holds, leading axes of size 1
+/// added (copied only for negative strides).
+fn strided<const D: usize>(t: Tensor<Flex, D>) -> (FlexTensor, View4) {
+    const { assert!(D <= 4) };
+    let dims = t.dims();
     let mut t = t.into_primitive().tensor();
     assert_eq!(t.dtype(), DType::F32, "fused kernels take f32 tensors");
     if t.layout().strides().iter().any(|&s| s < 0) {
         t = t.to_contiguous();
     }
-    let strides = t.layout().strides();
+    let (mut shape, mut strides) = ([1; 4], [0; 4]);
+    for (i, &s) in t.layout().strides().iter().enumerate() {
+        shape[4 - D + i] = dims[i];
+        strides[4 - D + i] = s as usize;
+    }
     let view = View4 {
         shape,
-        strides: std::array::from_fn(|i| strides[i] as usize),
+        strides,
         offset: t.layout().start_offset(),
     };
     (t, view)
@@ -269,5 +277,24 @@ impl FusedKernels<Flex> for FlexKernels {
         let mut out = vec![0.0f32; a * b * c * d];
         transpose::swap12(x.storage::<f32>(), view, &mut out);
         tensor(out, [a, c, b, d])
+    }
+
+    fn matmul(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+        let (m, n) = (a.dims()[0], b.dims()[1]);
+        let (a, av) = strided(a);
+        let (b, bv) = strided(b);
+        let mut out = vec![0.0f32; m * n];
+        matmul::matmul(a.storage::<f32>(), av, b.storage::<f32>(), bv, &mut out);
+        tensor(out, [m, n])
+    }
+
+    fn batched_matmul(a: Tensor<Flex, 4>, b: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
+        let [p, q, m, _] = a.dims();
+        let n = b.dims()[3];
+        let (a, av) = strided(a);
+        let (b, bv) = strided(b);
+        let mut out = vec![0.0f32; p * q * m * n];
+        matmul::matmul(a.storage::<f32>(), av, b.storage::<f32>(), bv, &mut out);
+        tensor(out, [p, q, m, n])
     }
 }

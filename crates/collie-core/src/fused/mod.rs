@@ -1,6 +1,7 @@
 //! Fused kernels for the element-wise half of a step: the attention softmax, RMSNorm/LayerNorm,
 //! the gated MLP activations, the exact GELU, dropout, rotary embeddings, the heads' transpose,
-//! the LM head's
+//! matrix products (into one buffer, where the backend's op copies its output once more), the
+//! LM head's
 //! cross-entropy and the AdamW update, each one pass over its rows forward and one backward, where
 //! the layers otherwise run a chain of tensor operations (each a pass over memory, each a node
 //! that autodiff keeps alive).
@@ -135,6 +136,18 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
     /// output's gradient.
     fn dropout(x: Tensor<I, 1>, mask: DropoutMask) -> Tensor<I, 1>;
 
+    /// `a · b` of two views (any strides: a transposed operand is read, not copied).
+    ///
+    /// # Shapes
+    /// - a: `[m, k]`, b: `[k, n]` → `[m, n]`
+    fn matmul(a: Tensor<I, 2>, b: Tensor<I, 2>) -> Tensor<I, 2>;
+
+    /// `a · b` per batch index (the batch dimensions equal, not broadcast).
+    ///
+    /// # Shapes
+    /// - a: `[p, q, m, k]`, b: `[p, q, k, n]` → `[p, q, m, n]`
+    fn batched_matmul(a: Tensor<I, 4>, b: Tensor<I, 4>) -> Tensor<I, 4>;
+
     /// `x.swap_dims(1, 2)` written contiguous (any strided `x`); its own backward.
     ///
     /// # Shapes
@@ -174,6 +187,10 @@ pub struct Fused<B: Backend> {
     pub dropout: fn(Tensor<B, 1>, DropoutMask) -> Tensor<B, 1>,
     /// See [`FusedKernels::swap12`].
     pub swap12: fn(Tensor<B, 4>) -> Tensor<B, 4>,
+    /// See [`FusedKernels::matmul`].
+    pub matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+    /// See [`FusedKernels::batched_matmul`].
+    pub batched_matmul: fn(Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
     /// Rotary embedding of the projection's `[batch, seq, heads, head_dim]` into the head-major
     /// `[batch, heads, seq, head_dim]` attention reads ([`FusedKernels::rope`]); the backward
     /// returns the gradient in the projection's order. The tables are constants.
@@ -211,6 +228,8 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         gelu: K::gelu,
         dropout: K::dropout,
         swap12: K::swap12,
+        matmul: K::matmul,
+        batched_matmul: K::batched_matmul,
         rope: |x, cos, sin, interleaved| {
             K::rope(x.swap_dims(1, 2), cos, sin, interleaved, 1.0, false)
         },
@@ -224,6 +243,8 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         gelu: gelu_autodiff::<I, K>,
         dropout: dropout_autodiff::<I, K>,
         swap12: swap12_autodiff::<I, K>,
+        matmul: matmul_autodiff::<I, K, 2>,
+        batched_matmul: matmul_autodiff::<I, K, 4>,
         rope: rope_autodiff::<I, K>,
         xent: xent_autodiff::<I, K>,
         adamw: |theta, grad, m, v, step| {
@@ -474,6 +495,69 @@ fn dropout_autodiff<I: Backend, K: FusedKernels<I>>(
     unary(DropoutBackward::<I, K>(PhantomData), x, |x, tracked| {
         (K::dropout(x, mask), tracked.then_some(mask))
     })
+}
+
+/// The kernel's product at rank 2 or 4 (the float primitive carries no rank).
+fn product<I: Backend, K: FusedKernels<I>, const D: usize>(
+    a: Tensor<I, D>,
+    b: Tensor<I, D>,
+) -> Tensor<I, D> {
+    let (a, b) = (a.into_primitive(), b.into_primitive());
+    match D {
+        2 => Tensor::from_primitive(
+            K::matmul(Tensor::from_primitive(a), Tensor::from_primitive(b)).into_primitive(),
+        ),
+        4 => Tensor::from_primitive(
+            K::batched_matmul(Tensor::from_primitive(a), Tensor::from_primitive(b))
+                .into_primitive(),
+        ),
+        _ => unreachable!("fused products are 2-d or 4-d"),
+    }
+}
+
+/// Backward of a product: `da = dc · bᵀ`, `db = aᵀ · dc` (transposes are strided views). Keeps
+/// `a` only when `b` wants a gradient and `b` only when `a` does.
+#[derive(Debug)]
+struct MatmulBackward<I, K, const D: usize>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>, const D: usize> Backward<I, 2> for MatmulBackward<I, K, D> {
+    type State = (Option<Tensor<I, D>>, Option<Tensor<I, D>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dc = grad_out::<I, _, 2, D>(&ops, grads);
+        let [node_a, node_b] = ops.parents.map(|n| n.map(|n| n.id));
+        let (a, b) = ops.state;
+        if let (Some(node), Some(b)) = (node_a, b) {
+            let da = product::<I, K, D>(dc.clone(), b.swap_dims(D - 2, D - 1));
+            give(grads, Some(node), da);
+        }
+        if let (Some(node), Some(a)) = (node_b, a) {
+            give(
+                grads,
+                Some(node),
+                product::<I, K, D>(a.swap_dims(D - 2, D - 1), dc),
+            );
+        }
+    }
+}
+
+fn matmul_autodiff<I: Backend, K: FusedKernels<I>, const D: usize>(
+    a: Tensor<Autodiff<I>, D>,
+    b: Tensor<Autodiff<I>, D>,
+) -> Tensor<Autodiff<I>, D> {
+    let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
+    let (a_tracked, b_tracked) = (a.is_tracked(), b.is_tracked());
+    let (ai, bi) = (inner::<I, D>(&a), inner::<I, D>(&b));
+    let out = record(
+        MatmulBackward::<I, K, D>(PhantomData),
+        [&a, &b],
+        |tracked| {
+            let c = product::<I, K, D>(ai.clone(), bi.clone());
+            let state = tracked.then(|| (b_tracked.then_some(ai), a_tracked.then_some(bi)));
+            (prim(c), state)
+        },
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// Backward of the axis swap: the swap back.

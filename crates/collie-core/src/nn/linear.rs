@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 use super::adapter::Adapter;
 use super::quant::{quant_matmul, QuantWeight};
@@ -171,6 +171,9 @@ impl<B: Backend> Linear<B> {
 /// Going through 2-D keeps a transposed `w` (a tied LM head multiplies by the embedding's
 /// transpose) a strided view: broadcasting it to rank `D` would force a copy of the whole matrix.
 ///
+/// The product is the backend's fused one for f32 where it has one ([`crate::fused`]), else
+/// Burn's.
+///
 /// # Shapes
 /// - x: `[..., k]`, w: `[k, n]` → `[..., n]`
 pub fn matmul_2d<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
@@ -178,7 +181,11 @@ pub fn matmul_2d<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -
     let k = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
     // [..., k] -> [rows, k] -> [rows, n] -> [..., n]
-    let y = x.reshape([rows, k]).matmul(w);
+    let x = x.reshape([rows, k]);
+    let y = match crate::fused::kernels::<B>() {
+        Some(f) if x.dtype() == DType::F32 && w.dtype() == DType::F32 => (f.matmul)(x, w),
+        _ => x.matmul(w),
+    };
     dims[D - 1] = y.dims()[1];
     y.reshape(dims)
 }
