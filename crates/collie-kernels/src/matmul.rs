@@ -1,10 +1,12 @@
-//! Matrix products of strided views into a fresh contiguous buffer, through the `gemm` crate
+//! Matrix products of strided views into a fresh contiguous buffer (written once, by gemm), through the `gemm` crate
 //! (the kernels Burn's CPU backend runs, so the products are the same bits).
 //!
 //! Here rather than through the backend's op because the backend allocates each product's
 //! output twice (a zeroed buffer copied into an aligned one): on the CPU that copy, and the
 //! page faults of the second buffer, were ~7 % of a retriever training step. Transposed operands
 //! are read through their strides, never copied.
+
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -25,12 +27,13 @@ fn reach(v: &View4) -> usize {
             .sum::<usize>()
 }
 
-/// `out[p, q] = a[p, q] · b[p, q]` for every batch index `(p, q)`: `a` is `[P, Q, m, k]`, `b`
-/// `[P, Q, k, n]` (any strides; a 2-d product is `P = Q = 1`), `out` `[P, Q, m, n]` contiguous.
+/// `a[p, q] · b[p, q]` for every batch index `(p, q)`: `a` is `[P, Q, m, k]`, `b`
+/// `[P, Q, k, n]` (any strides; a 2-d product is `P = Q = 1`); the result is `[P, Q, m, n]`,
+/// contiguous, in a buffer gemm writes once (not zeroed first).
 ///
 /// # Panics
-/// If the shapes do not chain, `out` has the wrong length, or a view reaches past its buffer.
-pub fn matmul(a: &[f32], av: View4, b: &[f32], bv: View4, out: &mut [f32]) {
+/// If the shapes do not chain or a view reaches past its buffer.
+pub fn matmul(a: &[f32], av: View4, b: &[f32], bv: View4) -> Vec<f32> {
     let [p, q, m, k] = av.shape;
     let n = bv.shape[3];
     assert!(
@@ -39,32 +42,33 @@ pub fn matmul(a: &[f32], av: View4, b: &[f32], bv: View4, out: &mut [f32]) {
         av.shape,
         bv.shape
     );
-    assert_eq!(out.len(), p * q * m * n, "matmul: output length");
-    if out.is_empty() {
-        return;
+    let len = p * q * m * n;
+    if len == 0 || k == 0 {
+        return vec![0.0; len];
     }
     assert!(
-        reach(&av) < a.len() || k == 0,
+        reach(&av) < a.len(),
         "matmul: the left view reaches past its buffer"
     );
     assert!(
-        reach(&bv) < b.len() || k == 0,
+        reach(&bv) < b.len(),
         "matmul: the right view reaches past its buffer"
     );
     let batch = p * q;
     let per = m * n * k;
-    let one = |i: usize, dst: &mut [f32], threads: gemm::Parallelism| {
+    let one = |i: usize, dst: &mut [MaybeUninit<f32>], threads: gemm::Parallelism| {
         let (pi, qi) = (i / q, i % q);
         let ao = av.offset + pi * av.strides[0] + qi * av.strides[1];
         let bo = bv.offset + pi * bv.strides[0] + qi * bv.strides[1];
         // SAFETY: every element the product reads lies in `a` and `b` (checked above: the
-        // furthest is `reach`), and it writes the `m · n` contiguous elements of `dst`.
+        // furthest is `reach`), and it writes the `m · n` contiguous elements of `dst` without
+        // reading them (`read_dst = false`).
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.as_mut_ptr(),
+                dst.as_mut_ptr().cast::<f32>(),
                 1,
                 n as isize,
                 false,
@@ -83,21 +87,26 @@ pub fn matmul(a: &[f32], av: View4, b: &[f32], bv: View4, out: &mut [f32]) {
             );
         }
     };
+    let mut out = Vec::<f32>::with_capacity(len);
+    let dst = &mut out.spare_capacity_mut()[..len];
     let total = batch.saturating_mul(per);
     let by_batch = batch >= 4 && total >= BATCH_PARALLEL_OPS;
     if per >= PARALLEL_OPS && !by_batch {
-        for (i, dst) in out.chunks_exact_mut(m * n).enumerate() {
-            one(i, dst, gemm::Parallelism::Rayon(0));
+        for (i, d) in dst.chunks_exact_mut(m * n).enumerate() {
+            one(i, d, gemm::Parallelism::Rayon(0));
         }
     } else if batch > 1 && total >= BATCH_PARALLEL_OPS {
-        out.par_chunks_exact_mut(m * n)
+        dst.par_chunks_exact_mut(m * n)
             .enumerate()
-            .for_each(|(i, dst)| one(i, dst, gemm::Parallelism::None));
+            .for_each(|(i, d)| one(i, d, gemm::Parallelism::None));
     } else {
-        for (i, dst) in out.chunks_exact_mut(m * n).enumerate() {
-            one(i, dst, gemm::Parallelism::None);
+        for (i, d) in dst.chunks_exact_mut(m * n).enumerate() {
+            one(i, d, gemm::Parallelism::None);
         }
     }
+    // SAFETY: gemm wrote all `len` elements (every product's `m · n`, k > 0).
+    unsafe { out.set_len(len) };
+    out
 }
 
 #[cfg(test)]
@@ -165,8 +174,7 @@ mod tests {
             } else {
                 contiguous([p, q, k, n])
             };
-            let mut out = vec![0.0; p * q * m * n];
-            matmul(&a, av, &b, bv, &mut out);
+            let out = matmul(&a, av, &b, bv);
             let want = reference(&a, av, &b, bv);
             let worst = want.iter().fold(0.0f64, |w, x| w.max(x.abs()));
             let err = crate::testing::max_rel(&out, &want, worst);
@@ -179,14 +187,7 @@ mod tests {
 
     #[test]
     fn an_empty_inner_dimension_gives_zeros() {
-        let mut out = vec![1.0; 6];
-        matmul(
-            &[],
-            contiguous([1, 1, 2, 0]),
-            &[],
-            contiguous([1, 1, 0, 3]),
-            &mut out,
-        );
+        let out = matmul(&[], contiguous([1, 1, 2, 0]), &[], contiguous([1, 1, 0, 3]));
         assert_eq!(out, vec![0.0; 6]);
     }
 }

@@ -283,9 +283,10 @@ impl FusedKernels<Flex> for FlexKernels {
         let (m, n) = (a.dims()[0], b.dims()[1]);
         let (a, av) = strided(a);
         let (b, bv) = strided(b);
-        let mut out = vec![0.0f32; m * n];
-        matmul::matmul(a.storage::<f32>(), av, b.storage::<f32>(), bv, &mut out);
-        tensor(out, [m, n])
+        tensor(
+            matmul::matmul(a.storage::<f32>(), av, b.storage::<f32>(), bv),
+            [m, n],
+        )
     }
 
     fn batched_matmul(a: Tensor<Flex, 4>, b: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
@@ -293,8 +294,9 @@ impl FusedKernels<Flex> for FlexKernels {
         let n = b.dims()[3];
         let (a, av) = strided(a);
         let (b, bv) = strided(b);
-        let mut out = vec![0.0f32; p * q * m * n];
-        matmul::matmul(a.storage::<f32>(), av, b.storage::<f32>(), bv, &mut out);
-        tensor(out, [p, q, m, n])
+        tensor(
+            matmul::matmul(a.storage::<f32>(), av, b.storage::<f32>(), bv),
+            [p, q, m, n],
+        )
     }
 }
