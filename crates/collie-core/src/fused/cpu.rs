@@ -289,6 +289,12 @@ impl FusedKernels<Flex> for FlexKernels {
         )
     }
 
+    fn column_major(t: &Tensor<Flex, 2>) -> bool {
+        let prim = t.clone().into_primitive().tensor();
+        let s = prim.layout().strides();
+        t.dims()[0] > 1 && s[0] == 1 && s[1] != 1
+    }
+
     fn batched_matmul(a: Tensor<Flex, 4>, b: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
         let [p, q, m, _] = a.dims();
         let n = b.dims()[3];

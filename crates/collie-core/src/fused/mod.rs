@@ -142,6 +142,12 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
     /// - a: `[m, k]`, b: `[k, n]` → `[m, n]`
     fn matmul(a: Tensor<I, 2>, b: Tensor<I, 2>) -> Tensor<I, 2>;
 
+    /// Whether the matrix is stored transposed (its columns contiguous, its rows strided): a
+    /// tied LM head's weight, the embedding table viewed as `[d, vocab]`. A product's gradient
+    /// for it is computed in that order, so the sum with the table's own gradient reads both
+    /// contiguously.
+    fn column_major(t: &Tensor<I, 2>) -> bool;
+
     /// `a · b` per batch index (the batch dimensions equal, not broadcast).
     ///
     /// # Shapes
@@ -515,28 +521,33 @@ fn product<I: Backend, K: FusedKernels<I>, const D: usize>(
     }
 }
 
-/// Backward of a product: `da = dc · bᵀ`, `db = aᵀ · dc` (transposes are strided views). Keeps
+/// Backward of a product: `da = dc · bᵀ`, `db = aᵀ · dc` (transposes are strided views), `db`
+/// computed as `(dcᵀ · a)ᵀ` when `b` is stored transposed, so it has `b`'s memory order. Keeps
 /// `a` only when `b` wants a gradient and `b` only when `a` does.
 #[derive(Debug)]
 struct MatmulBackward<I, K, const D: usize>(PhantomData<(I, K)>);
 
+/// What a product's backward keeps: `a`, `b`, and whether `b` is stored transposed.
+type MatmulSaved<I, const D: usize> = (Option<Tensor<I, D>>, Option<Tensor<I, D>>, bool);
+
 impl<I: Backend, K: FusedKernels<I>, const D: usize> Backward<I, 2> for MatmulBackward<I, K, D> {
-    type State = (Option<Tensor<I, D>>, Option<Tensor<I, D>>);
+    type State = MatmulSaved<I, D>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dc = grad_out::<I, _, 2, D>(&ops, grads);
         let [node_a, node_b] = ops.parents.map(|n| n.map(|n| n.id));
-        let (a, b) = ops.state;
+        let (a, b, b_transposed) = ops.state;
+        let t = |x: Tensor<I, D>| x.swap_dims(D - 2, D - 1);
         if let (Some(node), Some(b)) = (node_a, b) {
-            let da = product::<I, K, D>(dc.clone(), b.swap_dims(D - 2, D - 1));
-            give(grads, Some(node), da);
+            give(grads, Some(node), product::<I, K, D>(dc.clone(), t(b)));
         }
         if let (Some(node), Some(a)) = (node_b, a) {
-            give(
-                grads,
-                Some(node),
-                product::<I, K, D>(a.swap_dims(D - 2, D - 1), dc),
-            );
+            let db = if b_transposed {
+                t(product::<I, K, D>(t(dc), a))
+            } else {
+                product::<I, K, D>(t(a), dc)
+            };
+            give(grads, Some(node), db);
         }
     }
 }
@@ -548,12 +559,20 @@ fn matmul_autodiff<I: Backend, K: FusedKernels<I>, const D: usize>(
     let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
     let (a_tracked, b_tracked) = (a.is_tracked(), b.is_tracked());
     let (ai, bi) = (inner::<I, D>(&a), inner::<I, D>(&b));
+    let b_transposed =
+        D == 2 && K::column_major(&Tensor::from_primitive(bi.clone().into_primitive()));
     let out = record(
         MatmulBackward::<I, K, D>(PhantomData),
         [&a, &b],
         |tracked| {
             let c = product::<I, K, D>(ai.clone(), bi.clone());
-            let state = tracked.then(|| (b_tracked.then_some(ai), a_tracked.then_some(bi)));
+            let state = tracked.then(|| {
+                (
+                    b_tracked.then_some(ai),
+                    a_tracked.then_some(bi),
+                    b_transposed,
+                )
+            });
             (prim(c), state)
         },
     );
