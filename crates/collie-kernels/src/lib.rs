@@ -6,6 +6,7 @@
 //! - [`glu`]: SwiGLU's `silu(gate) · up` and GeGLU;
 //! - [`gelu`]: the exact (erf) GELU of BERT-family MLPs;
 //! - [`dropout`]: inverted dropout with a counter-based mask (nothing stored for the backward);
+//! - [`embedding`]: the lookup and its row-wise gradient;
 //! - [`rope`]: rotary position embeddings, read through strides;
 //! - [`transpose`]: a strided view's axes 1 and 2 swapped into contiguous memory (attention's
 //!   heads split from and merged into the sequence);
@@ -26,6 +27,7 @@
 
 pub mod adamw;
 pub mod dropout;
+pub mod embedding;
 pub mod gelu;
 pub mod glu;
 pub mod matmul;

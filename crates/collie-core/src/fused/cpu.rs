@@ -5,7 +5,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
 use collie_kernels::{
-    adamw, dropout, gelu, glu, matmul, norm, rope, softmax, transpose, xent, View4,
+    adamw, dropout, embedding, gelu, glu, matmul, norm, rope, softmax, transpose, xent, View4,
 };
 
 use super::{AdamWStep, DropoutMask, FusedKernels, Gate, NormSpec};
@@ -287,6 +287,23 @@ impl FusedKernels<Flex> for FlexKernels {
             matmul::matmul(a.storage::<f32>(), av, b.storage::<f32>(), bv),
             [m, n],
         )
+    }
+
+    fn embedding(table: Tensor<Flex, 2>, ids: &[i64]) -> Tensor<Flex, 2> {
+        let d = table.dims()[1];
+        let t = buffer(table);
+        let mut out = vec![0.0f32; ids.len() * d];
+        embedding::gather(f32s(&t), d, ids, &mut out);
+        tensor(out, [ids.len(), d])
+    }
+
+    fn embedding_backward(vocab: usize, ids: &[i64], dy: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+        let d = dy.dims()[1];
+        let dy = buffer(dy);
+        // Fresh zero pages: the rows no id names are never written.
+        let mut grad = vec![0.0f32; vocab * d];
+        embedding::scatter_add(ids, f32s(&dy), d, &mut grad);
+        tensor(grad, [vocab, d])
     }
 
     fn column_major(t: &Tensor<Flex, 2>) -> bool {

@@ -1,7 +1,7 @@
 //! Fused kernels for the element-wise half of a step: the attention softmax, RMSNorm/LayerNorm,
 //! the gated MLP activations, the exact GELU, dropout, rotary embeddings, the heads' transpose,
 //! matrix products (into one buffer, where the backend's op copies its output once more), the
-//! LM head's
+//! embedding lookup, the LM head's
 //! cross-entropy and the AdamW update, each one pass over its rows forward and one backward, where
 //! the layers otherwise run a chain of tensor operations (each a pass over memory, each a node
 //! that autodiff keeps alive).
@@ -136,6 +136,15 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
     /// output's gradient.
     fn dropout(x: Tensor<I, 1>, mask: DropoutMask) -> Tensor<I, 1>;
 
+    /// Rows of `table` by id.
+    ///
+    /// # Shapes
+    /// - table: `[vocab, d]`, `ids`: `n` ids → `[n, d]`
+    fn embedding(table: Tensor<I, 2>, ids: &[i64]) -> Tensor<I, 2>;
+
+    /// The table's gradient (`[vocab, d]`) from the rows' gradient `dy` (`[n, d]`).
+    fn embedding_backward(vocab: usize, ids: &[i64], dy: Tensor<I, 2>) -> Tensor<I, 2>;
+
     /// `a · b` of two views (any strides: a transposed operand is read, not copied).
     ///
     /// # Shapes
@@ -193,6 +202,8 @@ pub struct Fused<B: Backend> {
     pub dropout: fn(Tensor<B, 1>, DropoutMask) -> Tensor<B, 1>,
     /// See [`FusedKernels::swap12`].
     pub swap12: fn(Tensor<B, 4>) -> Tensor<B, 4>,
+    /// See [`FusedKernels::embedding`].
+    pub embedding: fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Tensor<B, 2>,
     /// See [`FusedKernels::matmul`].
     pub matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
     /// See [`FusedKernels::batched_matmul`].
@@ -234,6 +245,7 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         gelu: K::gelu,
         dropout: K::dropout,
         swap12: K::swap12,
+        embedding: |table, ids| K::embedding(table, &host_ids(ids)),
         matmul: K::matmul,
         batched_matmul: K::batched_matmul,
         rope: |x, cos, sin, interleaved| {
@@ -249,6 +261,7 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         gelu: gelu_autodiff::<I, K>,
         dropout: dropout_autodiff::<I, K>,
         swap12: swap12_autodiff::<I, K>,
+        embedding: embedding_autodiff::<I, K>,
         matmul: matmul_autodiff::<I, K, 2>,
         batched_matmul: matmul_autodiff::<I, K, 4>,
         rope: rope_autodiff::<I, K>,
@@ -501,6 +514,37 @@ fn dropout_autodiff<I: Backend, K: FusedKernels<I>>(
     unary(DropoutBackward::<I, K>(PhantomData), x, |x, tracked| {
         (K::dropout(x, mask), tracked.then_some(mask))
     })
+}
+
+/// Backward of the lookup: the rows' gradient added into a zero table by id.
+#[derive(Debug)]
+struct EmbeddingBackward<I, K>(PhantomData<(I, K)>);
+
+impl<I: Backend, K: FusedKernels<I>> Backward<I, 1> for EmbeddingBackward<I, K> {
+    type State = (usize, Vec<i64>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grad_out::<I, _, 1, 2>(&ops, grads);
+        let [node] = ops.parents.map(|n| n.map(|n| n.id));
+        let (vocab, ids) = ops.state;
+        give(grads, node, K::embedding_backward(vocab, &ids, dy));
+    }
+}
+
+fn embedding_autodiff<I: Backend, K: FusedKernels<I>>(
+    table: Tensor<Autodiff<I>, 2>,
+    ids: Tensor<Autodiff<I>, 1, Int>,
+) -> Tensor<Autodiff<I>, 2> {
+    let ids = host_ids(ids);
+    let vocab = table.dims()[0];
+    unary(
+        EmbeddingBackward::<I, K>(PhantomData),
+        table,
+        |t, tracked| {
+            let rows = K::embedding(t, &ids);
+            (rows, tracked.then_some((vocab, ids)))
+        },
+    )
 }
 
 /// The kernel's product at rank 2 or 4 (the float primitive carries no rank).

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 
 use super::linear::matmul_2d;
 use crate::dist::{copy_to_group, gather_along, reduce_from_group, Group};
@@ -77,7 +77,7 @@ impl<B: Backend> Embedding<B> {
     /// The rows of `ids`, unscaled.
     fn lookup(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let Some(shard) = &self.shard else {
-            return burn::tensor::module::embedding(self.weight.val(), ids);
+            return lookup(self.weight.val(), ids);
         };
         // Megatron's vocabulary-parallel lookup: rows this rank holds, zeros for the others,
         // summed over the group.
@@ -88,7 +88,7 @@ impl<B: Backend> Embedding<B> {
             .lower_elem(0)
             .bool_or(local.clone().greater_equal_elem(rows));
         let safe = local.mask_fill(outside.clone(), 0);
-        let found = burn::tensor::module::embedding(self.weight.val(), safe);
+        let found = lookup(self.weight.val(), safe);
         // [batch, seq] -> [batch, seq, 1]
         let keep = outside.bool_not().float().unsqueeze_dim::<3>(2);
         reduce_from_group(found * keep, &shard.group)
@@ -118,5 +118,22 @@ impl<B: Backend> Embedding<B> {
             Some(shard) => gather_along(logits, (2, 1), &shard.group),
             None => logits,
         }
+    }
+}
+
+/// Rows of `table` by id: the backend's fused lookup for an f32 table where it has one (its
+/// backward adds the rows' gradient into a fresh zero table), else Burn's `embedding`.
+///
+/// # Shapes
+/// - table: `[vocab, d]`, ids: `[batch, seq]` → `[batch, seq, d]`
+fn lookup<B: Backend>(table: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    match crate::fused::kernels::<B>() {
+        Some(k) if table.dtype() == DType::F32 => {
+            let [b, s] = ids.dims();
+            let d = table.dims()[1];
+            // [batch, seq] -> [batch · seq] ids; [batch · seq, d] -> [batch, seq, d]
+            (k.embedding)(table, ids.reshape([b * s])).reshape([b, s, d])
+        }
+        _ => burn::tensor::module::embedding(table, ids),
     }
 }
