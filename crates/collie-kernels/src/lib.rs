@@ -52,6 +52,18 @@ pub struct View4 {
     pub offset: usize,
 }
 
+impl View4 {
+    /// The row-major view of a whole buffer of `shape`.
+    pub fn contiguous(shape: [usize; 4]) -> Self {
+        let [_, b, c, d] = shape;
+        View4 {
+            shape,
+            strides: [b * c * d, c * d, d, 1],
+            offset: 0,
+        }
+    }
+}
+
 /// Elements a rayon task handles at least: below this, splitting costs more than it saves.
 const TASK_ELEMENTS: usize = 1 << 14;
 

@@ -141,15 +141,6 @@ mod tests {
         out
     }
 
-    fn contiguous(shape: [usize; 4]) -> View4 {
-        let [_, q, m, k] = shape;
-        View4 {
-            shape,
-            strides: [q * m * k, m * k, k, 1],
-            offset: 0,
-        }
-    }
-
     #[test]
     fn products_of_contiguous_and_transposed_views() {
         // 2-d, one row, a batch of small products, one large enough to split over threads,
@@ -163,7 +154,7 @@ mod tests {
         ] {
             let a = values(p * q * m * k, 71, 1.0);
             let b = values(p * q * k * n, 72, 1.0);
-            let av = contiguous([p, q, m, k]);
+            let av = View4::contiguous([p, q, m, k]);
             // b stored as [p, q, n, k] and read transposed
             let bv = if transposed {
                 View4 {
@@ -172,7 +163,7 @@ mod tests {
                     offset: 0,
                 }
             } else {
-                contiguous([p, q, k, n])
+                View4::contiguous([p, q, k, n])
             };
             let out = matmul(&a, av, &b, bv);
             let want = reference(&a, av, &b, bv);
@@ -187,7 +178,12 @@ mod tests {
 
     #[test]
     fn an_empty_inner_dimension_gives_zeros() {
-        let out = matmul(&[], contiguous([1, 1, 2, 0]), &[], contiguous([1, 1, 0, 3]));
+        let out = matmul(
+            &[],
+            View4::contiguous([1, 1, 2, 0]),
+            &[],
+            View4::contiguous([1, 1, 0, 3]),
+        );
         assert_eq!(out, vec![0.0; 6]);
     }
 }

@@ -41,15 +41,6 @@ mod tests {
     use super::*;
     use crate::testing::values;
 
-    fn contiguous(shape: [usize; 4]) -> View4 {
-        let [_, b, c, d] = shape;
-        View4 {
-            shape,
-            strides: [b * c * d, c * d, d, 1],
-            offset: 0,
-        }
-    }
-
     #[test]
     fn swaps_and_undoes() {
         // odd sizes, one-element axes, rows over several parallel tasks
@@ -57,7 +48,7 @@ mod tests {
             let [a, b, c, d] = shape;
             let x = values(a * b * c * d, 61, 1.0);
             let mut y = vec![0.0; x.len()];
-            swap12(&x, contiguous(shape), &mut y);
+            swap12(&x, View4::contiguous(shape), &mut y);
             for i in 0..a {
                 for j in 0..b {
                     for k in 0..c {
@@ -71,7 +62,7 @@ mod tests {
                 }
             }
             let mut back = vec![0.0; x.len()];
-            swap12(&y, contiguous([a, c, b, d]), &mut back);
+            swap12(&y, View4::contiguous([a, c, b, d]), &mut back);
             assert_eq!(back, x, "{shape:?}");
         }
     }
