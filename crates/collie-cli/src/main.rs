@@ -64,6 +64,10 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Large buffers kept mapped between steps, so steady-state steps do not page-fault.
+#[global_allocator]
+static ALLOC: collie_core::CachingAlloc = collie_core::CachingAlloc;
+
 fn main() -> ExitCode {
     collie_train::cli::init_logging();
     let cli = Cli::parse();

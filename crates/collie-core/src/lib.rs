@@ -25,4 +25,6 @@ pub mod rope;
 pub mod router;
 pub mod tp;
 
+/// The binaries' global allocator (large freed blocks kept mapped for reuse; see its docs).
+pub use collie_kernels::alloc::CachingAlloc;
 pub use error::{CoreError, Result};

@@ -12,7 +12,8 @@
 //!   heads split from and merged into the sequence);
 //! - [`xent`]: cross-entropy of the LM head's logits against target ids;
 //! - [`adamw`]: one AdamW update over a parameter's buffer;
-//! - [`matmul`]: products of strided views through `gemm`, into one fresh buffer.
+//! - [`matmul`]: products of strided views through `gemm`, into one fresh buffer;
+//! - [`alloc`]: the binaries' global allocator, large freed blocks kept mapped for reuse.
 //!
 //! Every kernel splits its rows over rayon's threads (fixed row blocks, so results never
 //! depend on the thread count) and runs each block through [`simd::run`], which compiles the
@@ -26,6 +27,7 @@
 //! backend and to autodiff. Kept apart so the test profile can build it optimized.
 
 pub mod adamw;
+pub mod alloc;
 pub mod dropout;
 pub mod embedding;
 pub mod gelu;

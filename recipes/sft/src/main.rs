@@ -174,6 +174,10 @@ impl Recipe for Sft {
     }
 }
 
+/// Large buffers kept mapped between steps, so steady-state steps do not page-fault.
+#[global_allocator]
+static ALLOC: collie_core::CachingAlloc = collie_core::CachingAlloc;
+
 fn main() -> ExitCode {
     collie_train::cli::main::<_, collie_models::Registry>(Sft)
 }

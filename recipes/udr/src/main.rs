@@ -108,6 +108,10 @@ fn run(args: Args) -> Result<()> {
     .context("selecting the device")?
 }
 
+/// Large buffers kept mapped between steps, so steady-state steps do not page-fault.
+#[global_allocator]
+static ALLOC: collie_core::CachingAlloc = collie_core::CachingAlloc;
+
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
