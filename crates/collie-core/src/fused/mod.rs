@@ -603,8 +603,10 @@ fn matmul_autodiff<I: Backend, K: FusedKernels<I>, const D: usize>(
     let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
     let (a_tracked, b_tracked) = (a.is_tracked(), b.is_tracked());
     let (ai, bi) = (inner::<I, D>(&a), inner::<I, D>(&b));
-    let b_transposed =
-        D == 2 && K::column_major(&Tensor::from_primitive(bi.clone().into_primitive()));
+    // Only b's own gradient is laid out by it: an untracked b skips the layout query.
+    let b_transposed = D == 2
+        && b_tracked
+        && K::column_major(&Tensor::from_primitive(bi.clone().into_primitive()));
     let out = record(
         MatmulBackward::<I, K, D>(PhantomData),
         [&a, &b],
