@@ -50,13 +50,13 @@ fn cached(layout: &Layout) -> bool {
 }
 
 #[cfg(target_os = "linux")]
-static CACHE: std::sync::Mutex<BlockCache<PAGES>> = std::sync::Mutex::new(BlockCache::new());
+static CACHE: std::sync::Mutex<BlockCache<SLOTS>> = std::sync::Mutex::new(BlockCache::new());
 /// Blocks the global cache keeps at most (a step's distinct large buffers fit many times).
 #[cfg(target_os = "linux")]
-const PAGES: usize = 1024;
+const SLOTS: usize = 1024;
 
 #[cfg(target_os = "linux")]
-fn global<T>(f: impl FnOnce(&mut BlockCache<PAGES>) -> T) -> T {
+fn global<T>(f: impl FnOnce(&mut BlockCache<SLOTS>) -> T) -> T {
     // A panic cannot happen while the lock is held (no allocation, no fallible call), but a
     // poisoned lock must not turn every later allocation into an abort either.
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
@@ -137,7 +137,7 @@ fn round(size: usize) -> usize {
 /// blocks in use (see the module docs). Fixed storage: it must not allocate itself.
 #[derive(Debug)]
 pub struct BlockCache<const N: usize> {
-    /// Kept blocks: address, mapping size and the tick they were freed at (0 = empty slot).
+    /// Kept blocks: address (0 = empty slot), mapping size and the tick they were freed at.
     kept: [(usize, usize, u64); N],
     /// Bytes of the blocks in use.
     live: usize,
@@ -195,10 +195,7 @@ impl<const N: usize> BlockCache<N> {
                 p
             }
             None => {
-                self.need = self.need.max(self.live + len);
-                while self.live + len + self.held > self.need {
-                    self.unmap_oldest();
-                }
+                self.make_room(len);
                 let p = map(len);
                 if p.is_null() {
                     return p;
@@ -234,16 +231,22 @@ impl<const N: usize> BlockCache<N> {
             return ptr;
         }
         if new_len > len {
-            self.need = self.need.max(self.live + new_len - len);
-            while self.live + new_len - len + self.held > self.need {
-                self.unmap_oldest();
-            }
+            self.make_room(new_len - len);
         }
         let q = remap(ptr, len, new_len);
         if !q.is_null() {
             self.live = self.live - len + new_len;
         }
         q
+    }
+
+    /// Before mapping `extra` more bytes: raise `need` to what will be in use, then unmap the
+    /// oldest kept blocks until everything mapped fits under it.
+    fn make_room(&mut self, extra: usize) {
+        self.need = self.need.max(self.live + extra);
+        while self.live + extra + self.held > self.need {
+            self.unmap_oldest();
+        }
     }
 
     /// Unmap the kept block freed longest ago.
