@@ -238,6 +238,14 @@ fn lomo_and_activation_checkpointing_run_through_the_contract() {
             "[train]\nmax_steps = 4\nmax_grad_norm = 0.0\n[optim]\nname = \"lomo\"\nlr = 0.05\n";
         let (plain, _) = train(family, &tmp.path().join("sgd"), sgd, &[]);
         let (fused, _) = train(family, &tmp.path().join("lomo"), lomo, &[]);
+        // The head's loss one position at a time (a chunk smaller than one row is one row):
+        // the chunks' parameter gradients, a tied table's share included, sum to the whole's.
+        let (rows, _) = train(
+            family,
+            &tmp.path().join("lomo-rows"),
+            lomo,
+            &["train.head_chunk_mib=0.0001"],
+        );
         let (recomputed, _) = train(
             family,
             &tmp.path().join("ckpt"),
@@ -250,6 +258,11 @@ fn lomo_and_activation_checkpointing_run_through_the_contract() {
         assert_within(
             &format!("{family}: LOMO vs SGD losses, max rel Δ"),
             max_rel_list(&series(&fused, "loss"), &losses),
+            1e-6,
+        );
+        assert_within(
+            &format!("{family}: LOMO with the head row by row vs SGD losses, max rel Δ"),
+            max_rel_list(&series(&rows, "loss"), &losses),
             1e-6,
         );
         // Recomputing each block in the backward pass runs the same f32 arithmetic: bit-exact

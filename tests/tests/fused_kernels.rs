@@ -415,6 +415,59 @@ fn lm_head_cross_entropy_equals_unfused() {
     }
 }
 
+/// The backward writes the gradient over the logits' buffer when the loss holds it alone (the
+/// product's fresh output) and copies it first when anyone else does: the head's gradients
+/// equal the unfused path's, and logits kept by the caller read the same after the backward.
+#[test]
+fn lm_head_gradient_overwrites_only_logits_nobody_else_holds() {
+    use collie_core::loss::{cross_entropy_sum, cross_entropy_sum_unfused, IGNORE_INDEX};
+    setup();
+    let device = Default::default();
+    let (rows, d, vocab) = (7, 19, 1031);
+    let h = random([rows, d], 71, 1.0);
+    let w = random([d, vocab], 72, 0.5);
+    let ids: Vec<i64> = (0..rows)
+        .map(|r| match r {
+            3 => IGNORE_INDEX,
+            _ => ((r * 389) % vocab) as i64,
+        })
+        .collect();
+    let targets = Tensor::<A, 1, Int>::from_data(TensorData::new(ids, [rows]), &device);
+    for keep in [false, true] {
+        let mut out = Vec::new();
+        for fused in [true, false] {
+            let (h, w) = (h.clone().require_grad(), w.clone().require_grad());
+            let logits = h.clone().matmul(w.clone());
+            let kept = keep.then(|| logits.clone().inner());
+            let before = kept.clone().map(|k| values(k.clone()));
+            let (sum, _) = match fused {
+                true => cross_entropy_sum(logits, targets.clone()),
+                false => cross_entropy_sum_unfused(logits, targets.clone()),
+            };
+            let grads = sum.backward();
+            if let (Some(k), Some(b)) = (kept, before) {
+                assert_eq!(
+                    values(k),
+                    b,
+                    "logits the caller holds changed in the backward"
+                );
+            }
+            out.push((h.grad(&grads).unwrap(), w.grad(&grads).unwrap()));
+        }
+        let (unfused, fused) = (out.pop().unwrap(), out.pop().unwrap());
+        assert_within(
+            &format!("kept {keep}: d h"),
+            max_rel(fused.0, unfused.0),
+            TOL,
+        );
+        assert_within(
+            &format!("kept {keep}: d w"),
+            max_rel(fused.1, unfused.1),
+            TOL,
+        );
+    }
+}
+
 #[test]
 fn adamw_kernel_equals_the_tensor_arithmetic_bit_for_bit() {
     use collie_core::fused::AdamWStep;

@@ -88,6 +88,10 @@ pub struct MemoryArgs {
     /// `[model] attention`: naive or flash.
     #[arg(long, default_value = "naive")]
     attention: String,
+    /// `train.head_chunk_mib`: MiB of logits per chunk of the block-wise walk's head (LOMO,
+    /// AdaLomo, `+ckpt`; 0 = unchunked).
+    #[arg(long, default_value_t = 64.0)]
+    head_chunk_mib: f64,
     /// Train a LoRA adapter of this rank on every linear layer (alpha 2r) instead of every
     /// parameter.
     #[arg(long)]
@@ -349,7 +353,7 @@ impl BackendTask for Memory {
         let data = dir.join("data.jsonl");
         std::fs::write(&data, lines).with_context(|| format!("writing {}", data.display()))?;
         let text = format!(
-            "[model]\npath = \"\"\ninit = \"scratch\"\ndtype = {:?}\nattention = {:?}\n[data]\ntrain = {:?}\nformat = \"tokens\"\nseq_len = {}\nshuffle = false\n[train]\nmax_steps = {}\nmicro_batch_size = {}\nmax_grad_norm = {:?}\nactivation_checkpointing = {checkpointing}\n[optim]\nname = {:?}\nlr = 1e-5\n[output]\ndir = {:?}\n",
+            "[model]\npath = \"\"\ninit = \"scratch\"\ndtype = {:?}\nattention = {:?}\n[data]\ntrain = {:?}\nformat = \"tokens\"\nseq_len = {}\nshuffle = false\n[train]\nmax_steps = {}\nmicro_batch_size = {}\nmax_grad_norm = {:?}\nactivation_checkpointing = {checkpointing}\nhead_chunk_mib = {:?}\n[optim]\nname = {:?}\nlr = 1e-5\n[output]\ndir = {:?}\n",
             args.dtype,
             args.attention,
             data.display().to_string(),
@@ -357,6 +361,7 @@ impl BackendTask for Memory {
             args.steps,
             args.batch_size,
             args.max_grad_norm,
+            args.head_chunk_mib,
             name,
             dir.join("out").display().to_string(),
         );
@@ -433,6 +438,7 @@ impl BackendTask for Memory {
             "seq_len": args.seq_len,
             "batch_size": args.batch_size,
             "max_grad_norm": args.max_grad_norm,
+            "head_chunk_mib": args.head_chunk_mib,
             "peak_rss_bytes": peak,
             "bytes_per_param": peak as f64 / params as f64,
             "step_s": step_s,
@@ -549,6 +555,7 @@ fn memory_sweep(args: &MemoryArgs, dir: &std::path::Path, device: DeviceSpec) ->
                 .args(["--steps", &args.steps.to_string()])
                 .args(["--max-grad-norm", &args.max_grad_norm.to_string()])
                 .args(["--dtype", &args.dtype, "--attention", &args.attention])
+                .args(["--head-chunk-mib", &args.head_chunk_mib.to_string()])
                 .output()
                 .context("running collie bench memory")?;
             let stdout = String::from_utf8_lossy(&out.stdout);

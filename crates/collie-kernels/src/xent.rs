@@ -3,8 +3,8 @@
 //!
 //! Per row: the maximum, `Σ e^{z − max}` with [`simd::LANES`] partial sums, `ln` of the sum, the
 //! picked logit; the arithmetic is `log_softmax`'s (`(z_t − max) − ln Σ`), negated. The
-//! backward recomputes `e^{z − lse}` from the saved `lse = max + ln Σ`, so nothing of the size
-//! of the logits is kept besides the logits themselves.
+//! backward recomputes `e^{z − lse}` from the saved `lse = max + ln Σ` and writes it over the
+//! logits, so nothing of the size of the logits exists besides the logits themselves.
 
 use rayon::prelude::*;
 
@@ -86,30 +86,28 @@ pub fn forward(
         });
 }
 
-/// `dz = g_row · (e^{z − lse} − onehot(target))`, zero rows where the target is `ignore`.
+/// `dz = g_row · (e^{z − lse} − onehot(target))` written over the logits `z` (each element is
+/// read once, then replaced by its gradient), zero rows where the target is `ignore`: the head's
+/// largest buffer serves as its own gradient, so no second `[rows, vocab]` buffer is allocated.
 ///
 /// # Panics
 /// If the lengths disagree.
-pub fn backward(
-    z: &[f32],
+pub fn backward_in_place(
+    z: &mut [f32],
     vocab: usize,
     targets: &[i64],
     ignore: i64,
     lse: &[f32],
     g: &[f32],
-    dz: &mut [f32],
 ) {
     let rows = targets.len();
-    assert!(
-        z.len() == rows * vocab && dz.len() == z.len(),
-        "cross-entropy backward: lengths"
-    );
+    assert!(z.len() == rows * vocab, "cross-entropy backward: lengths");
     assert!(
         lse.len() == rows && g.len() == rows,
         "cross-entropy backward: row lengths"
     );
     par_rows(
-        dz,
+        z,
         vocab,
         #[inline(always)]
         |first, block| {
@@ -121,9 +119,8 @@ pub fn backward(
                     continue;
                 }
                 let (gr, l) = (g[r], lse[r]);
-                let row = &z[r * vocab..(r + 1) * vocab];
-                for (d, &x) in d.iter_mut().zip(row) {
-                    *d = gr * simd::exp(x - l);
+                for d in d.iter_mut() {
+                    *d = gr * simd::exp(*d - l);
                 }
                 d[target as usize] -= gr;
             }
@@ -145,8 +142,8 @@ mod tests {
         let (nll, dz) = same_at_every_level(|| {
             let (mut nll, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
             forward(&z, vocab, &targets, -100, &mut nll, &mut lse);
-            let mut dz = vec![0.0; z.len()];
-            backward(&z, vocab, &targets, -100, &lse, &g, &mut dz);
+            let mut dz = z.clone();
+            backward_in_place(&mut dz, vocab, &targets, -100, &lse, &g);
             (nll, dz)
         });
         let (mut wn, mut wd) = (Vec::new(), Vec::new());

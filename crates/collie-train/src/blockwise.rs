@@ -102,6 +102,8 @@ pub struct Walk<'a> {
     /// ZeRO-3: where the blocks' parameters come from (implies `recompute`: a block is gathered
     /// again for its backward, so the forward walk keeps no graph of it).
     pub gather: Option<Gather<'a>>,
+    /// Logit elements per chunk of the head's loss (`train.head_chunk_mib`; 0 = one chunk).
+    pub head_chunk: usize,
 }
 
 /// Forward + reverse block walk of one micro-batch. The backward pass sees `nll · scale`;
@@ -123,12 +125,13 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
     mut hook: Option<&mut GradHook>,
     mut on_block: impl FnMut(BlockId, GradientsParams),
 ) -> (f64, f64) {
+    // `scale` and `head_chunk` are the head's (`head_backward` reads them from `walk`).
     let Walk {
         compute,
-        scale,
         recompute,
         aux: aux_weight,
         gather,
+        ..
     } = walk;
     // A gathered block is dropped after its forward: its backward gathers and recomputes it.
     let recompute = recompute || gather.is_some();
@@ -259,8 +262,7 @@ pub fn backward_blockwise<B: AutodiffBackend, M: TrainModel<B>>(
         &table,
         x,
         batch,
-        compute,
-        scale,
+        &walk,
         device,
     );
     on_block(BlockId::Head, head_grads);
@@ -431,11 +433,6 @@ impl<B: Backend> EmbedStage<B> {
     }
 }
 
-/// Logit elements per chunk of the head's backward (64 MiB of f32 per copy). Smaller chunks make
-/// the LM-head matmuls skinny: on the 30M bench preset (seq 512) LOMO ran 152 tokens/s with 4 Mi
-/// elements, 206 with 16 Mi and 253 unchunked, at 21.4 / 21.9 / 26.6 bytes per parameter.
-const HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
-
 /// What the head's backward produces.
 struct HeadGrads<B: AutodiffBackend> {
     /// Summed NLL.
@@ -451,7 +448,8 @@ struct HeadGrads<B: AutodiffBackend> {
 /// The head block: final norm, LM head and loss over the positions that predict `labels[:, 1:]`,
 /// run in chunks of positions so that the `[positions, vocab]` logits and their softmax
 /// gradients exist for one chunk at a time (they dominate activation memory for large
-/// vocabularies). The chunks' parameter gradients are summed. Returns the summed NLL, the
+/// vocabularies; [`Walk::head_chunk`] logit elements at most). The chunks' parameter
+/// gradients are summed. Returns the summed NLL, the
 /// gradient of the head input `h` (`[r, c, d]`, zero at the last position), the head's parameter
 /// gradients and a tied embedding weight's share.
 fn head_backward<B: AutodiffBackend, M: TrainModel<B>>(
@@ -459,14 +457,17 @@ fn head_backward<B: AutodiffBackend, M: TrainModel<B>>(
     embed: &Embedding<B>,
     h: Tensor<B, 3>,
     batch: &Batch,
-    compute: DType,
-    scale: f64,
+    walk: &Walk<'_>,
     device: &B::Device,
 ) -> HeadGrads<B> {
+    let (compute, scale) = (walk.compute, walk.scale);
     let [r, c, d] = h.dims();
     let vocab = embed.weight.dims()[0];
     let rows = r * (c - 1);
-    let chunk = (HEAD_CHUNK_ELEMENTS / vocab).max(1);
+    let chunk = match walk.head_chunk {
+        0 => rows.max(1),
+        n => (n / vocab).max(1),
+    };
     // [r, c, d] -> [r·(c-1), d]: row p = (sequence, position) predicting labels[:, 1:]
     let h = h.inner().slice([0..r, 0..c - 1]).reshape([rows, d]);
     let targets: Vec<i64> = batch.shifted_labels().collect();

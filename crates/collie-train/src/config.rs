@@ -272,6 +272,13 @@ pub struct TrainSection {
     /// Recompute each block in the backward pass instead of keeping its activations.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// MiB of f32 logits the block-wise backward (LOMO, AdaLomo, activation checkpointing,
+    /// ZeRO-3, the overlapped data-parallel walk) computes at a time in the LM head: its loss runs
+    /// over chunks of positions, each at most this many MiB of `vocab`-wide rows (at least one
+    /// row; fractions allowed; 0 = all positions at once). The chunk's logits also hold their own
+    /// gradient, so this is the head's transient memory.
+    #[serde(default = "default_head_chunk_mib")]
+    pub head_chunk_mib: f64,
     /// Print a progress line every N steps when not on a terminal.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
@@ -535,6 +542,10 @@ fn default_seed() -> u64 {
 fn default_best_metric() -> String {
     "eval_loss".into()
 }
+fn default_head_chunk_mib() -> f64 {
+    64.0
+}
+
 fn default_log_every() -> u64 {
     10
 }
@@ -784,6 +795,7 @@ impl TrainConfig {
             ("optim.bs", optim.bs.unwrap_or(1.0)),
             ("optim.loss_scale", optim.loss_scale.unwrap_or(1.0)),
             ("train.max_grad_norm", self.train.max_grad_norm),
+            ("train.head_chunk_mib", self.train.head_chunk_mib),
         ];
         if let Some((key, v)) = non_negative.iter().find(|(_, v)| v.is_nan() || *v < 0.0) {
             return Err(key_error(key, format!("{v} (must be non-negative)")));
@@ -894,6 +906,14 @@ dir = "runs/x"
         assert!(e.contains("train.max_steps"), "{e}");
         let e = err(BASE, &["data.seq_len=1"]);
         assert!(e.contains("data.seq_len"), "{e}");
+        let e = err(BASE, &["train.head_chunk_mib=-1"]);
+        assert!(
+            e.contains("train.head_chunk_mib") && e.contains("non-negative"),
+            "{e}"
+        );
+        // An integer reads as MiB too.
+        let c = TrainConfig::parse(BASE, "cfg.toml", &["train.head_chunk_mib=16".into()]).unwrap();
+        assert_eq!(c.train.head_chunk_mib, 16.0);
         let e = err("[model\npath=1", &[]);
         assert!(e.contains("cfg.toml") && e.contains("line"), "{e}");
     }

@@ -137,6 +137,15 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
         (nll, grad_norm, false)
     }
 
+    /// Logit elements per chunk of the block-wise walk's head (`train.head_chunk_mib` of f32).
+    fn head_chunk(&self) -> usize {
+        match self.config.train.head_chunk_mib {
+            0.0 => 0,
+            // At least one element: a positive size never reads as "unchunked".
+            mib => ((mib * (1 << 20) as f64 / 4.0) as usize).max(1),
+        }
+    }
+
     /// The weight of the auxiliary loss (where the model adds one) in a backward pass that sees
     /// the loss times `loss_scale`: the loss is averaged over the global batch's micro-batches,
     /// `local` on each data-parallel replica.
@@ -214,6 +223,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 recompute: self.config.train.activation_checkpointing,
                 aux: aux_scale,
                 gather: self.gather(),
+                head_chunk: self.head_chunk(),
             },
             device,
             None,
@@ -381,6 +391,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Trainer<B, M> {
                 plan,
                 group: &*self.dist.dp,
             }),
+            head_chunk: self.head_chunk(),
         };
         let max_norm = self.config.train.max_grad_norm;
         let overlap_on = self.config.parallel.overlap;

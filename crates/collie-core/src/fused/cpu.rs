@@ -189,19 +189,18 @@ impl FusedKernels<Flex> for FlexKernels {
         lse: Tensor<Flex, 1>,
         g: Tensor<Flex, 1>,
     ) -> Tensor<Flex, 2> {
-        let shape @ [_, vocab] = logits.dims();
-        let (z, lse, g) = (buffer(logits), buffer(lse), buffer(g));
-        let mut dz = vec![0.0f32; z.layout().num_elements()];
-        xent::backward(
-            f32s(&z),
+        let [_, vocab] = logits.dims();
+        let (mut z, lse, g) = (buffer(logits), buffer(lse), buffer(g));
+        // The logits' buffer becomes their gradient (copied first only if it is shared).
+        xent::backward_in_place(
+            z.storage_mut::<f32>(),
             vocab,
             targets,
             IGNORE_INDEX,
             f32s(&lse),
             f32s(&g),
-            &mut dz,
         );
-        tensor(dz, shape)
+        Tensor::from_primitive(TensorPrimitive::Float(z))
     }
 
     fn adamw(
