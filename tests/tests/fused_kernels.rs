@@ -513,6 +513,51 @@ fn adamw_kernel_equals_the_tensor_arithmetic_bit_for_bit() {
 }
 
 #[test]
+fn lion_kernel_equals_the_tensor_arithmetic_bit_for_bit() {
+    use collie_core::fused::LionStep;
+    use collie_optim::lion::lion_unfused;
+    setup();
+    let k = kernels::<Cpu>().unwrap();
+    let n = 3 * 16384 + 5;
+    let (b1, b2, lr) = (0.9f64, 0.99f64, 1e-4f64);
+    let mut fused = (
+        random([n], 85, 1.0).inner(),
+        Tensor::zeros([n], &Default::default()),
+    );
+    let mut plain = fused.clone();
+    for (step, decay) in [
+        (1, Some(1.0 - lr * 0.1)),
+        (2, None),
+        (3, Some(1.0 - lr * 0.1)),
+    ] {
+        // step 1 has zero gradients in places: m = g = 0 there, sign 0
+        let g = random([n], 86 + step as u64, 0.1).inner();
+        let g = match step {
+            1 => g.slice_assign(0..7, Tensor::zeros([7], &Default::default())),
+            _ => g,
+        };
+        let s = LionStep {
+            b1,
+            one_minus_b1: 1.0 - b1,
+            b2,
+            one_minus_b2: 1.0 - b2,
+            lr,
+            decay,
+        };
+        let held = fused.0.clone();
+        fused = (k.lion)(fused.0, g.clone(), fused.1, s);
+        plain = lion_unfused(plain.0, g, plain.1, s);
+        assert_ne!(
+            values(held),
+            values(fused.0.clone()),
+            "the held parameter is untouched"
+        );
+    }
+    assert_eq!(values(fused.0), values(plain.0), "θ");
+    assert_eq!(values(fused.1), values(plain.1), "m");
+}
+
+#[test]
 fn exact_gelu_equals_unfused() {
     setup();
     for shape in [[1, 1, 1], [2, 7, 37], [1, 3, 4099]] {

@@ -32,6 +32,7 @@ pub mod dropout;
 pub mod embedding;
 pub mod gelu;
 pub mod glu;
+pub mod lion;
 pub mod matmul;
 pub mod norm;
 pub mod rope;

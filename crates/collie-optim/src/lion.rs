@@ -11,7 +11,8 @@
 //! No bias correction, no ε; one state tensor per parameter.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
+use collie_core::fused::LionStep;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{OptimizerState, Slots, StateError};
@@ -74,13 +75,24 @@ impl<B: Backend> Optimizer<B> for Lion<B> {
             Some(mut s) => s.pop().expect("exp_avg"),
             None => g.zeros_like(),
         };
-        let mut theta = param.reshape([n]);
-        if wd != 0.0 {
-            theta = theta.mul_scalar(1.0 - lr * wd);
-        }
-        let c = m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
-        let theta = theta - c.sign().mul_scalar(lr);
-        let m = m.mul_scalar(b2) + g.mul_scalar(1.0 - b2);
+        let all_f32 = [param.dtype(), g.dtype(), m.dtype()]
+            .iter()
+            .all(|&t| t == DType::F32);
+        let s = LionStep {
+            b1,
+            one_minus_b1: 1.0 - b1,
+            b2,
+            one_minus_b2: 1.0 - b2,
+            lr,
+            decay: (wd != 0.0).then_some(1.0 - lr * wd),
+        };
+        let theta = param.reshape([n]);
+        // One pass over the buffers where the backend has the kernel (collie_core::fused), the
+        // same arithmetic as tensor operations otherwise.
+        let (theta, m) = match collie_core::fused::kernels::<B>() {
+            Some(k) if all_f32 => (k.lion)(theta, g, m, s),
+            _ => lion_unfused(theta, g, m, s),
+        };
         let step = self.slots.counters.get(path).copied().unwrap_or(0) + 1;
         self.slots.tensors.insert(path.to_string(), vec![m]);
         self.slots.counters.insert(path.to_string(), step);
@@ -99,4 +111,25 @@ impl<B: Backend> Optimizer<B> for Lion<B> {
         self.slots = Slots::import(state, &SLOTS, device)?;
         Ok(())
     }
+}
+
+/// One Lion step as tensor operations, in the order of the module docs: the reference of the
+/// fused kernel (`collie_core::fused::FusedKernels::lion`) and the path of backends without it.
+///
+/// # Shapes
+/// - theta, g, m: `[n]` → `(θ, m)`, each `[n]`
+pub fn lion_unfused<B: Backend>(
+    theta: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    s: LionStep,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let theta = match s.decay {
+        Some(decay) => theta.mul_scalar(decay),
+        None => theta,
+    };
+    let c = m.clone().mul_scalar(s.b1) + g.clone().mul_scalar(s.one_minus_b1);
+    let theta = theta - c.sign().mul_scalar(s.lr);
+    let m = m.mul_scalar(s.b2) + g.mul_scalar(s.one_minus_b2);
+    (theta, m)
 }

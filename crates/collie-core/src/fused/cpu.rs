@@ -5,10 +5,10 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
 use collie_kernels::{
-    adamw, dropout, embedding, gelu, glu, matmul, norm, rope, softmax, transpose, xent, View4,
+    adamw, dropout, embedding, gelu, glu, lion, matmul, norm, rope, softmax, transpose, xent, View4,
 };
 
-use super::{AdamWStep, DropoutMask, FusedKernels, Gate, NormSpec};
+use super::{AdamWStep, DropoutMask, FusedKernels, Gate, LionStep, NormSpec};
 use crate::loss::IGNORE_INDEX;
 
 /// The CPU kernels.
@@ -223,6 +223,24 @@ impl FusedKernels<Flex> for FlexKernels {
         );
         let wrap = |t: FlexTensor| Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t));
         (wrap(t), wrap(m), wrap(v))
+    }
+
+    fn lion(
+        theta: Tensor<Flex, 1>,
+        grad: Tensor<Flex, 1>,
+        m: Tensor<Flex, 1>,
+        step: LionStep,
+    ) -> (Tensor<Flex, 1>, Tensor<Flex, 1>) {
+        // In place as `adamw`: the momentum is this call's, the parameter copied once.
+        let (mut t, mut m, g) = (buffer(theta), buffer(m), buffer(grad));
+        lion::step(
+            t.storage_mut::<f32>(),
+            m.storage_mut::<f32>(),
+            f32s(&g),
+            step,
+        );
+        let wrap = |t: FlexTensor| Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t));
+        (wrap(t), wrap(m))
     }
 
     fn glu(kind: Gate, gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Tensor<Flex, 2> {

@@ -2,7 +2,7 @@
 //! the gated MLP activations, the exact GELU, dropout, rotary embeddings, the heads' transpose,
 //! matrix products (into one buffer, where the backend's op copies its output once more), the
 //! embedding lookup, the LM head's
-//! cross-entropy and the AdamW update, each one pass over its rows forward and one backward, where
+//! cross-entropy and the AdamW and Lion updates, each one pass over its rows forward and one backward, where
 //! the layers otherwise run a chain of tensor operations (each a pass over memory, each a node
 //! that autodiff keeps alive).
 //!
@@ -38,6 +38,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorPrimitive};
 pub use collie_kernels::adamw::AdamWStep;
 pub use collie_kernels::dropout::Mask as DropoutMask;
 pub use collie_kernels::glu::Gate;
+pub use collie_kernels::lion::LionStep;
 pub use collie_kernels::norm::NormSpec;
 
 #[cfg(feature = "cpu")]
@@ -115,6 +116,14 @@ pub trait FusedKernels<I: Backend>: Debug + Send + Sync + 'static {
         step: AdamWStep,
     ) -> (Tensor<I, 1>, Tensor<I, 1>, Tensor<I, 1>);
 
+    /// One Lion step: `(θ, m)` updated from the gradient (all `[n]`).
+    fn lion(
+        theta: Tensor<I, 1>,
+        grad: Tensor<I, 1>,
+        m: Tensor<I, 1>,
+        step: LionStep,
+    ) -> (Tensor<I, 1>, Tensor<I, 1>);
+
     /// `act(gate) · up` (same shapes).
     fn glu(kind: Gate, gate: Tensor<I, 2>, up: Tensor<I, 2>) -> Tensor<I, 2>;
 
@@ -187,6 +196,10 @@ pub type AdamWFn<B> = fn(
     AdamWStep,
 ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
 
+/// [`FusedKernels::lion`] as a plain function.
+pub type LionFn<B> =
+    fn(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, LionStep) -> (Tensor<B, 1>, Tensor<B, 1>);
+
 /// Backend `B`'s fused ops as plain functions (inference kernels, or differentiable ops).
 #[derive(Debug)]
 pub struct Fused<B: Backend> {
@@ -217,6 +230,8 @@ pub struct Fused<B: Backend> {
     /// See [`FusedKernels::adamw`] (optimizers run on the inner backend; on `Autodiff<I>` the
     /// step is untracked).
     pub adamw: AdamWFn<B>,
+    /// See [`FusedKernels::lion`] (untracked, as `adamw`).
+    pub lion: LionFn<B>,
 }
 
 impl<B: Backend> Clone for Fused<B> {
@@ -253,6 +268,7 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
         },
         xent: |logits, targets| K::xent(logits, &host_ids(targets)).0,
         adamw: K::adamw,
+        lion: K::lion,
     };
     let autodiff = Fused::<Autodiff<I>> {
         softmax: softmax_autodiff::<I, K>,
@@ -273,6 +289,10 @@ pub fn register<I: Backend, K: FusedKernels<I>>() {
                 Tensor::from_inner(m),
                 Tensor::from_inner(v),
             )
+        },
+        lion: |theta, grad, m, step| {
+            let (t, m) = K::lion(theta.inner(), grad.inner(), m.inner(), step);
+            (Tensor::from_inner(t), Tensor::from_inner(m))
         },
     };
     crate::registry::insert(inference);
