@@ -275,8 +275,8 @@ pub struct TrainSection {
     /// MiB of f32 logits the block-wise backward (LOMO, AdaLomo, activation checkpointing,
     /// ZeRO-3, the overlapped data-parallel walk) computes at a time in the LM head: its loss runs
     /// over chunks of positions, each at most this many MiB of `vocab`-wide rows (at least one
-    /// row; fractions allowed; 0 = all positions at once). The chunk's logits also hold their own
-    /// gradient, so this is the head's transient memory.
+    /// row; fractions allowed; 0 = all positions at once): the head's transient memory, once
+    /// (the fused CPU loss writes the logits' gradient over them) or twice (other paths).
     #[serde(default = "default_head_chunk_mib")]
     pub head_chunk_mib: f64,
     /// Print a progress line every N steps when not on a terminal.
