@@ -30,6 +30,21 @@ pub struct LionStep {
     pub decay: Option<f64>,
 }
 
+impl LionStep {
+    /// The scalars of a step with moment decays `(β1, β2)`, learning rate `lr` and decoupled
+    /// weight decay `wd` (0: none), each `1 − x` taken in f64.
+    pub fn new((b1, b2): (f64, f64), lr: f64, wd: f64) -> Self {
+        LionStep {
+            b1,
+            one_minus_b1: 1.0 - b1,
+            b2,
+            one_minus_b2: 1.0 - b2,
+            lr,
+            decay: (wd != 0.0).then_some(1.0 - lr * wd),
+        }
+    }
+}
+
 /// Elements per parallel block (element-wise: any split gives the same bits).
 const BLOCK: usize = 1 << 14;
 
@@ -97,15 +112,7 @@ mod tests {
         let got = same_at_every_level(|| {
             let (mut t, mut m) = (theta0.clone(), vec![0.0; n]);
             for g in &grads {
-                let s = LionStep {
-                    b1,
-                    one_minus_b1: 1.0 - b1,
-                    b2,
-                    one_minus_b2: 1.0 - b2,
-                    lr,
-                    decay: Some(1.0 - lr * wd),
-                };
-                step(&mut t, &mut m, g, s);
+                step(&mut t, &mut m, g, LionStep::new((b1, b2), lr, wd));
             }
             t
         });
@@ -134,15 +141,9 @@ mod tests {
 
     #[test]
     fn the_sign_is_zero_at_zero_and_nan_passes_through() {
-        let (lr, d) = (1e-2f64, 0.999f64);
-        let s = LionStep {
-            b1: 0.9,
-            one_minus_b1: 0.1,
-            b2: 0.99,
-            one_minus_b2: 0.01,
-            lr,
-            decay: Some(d),
-        };
+        let (lr, wd) = (1e-2f64, 0.1f64);
+        let s = LionStep::new((0.9, 0.99), lr, wd);
+        let d = 1.0 - lr * wd;
         let (mut t, mut m) = (vec![0.5f32; 4], vec![0.0f32; 4]);
         step(&mut t, &mut m, &[0.0, 1.0, -1.0, f32::NAN], s);
         let (lr, d) = (lr as f32, d as f32);

@@ -66,7 +66,6 @@ impl<B: Backend> Optimizer<B> for Lion<B> {
         grad: Tensor<B, D>,
         lr: f64,
     ) -> Tensor<B, D> {
-        let (b1, b2) = self.config.betas;
         let wd = self.config.decay_filter.rate(D, self.config.weight_decay);
         let shape = param.shape();
         let n = shape.num_elements();
@@ -78,14 +77,7 @@ impl<B: Backend> Optimizer<B> for Lion<B> {
         let all_f32 = [param.dtype(), g.dtype(), m.dtype()]
             .iter()
             .all(|&t| t == DType::F32);
-        let s = LionStep {
-            b1,
-            one_minus_b1: 1.0 - b1,
-            b2,
-            one_minus_b2: 1.0 - b2,
-            lr,
-            decay: (wd != 0.0).then_some(1.0 - lr * wd),
-        };
+        let s = LionStep::new(self.config.betas, lr, wd);
         let theta = param.reshape([n]);
         // One pass over the buffers where the backend has the kernel (collie_core::fused), the
         // same arithmetic as tensor operations otherwise.
