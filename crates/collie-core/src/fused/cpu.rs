@@ -49,10 +49,13 @@ fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32 buffer")
 }
 
+/// A buffer (one the kernel wrote in place) as a float tensor.
+fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
 fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
-        TensorData::new(values, shape),
-    )))
+    wrap(FlexTensor::from_data(TensorData::new(values, shape)))
 }
 
 impl FusedKernels<Flex> for FlexKernels {
@@ -200,7 +203,7 @@ impl FusedKernels<Flex> for FlexKernels {
             f32s(&lse),
             f32s(&g),
         );
-        Tensor::from_primitive(TensorPrimitive::Float(z))
+        wrap(z)
     }
 
     fn adamw(
@@ -221,7 +224,6 @@ impl FusedKernels<Flex> for FlexKernels {
             f32s(&g),
             step,
         );
-        let wrap = |t: FlexTensor| Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t));
         (wrap(t), wrap(m), wrap(v))
     }
 
@@ -239,7 +241,6 @@ impl FusedKernels<Flex> for FlexKernels {
             f32s(&g),
             step,
         );
-        let wrap = |t: FlexTensor| Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t));
         (wrap(t), wrap(m))
     }
 
@@ -285,7 +286,7 @@ impl FusedKernels<Flex> for FlexKernels {
         // In place where the buffer is this call's alone (copied on write otherwise).
         let mut x = buffer(x);
         dropout::apply(mask, x.storage_mut::<f32>());
-        Tensor::from_primitive(TensorPrimitive::Float(x))
+        wrap(x)
     }
 
     fn swap12(x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
